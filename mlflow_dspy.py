@@ -1,0 +1,56 @@
+"""mlflow-dspy: take a DSPy program from a notebook to production.
+
+The command line only; each command's work lives in its own package.
+Heavy imports (dspy, mlflow) happen inside the commands so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    from lm_engine.select import configure_dspy
+    from packager.log import log_program
+
+    lm = configure_dspy(args.lm)
+    logged = log_program(args.program, lm=lm, registered_model_name=args.registered_model_name)
+    if args.json:
+        print(json.dumps(logged.as_dict()), flush=True)
+    else:
+        print(f"run_id:    {logged.run_id}")
+        print(f"model_uri: {logged.model_uri}")
+        if logged.version:
+            print(f"registered {logged.registered_model} version {logged.version}")
+        print(f"serve it:  mlflow models serve -m {logged.model_uri} -p 6000 --env-manager local")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from programs import REGISTRY
+
+    parser = argparse.ArgumentParser(prog="mlflow_dspy.py", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    log = commands.add_parser("log", help="log a program as an MLflow model and register a version")
+    log.add_argument("--program", default="qa", choices=sorted(REGISTRY), help="program to log (default: qa)")
+    log.add_argument(
+        "--lm",
+        default=None,
+        help="LM model string, e.g. openai/gpt-4o-mini (default: $DSPY_LM, else the embedded SmolLM2)",
+    )
+    log.add_argument("--registered-model-name", default=None, help="registry name (default: dspy-<program>)")
+    log.add_argument("--json", action="store_true", help="end stdout with one JSON line: run_id, model_uri, ...")
+    log.set_defaults(func=cmd_log)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Log a chat program as an MLflow model, register it, and describe the version."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import dspy
+import mlflow
+from mlflow import MlflowClient
+
+from lm_engine.select import adapter_for, build_lm
+from packager.paths import CODE_PACKAGES, EXPERIMENT_NAME, PROJECT_ROOT, tracking_uri
+from packager.redact import scrub_lm, scrub_program
+from packager.requirements import pinned_requirements
+from programs import ChatProgram, program_spec
+
+MODEL_NAME = "model"  # the tutorial's runs:/<id>/model
+
+
+@dataclass
+class LoggedModel:
+    run_id: str
+    model_uri: str
+    registered_model: str | None
+    version: str | None
+
+    def as_dict(self) -> dict[str, str | None]:
+        return asdict(self)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def use_tracking_store() -> str:
+    """Point MLflow at the tracking store and the project's experiment.
+
+    The local default keeps artifacts in ./mlartifacts next to ./mlflow.db,
+    which is the pair `make ui` serves.
+    """
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(EXPERIMENT_NAME) is None:
+        location = None
+        if uri.startswith("sqlite:"):
+            location = (PROJECT_ROOT / "mlartifacts").as_uri()
+        mlflow.create_experiment(EXPERIMENT_NAME, artifact_location=location)
+    mlflow.set_experiment(EXPERIMENT_NAME)
+    return uri
+
+
+@contextmanager
+def staged_code() -> Iterator[list[str]]:
+    """Copies of the code packages without bytecode caches, for `code_paths`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for package in CODE_PACKAGES:
+            target = Path(tmp) / package
+            shutil.copytree(PROJECT_ROOT / package, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            paths.append(str(target))
+        yield paths
+
+
+def describe(program: str, lm_model: str) -> str:
+    spec = program_spec(program)
+    return (
+        f"DSPy program `{program}`: {spec.DESCRIPTION} Chat task (llm/v1/chat): the last user message is the "
+        f"question; earlier turns are history for programs that take one; system messages become instructions. "
+        f"LM at log time: {lm_model}. Keys are read from the serving environment, never stored."
+    )
+
+
+def log_program(
+    program: str,
+    lm: dspy.BaseLM | None = None,
+    registered_model_name: str | None = None,
+) -> LoggedModel:
+    """Log `program` wrapped for chat, with the project's code and pins, and register it.
+
+    `lm` defaults to the configured DSPy LM, else the one `DSPY_LM` names, else
+    the embedded model. A copy of it without credentials is what gets pickled.
+    """
+    spec = program_spec(program)
+    lm = lm or dspy.settings.lm or build_lm()
+    adapter = dspy.settings.adapter or adapter_for(lm)
+    lm_model = getattr(lm, "model", type(lm).__name__)
+    registered_model_name = registered_model_name or f"dspy-{program}"
+    chat = scrub_program(ChatProgram(spec.build()))
+    description = describe(program, lm_model)
+    tags = {
+        "program": program,
+        "lm": lm_model,
+        "git_commit": git_commit(),
+        "dspy_version": dspy.__version__,
+        "mlflow_version": mlflow.__version__,
+    }
+
+    use_tracking_store()
+    with mlflow.start_run(run_name=f"{program}", description=description) as run:
+        mlflow.set_tags(tags)
+        mlflow.log_params({"program": program, "lm": lm_model})
+        with staged_code() as code_paths, dspy.context(lm=scrub_lm(lm), adapter=adapter):
+            info = mlflow.dspy.log_model(
+                chat,
+                name=MODEL_NAME,
+                task="llm/v1/chat",
+                input_example={"messages": [{"role": "user", "content": spec.EXAMPLE_QUESTION}]},
+                code_paths=code_paths,
+                pip_requirements=pinned_requirements(),
+                registered_model_name=registered_model_name,
+                metadata={"program": program, "lm": lm_model},
+            )
+    version = str(info.registered_model_version) if info.registered_model_version is not None else None
+    if version is not None:
+        client = MlflowClient()
+        client.update_model_version(registered_model_name, version, description=description)
+        for key, value in tags.items():
+            client.set_model_version_tag(registered_model_name, version, key, value)
+    return LoggedModel(
+        run_id=run.info.run_id,
+        model_uri=f"runs:/{run.info.run_id}/{MODEL_NAME}",
+        registered_model=registered_model_name if version is not None else None,
+        version=version,
+    )
