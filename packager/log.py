@@ -15,7 +15,7 @@ import mlflow
 from mlflow import MlflowClient
 
 from lm_engine.select import adapter_for, build_lm
-from packager.paths import CODE_PACKAGES, EXPERIMENT_NAME, PROJECT_ROOT, tracking_uri
+from packager.paths import CODE_PACKAGES, EXPERIMENT_NAME, PROJECT_ROOT, artifacts_location, tracking_uri
 from packager.redact import scrub_lm, scrub_program
 from packager.requirements import pinned_requirements
 from programs import ChatProgram, program_spec
@@ -56,10 +56,7 @@ def use_tracking_store() -> str:
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(EXPERIMENT_NAME) is None:
-        location = None
-        if uri.startswith("sqlite:"):
-            location = (PROJECT_ROOT / "mlartifacts").as_uri()
-        mlflow.create_experiment(EXPERIMENT_NAME, artifact_location=location)
+        mlflow.create_experiment(EXPERIMENT_NAME, artifact_location=artifacts_location(uri))
     mlflow.set_experiment(EXPERIMENT_NAME)
     return uri
 

@@ -1,0 +1,77 @@
+# mlflow-dspy: `make demo` on a fresh machine, `make test` for the suite.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+PY := $(BIN)/python
+PORT ?= 6000
+UI_PORT ?= 5000
+PROGRAM ?= qa
+export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
+# `mlflow models serve` starts uvicorn by name: the venv's bin must be on PATH.
+export PATH := $(BIN):$(PATH)
+
+# llama-cpp-python ships only as source. A native build picks AVX-512/AMX
+# paths that segfault on these machines, and pip's cache would hand such a
+# wheel back forever, so the wheel is built once, without native flags and
+# without pip's cache, into a wheelhouse of its own.
+LLAMA_VERSION := 0.3.36
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF
+WHEELHOUSE ?= $(HOME)/.cache/mlflow-dspy/wheelhouse
+LLAMA_STAMP := $(WHEELHOUSE)/.llama-cpp-python-$(LLAMA_VERSION)-nonative
+
+RUN_ID ?= $(shell $(PYTHON) -c "import json;print(json.load(open('.last_run.json'))['run_id'])" 2>/dev/null)
+
+.PHONY: install wheels lock log serve ui curl demo test test-fast lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt $(LLAMA_STAMP)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	PIP_FIND_LINKS="$(WHEELHOUSE) $${PIP_FIND_LINKS:-}" $(PY) -m pip install -r requirements-dev.txt
+	touch $@
+
+wheels: $(LLAMA_STAMP)
+
+$(LLAMA_STAMP):
+	mkdir -p $(WHEELHOUSE)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PYTHON) -m pip wheel --no-deps --no-cache-dir \
+		-w $(WHEELHOUSE) llama-cpp-python==$(LLAMA_VERSION)
+	touch $@
+
+lock: $(LLAMA_STAMP)
+	PIP_FIND_LINKS="$(WHEELHOUSE) $${PIP_FIND_LINKS:-}" $(PY) scripts/lock.py
+
+log: install
+	$(PY) mlflow_dspy.py log --program $(PROGRAM) --json | tee .log.out
+	tail -n 1 .log.out > .last_run.json && rm -f .log.out
+
+serve: install
+	@test -n "$(RUN_ID)" || { echo "no logged run: 'make log' first, or RUN_ID=<run id>"; exit 1; }
+	mlflow models serve -m runs:/$(RUN_ID)/model -p $(PORT) --env-manager local
+
+ui: install
+	mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --default-artifact-root ./mlartifacts \
+		--host 127.0.0.1 --port $(UI_PORT)
+
+curl:
+	curl -s http://127.0.0.1:$(PORT)/invocations -H "Content-Type:application/json" \
+		--data '{"messages": [{"content": "what is 2 + 2?", "role": "user"}]}'
+	@echo
+
+demo: log
+	PORT=$(PORT) RUN_ID=$$($(PYTHON) -c "import json;print(json.load(open('.last_run.json'))['run_id'])") \
+		bash scripts/demo.sh
+
+test: install
+	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not slow"
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .last_run.json .serve.log

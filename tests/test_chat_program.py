@@ -1,0 +1,176 @@
+"""The chat wrapper: which turn is answered, what becomes history and
+instructions, and what is refused (DummyLM in dict mode: deterministic)."""
+
+import dspy
+import pytest
+from dspy.utils.dummies import DummyLM
+
+from programs import ChatInputError, ChatProgram, chat_program, parse_conversation
+
+
+@pytest.fixture
+def dummy():
+    answers = {
+        "first question": {"reasoning": "r1", "answer": "answer to the first"},
+        "last question": {"reasoning": "r2", "answer": "answer to the last"},
+    }
+    lm = DummyLM(answers)
+    with dspy.context(lm=lm, adapter=dspy.ChatAdapter()):
+        yield lm
+
+
+def last_prompt(lm) -> list[dict]:
+    return lm.history[-1]["messages"]
+
+
+def test_last_user_turn_is_the_question(dummy):
+    program = chat_program("qa")
+    result = program(
+        messages=[
+            {"role": "user", "content": "first question"},
+            {"role": "assistant", "content": "answer to the first"},
+            {"role": "user", "content": "last question"},
+        ]
+    )
+    assert result.answer == "answer to the last"
+    assert "last question" in last_prompt(dummy)[-1]["content"]
+
+
+def test_single_turn_matches_tutorial_call(dummy):
+    result = chat_program("qa")([{"role": "user", "content": "first question"}])
+    assert result.toDict() == {"reasoning": "r1", "answer": "answer to the first"}
+
+
+def test_system_message_becomes_instructions_for_this_call_only(dummy):
+    program = chat_program("qa")
+    original = program.program.predict.signature.instructions
+    program(
+        messages=[
+            {"role": "system", "content": "Answer like a pirate."},
+            {"role": "user", "content": "last question"},
+        ]
+    )
+    system_prompt = last_prompt(dummy)[0]["content"]
+    assert "Answer like a pirate." in system_prompt
+    # The shared program is untouched: the next request does not inherit it.
+    assert program.program.predict.signature.instructions == original
+    program(messages=[{"role": "user", "content": "last question"}])
+    assert "pirate" not in last_prompt(dummy)[0]["content"]
+
+
+def test_system_message_fills_a_context_input_when_the_program_has_one(dummy):
+    program = ChatProgram(dspy.Predict("context, question -> answer"))
+    lm = DummyLM({"last question": {"answer": "ok"}})
+    with dspy.context(lm=lm):
+        program(
+            messages=[{"role": "system", "content": "The sky is green."}, {"role": "user", "content": "last question"}]
+        )
+    user_prompt = lm.history[-1]["messages"][-1]["content"]
+    assert "The sky is green." in user_prompt
+    assert "[[ ## context ## ]]" in user_prompt
+
+
+class HistoryQA(dspy.Signature):
+    """Answer the question, using the conversation so far."""
+
+    history: dspy.History = dspy.InputField()
+    question: str = dspy.InputField()
+    answer: str = dspy.OutputField()
+
+
+def test_earlier_turns_become_history_for_programs_that_take_one():
+    lm = DummyLM({"last question": {"answer": "ok"}})
+    program = ChatProgram(dspy.Predict(HistoryQA))
+    assert program.history_field == "history"
+    with dspy.context(lm=lm, adapter=dspy.ChatAdapter()):
+        program(
+            messages=[
+                {"role": "user", "content": "first question"},
+                {"role": "assistant", "content": "answer to the first"},
+                {"role": "user", "content": "last question"},
+            ]
+        )
+    prompt = lm.history[-1]["messages"]
+    # ChatAdapter renders history as earlier user/assistant message pairs.
+    texts = [m["content"] for m in prompt]
+    assert any("first question" in t for t in texts[1:-1])
+    assert any("answer to the first" in t for t in texts[1:-1])
+    assert "first question" not in texts[-1]
+
+
+def test_history_pairs_turns_in_order():
+    conversation = parse_conversation(
+        [
+            {"role": "user", "content": "q1"},
+            {"role": "assistant", "content": "a1"},
+            {"role": "user", "content": "q2"},
+            {"role": "assistant", "content": "a2"},
+            {"role": "user", "content": "q3"},
+        ]
+    )
+    from programs.chat import _history_entries
+
+    assert conversation.question == "q3"
+    assert _history_entries(conversation.turns, "question", "answer") == [
+        {"question": "q1", "answer": "a1"},
+        {"question": "q2", "answer": "a2"},
+    ]
+
+
+def test_text_parts_are_joined():
+    conversation = parse_conversation(
+        [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+    )
+    assert conversation.question == "a\nb"
+
+
+@pytest.mark.parametrize(
+    ("messages", "named"),
+    [
+        ([], "must not be empty"),
+        ("hello", "must be a list"),
+        (None, "must be a list"),
+        (["hello"], "messages[0] must be an object"),
+        ([{"role": "system", "content": "be nice"}], "no user message"),
+        ([{"role": "assistant", "content": "hi"}], "no user message"),
+        ([{"role": "wizard", "content": "hi"}], "messages[0].role 'wizard'"),
+        ([{"role": "user", "content": "a"}, {"role": "tool", "content": "x"}], "messages[1].role 'tool'"),
+        ([{"content": "hi"}], "messages[0].role None"),
+        ([{"role": "user"}], "messages[0].content is missing"),
+        ([{"role": "user", "content": None}], "messages[0].content is missing"),
+        ([{"role": "user", "content": 42}], "messages[0].content must be a string"),
+        (
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}],
+            "messages[0].content[0] is a 'image_url' part",
+        ),
+        (
+            [{"role": "user", "content": "q"}, {"role": "assistant", "content": "prefill"}],
+            "messages[1] is an assistant message after the last user message",
+        ),
+    ],
+)
+def test_bad_conversations_are_refused_with_the_problem_named(messages, named):
+    with pytest.raises(ChatInputError) as excinfo:
+        parse_conversation(messages)
+    assert named in str(excinfo.value.message)
+
+
+def test_refusal_is_a_value_error_and_a_400_for_mlflow():
+    with pytest.raises(ValueError) as excinfo:
+        chat_program("qa")(messages=[])
+    assert excinfo.value.get_http_status_code() == 400
+
+
+def test_refusal_happens_before_any_lm_call():
+    lm = DummyLM({"x": {"reasoning": "r", "answer": "a"}})
+    with dspy.context(lm=lm), pytest.raises(ChatInputError):
+        chat_program("qa")(messages=[{"role": "wizard", "content": "x"}])
+    assert lm.history == []
+
+
+async def test_async_forward_answers_the_last_turn(dummy):
+    result = await chat_program("qa").acall(
+        messages=[{"role": "user", "content": "first question"}, {"role": "assistant", "content": "x"},
+                  {"role": "user", "content": "last question"}]
+    )
+    assert result.answer == "answer to the last"

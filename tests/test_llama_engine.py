@@ -1,0 +1,139 @@
+"""The embedded SmolLM2 engine, run for real (no mocks): structured answers
+parse, tokens stream, calls are serialized, and pickles carry no path."""
+
+import asyncio
+import pickle
+import threading
+
+import cloudpickle
+import dspy
+import pytest
+from dspy.lm15 import Config, Message, Request
+
+from lm_engine import EMBEDDED_MODEL, AsyncLlamaCppEngine, LlamaCppEngine, build_lm
+from lm_engine.gguf import GGUF_FILE, locate_gguf
+from lm_engine.select import adapter_for
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"reasoning": {"type": "string"}, "answer": {"type": "string"}},
+    "required": ["reasoning", "answer"],
+}
+
+
+def request(text: str, **config) -> Request:
+    return Request(model=EMBEDDED_MODEL, messages=(Message.user(text),), config=Config(**config))
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return LlamaCppEngine()
+
+
+def test_gguf_is_found_inside_the_installed_wheel():
+    path = locate_gguf()
+    assert path.name == GGUF_FILE
+    assert "site-packages" in str(path)
+    assert path.stat().st_size > 50_000_000
+
+
+def test_schema_constrained_output_is_json_of_that_schema(engine):
+    import json
+
+    response = engine.complete(
+        request("What is the capital of France?", max_tokens=200,
+                response_format={"type": "json_schema", "schema": SCHEMA, "name": "out"})
+    )
+    data = json.loads(response.message.parts[0].text)
+    assert set(data) == {"reasoning", "answer"}
+    assert response.usage.input_tokens > 0
+    assert response.usage.output_tokens > 0
+    assert response.usage.total_tokens == response.usage.input_tokens + response.usage.output_tokens
+
+
+def test_stream_yields_tokens_that_join_to_the_complete_answer(engine):
+    req = request("Name three colors.", max_tokens=40, temperature=0.0)
+    events = list(engine.stream(req))
+    deltas = [e.delta.text for e in events if e.type == "delta"]
+    assert events[0].type == "start"
+    assert events[-1].type == "end"
+    assert len(deltas) > 3
+    assert "".join(deltas) == engine.complete(req).message.parts[0].text
+    assert events[-1].usage.output_tokens == len(deltas)
+
+
+def test_max_tokens_is_honoured_and_reported_as_length(engine):
+    response = engine.complete(request("Write a long story about a dragon.", max_tokens=5))
+    assert response.usage.output_tokens <= 5
+    assert response.finish_reason == "length"
+
+
+def test_chain_of_thought_answers_through_dspy_with_the_json_adapter():
+    lm = build_lm()
+    assert lm.supports_response_schema
+    with dspy.context(lm=lm, adapter=adapter_for(lm)):
+        prediction = dspy.ChainOfThought("question -> answer")(question="What is 2 + 2?")
+    assert isinstance(prediction.answer, str) and prediction.answer.strip()
+    assert isinstance(prediction.reasoning, str)
+    # Usage reached DSPy's history: the engine reports real token counts.
+    assert lm.history[-1]["usage"]["prompt_tokens"] > 50
+
+
+def test_concurrent_calls_are_serialized_and_all_answered(engine):
+    results: list[str] = []
+    errors: list[BaseException] = []
+
+    def ask(i: int) -> None:
+        try:
+            results.append(engine.complete(request(f"Say the number {i}.", max_tokens=8)).message.parts[0].text)
+        except BaseException as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len(results) == 6
+
+
+async def test_async_engine_streams_and_completes(engine):
+    async_engine = AsyncLlamaCppEngine(engine)
+    req = request("Name a fruit.", max_tokens=12)
+    deltas = [e.delta.text async for e in async_engine.stream(req) if e.type == "delta"]
+    response = await async_engine.complete(req)
+    assert deltas and "".join(deltas) == response.message.parts[0].text
+
+
+async def test_cancelling_an_async_call_frees_the_model(engine):
+    async_engine = AsyncLlamaCppEngine(engine)
+    task = asyncio.create_task(async_engine.complete(request("Write a very long essay.", max_tokens=400)))
+    await asyncio.sleep(0.3)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # The next call gets the lock promptly: the cancelled generation stopped.
+    response = await asyncio.wait_for(async_engine.complete(request("Say hi.", max_tokens=4)), timeout=30)
+    assert response.usage.output_tokens <= 4
+
+
+def test_lm_pickles_without_handle_lock_or_model_path():
+    lm = build_lm()
+    with dspy.context(lm=lm, adapter=adapter_for(lm)):
+        dspy.Predict("question -> answer")(question="hi")  # loads the model into the process
+    lm.history.clear()
+    blob = cloudpickle.dumps(lm)
+    assert str(locate_gguf()).encode() not in blob
+    assert b".gguf" not in blob
+    restored = pickle.loads(blob)
+    with dspy.context(lm=restored, adapter=adapter_for(restored)):
+        assert dspy.Predict("question -> answer")(question="What is 1 + 1?").answer
+
+
+def test_lm_state_round_trips_through_dspy_save_format():
+    state = build_lm().dump_state()
+    assert state["engine"]["class"] == "lm_engine.llama_engine:LlamaCppEngine"
+    restored = dspy.LM.load_state(state, allow_custom_lm_class=True)
+    assert isinstance(restored.engine, LlamaCppEngine)
+    assert restored.model == EMBEDDED_MODEL

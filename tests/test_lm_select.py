@@ -1,0 +1,38 @@
+"""One setting picks the LM: --lm, else DSPY_LM, else the embedded model."""
+
+import pytest
+
+from lm_engine import EMBEDDED_MODEL, LlamaCppEngine, build_lm, lm_model_string
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    monkeypatch.delenv("DSPY_LM", raising=False)
+    monkeypatch.delenv("DSPY_LM_API_BASE", raising=False)
+
+
+def test_embedded_model_is_the_default():
+    assert lm_model_string() == EMBEDDED_MODEL
+    assert isinstance(build_lm().engine, LlamaCppEngine)
+
+
+def test_environment_variable_picks_a_provider(monkeypatch):
+    monkeypatch.setenv("DSPY_LM", "openai/gpt-4o-mini")
+    lm = build_lm()
+    assert lm.model == "openai/gpt-4o-mini"
+    assert lm.engine == "auto"
+
+
+def test_argument_wins_over_environment(monkeypatch):
+    monkeypatch.setenv("DSPY_LM", "openai/gpt-4o-mini")
+    assert lm_model_string("anthropic/claude-3-5-haiku") == "anthropic/claude-3-5-haiku"
+    assert lm_model_string("embedded") == EMBEDDED_MODEL
+
+
+def test_api_base_comes_from_the_environment_and_no_key_is_held(monkeypatch):
+    monkeypatch.setenv("DSPY_LM", "openai/my-model")
+    monkeypatch.setenv("DSPY_LM_API_BASE", "http://127.0.0.1:9/v1")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-held-in-env-only")
+    lm = build_lm()
+    assert lm.kwargs["api_base"] == "http://127.0.0.1:9/v1"
+    assert "sk-held-in-env-only" not in repr(vars(lm))

