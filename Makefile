@@ -8,6 +8,8 @@ PY := $(BIN)/python
 PORT ?= 6000
 UI_PORT ?= 5000
 PROGRAM ?= qa
+GATEWAY_PORT ?= 8000
+WORKERS ?= 1
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 # `mlflow models serve` starts uvicorn by name: the venv's bin must be on PATH.
 export PATH := $(BIN):$(PATH)
@@ -23,7 +25,7 @@ LLAMA_STAMP := $(WHEELHOUSE)/.llama-cpp-python-$(LLAMA_VERSION)-nonative
 
 RUN_ID ?= $(shell $(PYTHON) -c "import json;print(json.load(open('.last_run.json'))['run_id'])" 2>/dev/null)
 
-.PHONY: install wheels lock log serve ui curl demo test test-fast lint clean
+.PHONY: install wheels lock log serve gateway ui curl demo test test-fast lint clean
 
 install: $(VENV)/.installed
 
@@ -50,6 +52,10 @@ log: install
 serve: install
 	@test -n "$(RUN_ID)" || { echo "no logged run: 'make log' first, or RUN_ID=<run id>"; exit 1; }
 	mlflow models serve -m runs:/$(RUN_ID)/model -p $(PORT) --env-manager local
+
+gateway: install
+	@test -n "$(RUN_ID)" || { echo "no logged run: 'make log' first, or RUN_ID=<run id>"; exit 1; }
+	$(PY) mlflow_dspy.py gateway -m runs:/$(RUN_ID)/model --port $(GATEWAY_PORT) --workers $(WORKERS)
 
 ui: install
 	mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --default-artifact-root ./mlartifacts \

@@ -28,6 +28,15 @@ def cmd_log(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from serving.run import run_gateway
+
+    if bool(args.model_uri) == bool(args.program):
+        print("gateway: give exactly one of -m MODEL_URI or --program NAME", file=sys.stderr)
+        return 2
+    return run_gateway(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from programs import REGISTRY
 
@@ -44,6 +53,23 @@ def build_parser() -> argparse.ArgumentParser:
     log.add_argument("--registered-model-name", default=None, help="registry name (default: dspy-<program>)")
     log.add_argument("--json", action="store_true", help="end stdout with one JSON line: run_id, model_uri, ...")
     log.set_defaults(func=cmd_log)
+
+    gateway = commands.add_parser("gateway", help="serve a logged model (or a program) with the OpenAI API")
+    gateway.add_argument(
+        "-m", "--model-uri", help="runs:/<id>/model, models:/<name>/<version> or models:/<name>@<alias>"
+    )
+    gateway.add_argument("--program", choices=sorted(REGISTRY), help="serve a program from programs/ directly")
+    gateway.add_argument("--lm", default=None, help="with --program: the LM (default: $DSPY_LM, else embedded)")
+    gateway.add_argument("--name", default=None, help="model name clients send and /v1/models lists")
+    gateway.add_argument("--host", default="127.0.0.1")
+    gateway.add_argument("--port", type=int, default=8000)
+    gateway.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default: 1)")
+    gateway.add_argument("--max-in-flight", type=int, default=64,
+                         help="requests running at once per worker; more get 429 (default: 64)")
+    gateway.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger bodies get 413 (default: 1 MiB)")
+    gateway.add_argument("--request-timeout", type=float, default=120.0,
+                         help="seconds a program may run before 504 (default: 120)")
+    gateway.set_defaults(func=cmd_gateway)
     return parser
 
 

@@ -139,7 +139,7 @@ class ChatProgram(dspy.Module):
         # program itself; a plain Predict is its own predictor.
         return getattr(self.program, "signature", None) or predictors[0].signature
 
-    def _prepare(self, messages: Any) -> tuple[dspy.Module, dict[str, Any]]:
+    def prepare(self, messages: Any) -> tuple[dspy.Module, dict[str, Any]]:
         conversation = parse_conversation(messages)
         kwargs: dict[str, Any] = {self.question_field: conversation.question}
         if self.history_field:
@@ -156,11 +156,11 @@ class ChatProgram(dspy.Module):
         return program, kwargs
 
     def forward(self, messages: Any) -> dspy.Prediction:
-        program, kwargs = self._prepare(messages)
+        program, kwargs = self.prepare(messages)
         return program(**kwargs)
 
     async def aforward(self, messages: Any) -> dspy.Prediction:
-        program, kwargs = self._prepare(messages)
+        program, kwargs = self.prepare(messages)
         return await program.acall(**kwargs)
 
 

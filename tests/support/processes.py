@@ -35,7 +35,8 @@ def child_env(**overrides: str) -> dict[str, str]:
 
 @contextmanager
 def running(
-    args: Sequence[str], ready_url: str, env: dict[str, str], log: Path, timeout: float = 180
+    args: Sequence[str], ready_url: str, env: dict[str, str], log: Path, timeout: float = 180,
+    headers: dict[str, str] | None = None,
 ) -> Iterator[subprocess.Popen]:
     """Start `args`, wait for `ready_url` to answer 200, and stop the whole process group after."""
     with log.open("wb") as out:
@@ -46,7 +47,7 @@ def running(
             if proc.poll() is not None:
                 raise RuntimeError(f"{args[0]} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
             try:
-                if httpx.get(ready_url, timeout=2).status_code == 200:
+                if httpx.get(ready_url, timeout=2, headers=headers).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
@@ -65,10 +66,10 @@ def running(
 
 
 @contextmanager
-def stub_lm(tmp_path: Path) -> Iterator[str]:
+def stub_lm(tmp_path: Path, latency: float = 0.0) -> Iterator[str]:
     """Run the stub LM server; yields its OpenAI base URL (…/v1)."""
     port = free_port()
-    args = [sys.executable, "-m", "tests.support.stub_lm", "--port", str(port)]
+    args = [sys.executable, "-m", "tests.support.stub_lm", "--port", str(port), "--latency", str(latency)]
     with running(args, f"http://127.0.0.1:{port}/_requests", child_env(), tmp_path / "stub_lm.log", timeout=60):
         yield f"http://127.0.0.1:{port}/v1"
 
@@ -80,4 +81,17 @@ def mlflow_serve(model_uri: str, tmp_path: Path, **env: str) -> Iterator[str]:
     args = [os.path.join(VENV_BIN, "mlflow"), "models", "serve", "-m", model_uri, "-p", str(port),
             "--env-manager", "local"]
     with running(args, f"http://127.0.0.1:{port}/ping", child_env(**env), tmp_path / "serve.log"):
+        yield f"http://127.0.0.1:{port}"
+
+
+@contextmanager
+def gateway(target: list[str], tmp_path: Path, *options: str, **env: str) -> Iterator[str]:
+    """`python mlflow_dspy.py gateway` (a real uvicorn) on a free port; yields its base URL once /ready."""
+    port = free_port()
+    args = [sys.executable, "mlflow_dspy.py", "gateway", *target, "--port", str(port), *options]
+    log = tmp_path / f"gateway-{port}.log"
+    keys = env.get("GATEWAY_API_KEYS")
+    headers = {"Authorization": f"Bearer {keys.split(',')[0]}"} if keys else None
+    with running(args, f"http://127.0.0.1:{port}/ready", child_env(**env), log, headers=headers) as proc:
+        proc.log_path = log
         yield f"http://127.0.0.1:{port}"

@@ -6,20 +6,26 @@ the last `[[ ## question ## ]]` block. So a test can tell which turn of a
 conversation a program answered. Every request's Authorization header is kept
 for `/_requests`, so a test can check where keys came from.
 
-Run: python -m tests.support.stub_lm --port N
+Faults on demand, by a marker in the question: `[fail500]` answers HTTP 500,
+`[sleep]` answers after 30 s. `--latency` adds a fixed delay to every answer.
+
+Run: python -m tests.support.stub_lm --port N [--latency SECONDS]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import re
 import time
 
 import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
 app = FastAPI()
 seen: list[dict] = []
+latency = 0.0
 
 
 def _last_field(text: str, name: str) -> str:
@@ -39,14 +45,17 @@ def _output_fields(system: str) -> list[str]:
     return re.findall(r"\d+\. `(\w+)`", outputs) or ["answer"]
 
 
-@app.post("/v1/chat/completions")
-async def chat(request: Request) -> dict:
+@app.post("/v1/chat/completions", response_model=None)
+async def chat(request: Request) -> dict | JSONResponse:
     body = await request.json()
     seen.append({"authorization": request.headers.get("authorization"), "body": body})
     messages = body.get("messages", [])
     system = next((m["content"] for m in messages if m["role"] == "system"), "")
     last = messages[-1]["content"] if messages else ""
     question = _last_field(last, "question")
+    if "[fail500]" in question:
+        return JSONResponse({"error": {"message": "stub failure", "type": "server_error"}}, status_code=500)
+    await asyncio.sleep(30 if "[sleep]" in question else latency)
     parts = [f"[[ ## {name} ## ]]\n{name}: {question}" for name in _output_fields(system)]
     content = "\n\n".join([*parts, "[[ ## completed ## ]]"])
     return {
@@ -67,7 +76,10 @@ async def requests_seen() -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds to wait before every answer")
     args = parser.parse_args()
+    global latency
+    latency = args.latency
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 
 

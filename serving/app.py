@@ -1,0 +1,343 @@
+"""The gateway: an OpenAI-compatible FastAPI app around one DSPy chat program.
+
+Routes: /v1/chat/completions (and streaming), /v1/models, /invocations (what
+`mlflow models serve` answers), the tutorial's /predict and /predict/stream,
+/health and /ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import dspy
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse, Response
+from sse_starlette.sse import EventSourceResponse
+
+from programs import ChatInputError, parse_conversation
+from serving.errors import GatewayError, from_program_failure, install_handlers, invalid_request
+from serving.host import Delta, ProgramHost, Usage
+from serving.middleware import GatewayMiddleware, Limits
+from serving.protocol import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    ModelCard,
+    ModelList,
+    PredictResponse,
+    Question,
+    completion_id,
+)
+from serving.protocol import Delta as DeltaBody
+from serving.protocol import Usage as UsageBody
+
+log = logging.getLogger("mlflow_dspy.gateway")
+CONFIG_ENV = "MLFLOW_DSPY_GATEWAY_CONFIG"
+
+
+@dataclass
+class GatewayConfig:
+    model_uri: str | None = None
+    program: str | None = None
+    lm: str | None = None
+    served_name: str | None = None
+    max_in_flight: int = 64
+    max_body_bytes: int = 1 << 20
+    request_timeout: float = 120.0
+    api_keys: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_env(self) -> str:
+        # Keys are not passed this way: workers read GATEWAY_API_KEYS themselves.
+        return json.dumps({k: v for k, v in asdict(self).items() if k != "api_keys"})
+
+    @classmethod
+    def from_env(cls) -> GatewayConfig:
+        config = cls(**json.loads(os.environ.get(CONFIG_ENV, "{}")))
+        config.api_keys = api_keys_from_env()
+        return config
+
+
+def api_keys_from_env() -> tuple[str, ...]:
+    return tuple(k.strip() for k in os.environ.get("GATEWAY_API_KEYS", "").split(",") if k.strip())
+
+
+def load_host(config: GatewayConfig) -> ProgramHost:
+    if config.model_uri:
+        host = ProgramHost.from_model_uri(config.model_uri, config.served_name)
+    elif config.program:
+        host = ProgramHost.from_program(config.program, config.lm)
+        host.name = config.served_name or host.name
+    else:
+        raise ValueError("the gateway needs a model URI or a program name")
+    host.warm_up()
+    return host
+
+
+class HostSlot:
+    """The program, once loaded: start-up loads it in the background so /health answers at once."""
+
+    def __init__(self) -> None:
+        self.host: ProgramHost | None = None
+        self.failure: str | None = None
+
+    def get(self) -> ProgramHost:
+        if self.host is None:
+            message = "the model failed to load" if self.failure else "the model is still loading"
+            raise GatewayError(503, message, "service_unavailable", code="model_not_ready",
+                               headers={"Retry-After": "1"})
+        return self.host
+
+
+def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> FastAPI:
+    slot = HostSlot()
+    slot.host = host
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        if slot.host is None:
+            def load() -> None:
+                try:
+                    slot.host = load_host(config)
+                    log.info("model loaded: %s", slot.host.source)
+                except Exception as exc:
+                    slot.failure = type(exc).__name__
+                    log.error("model failed to load", exc_info=exc)
+
+            # A thread, not the event loop: loading takes seconds and /health must answer meanwhile.
+            threading.Thread(target=load, name="model-loader", daemon=True).start()
+        yield
+
+    app = FastAPI(title="mlflow-dspy gateway", version="1", lifespan=lifespan)
+    install_handlers(app)
+    app.state.slot = slot
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> dict:
+        current = slot.get()
+        return {"status": "ready", "model": current.name}
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        current = slot.get()
+        return ModelList(data=[ModelCard(id=current.name, created=current.created)])
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        current = slot.get()
+        if body.model and body.model != current.name:
+            raise GatewayError(404, f"model '{body.model}' is not served here; GET /v1/models lists '{current.name}'",
+                               "not_found_error", param="model", code="model_not_found")
+        messages = body.message_dicts()
+        _validate(messages)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            stream = _chat_stream(current, messages, body.lm_settings(), include_usage, config.request_timeout,
+                                  request.scope["mlflow_dspy"])
+            return EventSourceResponse(stream, sep="\n", ping=15)
+        prediction = await _run(current.answer(messages, body.lm_settings()), config.request_timeout)
+        usage = _record_usage(request, prediction)
+        return ChatCompletion(
+            model=current.name,
+            choices=[Choice(message=AssistantMessage(content=current.content(prediction),
+                                                     reasoning_content=current.reasoning(prediction)))],
+            usage=UsageBody(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                            total_tokens=usage.total_tokens),
+        )
+
+    @app.post("/invocations")
+    async def invocations(request: Request) -> Response:
+        current = slot.get()
+        try:
+            messages = _invocation_messages(await request.body())
+            _validate(messages, mlflow_schema=True)
+            prediction = await _run(current.answer(messages), config.request_timeout)
+        except GatewayError as error:
+            return _mlflow_style(error)
+        except Exception as exc:
+            return _mlflow_style(from_program_failure(exc))
+        _record_usage(request, prediction)
+        # Byte for byte what the DSPy flavor's chat wrapper returns through `mlflow models serve`.
+        message = {"role": "assistant", "content": json.dumps(prediction.toDict())}
+        payload = {"choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}
+        return Response(json.dumps(payload), media_type="application/json")
+
+    @app.post("/predict")
+    async def predict(question: Question, request: Request) -> PredictResponse:
+        current = slot.get()
+        prediction = await _run(current.predict(question.text), config.request_timeout)
+        _record_usage(request, prediction)
+        return PredictResponse(data=jsonable_encoder(prediction.toDict()))
+
+    @app.post("/predict/stream")
+    async def predict_stream(question: Question, request: Request) -> EventSourceResponse:
+        current = slot.get()
+        return EventSourceResponse(
+            _predict_stream(current, question.text, config.request_timeout, request.scope["mlflow_dspy"]),
+            sep="\n", ping=15,
+        )
+
+    return GatewayMiddleware(app, Limits(
+        max_in_flight=config.max_in_flight, max_body_bytes=config.max_body_bytes, api_keys=config.api_keys,
+    ))
+
+
+def app_from_env():
+    """Factory for uvicorn workers: the configuration arrives through the environment."""
+    _configure_logging()
+    return create_app(GatewayConfig.from_env())
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+
+# -- helpers --------------------------------------------------------------------
+async def _run(coro, timeout: float) -> dspy.Prediction:
+    try:
+        return await asyncio.wait_for(coro, timeout)
+    except GatewayError:
+        raise
+    except Exception as exc:
+        raise from_program_failure(exc) from None
+
+
+def _validate(messages: list[dict], mlflow_schema: bool = False) -> None:
+    if mlflow_schema:
+        # What `mlflow models serve` enforces from the chat signature before the model runs.
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or not all(isinstance(message.get(k), str) for k in ("role", "content")):
+                raise invalid_request(f"messages[{i}] needs string 'role' and 'content' (the model's input schema)",
+                                      param="messages")
+    try:
+        parse_conversation(messages)
+    except ChatInputError as exc:
+        raise from_program_failure(exc) from None
+
+
+def _invocation_messages(raw: bytes) -> list[dict]:
+    """The conversation in any input format `mlflow models serve` takes for a chat model.
+
+    Like the DSPy flavor, a DataFrame-shaped input answers its first row only.
+    """
+    try:
+        payload = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise invalid_request("the request body is not valid JSON") from None
+    if not isinstance(payload, dict):
+        raise invalid_request("the request body must be a JSON object")
+    if "messages" in payload:
+        messages = payload["messages"]
+    elif isinstance(payload.get("dataframe_records"), list) and payload["dataframe_records"]:
+        messages = _row_messages(payload["dataframe_records"][0])
+    elif isinstance(payload.get("dataframe_split"), dict):
+        split = payload["dataframe_split"]
+        columns, data = split.get("columns") or [], split.get("data") or []
+        if "messages" not in columns or not data:
+            raise invalid_request("dataframe_split needs a 'messages' column and a row", param="dataframe_split")
+        messages = data[0][columns.index("messages")]
+    elif "inputs" in payload or "instances" in payload:
+        rows = payload.get("inputs", payload.get("instances"))
+        messages = _row_messages(rows[0] if isinstance(rows, list) and rows else rows)
+    else:
+        raise invalid_request("send {\"messages\": [...]} (or dataframe_records, dataframe_split, inputs, instances)",
+                              param="messages")
+    if not isinstance(messages, list) or not messages:
+        raise invalid_request("messages must be a non-empty list", param="messages")
+    return messages
+
+
+def _row_messages(row: Any) -> Any:
+    if not isinstance(row, dict) or "messages" not in row:
+        raise invalid_request("each row needs a 'messages' field", param="messages")
+    return row["messages"]
+
+
+def _mlflow_style(error: GatewayError) -> JSONResponse:
+    """/invocations errors carry MLflow's keys (error_code, message) and the OpenAI error object."""
+    body = error.body()
+    code = "BAD_REQUEST" if error.status < 500 else "INTERNAL_ERROR"
+    return JSONResponse({"error_code": code, "message": error.message, **body}, status_code=error.status,
+                        headers=error.headers)
+
+
+def _record_usage(request: Request, prediction: dspy.Prediction) -> Usage:
+    usage = Usage.of(prediction)
+    request.scope["mlflow_dspy"]["usage"] = (usage.prompt_tokens, usage.completion_tokens)
+    return usage
+
+
+def _sse(data: Any) -> dict:
+    return {"data": data if isinstance(data, str) else json.dumps(data)}
+
+
+async def _chat_stream(
+    host: ProgramHost, messages: list[dict], lm_settings: dict, include_usage: bool, timeout: float, info: dict
+) -> AsyncIterator[dict]:
+    cid, created = completion_id(), int(time.time())
+
+    def chunk(delta: DeltaBody, finish: str | None = None) -> dict:
+        body = ChatCompletionChunk(id=cid, created=created, model=host.name,
+                                   choices=[ChunkChoice(delta=delta, finish_reason=finish)]).model_dump()
+        body.pop("usage")
+        body["choices"][0]["delta"] = delta.model_dump(exclude_none=True)  # only what this chunk carries
+        return _sse(body)
+
+    yield chunk(DeltaBody(role="assistant", content=""))
+    prediction = None
+    try:
+        async with asyncio.timeout(timeout):
+            async for item in host.stream(messages, lm_settings):
+                if isinstance(item, Delta):
+                    if item.field == "content":
+                        yield chunk(DeltaBody(content=item.text))
+                    else:
+                        yield chunk(DeltaBody(reasoning_content=item.text))
+                else:
+                    prediction = item
+    except Exception as exc:
+        # The status line is already sent: the failure travels as an error event.
+        yield _sse(from_program_failure(exc).body())
+        yield _sse("[DONE]")
+        return
+    yield chunk(DeltaBody(), finish="stop")
+    usage = Usage.of(prediction)
+    info["usage"] = (usage.prompt_tokens, usage.completion_tokens)
+    if include_usage:
+        body = ChatCompletionChunk(id=cid, created=created, model=host.name, choices=[],
+                                   usage=UsageBody(prompt_tokens=usage.prompt_tokens,
+                                                   completion_tokens=usage.completion_tokens,
+                                                   total_tokens=usage.total_tokens))
+        yield _sse(body.model_dump())
+    yield _sse("[DONE]")
+
+
+async def _predict_stream(host: ProgramHost, question: str, timeout: float, info: dict) -> AsyncIterator[dict]:
+    try:
+        async with asyncio.timeout(timeout):
+            async for item in host.predict_stream(question):
+                if isinstance(item, Delta):
+                    yield _sse({"chunk": {"field": item.field, "text": item.text}})
+                else:
+                    usage = Usage.of(item)
+                    info["usage"] = (usage.prompt_tokens, usage.completion_tokens)
+                    yield _sse({"prediction": jsonable_encoder(item.toDict())})
+    except Exception as exc:
+        yield _sse(from_program_failure(exc).body())
+    yield _sse("[DONE]")

@@ -1,0 +1,121 @@
+"""Every failure becomes an OpenAI error object with the right status.
+
+No exception text that could carry a stack trace, a file path or a key reaches
+a body: client errors echo what the client sent wrong, LM failures say which
+kind of failure it was, and anything unexpected is a bare 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from dspy.utils.exceptions import (
+    AdapterParseError,
+    ContextWindowExceededError,
+    LMError,
+    LMRateLimitError,
+    LMTimeoutError,
+)
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from programs import ChatInputError
+from serving.protocol import ErrorBody, ErrorResponse
+
+log = logging.getLogger("mlflow_dspy.gateway")
+
+
+class GatewayError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        error = ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code)
+        return ErrorResponse(error=error).model_dump()
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def invalid_request(message: str, param: str | None = None, code: str | None = None) -> GatewayError:
+    return GatewayError(400, message, param=param, code=code)
+
+
+def from_program_failure(exc: BaseException) -> GatewayError:
+    """Map what running a program raised to a status and an error the client can act on."""
+    if isinstance(exc, ChatInputError):
+        return invalid_request(exc.message, param="messages", code="invalid_messages")
+    if isinstance(exc, asyncio.TimeoutError | TimeoutError | LMTimeoutError):
+        return GatewayError(504, "the language model did not answer in time", "timeout_error", code="lm_timeout")
+    if isinstance(exc, LMRateLimitError):
+        retry = str(max(1, round(exc.retry_after or 1)))
+        return GatewayError(
+            429, "the language model provider is rate limiting; retry later", "rate_limit_error",
+            code="lm_rate_limited", headers={"Retry-After": retry},
+        )
+    if isinstance(exc, ContextWindowExceededError):
+        return invalid_request("the conversation is longer than the model's context window",
+                               param="messages", code="context_length_exceeded")
+    if isinstance(exc, AdapterParseError):
+        return GatewayError(502, "the language model's answer could not be parsed into the program's outputs",
+                            "upstream_error", code="lm_output_unparseable")
+    if isinstance(exc, LMError):
+        return GatewayError(502, f"the language model call failed ({exc.code or 'lm_error'})",
+                            "upstream_error", code="lm_error")
+    log.error("unexpected failure while answering", exc_info=exc)
+    return GatewayError(500, "internal error", "server_error", code="internal_error")
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request body", None
+    first = errors[0]
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(location) or None
+    if first.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    if first.get("type") == "extra_forbidden":
+        return f"unknown field '{param}'", param
+    if first.get("type") == "missing":
+        return f"'{param}' is required", param
+    reason = first.get("msg", "is invalid")
+    return (f"'{param}': {reason}" if param else f"request body: {reason}"), param
+
+
+def install_handlers(app) -> None:
+    @app.exception_handler(GatewayError)
+    async def _gateway(_: Request, exc: GatewayError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return invalid_request(message, param=param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        message = "not found" if exc.status_code == 404 else str(exc.detail)
+        return GatewayError(exc.status_code, message, kind).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        return from_program_failure(exc).response()

@@ -1,0 +1,181 @@
+"""Load a chat program once, then run it per request: natively async, with
+per-request LM settings in a `dspy.context` (never `dspy.configure` in a
+handler), usage summed over every LM call, and token streaming."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import dspy
+
+from programs import ChatProgram
+from serving.field_stream import FieldStream
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @classmethod
+    def of(cls, prediction: dspy.Prediction | None) -> Usage:
+        usage = cls()
+        by_model = prediction.get_lm_usage() if prediction is not None else None
+        for counts in (by_model or {}).values():
+            usage.prompt_tokens += int(counts.get("prompt_tokens") or 0)
+            usage.completion_tokens += int(counts.get("completion_tokens") or 0)
+        return usage
+
+
+@dataclass
+class Delta:
+    """A piece of streamed text: `field` is "content" (the answer) or "reasoning"."""
+
+    field: str
+    text: str
+
+
+def as_text(value: Any) -> str:
+    """Chat content is text: strings as they are, anything else as JSON."""
+    if isinstance(value, str):
+        return value
+    if hasattr(value, "model_dump"):
+        value = value.model_dump()
+    return json.dumps(value, default=str)
+
+
+class ProgramHost:
+    """One loaded chat program and the DSPy settings it runs with."""
+
+    def __init__(self, program: ChatProgram, lm: dspy.BaseLM, adapter: Any, name: str, source: str) -> None:
+        self.program = program
+        self.lm = lm
+        self.adapter = adapter
+        self.name = name
+        self.source = source
+        self.created = int(time.time())
+
+    # -- loading ---------------------------------------------------------------
+    @classmethod
+    def from_model_uri(cls, uri: str, name: str | None = None) -> ProgramHost:
+        import mlflow
+
+        from packager.paths import tracking_uri
+
+        mlflow.set_tracking_uri(tracking_uri())
+        # Sets dspy.settings from the artifact; this runs once at start-up, in
+        # the process's main thread, never inside a handler.
+        program = mlflow.dspy.load_model(uri)
+        if not isinstance(program, ChatProgram):
+            program = ChatProgram(program)
+        return cls(program, dspy.settings.lm, dspy.settings.adapter, name or _name_from_uri(uri), uri)
+
+    @classmethod
+    def from_program(cls, program_name: str, lm_model: str | None = None) -> ProgramHost:
+        from lm_engine.select import adapter_for, build_lm
+        from programs import chat_program
+
+        lm = build_lm(lm_model)
+        return cls(chat_program(program_name), lm, adapter_for(lm), program_name, f"program:{program_name}")
+
+    def warm_up(self) -> None:
+        """Load the embedded model now, so /ready means a request is answered at full speed."""
+        from lm_engine.llama_engine import LlamaCppEngine, _runtime
+
+        engine = getattr(self.lm, "engine", None)
+        if isinstance(engine, LlamaCppEngine):
+            _runtime(engine.n_ctx)
+
+    # -- running ---------------------------------------------------------------
+    @contextmanager
+    def context(self, lm_settings: dict[str, Any] | None = None):
+        lm = self.lm.copy(**lm_settings) if lm_settings else self.lm
+        with dspy.context(lm=lm, adapter=self.adapter, track_usage=True):
+            yield
+
+    async def answer(self, messages: list[dict], lm_settings: dict[str, Any] | None = None) -> dspy.Prediction:
+        with self.context(lm_settings):
+            return await self.program.acall(messages=messages)
+
+    async def predict(self, question: str) -> dspy.Prediction:
+        """The tutorial's /predict: the inner program, called with its question field."""
+        with self.context():
+            return await self.program.program.acall(**{self.program.question_field: question})
+
+    def content(self, prediction: dspy.Prediction) -> str:
+        return as_text(prediction.get(self.program.answer_field, ""))
+
+    def reasoning(self, prediction: dspy.Prediction) -> str | None:
+        value = prediction.get("reasoning")
+        return as_text(value) if value is not None else None
+
+    async def stream(
+        self, messages: list[dict], lm_settings: dict[str, Any] | None = None
+    ) -> AsyncIterator[Delta | dspy.Prediction]:
+        """Yield answer and reasoning text as the LM writes it, then the final Prediction."""
+        program, kwargs = self.program.prepare(messages)
+        async for item in self._stream(program, kwargs, lm_settings,
+                                       {self.program.answer_field: "content", "reasoning": "reasoning"}):
+            yield item
+
+    async def predict_stream(self, question: str) -> AsyncIterator[Delta | dspy.Prediction]:
+        """The tutorial's /predict/stream: every output field, by its own name."""
+        program = self.program.program
+        fields = {name: name for name in _target(program, self.program.answer_field).signature.output_fields}
+        async for item in self._stream(program, {self.program.question_field: question}, None, fields):
+            yield item
+
+    async def _stream(
+        self, program: dspy.Module, kwargs: dict[str, Any], lm_settings: dict[str, Any] | None,
+        fields: dict[str, str],
+    ) -> AsyncIterator[Delta | dspy.Prediction]:
+        target = id(_target(program, self.program.answer_field))
+        decoder = FieldStream(list(fields))  # fresh per request: it keeps state
+        streaming = dspy.streamify(program, include_final_prediction_in_output_stream=True)
+        final = None
+        # aclosing: the streamify generator is always finished in this task,
+        # even when the client goes away (its task group must exit where it began).
+        with self.context(lm_settings):
+            async with aclosing(streaming(**kwargs)) as values:
+                async for value in values:
+                    if isinstance(value, dspy.Prediction):
+                        final = value
+                        continue
+                    text = _chunk_text(value)
+                    if text and getattr(value, "predict_id", target) == target:
+                        for field, delta in decoder.feed(text):
+                            yield Delta(fields[field], delta)
+        if final is not None:
+            for field, label in fields.items():
+                rest = decoder.finish(field, as_text(final.get(field, "")))
+                if rest:
+                    yield Delta(label, rest)
+            yield final
+
+
+def _target(program: dspy.Module, answer_field: str) -> dspy.Predict:
+    """The predictor that writes the answer: its tokens are the ones streamed."""
+    writers = [p for p in program.predictors() if answer_field in p.signature.output_fields]
+    return (writers or program.predictors())[-1]
+
+
+def _chunk_text(value: Any) -> str | None:
+    try:
+        return value.choices[0].delta.content
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return None
+
+
+def _name_from_uri(uri: str) -> str:
+    if uri.startswith("models:/"):
+        return uri[len("models:/") :]
+    return uri

@@ -1,0 +1,154 @@
+"""One ASGI layer in front of every route: request id, bearer auth, body size,
+the cap on requests in flight, and one structured log line per request.
+
+Pure ASGI rather than Starlette's BaseHTTPMiddleware: it does not buffer
+streamed responses and costs little per request.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from serving.errors import GatewayError
+
+access_log = logging.getLogger("mlflow_dspy.gateway.access")
+
+# Routes that run the program: these count against the in-flight cap.
+MODEL_ROUTES = ("/v1/chat/completions", "/invocations", "/predict", "/predict/stream")
+OPEN_ROUTES = ("/health",)
+
+
+@dataclass
+class Limits:
+    max_in_flight: int = 64
+    max_body_bytes: int = 1 << 20
+    retry_after_seconds: int = 1
+    api_keys: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _authorized(header: bytes | None, keys: tuple[str, ...]) -> bool:
+    if not header or not header.startswith(b"Bearer "):
+        return False
+    offered = header[len(b"Bearer ") :].strip()
+    # Compare against every key, in constant time each, and decide at the end:
+    # neither the timing nor an early exit tells which key came close.
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(offered, key.encode())
+    return matched
+
+
+class GatewayMiddleware:
+    def __init__(self, app, limits: Limits) -> None:
+        self.app = app
+        self.limits = limits
+        self.in_flight = 0
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = f"req-{uuid.uuid4().hex[:16]}"
+        info = {"status": 500, "usage": None}
+        scope["mlflow_dspy"] = info  # handlers put token usage here
+        path = scope.get("path", "")
+
+        async def send_logged(message) -> None:
+            if message["type"] == "http.response.start":
+                info["status"] = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        counted = False
+        try:
+            error = self._refusal(scope, path)
+            if error is None and path in MODEL_ROUTES:
+                if self.in_flight >= self.limits.max_in_flight:
+                    error = GatewayError(
+                        429, f"the server is at its limit of {self.limits.max_in_flight} requests in flight; "
+                        "retry later", "rate_limit_error", code="server_busy",
+                        headers={"Retry-After": str(self.limits.retry_after_seconds)},
+                    )
+                else:
+                    self.in_flight += 1
+                    counted = True
+            if error is None:
+                body = await self._read_body(scope, receive)
+                if isinstance(body, GatewayError):
+                    error = body
+            if error is not None:
+                await error.response()(scope, receive, send_logged)
+                return
+            await self.app(scope, _replay(body, receive), send_logged)
+        finally:
+            if counted:
+                self.in_flight -= 1
+            usage = info.get("usage") or (0, 0)
+            access_log.info(json.dumps({
+                "request_id": request_id,
+                "method": scope.get("method"),
+                "route": path,
+                "status": info["status"],
+                "latency_ms": round((time.perf_counter() - started) * 1000, 2),
+                "prompt_tokens": usage[0],
+                "completion_tokens": usage[1],
+            }))
+
+    def _refusal(self, scope, path: str) -> GatewayError | None:
+        if self.limits.api_keys and path not in OPEN_ROUTES:
+            header = dict(scope.get("headers") or []).get(b"authorization")
+            if not _authorized(header, self.limits.api_keys):
+                return GatewayError(401, "missing or invalid API key", "authentication_error", code="invalid_api_key",
+                                    headers={"WWW-Authenticate": "Bearer"})
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None:
+            try:
+                if int(declared) > self.limits.max_body_bytes:
+                    return _too_large(self.limits.max_body_bytes)
+            except ValueError:
+                return GatewayError(400, "invalid Content-Length header", code="invalid_header")
+        return None
+
+    async def _read_body(self, scope, receive) -> bytes | GatewayError:
+        """Read the whole body (chunked ones too), refusing it past the limit."""
+        if scope.get("method") in ("GET", "HEAD", "OPTIONS"):
+            return b""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limits.max_body_bytes:
+                return _too_large(self.limits.max_body_bytes)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
+
+
+def _too_large(limit: int) -> GatewayError:
+    return GatewayError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+
+
+def _replay(body: bytes, receive):
+    """A `receive` that hands the app the body already read, then passes the
+    client's own messages through (a streaming response watches for disconnect)."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay

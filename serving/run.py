@@ -1,0 +1,36 @@
+"""Start the gateway under uvicorn, with one worker or several."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import uvicorn
+
+from serving.app import CONFIG_ENV, GatewayConfig
+
+
+def run_gateway(args: argparse.Namespace) -> int:
+    config = GatewayConfig(
+        model_uri=args.model_uri,
+        program=args.program,
+        lm=args.lm,
+        served_name=args.name,
+        max_in_flight=args.max_in_flight,
+        max_body_bytes=args.max_body_bytes,
+        request_timeout=args.request_timeout,
+    )
+    # Workers are separate processes: they rebuild the app from this variable
+    # (API keys stay in GATEWAY_API_KEYS and are read by each worker).
+    os.environ[CONFIG_ENV] = config.to_env()
+    uvicorn.run(
+        "serving.app:app_from_env",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level="warning",
+        access_log=False,  # the gateway writes its own structured line per request
+        timeout_graceful_shutdown=10,
+    )
+    return 0

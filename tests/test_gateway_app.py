@@ -1,0 +1,229 @@
+"""The gateway app in process (httpx over ASGI, DummyLM in dict mode): the
+OpenAI wire format, errors as OpenAI error objects, auth, limits, logs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import dspy
+import httpx
+import pytest
+from dspy.utils.dummies import DummyLM
+
+from programs import chat_program
+from serving.app import GatewayConfig, create_app
+from serving.host import ProgramHost
+
+ANSWERS = {
+    "What is 2 + 2?": {"reasoning": "two and two", "answer": "4"},
+    "Capital of Peru?": {"reasoning": "geography", "answer": "Lima"},
+}
+USER = [{"role": "user", "content": "What is 2 + 2?"}]
+
+
+def make_client(**config) -> httpx.AsyncClient:
+    host = ProgramHost(chat_program("qa"), DummyLM(ANSWERS), dspy.ChatAdapter(), "qa", "test")
+    app = create_app(GatewayConfig(**config), host=host)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway")
+
+
+@pytest.fixture
+async def client():
+    async with make_client() as c:
+        yield c
+
+
+async def test_chat_completion_has_openai_fields_and_answer_only_in_content(client):
+    response = await client.post("/v1/chat/completions", json={"model": "qa", "messages": USER})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["id"].startswith("chatcmpl-")
+    assert body["object"] == "chat.completion"
+    assert isinstance(body["created"], int)
+    assert body["model"] == "qa"
+    [choice] = body["choices"]
+    assert choice["message"] == {"role": "assistant", "content": "4", "reasoning_content": "two and two"}
+    assert choice["finish_reason"] == "stop"
+    assert set(body["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
+    assert response.headers["x-request-id"].startswith("req-")
+
+
+async def test_multi_turn_answers_the_last_user_turn(client):
+    messages = [*USER, {"role": "assistant", "content": "4"}, {"role": "user", "content": "Capital of Peru?"}]
+    response = await client.post("/v1/chat/completions", json={"messages": messages})
+    assert response.json()["choices"][0]["message"]["content"] == "Lima"
+
+
+class RecordingLM(DummyLM):
+    """Keeps the settings of the LM object each call ran on."""
+
+    calls: list[dict] = []
+
+    async def acall(self, *args, **kwargs):
+        RecordingLM.calls.append(dict(self.kwargs))
+        return await super().acall(*args, **kwargs)
+
+
+async def test_per_request_settings_reach_the_lm():
+    lm = RecordingLM(ANSWERS)
+    shared = dict(lm.kwargs)
+    host = ProgramHost(chat_program("qa"), lm, dspy.ChatAdapter(), "qa", "test")
+    app = create_app(GatewayConfig(), host=host)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://g") as client:
+        await client.post("/v1/chat/completions", json={
+            "messages": USER, "temperature": 0.3, "max_tokens": 77, "stop": ["END"], "seed": 5, "top_p": 0.9})
+        await client.post("/v1/chat/completions", json={"messages": USER, "max_completion_tokens": 12})
+    first, second = RecordingLM.calls[-2:]
+    assert first == {"temperature": 0.3, "max_tokens": 77, "stop": ["END"], "seed": 5, "top_p": 0.9}
+    # Nothing leaked from the first request.
+    assert second["max_tokens"] == 12
+    assert second.get("temperature") != 0.3 and not {"stop", "seed", "top_p"} & set(second)
+    assert lm.kwargs == shared  # the shared LM is untouched
+
+
+async def test_stream_sends_chunks_then_finish_usage_and_done(client):
+    body = {"messages": USER, "stream": True, "stream_options": {"include_usage": True}}
+    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line async for line in response.aiter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(line[6:]) for line in lines[:-1]]
+    assert all(e["object"] == "chat.completion.chunk" for e in events)
+    assert len({e["id"] for e in events}) == 1
+    content = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
+    assert content == "4"
+    assert events[-2]["choices"][0]["finish_reason"] == "stop"
+    assert events[-1]["choices"] == [] and "total_tokens" in events[-1]["usage"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param", "fragment"),
+    [
+        ({"messages": []}, 400, "messages", "messages"),
+        ({}, 400, "messages", "'messages' is required"),
+        ({"messages": USER, "n": 2}, 400, "n", "'n'"),
+        ({"messages": USER, "temperature": 5}, 400, "temperature", "'temperature'"),
+        ({"messages": USER, "max_tokens": -1}, 400, "max_tokens", "'max_tokens'"),
+        ({"messages": USER, "bogus": 1}, 400, "bogus", "unknown field 'bogus'"),
+        ({"messages": USER, "tools": []}, 400, "tools", "unknown field 'tools'"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages", "messages[0].role 'wizard'"),
+        ({"messages": [{"role": "system", "content": "x"}]}, 400, "messages", "no user message"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]},
+         400, "messages", "only text content"),
+        ({"model": "gpt-4o", "messages": USER}, 404, "model", "not served here"),
+    ],
+)
+async def test_invalid_requests_get_an_openai_error_naming_the_problem(client, body, status, param, fragment):
+    response = await client.post("/v1/chat/completions", json=body)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param
+    assert fragment in error["message"]
+    assert "Traceback" not in response.text and ".py" not in response.text
+
+
+async def test_invalid_json_is_a_400(client):
+    response = await client.post("/v1/chat/completions", content=b"{not json",
+                                 headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert "not valid JSON" in response.json()["error"]["message"]
+
+
+async def test_body_over_the_limit_is_a_413():
+    async with make_client(max_body_bytes=1000) as client:
+        big = {"messages": [{"role": "user", "content": "x" * 2000}]}
+        response = await client.post("/v1/chat/completions", json=big)
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "request_too_large"
+        assert (await client.post("/v1/chat/completions", json={"messages": USER})).status_code == 200
+
+
+async def test_auth_needs_a_good_bearer_key_except_on_health():
+    async with make_client(api_keys=("k-one", "k-two")) as client:
+        assert (await client.get("/health")).status_code == 200
+        missing = await client.post("/v1/chat/completions", json={"messages": USER})
+        assert missing.status_code == 401
+        assert missing.json()["error"]["type"] == "authentication_error"
+        wrong = await client.get("/v1/models", headers={"Authorization": "Bearer k-three"})
+        assert wrong.status_code == 401
+        assert "k-one" not in wrong.text
+        good = await client.get("/v1/models", headers={"Authorization": "Bearer k-two"})
+        assert good.status_code == 200
+
+
+async def test_requests_over_the_in_flight_cap_get_429_with_retry_after():
+    class SlowLM(DummyLM):
+        async def acall(self, *args, **kwargs):
+            await asyncio.sleep(0.5)
+            return await super().acall(*args, **kwargs)
+
+    host = ProgramHost(chat_program("qa"), SlowLM(ANSWERS), dspy.ChatAdapter(), "qa", "test")
+    app = create_app(GatewayConfig(max_in_flight=3), host=host)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://g") as client:
+        responses = await asyncio.gather(
+            *[client.post("/v1/chat/completions", json={"messages": USER}) for _ in range(8)]
+        )
+        statuses = sorted(r.status_code for r in responses)
+        assert statuses.count(200) == 3 and statuses.count(429) == 5
+        busy = next(r for r in responses if r.status_code == 429)
+        assert busy.headers["retry-after"] == "1"
+        assert busy.json()["error"]["type"] == "rate_limit_error"
+        # The cap frees up as requests finish.
+        assert (await client.post("/v1/chat/completions", json={"messages": USER})).status_code == 200
+
+
+async def test_models_health_ready(client):
+    assert (await client.get("/health")).json() == {"status": "ok"}
+    assert (await client.get("/ready")).json() == {"status": "ready", "model": "qa"}
+    models = (await client.get("/v1/models")).json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["qa"]
+
+
+async def test_ready_is_503_until_the_model_loads():
+    app = create_app(GatewayConfig(program="qa"))  # no host yet: nothing runs the lifespan here
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://g") as client:
+        assert (await client.get("/health")).status_code == 200
+        response = await client.get("/ready")
+        assert response.status_code == 503 and response.json()["error"]["code"] == "model_not_ready"
+        assert (await client.post("/v1/chat/completions", json={"messages": USER})).status_code == 503
+
+
+async def test_invocations_returns_the_mlflow_chat_shape(client):
+    response = await client.post("/invocations", json={"messages": USER})
+    assert response.json() == {"choices": [{"index": 0, "message": {
+        "role": "assistant", "content": json.dumps({"reasoning": "two and two", "answer": "4"})},
+        "finish_reason": "stop"}]}
+    records = await client.post("/invocations", json={"dataframe_records": [{"messages": USER}]})
+    assert records.json() == response.json()
+    bad = await client.post("/invocations", json={"messages": [{"role": "user", "content": ["x"]}]})
+    assert bad.status_code == 400
+    assert bad.json()["error_code"] == "BAD_REQUEST" and "messages[0]" in bad.json()["message"]
+
+
+async def test_tutorial_predict_endpoints(client):
+    response = await client.post("/predict", json={"text": "What is 2 + 2?"})
+    assert response.json() == {"status": "success", "data": {"reasoning": "two and two", "answer": "4"}}
+    async with client.stream("POST", "/predict/stream", json={"text": "What is 2 + 2?"}) as stream:
+        lines = [line[6:] for line in [x async for x in stream.aiter_lines()] if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    events = [json.loads(x) for x in lines[:-1]]
+    assert events[-1] == {"prediction": {"reasoning": "two and two", "answer": "4"}}
+    chunks = [e["chunk"] for e in events[:-1]]
+    assert "".join(c["text"] for c in chunks if c["field"] == "answer") == "4"
+
+
+async def test_one_structured_log_line_per_request_without_the_key(caplog):
+    caplog.set_level(logging.INFO, logger="mlflow_dspy.gateway.access")
+    async with make_client(api_keys=("secret-key-123",)) as client:
+        await client.post("/v1/chat/completions", json={"messages": USER},
+                          headers={"Authorization": "Bearer secret-key-123"})
+        await client.get("/v1/models")
+    records = [json.loads(r.getMessage()) for r in caplog.records if r.name == "mlflow_dspy.gateway.access"]
+    assert [r["route"] for r in records] == ["/v1/chat/completions", "/v1/models"]
+    assert [r["status"] for r in records] == [200, 401]
+    first = records[0]
+    assert set(first) >= {"request_id", "route", "status", "latency_ms", "prompt_tokens", "completion_tokens"}
+    assert "secret-key-123" not in caplog.text
