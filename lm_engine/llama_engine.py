@@ -188,6 +188,11 @@ class LlamaCppEngine:
         kwargs = _sampling(request, self.default_max_tokens)
         outcome = _Outcome()
         with runtime.lock:
+            # Evaluate the whole prompt every time: reusing a cached prefix
+            # changes the arithmetic enough that greedy decoding of the same
+            # request can give a different answer (measured). Same request,
+            # same answer is worth the few ms of prompt evaluation.
+            runtime.llama.reset()
             chunks = runtime.llama.create_chat_completion(messages=messages, stream=True, **kwargs)
             try:
                 for chunk in chunks:

@@ -15,6 +15,10 @@ import dspy
 
 from lm_engine.llama_engine import EMBEDDED_MODEL, AsyncLlamaCppEngine, LlamaCppEngine
 
+# Offline first: DSPy and LiteLLM would fetch a model-price map from the
+# internet on first use; the copy bundled with them is enough.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "true")
+
 LM_ENV = "DSPY_LM"
 API_BASE_ENV = "DSPY_LM_API_BASE"
 EMBEDDED_ALIASES = {"", "embedded", "local", EMBEDDED_MODEL}

@@ -176,6 +176,11 @@ def _chunk_text(value: Any) -> str | None:
 
 
 def _name_from_uri(uri: str) -> str:
+    """models:/NAME/3 and models:/NAME@alias serve as NAME; a run's model as its
+    registered name's convention, dspy-<program>, read from the MLmodel metadata."""
     if uri.startswith("models:/"):
-        return uri[len("models:/") :]
-    return uri
+        return uri[len("models:/") :].split("/")[0].split("@")[0]
+    from mlflow.models import Model
+
+    program = (Model.load(uri).metadata or {}).get("program")
+    return f"dspy-{program}" if program else "model"

@@ -137,3 +137,11 @@ def test_lm_state_round_trips_through_dspy_save_format():
     restored = dspy.LM.load_state(state, allow_custom_lm_class=True)
     assert isinstance(restored.engine, LlamaCppEngine)
     assert restored.model == EMBEDDED_MODEL
+
+
+def test_same_request_same_answer_at_temperature_zero(engine):
+    req = request("Write one sentence about the sea.", max_tokens=60, temperature=0.0)
+    other = request("What is 2 + 2?", max_tokens=10, temperature=0.0)
+    first = engine.complete(req).message.parts[0].text
+    engine.complete(other)  # a different prompt in between must not change the next answer
+    assert [engine.complete(req).message.parts[0].text for _ in range(2)] == [first, first]

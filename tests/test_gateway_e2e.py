@@ -1,0 +1,213 @@
+"""The gateway as users run it: `mlflow_dspy.py gateway` (a real uvicorn
+subprocess), called with the official openai SDK and with DSPy, serving the
+real embedded model and, for deterministic checks, a stub LM server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import dspy
+import httpx
+import openai
+import pytest
+
+from tests.conftest import run_log_cli, store_env
+from tests.support.processes import ROOT, child_env, free_port, gateway, mlflow_serve, stub_lm
+
+pytestmark = pytest.mark.slow
+
+QUESTION = "Write one sentence about the sea."
+
+
+@pytest.fixture(scope="module")
+def embedded_gateway(embedded_qa, embedded_store, tmp_path_factory):
+    """The logged qa program (embedded model) behind the gateway."""
+    with gateway(["-m", embedded_qa["model_uri"]], tmp_path_factory.mktemp("gw"),
+                 **store_env(embedded_store)) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(embedded_gateway):
+    return openai.OpenAI(base_url=f"{embedded_gateway}/v1", api_key="unused")
+
+
+def test_openai_sdk_chat_completion_with_the_embedded_model(client):
+    completion = client.chat.completions.create(
+        model="dspy-qa", messages=[{"role": "user", "content": "What is the capital of France?"}]
+    )
+    assert completion.object == "chat.completion"
+    assert completion.id.startswith("chatcmpl-")
+    assert completion.model == "dspy-qa"
+    message = completion.choices[0].message
+    assert message.role == "assistant" and message.content.strip()
+    assert completion.choices[0].finish_reason == "stop"
+    assert "reasoning_content" in message.model_extra
+    usage = completion.usage
+    assert usage.prompt_tokens > 50 and usage.completion_tokens > 0
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_openai_sdk_stream_yields_the_answer_token_by_token(client):
+    messages = [{"role": "user", "content": QUESTION}]
+    answer = client.chat.completions.create(model="dspy-qa", messages=messages, temperature=0).choices[0].message
+    stream = client.chat.completions.create(
+        model="dspy-qa", messages=messages, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    content = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(content) > 1
+    assert "".join(content) == answer.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage.completion_tokens > 0
+
+
+def test_models_list_names_what_is_served(client):
+    assert [m.id for m in client.models.list()] == ["dspy-qa"]
+
+
+def test_errors_arrive_as_openai_exceptions(client):
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model="dspy-qa", messages=[{"role": "wizard", "content": "hi"}])
+    assert bad.value.status_code == 400 and "wizard" in bad.value.message
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="dspy-qa", messages=[{"role": "user", "content": "hi"}], n=2)
+
+
+def test_a_dspy_lm_can_call_the_gateway(client, embedded_gateway):
+    messages = [{"role": "user", "content": "What is 2 + 2?"}]
+    expected = client.chat.completions.create(model="dspy-qa", messages=messages, temperature=0)
+    lm = dspy.LM("openai/dspy-qa", api_base=f"{embedded_gateway}/v1", api_key="unused", cache=False, temperature=0)
+    [output] = lm(messages=messages)
+    # DSPy reads the reasoning from reasoning_content, as it does for reasoning models.
+    assert output == {"text": expected.choices[0].message.content,
+                      "reasoning_content": expected.choices[0].message.model_extra["reasoning_content"]}
+
+
+def test_tutorial_predict_stream_sends_field_chunks_then_the_prediction(embedded_gateway):
+    with httpx.stream("POST", f"{embedded_gateway}/predict/stream", json={"text": QUESTION}, timeout=120) as r:
+        data = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    events = [json.loads(d) for d in data[:-1]]
+    prediction = events[-1]["prediction"]
+    answer_chunks = [e["chunk"]["text"] for e in events[:-1] if e["chunk"]["field"] == "answer"]
+    assert len(answer_chunks) > 1
+    assert "".join(answer_chunks) == prediction["answer"]
+    plain = httpx.post(f"{embedded_gateway}/predict", json={"text": "What is 2 + 2?"}, timeout=120).json()
+    assert plain["status"] == "success" and set(plain["data"]) == {"reasoning", "answer"}
+
+
+# -- deterministic checks against the stub LM --------------------------------------
+@pytest.fixture(scope="module")
+def stub(tmp_path_factory):
+    with stub_lm(tmp_path_factory.mktemp("stub"), latency=0.2) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def stub_env(stub):
+    return {"DSPY_LM_API_BASE": stub, "OPENAI_API_KEY": "sk-stub-test-key-91ac"}
+
+
+def test_invocations_equal_mlflow_models_serve_for_the_same_model(stub, stub_env, tmp_path):
+    env = store_env(tmp_path, DSPY_LM="openai/stub-echo", **stub_env)
+    logged = run_log_cli("--program", "qa", env=env)
+    body = {"messages": [{"role": "user", "content": "first?"}, {"role": "assistant", "content": "x"},
+                         {"role": "user", "content": "What is the capital of Peru?"}]}
+    serve_env = store_env(tmp_path, **stub_env)
+    with mlflow_serve(logged["model_uri"], tmp_path, **serve_env) as mlflow_base:
+        reference = httpx.post(f"{mlflow_base}/invocations", json=body, timeout=60)
+    with gateway(["-m", logged["model_uri"]], tmp_path, **serve_env) as base:
+        ours = httpx.post(f"{base}/invocations", json=body, timeout=60)
+        chat = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60).json()
+    assert reference.status_code == ours.status_code == 200
+    assert ours.json() == reference.json()
+    # Multi-turn: the last user turn is the one answered.
+    assert chat["choices"][0]["message"]["content"] == "answer: What is the capital of Peru?"
+
+
+def test_concurrent_requests_all_succeed_and_the_cap_answers_429(stub_env, tmp_path):
+    target = ["--program", "qa", "--lm", "openai/stub-echo"]
+    body = {"messages": [{"role": "user", "content": "Q?"}]}
+
+    def fire(base: str, count: int) -> list[httpx.Response]:
+        with httpx.Client(timeout=60) as http, ThreadPoolExecutor(count) as pool:
+            return list(pool.map(lambda _: http.post(f"{base}/v1/chat/completions", json=body), range(count)))
+
+    with gateway(target, tmp_path, **stub_env) as base:
+        responses = fire(base, 32)
+        assert [r.status_code for r in responses] == [200] * 32
+        assert {r.json()["choices"][0]["message"]["content"] for r in responses} == {"answer: Q?"}
+
+    with gateway(target, tmp_path, "--max-in-flight", "4", **stub_env) as base:
+        statuses = [r.status_code for r in fire(base, 16)]
+        assert set(statuses) == {200, 429} and statuses.count(200) >= 4
+        assert httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60).status_code == 200
+
+
+def test_lm_failure_is_502_timeout_is_504_and_the_server_keeps_serving(stub_env, tmp_path):
+    target = ["--program", "qa", "--lm", "openai/stub-echo", "--request-timeout", "10"]  # > the 7 s of retries
+    with gateway(target, tmp_path, **stub_env) as base:
+        def ask(text: str) -> httpx.Response:
+            return httpx.post(f"{base}/v1/chat/completions", json={"messages": [{"role": "user", "content": text}]},
+                              timeout=120)
+
+        failed = ask("[fail500] please")
+        assert failed.status_code == 502 and failed.json()["error"]["type"] == "upstream_error"
+        slow = ask("[sleep] please")
+        assert slow.status_code == 504 and slow.json()["error"]["code"] == "lm_timeout"
+        for response in (failed, slow):
+            assert "Traceback" not in response.text and "sk-stub" not in response.text
+        assert ask("fine?").status_code == 200
+
+
+def test_auth_with_gateway_api_keys(stub_env, tmp_path):
+    env = {**stub_env, "GATEWAY_API_KEYS": "key-alpha,key-beta"}
+    with gateway(["--program", "qa", "--lm", "openai/stub-echo"], tmp_path, **env) as base:
+        good = openai.OpenAI(base_url=f"{base}/v1", api_key="key-beta")
+        assert good.chat.completions.create(model="qa", messages=[{"role": "user", "content": "hi"}]).choices
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{base}/v1", api_key="key-gamma").models.list()
+        assert httpx.get(f"{base}/v1/models").status_code == 401
+        assert httpx.get(f"{base}/health").status_code == 200
+        log = next(tmp_path.glob("gateway-*.log")).read_text()
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith('{"request_id"')]
+    assert {"/v1/chat/completions", "/v1/models", "/health"} <= {line["route"] for line in lines}
+    assert any(line["prompt_tokens"] > 0 for line in lines)
+    assert "key-alpha" not in log and "key-beta" not in log and "sk-stub" not in log
+
+
+def test_several_workers_serve(stub_env, tmp_path):
+    port = free_port()
+    args = [sys.executable, "mlflow_dspy.py", "gateway", "--program", "qa", "--lm", "openai/stub-echo",
+            "--port", str(port), "--workers", "2"]
+    log = (tmp_path / "workers.log").open("wb")
+    proc = subprocess.Popen(args, cwd=ROOT, env=child_env(**stub_env), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            import time
+
+            time.sleep(0.2)
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(children) >= 2
+        body = {"messages": [{"role": "user", "content": "hi"}]}
+        with httpx.Client(timeout=60) as http:
+            statuses = [http.post(f"{base}/v1/chat/completions", json=body).status_code for _ in range(8)]
+        assert statuses == [200] * 8
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
