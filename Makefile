@@ -11,6 +11,10 @@ PROGRAM ?= qa
 GATEWAY_PORT ?= 8000
 WORKERS ?= 1
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
+# Offline, litellm's import tries to fetch a model-price map, fails, and its
+# logging filter can then deadlock on an import lock: `mlflow ui` hung at
+# start-up that way here. The bundled map is enough.
+export LITELLM_LOCAL_MODEL_COST_MAP ?= true
 # `mlflow models serve` starts uvicorn by name: the venv's bin must be on PATH.
 export PATH := $(BIN):$(PATH)
 

@@ -99,7 +99,9 @@ class ProgramHost:
     @contextmanager
     def context(self, lm_settings: dict[str, Any] | None = None):
         lm = self.lm.copy(**lm_settings) if lm_settings else self.lm
-        with dspy.context(lm=lm, adapter=self.adapter, track_usage=True):
+        # No call history in a server: it would keep every conversation in
+        # memory (up to 10,000 per LM) for nobody to read.
+        with dspy.context(lm=lm, adapter=self.adapter, track_usage=True, disable_history=True):
             yield
 
     async def answer(self, messages: list[dict], lm_settings: dict[str, Any] | None = None) -> dspy.Prediction:

@@ -227,3 +227,13 @@ async def test_one_structured_log_line_per_request_without_the_key(caplog):
     first = records[0]
     assert set(first) >= {"request_id", "route", "status", "latency_ms", "prompt_tokens", "completion_tokens"}
     assert "secret-key-123" not in caplog.text
+
+
+async def test_served_requests_leave_no_call_history():
+    lm = DummyLM(ANSWERS)
+    host = ProgramHost(chat_program("qa"), lm, dspy.ChatAdapter(), "qa", "test")
+    app = create_app(GatewayConfig(), host=host)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://g") as client:
+        for _ in range(3):
+            assert (await client.post("/v1/chat/completions", json={"messages": USER})).status_code == 200
+    assert lm.history == []

@@ -211,3 +211,17 @@ def test_several_workers_serve(stub_env, tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("reference", ["models:/dspy-qa/1", "models:/dspy-qa@champion"])
+def test_registered_versions_and_aliases_are_served(embedded_qa, embedded_store, tmp_path, reference):
+    from mlflow import MlflowClient
+
+    MlflowClient(f"sqlite:///{embedded_store / 'mlflow.db'}").set_registered_model_alias(
+        "dspy-qa", "champion", embedded_qa["version"]
+    )
+    with gateway(["-m", reference], tmp_path, **store_env(embedded_store)) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
+        assert [m.id for m in client.models.list()] == ["dspy-qa"]
+        reply = client.chat.completions.create(model="dspy-qa", messages=[{"role": "user", "content": "Hi?"}])
+        assert reply.choices[0].message.content.strip()
