@@ -16,7 +16,8 @@ def cmd_log(args: argparse.Namespace) -> int:
     from packager.log import log_program
 
     lm = configure_dspy(args.lm)
-    logged = log_program(args.program, lm=lm, registered_model_name=args.registered_model_name)
+    logged = log_program(args.program, lm=lm, registered_model_name=args.registered_model_name,
+                         evaluate_dev=not args.no_eval)
     if args.json:
         print(json.dumps(logged.as_dict()), flush=True)
     else:
@@ -24,6 +25,8 @@ def cmd_log(args: argparse.Namespace) -> int:
         print(f"model_uri: {logged.model_uri}")
         if logged.version:
             print(f"registered {logged.registered_model} version {logged.version}")
+        if logged.dev_score is not None:
+            print(f"dev score: {logged.dev_score:.1f}")
         print(f"serve it:  mlflow models serve -m {logged.model_uri} -p 6000 --env-manager local")
     return 0
 
@@ -35,6 +38,44 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         print("gateway: give exactly one of -m MODEL_URI or --program NAME", file=sys.stderr)
         return 2
     return run_gateway(args)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lifecycle.eval_command import evaluate_model_uri, evaluate_program
+
+    if args.model_uri:
+        report, run_id = evaluate_model_uri(args.model_uri)
+    else:
+        report, run_id = evaluate_program(args.program, args.lm)
+    result = {"program": report.program, "dev_score": round(report.score, 2), "examples": len(report.rows),
+              "run_id": run_id, "dataset_hash": report.dataset_hash}
+    print(json.dumps(result) if args.json else f"{report.program}: dev score {report.score:.1f} "
+          f"on {len(report.rows)} examples (run {run_id})")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from lifecycle.promote import PromotionRefused, promote
+
+    try:
+        done = promote(args.name, args.version, args.alias, args.force, args.reason)
+    except PromotionRefused as refused:
+        print(f"refused: {refused}", file=sys.stderr)
+        return 1
+    before = f"version {done.previous_version} ({done.previous_score})" if done.previous_version else "nobody"
+    print(f"{done.name}@{done.alias} -> version {done.version} (dev score {done.score:.2f}); before: {before}")
+    return 0
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    from lifecycle.optimize import optimize
+
+    logged, before = optimize(args.program, args.optimizer, args.lm, args.registered_model_name)
+    result = {**logged.as_dict(), "dev_score_before": round(before, 2)}
+    print(json.dumps(result) if args.json else
+          f"{args.program}: dev score {before:.1f} -> {logged.dev_score:.1f}; "
+          f"registered {logged.registered_model} version {logged.version} ({logged.model_uri})")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,8 +92,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="LM model string, e.g. openai/gpt-4o-mini (default: $DSPY_LM, else the embedded SmolLM2)",
     )
     log.add_argument("--registered-model-name", default=None, help="registry name (default: dspy-<program>)")
+    log.add_argument("--no-eval", action="store_true", help="skip scoring the program on its dev set")
     log.add_argument("--json", action="store_true", help="end stdout with one JSON line: run_id, model_uri, ...")
     log.set_defaults(func=cmd_log)
+
+    evaluation = commands.add_parser("eval", help="score a program or a logged model on its dev set")
+    evaluation.add_argument("--program", default="qa", choices=sorted(REGISTRY))
+    evaluation.add_argument("--model-uri", default=None, help="evaluate this logged model instead (its own LM)")
+    evaluation.add_argument("--lm", default=None, help="without --model-uri: the LM (default: $DSPY_LM, else embedded)")
+    evaluation.add_argument("--json", action="store_true", help="print one JSON line")
+    evaluation.set_defaults(func=cmd_eval)
+
+    optimization = commands.add_parser("optimize", help="compile a program with a DSPy optimizer; log a new version")
+    optimization.add_argument("--program", default="qa", choices=sorted(REGISTRY))
+    optimization.add_argument("--optimizer", default="bootstrap", choices=["bootstrap", "mipro"])
+    optimization.add_argument("--lm", default=None, help="the LM (default: $DSPY_LM, else the embedded SmolLM2)")
+    optimization.add_argument("--registered-model-name", default=None, help="registry name (default: dspy-<program>)")
+    optimization.add_argument("--json", action="store_true", help="print one JSON line")
+    optimization.set_defaults(func=cmd_optimize)
+
+    promotion = commands.add_parser("promote", help="point an alias at a version that scores at least as well")
+    promotion.add_argument("--name", required=True, help="registered model name, e.g. dspy-qa")
+    promotion.add_argument("--version", required=True)
+    promotion.add_argument("--alias", default="champion")
+    promotion.add_argument("--force", action="store_true", help="move the alias even to a lower-scoring version")
+    promotion.add_argument("--reason", default=None, help="why, recorded on the version")
+    promotion.set_defaults(func=cmd_promote)
 
     gateway = commands.add_parser("gateway", help="serve a logged model (or a program) with the OpenAI API")
     gateway.add_argument(
@@ -69,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger bodies get 413 (default: 1 MiB)")
     gateway.add_argument("--request-timeout", type=float, default=120.0,
                          help="seconds a program may run before 504 (default: 120)")
+    gateway.add_argument("--no-traces", action="store_true",
+                         help="do not record an MLflow trace per request (default: record them)")
     gateway.set_defaults(func=cmd_gateway)
     return parser
 

@@ -18,7 +18,8 @@ from lm_engine.select import adapter_for, build_lm
 from packager.paths import CODE_PACKAGES, EXPERIMENT_NAME, PROJECT_ROOT, artifacts_location, tracking_uri
 from packager.redact import scrub_lm, scrub_program
 from packager.requirements import pinned_requirements
-from programs import ChatProgram, program_spec
+from programs import program_spec, wrap_for_chat
+from programs.datasets import dataset_hash
 
 MODEL_NAME = "model"  # the tutorial's runs:/<id>/model
 
@@ -29,6 +30,7 @@ class LoggedModel:
     model_uri: str
     registered_model: str | None
     version: str | None
+    dev_score: float | None = None
 
     def as_dict(self) -> dict[str, str | None]:
         return asdict(self)
@@ -55,6 +57,9 @@ def use_tracking_store() -> str:
     """
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
+    # log_model makes its model the process's "active model", and later
+    # metrics of any run would be attached to it (even across stores).
+    mlflow.clear_active_model()
     if mlflow.get_experiment_by_name(EXPERIMENT_NAME) is None:
         mlflow.create_experiment(EXPERIMENT_NAME, artifact_location=artifacts_location(uri))
     mlflow.set_experiment(EXPERIMENT_NAME)
@@ -73,44 +78,74 @@ def staged_code() -> Iterator[list[str]]:
         yield paths
 
 
-def describe(program: str, lm_model: str) -> str:
+def describe(program: str, lm_model: str, note: str | None = None) -> str:
     spec = program_spec(program)
-    return (
+    text = (
         f"DSPy program `{program}`: {spec.DESCRIPTION} Chat task (llm/v1/chat): the last user message is the "
         f"question; earlier turns are history for programs that take one; system messages become instructions. "
         f"LM at log time: {lm_model}. Keys are read from the serving environment, never stored."
     )
+    return f"{text} {note}" if note else text
+
+
+def _log_program_state(module: dspy.Module) -> None:
+    """The program's DSPy state (signatures, instructions, demos) as readable JSON beside the model."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "program_state.json"
+        module.save(str(path))
+        mlflow.log_artifact(str(path))
 
 
 def log_program(
     program: str,
     lm: dspy.BaseLM | None = None,
     registered_model_name: str | None = None,
+    module: dspy.Module | None = None,
+    evaluate_dev: bool = True,
+    extra_tags: dict[str, str] | None = None,
+    extra_metrics: dict[str, float] | None = None,
+    note: str | None = None,
 ) -> LoggedModel:
     """Log `program` wrapped for chat, with the project's code and pins, and register it.
 
-    `lm` defaults to the configured DSPy LM, else the one `DSPY_LM` names, else
-    the embedded model. A copy of it without credentials is what gets pickled.
+    `module` is the program to log (a compiled one, say); by default the
+    registry builds it. `lm` defaults to the configured DSPy LM, else the one
+    `DSPY_LM` names, else the embedded model; a copy of it without credentials
+    is what gets pickled. Unless `evaluate_dev` is off, the program is scored on
+    its dev set first, and the score travels with the run and the version.
     """
+    from lifecycle.evaluate import SCORE_METRIC, evaluate
+
     spec = program_spec(program)
     lm = lm or dspy.settings.lm or build_lm()
     adapter = dspy.settings.adapter or adapter_for(lm)
     lm_model = getattr(lm, "model", type(lm).__name__)
     registered_model_name = registered_model_name or f"dspy-{program}"
-    chat = scrub_program(ChatProgram(spec.build()))
-    description = describe(program, lm_model)
+    module = module or spec.build()
+    report = evaluate(program, module, lm, adapter) if evaluate_dev else None
+    chat = scrub_program(wrap_for_chat(program, module))
+    description = describe(program, lm_model, note)
     tags = {
         "program": program,
         "lm": lm_model,
         "git_commit": git_commit(),
         "dspy_version": dspy.__version__,
         "mlflow_version": mlflow.__version__,
+        "dataset_hash": dataset_hash(program),
+        SCORE_METRIC: f"{report.score:.2f}" if report else "not evaluated",
+        **(extra_tags or {}),
     }
 
     use_tracking_store()
     with mlflow.start_run(run_name=f"{program}", description=description) as run:
         mlflow.set_tags(tags)
         mlflow.log_params({"program": program, "lm": lm_model})
+        if extra_metrics:
+            mlflow.log_metrics(extra_metrics)
+        if report:
+            mlflow.log_metric(SCORE_METRIC, report.score)
+            mlflow.log_table(report.table(), artifact_file="eval/dev_results.json")
+        _log_program_state(module)
         with staged_code() as code_paths, dspy.context(lm=scrub_lm(lm), adapter=adapter):
             info = mlflow.dspy.log_model(
                 chat,
@@ -133,4 +168,5 @@ def log_program(
         model_uri=f"runs:/{run.info.run_id}/{MODEL_NAME}",
         registered_model=registered_model_name if version is not None else None,
         version=version,
+        dev_score=report.score if report else None,
     )

@@ -113,9 +113,22 @@ def _history_entries(turns: list[dict[str, str]], question_field: str, answer_fi
 
 
 class ChatProgram(dspy.Module):
-    """Chat front for any DSPy program that answers a question-like input."""
+    """Chat front for any DSPy program that answers a question-like input.
 
-    def __init__(self, program: dspy.Module, answer_field: str | None = None) -> None:
+    The fields are read from the program's signature (or its first
+    predictor's); a program whose forward() differs from its predictors'
+    inputs names them: `question_field`, `answer_field`. `chat_fields` are the
+    outputs a chat answer shows: one field is shown as its text, several as
+    one JSON object.
+    """
+
+    def __init__(
+        self,
+        program: dspy.Module,
+        question_field: str | None = None,
+        answer_field: str | None = None,
+        chat_fields: Sequence[str] | None = None,
+    ) -> None:
         super().__init__()
         self.program = program
         signature = self._signature()
@@ -125,11 +138,21 @@ class ChatProgram(dspy.Module):
             (n for n, f in signature.input_fields.items() if f.annotation is dspy.History), None
         )
         self.context_field = next((n for n in CONTEXT_FIELDS if n in inputs), None)
-        others = [n for n in inputs if n not in (self.history_field, self.context_field)]
-        if len(others) != 1:
-            raise TypeError(f"a chat program needs exactly one question input besides history/context, got {others}")
-        self.question_field = others[0]
-        self.answer_field = answer_field or (outputs[-1] if outputs else "answer")
+        if question_field is None:
+            others = [n for n in inputs if n not in (self.history_field, self.context_field)]
+            if len(others) != 1:
+                raise TypeError(
+                    f"a chat program needs exactly one question input besides history/context, got {others}"
+                )
+            question_field = others[0]
+        self.question_field = question_field
+        self.answer_field = answer_field or ("answer" if "answer" in outputs else outputs[-1] if outputs else "answer")
+        self.chat_fields = tuple(chat_fields or (self.answer_field,))
+        annotation = signature.output_fields.get(self.answer_field)
+        # Token streaming follows one text field as the LM writes it.
+        self.streams_answer = self.chat_fields == (self.answer_field,) and (
+            annotation is None or annotation.annotation is str
+        )
 
     def _signature(self) -> type[dspy.Signature]:
         predictors = self.program.predictors()

@@ -57,6 +57,7 @@ class GatewayConfig:
     max_in_flight: int = 64
     max_body_bytes: int = 1 << 20
     request_timeout: float = 120.0
+    traces: bool = True
     api_keys: tuple[str, ...] = field(default_factory=tuple)
 
     def to_env(self) -> str:
@@ -83,7 +84,23 @@ def load_host(config: GatewayConfig) -> ProgramHost:
     else:
         raise ValueError("the gateway needs a model URI or a program name")
     host.warm_up()
+    if config.traces:
+        enable_tracing()
     return host
+
+
+def enable_tracing() -> None:
+    """One MLflow trace per request (the program's spans, LM calls and token usage),
+    written to the tracking store's `mlflow-dspy` experiment."""
+    import mlflow
+
+    from packager.log import use_tracking_store
+
+    use_tracking_store()
+    # Runs in the loader thread, the one that configured DSPy: autolog
+    # installs its callback with dspy.settings.configure.
+    mlflow.dspy.autolog(log_traces=True, log_traces_from_compile=False, log_traces_from_eval=False,
+                        silent=True)
 
 
 class HostSlot:

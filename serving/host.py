@@ -114,7 +114,11 @@ class ProgramHost:
             return await self.program.program.acall(**{self.program.question_field: question})
 
     def content(self, prediction: dspy.Prediction) -> str:
-        return as_text(prediction.get(self.program.answer_field, ""))
+        """The chat answer: one chat field as its text, several as one JSON object."""
+        fields = self.program.chat_fields
+        if len(fields) == 1:
+            return as_text(prediction.get(fields[0], ""))
+        return as_text({name: prediction.get(name) for name in fields})
 
     def reasoning(self, prediction: dspy.Prediction) -> str | None:
         value = prediction.get("reasoning")
@@ -125,8 +129,13 @@ class ProgramHost:
     ) -> AsyncIterator[Delta | dspy.Prediction]:
         """Yield answer and reasoning text as the LM writes it, then the final Prediction."""
         program, kwargs = self.program.prepare(messages)
-        async for item in self._stream(program, kwargs, lm_settings,
-                                       {self.program.answer_field: "content", "reasoning": "reasoning"}):
+        fields = {"reasoning": "reasoning"}
+        if self.program.streams_answer:
+            fields[self.program.answer_field] = "content"
+        async for item in self._stream(program, kwargs, lm_settings, fields):
+            if isinstance(item, dspy.Prediction) and not self.program.streams_answer:
+                # Typed or composite answers are whole only at the end.
+                yield Delta("content", self.content(item))
             yield item
 
     async def predict_stream(self, question: str) -> AsyncIterator[Delta | dspy.Prediction]:

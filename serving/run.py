@@ -19,6 +19,7 @@ def run_gateway(args: argparse.Namespace) -> int:
         max_in_flight=args.max_in_flight,
         max_body_bytes=args.max_body_bytes,
         request_timeout=args.request_timeout,
+        traces=not args.no_traces,
     )
     # Workers are separate processes: they rebuild the app from this variable
     # (API keys stay in GATEWAY_API_KEYS and are read by each worker).

@@ -25,7 +25,7 @@ def model_dir(store: Path, run_id: str) -> Path:
 
 
 def test_log_prints_run_model_uri_and_registered_version(embedded_qa):
-    assert set(embedded_qa) == {"run_id", "model_uri", "registered_model", "version"}
+    assert {"run_id", "model_uri", "registered_model", "version"} <= set(embedded_qa)
     assert embedded_qa["model_uri"] == f"runs:/{embedded_qa['run_id']}/model"
     assert embedded_qa["registered_model"] == "dspy-qa"
     assert embedded_qa["version"] == "1"
@@ -42,6 +42,8 @@ def test_run_and_version_carry_tags_and_description(embedded_qa, embedded_store)
         assert len(tags["git_commit"]) >= 7
         assert tags["dspy_version"] == "3.4.1"
         assert tags["mlflow_version"] == "3.17.2"
+        assert len(tags["dataset_hash"]) == 16
+        assert 0.0 <= float(tags["dev_score"]) <= 100.0
 
 
 def test_artifact_holds_code_pins_and_no_model_path(embedded_qa, embedded_store):

@@ -2,7 +2,8 @@
 
 It answers DSPy's ChatAdapter prompts field by field: every output field the
 prompt asks for gets `<field>: <question>`, where the question is the value of
-the last `[[ ## question ## ]]` block. So a test can tell which turn of a
+the last `[[ ## question ## ]]` block, followed by `(after N earlier turns)`
+when the prompt carries N earlier user messages. So a test can tell which turn of a
 conversation a program answered. Every request's Authorization header is kept
 for `/_requests`, so a test can check where keys came from.
 
@@ -56,7 +57,11 @@ async def chat(request: Request) -> dict | JSONResponse:
     if "[fail500]" in question:
         return JSONResponse({"error": {"message": "stub failure", "type": "server_error"}}, status_code=500)
     await asyncio.sleep(30 if "[sleep]" in question else latency)
-    parts = [f"[[ ## {name} ## ]]\n{name}: {question}" for name in _output_fields(system)]
+    # Earlier user turns (history, or demos) show in the answer, so a test can
+    # tell a program that saw the conversation from one that did not.
+    earlier = sum(1 for m in messages[:-1] if m["role"] == "user")
+    seen_turns = f" (after {earlier} earlier turns)" if earlier else ""
+    parts = [f"[[ ## {name} ## ]]\n{name}: {question}{seen_turns}" for name in _output_fields(system)]
     content = "\n\n".join([*parts, "[[ ## completed ## ]]"])
     return {
         "id": f"stub-{len(seen)}",

@@ -1,0 +1,1 @@
+"""Model lifecycle: evaluate on the dev set, optimize, promote between versions."""

@@ -1,0 +1,108 @@
+"""`rag`: answers questions about a small document corpus and cites its sources.
+
+The BM25 index (bm25s) is built when the program is built, which is at log
+time, and is pickled with the program inside the model artifact: serving loads
+it from there, with no rebuild, no corpus and no network.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dspy
+
+from programs.datasets import data_dir
+from programs.metrics import contains_answer
+
+DESCRIPTION = "Retrieval-augmented QA over the Nimbus corpus (BM25), citing the passages used."
+EXAMPLE_QUESTION = "How long is the warranty on a Nimbus frame?"
+INPUTS = ("question",)
+QUESTION_FIELD = "question"
+ANSWER_FIELD = "answer"
+TOP_K = 3
+metric = contains_answer
+
+
+def corpus_passages(corpus: Path) -> list[dict[str, str]]:
+    """One passage per paragraph of every Markdown file, with its file and heading."""
+    passages = []
+    for path in sorted(corpus.glob("*.md")):
+        title = path.stem
+        for block in path.read_text().split("\n\n"):
+            text = " ".join(block.split())
+            if text.startswith("# "):
+                title = text[2:]
+            elif text:
+                passages.append({"source": path.name, "title": title, "text": text})
+    if not passages:
+        raise ValueError(f"no passages under {corpus}")
+    return passages
+
+
+class Retriever:
+    """A BM25 index over passages. Plain data and numpy arrays: it pickles."""
+
+    def __init__(self, passages: list[dict[str, str]]) -> None:
+        import bm25s
+
+        self.passages = passages
+        self.index = bm25s.BM25()
+        self.index.index(self._tokens([p["text"] for p in passages]), show_progress=False)
+
+    @staticmethod
+    def _tokens(texts: list[str]) -> list[list[str]]:
+        import bm25s
+
+        return bm25s.tokenize(texts, stopwords="en", return_ids=False, show_progress=False)
+
+    def search(self, query: str, k: int = TOP_K) -> list[dict[str, str]]:
+        tokens = self._tokens([query])
+        if not tokens[0]:
+            return self.passages[:k]
+        k = min(k, len(self.passages))
+        ids, scores = self.index.retrieve(tokens, k=k, show_progress=False)
+        return [self.passages[int(i)] for i, s in zip(ids[0], scores[0], strict=True) if s > 0] or self.passages[:1]
+
+
+class AnswerFromPassages(dspy.Signature):
+    """Answer the question using only the numbered passages. List the numbers of the passages you used."""
+
+    passages: list[str] = dspy.InputField()
+    question: str = dspy.InputField()
+    answer: str = dspy.OutputField(desc="a short answer")
+    cited: list[int] = dspy.OutputField(desc="numbers of the passages used")
+
+
+class RAG(dspy.Module):
+    def __init__(self, retriever: Retriever, k: int = TOP_K) -> None:
+        super().__init__()
+        self.retriever = retriever
+        self.k = k
+        self.generate = dspy.Predict(AnswerFromPassages)
+
+    def _cite(self, hits: list[dict], prediction: dspy.Prediction) -> dspy.Prediction:
+        chosen = [i for i in dict.fromkeys(prediction.cited or []) if isinstance(i, int) and 1 <= i <= len(hits)]
+        # A model that names no valid passage still answered from what it was
+        # given: cite the best match rather than nothing.
+        chosen = chosen or [1]
+        sources = [hits[i - 1] for i in chosen]
+        notes = "; ".join(f"[{n}] {s['source']} ({s['title']})" for n, s in enumerate(sources, 1))
+        return dspy.Prediction(
+            answer=f"{prediction.answer.strip()}\n\nSources: {notes}",
+            citations=[{"source": s["source"], "title": s["title"], "text": s["text"]} for s in sources],
+        )
+
+    def _numbered(self, hits: list[dict]) -> list[str]:
+        return [f"[{n}] {hit['text']}" for n, hit in enumerate(hits, 1)]
+
+    def forward(self, question: str) -> dspy.Prediction:
+        hits = self.retriever.search(question, self.k)
+        return self._cite(hits, self.generate(passages=self._numbered(hits), question=question))
+
+    async def aforward(self, question: str) -> dspy.Prediction:
+        hits = self.retriever.search(question, self.k)
+        return self._cite(hits, await self.generate.acall(passages=self._numbered(hits), question=question))
+
+
+def build() -> dspy.Module:
+    return RAG(Retriever(corpus_passages(data_dir() / "rag" / "corpus")))
