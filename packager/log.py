@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 
 from lm_engine.select import adapter_for, build_lm
 from packager.paths import CODE_PACKAGES, EXPERIMENT_NAME, PROJECT_ROOT, artifacts_location, tracking_uri
-from packager.redact import scrub_lm, scrub_program
+from packager.redact import scrub_program, scrub_settings
 from packager.requirements import pinned_requirements
 from programs import program_spec, wrap_for_chat
 from programs.datasets import dataset_hash
@@ -123,7 +123,7 @@ def log_program(
     registered_model_name = registered_model_name or f"dspy-{program}"
     module = module or spec.build()
     report = evaluate(program, module, lm, adapter) if evaluate_dev else None
-    chat = scrub_program(wrap_for_chat(program, module))
+    chat = scrub_program(wrap_for_chat(program, module))  # what is pickled and saved: no credentials
     description = describe(program, lm_model, note)
     tags = {
         "program": program,
@@ -145,8 +145,8 @@ def log_program(
         if report:
             mlflow.log_metric(SCORE_METRIC, report.score)
             mlflow.log_table(report.table(), artifact_file="eval/dev_results.json")
-        _log_program_state(module)
-        with staged_code() as code_paths, dspy.context(lm=scrub_lm(lm), adapter=adapter):
+        _log_program_state(chat.program)
+        with staged_code() as code_paths, dspy.context(**scrub_settings(lm, adapter)):
             info = mlflow.dspy.log_model(
                 chat,
                 name=MODEL_NAME,
@@ -157,6 +157,10 @@ def log_program(
                 registered_model_name=registered_model_name,
                 metadata={"program": program, "lm": lm_model},
             )
+        # MLflow 3 keeps a logged model apart from its run; a copy under the
+        # run's own artifacts puts MLmodel, the pins and the pickle where the
+        # tutorial shows them: the run's Artifacts tab.
+        mlflow.log_artifacts(mlflow.artifacts.download_artifacts(info.model_uri), artifact_path=MODEL_NAME)
     version = str(info.registered_model_version) if info.registered_model_version is not None else None
     if version is not None:
         client = MlflowClient()

@@ -2,29 +2,54 @@
 
 The DSPy flavor pickles the program together with `dspy.settings`, LM objects
 included, so an `api_key=` given to `dspy.LM` would be stored in plain bytes.
-These helpers hand MLflow copies of the LMs without any credential-like
-setting; the serving process reads keys from its own environment instead.
+These helpers hand MLflow copies without any credential-like setting: every
+LM found in the program's modules, in the settings, and nested dicts of
+headers or request options. The serving process reads keys from its own
+environment instead.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import dspy
 
-SECRET_HINTS = ("key", "token", "secret", "password", "credential", "authorization")
-HEADER_SETTINGS = ("headers", "extra_headers", "default_headers")
+# Whole words of a setting's name (split at _, - and case changes), so that
+# `api_key`, `aws_secret_access_key` and `X-Api-Key` match and `max_tokens` does not.
+SECRET_WORDS = {"key", "apikey", "token", "secret", "password", "passwd", "credential", "credentials",
+                "authorization", "auth", "cookie", "signature", "bearer"}
 
 
 def is_secret_name(name: str) -> bool:
-    lowered = name.lower()
-    return any(hint in lowered for hint in SECRET_HINTS)
+    words = re.split(r"[_\-\s.]+|(?<=[a-z])(?=[A-Z])", str(name))
+    return any(word.lower() in SECRET_WORDS for word in words if word)
 
 
-def _clean_value(name: str, value: Any) -> Any:
-    if name in HEADER_SETTINGS and isinstance(value, dict):
-        return {k: v for k, v in value.items() if not is_secret_name(k)}
+def clean_url(url: str) -> str:
+    """A URL without user:password@ and without secret-named query parameters."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if not parts.scheme:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    query = urlencode([(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if not is_secret_name(k)])
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def clean(value: Any) -> Any:
+    """Drop secret-named keys at any depth of dicts and lists; strip secrets from URLs."""
+    if isinstance(value, dict):
+        return {k: clean(v) for k, v in value.items() if not is_secret_name(k)}
+    if isinstance(value, list | tuple):
+        return type(value)(clean(v) for v in value)
+    if isinstance(value, str) and "://" in value:
+        return clean_url(value)
     return value
 
 
@@ -32,19 +57,44 @@ def scrub_lm(lm: dspy.BaseLM | None) -> dspy.BaseLM | None:
     """A copy of `lm` without credentials or call history."""
     if lm is None:
         return None
-    clean = copy.copy(lm)
-    clean.kwargs = {k: _clean_value(k, v) for k, v in lm.kwargs.items() if not is_secret_name(k)}
-    clean.history = []
-    for name in list(vars(clean)):
-        if is_secret_name(name) and name != "kwargs":
-            setattr(clean, name, None)
-    return clean
+    scrubbed = copy.copy(lm)
+    scrubbed.kwargs = clean(dict(lm.kwargs))
+    scrubbed.history = []
+    for name, value in list(vars(scrubbed).items()):
+        if name in ("kwargs", "history"):
+            continue
+        if is_secret_name(name):
+            setattr(scrubbed, name, None)
+        elif isinstance(value, dict):
+            setattr(scrubbed, name, clean(value))
+    return scrubbed
+
+
+def _scrub_attributes(module: dspy.Module) -> None:
+    for name, value in list(vars(module).items()):
+        if isinstance(value, dspy.BaseLM):
+            setattr(module, name, scrub_lm(value))
 
 
 def scrub_program(program: dspy.Module) -> dspy.Module:
-    """A copy of `program` whose predictors' own LMs carry no credentials."""
-    clean = program.deepcopy()
-    for predictor in clean.predictors():
-        if getattr(predictor, "lm", None) is not None:
-            predictor.lm = scrub_lm(predictor.lm)
-    return clean
+    """A copy of `program` in which every LM held by any of its modules carries no credentials."""
+    scrubbed = program.deepcopy()
+    _scrub_attributes(scrubbed)
+    for _, module in scrubbed.named_sub_modules():
+        _scrub_attributes(module)
+    return scrubbed
+
+
+def scrub_settings(lm: dspy.BaseLM, adapter: Any) -> dict[str, Any]:
+    """Overrides for `dspy.context` while MLflow copies `dspy.settings` into the pickle.
+
+    Only the LM and the adapter are needed to serve; callbacks (an observability
+    client holds its own key), a retrieval model and an adapter's own LM are not
+    carried over with their credentials.
+    """
+    overrides: dict[str, Any] = {"lm": scrub_lm(lm), "adapter": adapter, "callbacks": [], "rm": None}
+    if adapter is not None:
+        adapter = copy.copy(adapter)
+        _scrub_attributes(adapter)
+        overrides["adapter"] = adapter
+    return overrides

@@ -47,9 +47,17 @@ class Conversation:
     system: list[str] = field(default_factory=list)
 
 
+def _valid_text(text: str, where: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ChatInputError(f"{where} is not valid Unicode text (it holds a lone surrogate)") from None
+    return text
+
+
 def _text(content: Any, where: str) -> str:
     if isinstance(content, str):
-        return content
+        return _valid_text(content, where)
     if isinstance(content, Sequence) and not isinstance(content, (bytes, bytearray)):
         texts = []
         for i, part in enumerate(content):
@@ -57,7 +65,7 @@ def _text(content: Any, where: str) -> str:
             if kind != "text" or not isinstance(part.get("text"), str):
                 shown = kind if isinstance(kind, str) else type(part).__name__
                 raise ChatInputError(f"{where}[{i}] is a '{shown}' part; only text content is supported")
-            texts.append(part["text"])
+            texts.append(_valid_text(part["text"], f"{where}[{i}].text"))
         return "\n".join(texts)
     raise ChatInputError(f"{where} must be a string or a list of text parts, got {type(content).__name__}")
 

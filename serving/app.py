@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -96,11 +96,15 @@ def enable_tracing() -> None:
 
     from packager.log import use_tracking_store
 
-    use_tracking_store()
-    # Runs in the loader thread, the one that configured DSPy: autolog
-    # installs its callback with dspy.settings.configure.
-    mlflow.dspy.autolog(log_traces=True, log_traces_from_compile=False, log_traces_from_eval=False,
-                        silent=True)
+    try:
+        use_tracking_store()
+        # Runs in the loader thread, the one that configured DSPy: autolog
+        # installs its callback with dspy.settings.configure.
+        mlflow.dspy.autolog(log_traces=True, log_traces_from_compile=False, log_traces_from_eval=False,
+                            silent=True)
+    except Exception as exc:
+        # Traces are worth having, not worth refusing to serve for.
+        log.warning("tracing is off: the tracking store failed (%s)", type(exc).__name__)
 
 
 class HostSlot:
@@ -168,7 +172,8 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> FastAP
             stream = _chat_stream(current, messages, body.lm_settings(), include_usage, config.request_timeout,
                                   request.scope["mlflow_dspy"])
             return EventSourceResponse(stream, sep="\n", ping=15)
-        prediction = await _run(current.answer(messages, body.lm_settings()), config.request_timeout)
+        prediction = await _run(current.answer(messages, body.lm_settings()), config.request_timeout,
+                                body.lm_settings())
         usage = _record_usage(request, prediction)
         return ChatCompletion(
             model=current.name,
@@ -222,17 +227,40 @@ def app_from_env():
 
 
 def _configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    """The gateway's own lines on stderr; other libraries stay at their defaults (warnings)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    for name in ("mlflow_dspy.gateway", "mlflow_dspy.gateway.access"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        if not logger.handlers:
+            logger.addHandler(handler)
 
 
 # -- helpers --------------------------------------------------------------------
-async def _run(coro, timeout: float) -> dspy.Prediction:
+async def _run(coro, timeout: float, lm_settings: dict | None = None) -> dspy.Prediction:
     try:
-        return await asyncio.wait_for(coro, timeout)
+        async with asyncio.timeout(timeout):
+            return await coro
     except GatewayError:
         raise
     except Exception as exc:
-        raise from_program_failure(exc) from None
+        raise from_program_failure(exc, lm_settings) from None
+
+
+async def _within(items: AsyncIterator, seconds: float) -> AsyncIterator:
+    """`items` under one deadline that counts only the waiting for them, never a
+    slow client reading what was already produced (the yield is outside it)."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    async with aclosing(items):
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    item = await anext(items)
+            except StopAsyncIteration:
+                return
+            yield item
 
 
 def _validate(messages: list[dict], mlflow_schema: bool = False) -> None:
@@ -265,8 +293,9 @@ def _invocation_messages(raw: bytes) -> list[dict]:
         messages = _row_messages(payload["dataframe_records"][0])
     elif isinstance(payload.get("dataframe_split"), dict):
         split = payload["dataframe_split"]
-        columns, data = split.get("columns") or [], split.get("data") or []
-        if "messages" not in columns or not data:
+        columns, data = split.get("columns"), split.get("data")
+        if not (isinstance(columns, list) and "messages" in columns and isinstance(data, list) and data
+                and isinstance(data[0], list) and len(data[0]) == len(columns)):
             raise invalid_request("dataframe_split needs a 'messages' column and a row", param="dataframe_split")
         messages = data[0][columns.index("messages")]
     elif "inputs" in payload or "instances" in payload:
@@ -319,18 +348,17 @@ async def _chat_stream(
     yield chunk(DeltaBody(role="assistant", content=""))
     prediction = None
     try:
-        async with asyncio.timeout(timeout):
-            async for item in host.stream(messages, lm_settings):
-                if isinstance(item, Delta):
-                    if item.field == "content":
-                        yield chunk(DeltaBody(content=item.text))
-                    else:
-                        yield chunk(DeltaBody(reasoning_content=item.text))
+        async for item in _within(host.stream(messages, lm_settings), timeout):
+            if isinstance(item, Delta):
+                if item.field == "content":
+                    yield chunk(DeltaBody(content=item.text))
                 else:
-                    prediction = item
+                    yield chunk(DeltaBody(reasoning_content=item.text))
+            else:
+                prediction = item
     except Exception as exc:
         # The status line is already sent: the failure travels as an error event.
-        yield _sse(from_program_failure(exc).body())
+        yield _sse(from_program_failure(exc, lm_settings).body())
         yield _sse("[DONE]")
         return
     yield chunk(DeltaBody(), finish="stop")
@@ -347,14 +375,13 @@ async def _chat_stream(
 
 async def _predict_stream(host: ProgramHost, question: str, timeout: float, info: dict) -> AsyncIterator[dict]:
     try:
-        async with asyncio.timeout(timeout):
-            async for item in host.predict_stream(question):
-                if isinstance(item, Delta):
-                    yield _sse({"chunk": {"field": item.field, "text": item.text}})
-                else:
-                    usage = Usage.of(item)
-                    info["usage"] = (usage.prompt_tokens, usage.completion_tokens)
-                    yield _sse({"prediction": jsonable_encoder(item.toDict())})
+        async for item in _within(host.predict_stream(question), timeout):
+            if isinstance(item, Delta):
+                yield _sse({"chunk": {"field": item.field, "text": item.text}})
+            else:
+                usage = Usage.of(item)
+                info["usage"] = (usage.prompt_tokens, usage.completion_tokens)
+                yield _sse({"prediction": jsonable_encoder(item.toDict())})
     except Exception as exc:
         yield _sse(from_program_failure(exc).body())
     yield _sse("[DONE]")

@@ -58,8 +58,18 @@ def invalid_request(message: str, param: str | None = None, code: str | None = N
     return GatewayError(400, message, param=param, code=code)
 
 
-def from_program_failure(exc: BaseException) -> GatewayError:
-    """Map what running a program raised to a status and an error the client can act on."""
+def from_program_failure(exc: BaseException, lm_settings: dict | None = None) -> GatewayError:
+    """Map what running a program raised to a status and an error the client can act on.
+
+    `lm_settings` are the request's own LM settings: when the client limited
+    the answer (max_tokens, stop) and the outputs then failed to parse, the
+    limit is the cause and the client's to change.
+    """
+    limits = {k: v for k, v in (lm_settings or {}).items() if k in ("max_tokens", "stop")}
+    if isinstance(exc, AdapterParseError) and limits:
+        shown = ", ".join(f"{k}={v!r}" for k, v in limits.items())
+        return invalid_request(f"the answer was cut short ({shown}) before the program's outputs were complete; "
+                               "allow a longer answer", param=next(iter(limits)), code="answer_truncated")
     if isinstance(exc, ChatInputError):
         return invalid_request(exc.message, param="messages", code="invalid_messages")
     if isinstance(exc, asyncio.TimeoutError | TimeoutError | LMTimeoutError):

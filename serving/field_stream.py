@@ -61,6 +61,14 @@ class FieldStream:
             return _marker_values(self.buffer)
         return _json_values(self.buffer)
 
+    def new_call(self) -> None:
+        """Another LM call of the same predictor (a retry, Refine, BestOfN): parse its text afresh.
+
+        What was already sent stays sent; the new call's text streams on only
+        where it extends it.
+        """
+        self.buffer = ""
+
     def feed(self, chunk: str) -> list[tuple[str, str]]:
         self.buffer += chunk
         values = self._values()

@@ -73,7 +73,7 @@ class ProgramHost:
 
         mlflow.set_tracking_uri(tracking_uri())
         # Sets dspy.settings from the artifact; this runs once at start-up, in
-        # the process's main thread, never inside a handler.
+        # the model-loader thread, never inside a handler.
         program = mlflow.dspy.load_model(uri)
         if not isinstance(program, ChatProgram):
             program = ChatProgram(program)
@@ -85,7 +85,8 @@ class ProgramHost:
         from programs import chat_program
 
         lm = build_lm(lm_model)
-        return cls(chat_program(program_name), lm, adapter_for(lm), program_name, f"program:{program_name}")
+        # Served under the name a logged version of it gets: dspy-<program>.
+        return cls(chat_program(program_name), lm, adapter_for(lm), f"dspy-{program_name}", f"program:{program_name}")
 
     def warm_up(self) -> None:
         """Load the embedded model now, so /ready means a request is answered at full speed."""
@@ -152,7 +153,7 @@ class ProgramHost:
         target = id(_target(program, self.program.answer_field))
         decoder = FieldStream(list(fields))  # fresh per request: it keeps state
         streaming = dspy.streamify(program, include_final_prediction_in_output_stream=True)
-        final = None
+        final, call_id = None, None
         # aclosing: the streamify generator is always finished in this task,
         # even when the client goes away (its task group must exit where it began).
         with self.context(lm_settings):
@@ -163,6 +164,9 @@ class ProgramHost:
                         continue
                     text = _chunk_text(value)
                     if text and getattr(value, "predict_id", target) == target:
+                        if getattr(value, "id", None) != call_id:
+                            call_id = getattr(value, "id", None)
+                            decoder.new_call()
                         for field, delta in decoder.feed(text):
                             yield Delta(fields[field], delta)
         if final is not None:

@@ -7,6 +7,7 @@ streamed responses and costs little per request.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -28,6 +29,7 @@ class Limits:
     max_in_flight: int = 64
     max_body_bytes: int = 1 << 20
     retry_after_seconds: int = 1
+    body_timeout_seconds: float = 30.0
     api_keys: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -69,6 +71,12 @@ class GatewayMiddleware:
         counted = False
         try:
             error = self._refusal(scope, path)
+            if error is None:
+                # The body first, under a deadline: a slow upload must not sit
+                # on one of the in-flight slots meant for running programs.
+                body = await self._read_body(scope, receive)
+                if isinstance(body, GatewayError):
+                    error = body
             if error is None and path in MODEL_ROUTES:
                 if self.in_flight >= self.limits.max_in_flight:
                     error = GatewayError(
@@ -79,10 +87,6 @@ class GatewayMiddleware:
                 else:
                     self.in_flight += 1
                     counted = True
-            if error is None:
-                body = await self._read_body(scope, receive)
-                if isinstance(body, GatewayError):
-                    error = body
             if error is not None:
                 await error.response()(scope, receive, send_logged)
                 return
@@ -117,22 +121,27 @@ class GatewayMiddleware:
         return None
 
     async def _read_body(self, scope, receive) -> bytes | GatewayError:
-        """Read the whole body (chunked ones too), refusing it past the limit."""
+        """Read the whole body (chunked ones too), refusing it past the size limit or the deadline."""
         if scope.get("method") in ("GET", "HEAD", "OPTIONS"):
             return b""
         chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limits.max_body_bytes:
-                return _too_large(self.limits.max_body_bytes)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        return b"".join(chunks)
+        try:
+            async with asyncio.timeout(self.limits.body_timeout_seconds):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return GatewayError(400, "the request body ended before it was complete",
+                                            code="incomplete_body")
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > self.limits.max_body_bytes:
+                        return _too_large(self.limits.max_body_bytes)
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        return b"".join(chunks)
+        except TimeoutError:
+            return GatewayError(408, f"the request body did not arrive within {self.limits.body_timeout_seconds} s",
+                                code="body_timeout")
 
 
 def _too_large(limit: int) -> GatewayError:

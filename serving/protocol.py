@@ -173,6 +173,12 @@ class ErrorResponse(BaseModel):
 class Question(Strict):
     text: str = Field(min_length=1)
 
+    @field_validator("text")
+    @classmethod
+    def _encodable(cls, value: str) -> str:
+        value.encode("utf-8")  # a lone surrogate raises UnicodeEncodeError, a ValueError: 400
+        return value
+
 
 class PredictResponse(BaseModel):
     status: Literal["success"] = "success"

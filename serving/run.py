@@ -24,6 +24,12 @@ def run_gateway(args: argparse.Namespace) -> int:
     # Workers are separate processes: they rebuild the app from this variable
     # (API keys stay in GATEWAY_API_KEYS and are read by each worker).
     os.environ[CONFIG_ENV] = config.to_env()
+    if config.traces:
+        # Create the store's tables and the experiment once, here: several
+        # workers doing it at once race on the SQLite schema.
+        from packager.log import use_tracking_store
+
+        use_tracking_store()
     uvicorn.run(
         "serving.app:app_from_env",
         factory=True,

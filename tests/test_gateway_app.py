@@ -237,3 +237,86 @@ async def test_served_requests_leave_no_call_history():
         for _ in range(3):
             assert (await client.post("/v1/chat/completions", json={"messages": USER})).status_code == 200
     assert lm.history == []
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "fragment"),
+    [
+        ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\ud800"}]}', "lone surrogate"),
+        ("/invocations", '{"messages": [{"role": "user", "content": "\\ud800"}]}', "lone surrogate"),
+        ("/predict", '{"text": "\\ud800"}', "text"),
+        ("/invocations", '{"dataframe_split": {"columns": ["messages"], "data": [[]]}}', "dataframe_split"),
+        ("/invocations", '{"dataframe_split": {"columns": ["messages"], "data": [5]}}', "dataframe_split"),
+        ("/invocations", '{"dataframe_split": {"columns": {"a": 1}, "data": [[1]]}}', "dataframe_split"),
+    ],
+)
+async def test_odd_inputs_are_400_not_500(client, route, body, fragment):
+    response = await client.post(route, content=body.encode(), headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert fragment in response.text
+
+
+async def test_an_answer_cut_short_by_the_client_is_a_400_else_a_502(client):
+    unknown = [{"role": "user", "content": "a question the LM cannot answer"}]  # DummyLM: unparseable
+    limited = await client.post("/v1/chat/completions", json={"messages": unknown, "max_tokens": 3})
+    assert limited.status_code == 400
+    assert limited.json()["error"]["code"] == "answer_truncated"
+    assert limited.json()["error"]["param"] == "max_tokens"
+    unlimited = await client.post("/v1/chat/completions", json={"messages": unknown})
+    assert unlimited.status_code == 502
+    assert unlimited.json()["error"]["code"] == "lm_output_unparseable"
+
+
+async def test_a_slow_upload_gets_408_and_holds_no_slot():
+    from serving.middleware import GatewayMiddleware, Limits
+
+    async def app(scope, receive, send):  # never reached
+        raise AssertionError("the app ran")
+
+    middleware = GatewayMiddleware(app, Limits(max_in_flight=1, body_timeout_seconds=0.2))
+    sent = []
+
+    async def receive():
+        await asyncio.sleep(3600)  # the client never sends its body
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
+    await middleware(scope, receive, send)
+    assert sent[0]["status"] == 408
+    assert middleware.in_flight == 0
+
+
+async def test_a_body_cut_by_a_disconnect_is_not_passed_on():
+    from serving.middleware import GatewayMiddleware, Limits
+
+    reached = []
+
+    async def app(scope, receive, send):
+        reached.append(True)
+
+    messages = iter([{"type": "http.request", "body": b'{"messa', "more_body": True}, {"type": "http.disconnect"}])
+
+    async def receive():
+        return next(messages)
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    await GatewayMiddleware(app, Limits())({"type": "http", "method": "POST", "path": "/invocations",
+                                            "headers": []}, receive, send)
+    assert not reached and sent[0]["status"] == 400
+
+
+def test_field_stream_follows_a_new_call_without_repeating_what_was_sent():
+    from serving.field_stream import FieldStream
+
+    stream = FieldStream(["answer"])
+    assert stream.feed('{"answer": "Par') == [("answer", "Par")]
+    assert stream.feed('is"}') == [("answer", "is")]
+    stream.new_call()
+    assert stream.feed('{"answer": "Paris, Fr') == [("answer", ", Fr")]
+    assert stream.finish("answer", "Paris, France") == "ance"

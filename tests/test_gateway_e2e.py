@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import dspy
@@ -172,13 +173,18 @@ def test_auth_with_gateway_api_keys(stub_env, tmp_path):
     env = {**stub_env, "GATEWAY_API_KEYS": "key-alpha,key-beta"}
     with gateway(["--program", "qa", "--lm", "openai/stub-echo"], tmp_path, **env) as base:
         good = openai.OpenAI(base_url=f"{base}/v1", api_key="key-beta")
-        assert good.chat.completions.create(model="qa", messages=[{"role": "user", "content": "hi"}]).choices
+        assert good.chat.completions.create(model="dspy-qa", messages=[{"role": "user", "content": "hi"}]).choices
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{base}/v1", api_key="key-gamma").models.list()
         assert httpx.get(f"{base}/v1/models").status_code == 401
         assert httpx.get(f"{base}/health").status_code == 200
-        log = next(tmp_path.glob("gateway-*.log")).read_text()
-    lines = [json.loads(line) for line in log.splitlines() if line.startswith('{"request_id"')]
+        log_file = next(tmp_path.glob("gateway-*.log"))
+        for _ in range(50):  # the line is written just after the response is sent
+            log = log_file.read_text()
+            lines = [json.loads(line) for line in log.splitlines() if line.startswith('{"request_id"')]
+            if any(line["route"] == "/health" for line in lines):
+                break
+            time.sleep(0.1)
     assert {"/v1/chat/completions", "/v1/models", "/health"} <= {line["route"] for line in lines}
     assert any(line["prompt_tokens"] > 0 for line in lines)
     assert "key-alpha" not in log and "key-beta" not in log and "sk-stub" not in log
@@ -193,14 +199,15 @@ def test_several_workers_serve(stub_env, tmp_path):
                             start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        for _ in range(600):
+        ready_in_a_row = 0
+        for _ in range(600):  # every worker loads its own model: wait until all answer ready
             try:
-                if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
-                    break
+                ready = httpx.get(f"{base}/ready", timeout=2).status_code == 200
             except httpx.HTTPError:
-                pass
-            import time
-
+                ready = False
+            ready_in_a_row = ready_in_a_row + 1 if ready else 0
+            if ready_in_a_row >= 12:
+                break
             time.sleep(0.2)
         children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
         assert len(children) >= 2
@@ -225,3 +232,23 @@ def test_registered_versions_and_aliases_are_served(embedded_qa, embedded_store,
         assert [m.id for m in client.models.list()] == ["dspy-qa"]
         reply = client.chat.completions.create(model="dspy-qa", messages=[{"role": "user", "content": "Hi?"}])
         assert reply.choices[0].message.content.strip()
+
+
+def test_embedded_requests_leave_traces_with_token_usage(client, embedded_store):
+    import time
+
+    import mlflow
+
+    client.chat.completions.create(model="dspy-qa", messages=[{"role": "user", "content": "Traced question?"}])
+    mlflow.set_tracking_uri(f"sqlite:///{embedded_store / 'mlflow.db'}")
+    experiment = mlflow.get_experiment_by_name("mlflow-dspy")
+    for _ in range(100):
+        traced = [t for t in mlflow.search_traces(locations=[experiment.experiment_id], return_type="list")
+                  if "Traced question?" in json.dumps(t.data.spans[0].inputs if t.data.spans else "")
+                  and t.info.token_usage]
+        if traced:
+            break
+        time.sleep(0.2)
+    assert traced, "no finished trace for the request"
+    assert traced[0].info.token_usage["input_tokens"] > 50
+    assert "CHAT_MODEL" in {span.span_type for span in traced[0].data.spans}

@@ -145,3 +145,23 @@ def test_same_request_same_answer_at_temperature_zero(engine):
     first = engine.complete(req).message.parts[0].text
     engine.complete(other)  # a different prompt in between must not change the next answer
     assert [engine.complete(req).message.parts[0].text for _ in range(2)] == [first, first]
+
+
+async def test_queued_generations_do_not_hold_the_event_loops_threads(engine):
+    async_engine = AsyncLlamaCppEngine(engine)
+    # More waiting generations than the default pool has threads (6 on 2 cores).
+    tasks = [asyncio.create_task(async_engine.complete(request(f"Count to {i}0.", max_tokens=60))) for i in range(8)]
+    await asyncio.sleep(0.1)
+    # Other thread work (DSPy's own to_thread calls) runs at once, before any generation ends.
+    assert await asyncio.to_thread(lambda: "ran") == "ran"
+    assert not any(task.done() for task in tasks)
+    assert sum(t.name.startswith("llama-generate") for t in threading.enumerate()) == 1
+    await asyncio.gather(*tasks)
+
+
+def test_a_prompt_longer_than_the_context_is_a_context_window_error():
+    from dspy.utils.exceptions import ContextWindowExceededError
+
+    lm = dspy.LM(EMBEDDED_MODEL, engine=LlamaCppEngine(n_ctx=128), cache=False)
+    with pytest.raises(ContextWindowExceededError):
+        lm("word " * 400)

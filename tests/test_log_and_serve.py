@@ -20,8 +20,16 @@ TUTORIAL_BODY = {"messages": [{"content": "what is 2 + 2?", "role": "user"}]}
 
 
 def model_dir(store: Path, run_id: str) -> Path:
-    [mlmodel] = [p for p in (store / "mlartifacts").rglob("MLmodel") if run_id in p.read_text()]
+    # The logged model (MLflow 3 keeps it under models/); the run holds a copy under model/.
+    [mlmodel] = [p for p in (store / "mlartifacts" / "models").rglob("MLmodel") if run_id in p.read_text()]
     return mlmodel.parent
+
+
+def test_the_run_holds_a_copy_of_the_model_files(embedded_qa, embedded_store):
+    original = model_dir(embedded_store, embedded_qa["run_id"])
+    [copy] = [p.parent for p in (embedded_store / "mlartifacts").rglob("model/MLmodel")
+              if embedded_qa["run_id"] in str(p)]
+    assert sorted(p.name for p in copy.iterdir()) == sorted(p.name for p in original.iterdir())
 
 
 def test_log_prints_run_model_uri_and_registered_version(embedded_qa):

@@ -18,6 +18,8 @@ pytestmark = pytest.mark.slow
 
 LOG_KEY = "sk-planted-at-log-time-7f3a9c"
 ARG_KEY = "sk-planted-as-argument-5d2e81"
+HEADER_KEY = "sk-planted-in-a-header-9a7c33"
+PREDICTOR_KEY = "sk-planted-on-a-predictor-0e6b2f"
 SERVE_KEY = "sk-serving-environment-1b4c6d"
 
 CONVERSATION = {
@@ -78,11 +80,15 @@ def test_key_passed_to_dspy_lm_is_stripped_before_logging(stub, tmp_path, monkey
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("OPENAI_API_KEY", LOG_KEY)  # the log-time example run reads the environment
-    lm = dspy.LM("openai/stub-echo", api_key=ARG_KEY, api_base=stub, cache=False)
+    lm = dspy.LM("openai/stub-echo", api_key=ARG_KEY, api_base=stub, cache=False,
+                 extra_headers={"X-Api-Key": HEADER_KEY})
+    program = dspy.ChainOfThought("question -> answer")
+    program.predict.lm = dspy.LM("openai/stub-echo", api_key=PREDICTOR_KEY, api_base=stub, cache=False)
     with dspy.context(lm=lm, adapter=None):
-        logged = log_program("qa", lm=lm, registered_model_name="dspy-qa-secrets")
+        logged = log_program("qa", lm=lm, registered_model_name="dspy-qa-secrets", module=program)
     assert logged.version == "1"
     assert lm.kwargs["api_key"] == ARG_KEY  # the caller's LM is untouched
-    assert_no_key_in(tmp_path / "mlartifacts", ARG_KEY, LOG_KEY)
+    keys = (ARG_KEY, LOG_KEY, HEADER_KEY, PREDICTOR_KEY)
+    assert_no_key_in(tmp_path / "mlartifacts", *keys)  # the model, its run copy, program_state.json, eval table
     database = (tmp_path / "mlflow.db").read_bytes()
-    assert ARG_KEY.encode() not in database and LOG_KEY.encode() not in database
+    assert not any(key.encode() in database for key in keys)
