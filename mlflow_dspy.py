@@ -78,6 +78,19 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from batch.run import run_batch
+
+    report = run_batch(args.model_uri, Path(args.input), Path(args.output), args.engine, args.concurrency,
+                       args.master)
+    print(json.dumps(report.__dict__) if args.json else
+          f"{report.rows} rows -> {report.output}: computed {report.computed}, skipped {report.skipped} "
+          f"already done, {report.failed} failed (see the error column)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from programs import REGISTRY
 
@@ -118,6 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     promotion.add_argument("--force", action="store_true", help="move the alias even to a lower-scoring version")
     promotion.add_argument("--reason", default=None, help="why, recorded on the version")
     promotion.set_defaults(func=cmd_promote)
+
+    batch = commands.add_parser("batch", help="score a file of chats or questions with a logged model")
+    batch.add_argument("-m", "--model-uri", required=True)
+    batch.add_argument("--input", required=True, help="parquet, csv or jsonl: a 'messages' or 'question' column")
+    batch.add_argument("--output", required=True, help="parquet, csv or jsonl; re-running resumes it")
+    batch.add_argument("--engine", default="pandas", choices=["pandas", "spark"])
+    batch.add_argument("--concurrency", type=int, default=8, help="rows in flight (per Spark task)")
+    batch.add_argument("--master", default="local[*]", help="Spark master URL (with --engine spark)")
+    batch.add_argument("--json", action="store_true", help="print one JSON line")
+    batch.set_defaults(func=cmd_batch)
 
     gateway = commands.add_parser("gateway", help="serve a logged model (or a program) with the OpenAI API")
     gateway.add_argument(

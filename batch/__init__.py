@@ -1,0 +1,1 @@
+"""Batch inference: score a file of chats with a logged model, in pandas or on Spark."""
