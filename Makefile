@@ -29,7 +29,7 @@ LLAMA_STAMP := $(WHEELHOUSE)/.llama-cpp-python-$(LLAMA_VERSION)-nonative
 
 RUN_ID ?= $(shell $(PYTHON) -c "import json;print(json.load(open('.last_run.json'))['run_id'])" 2>/dev/null)
 
-.PHONY: install wheels browser lock log serve gateway ui curl demo test test-fast lint clean
+.PHONY: install wheels browser lock log serve gateway docker ui curl demo test test-fast lint clean
 
 install: $(VENV)/.installed
 
@@ -67,6 +67,10 @@ gateway: install
 	@test -n "$(RUN_ID)$(filter models:/%,$(MODEL_URI))" || { echo "no logged run: 'make log' first, or RUN_ID=<run id>, or MODEL_URI=models:/..."; exit 1; }
 	$(PY) mlflow_dspy.py gateway -m $(MODEL_URI) --port $(GATEWAY_PORT) --workers $(WORKERS)
 
+docker: install
+	@test -n "$(RUN_ID)$(filter models:/%,$(MODEL_URI))" || { echo "no logged run: 'make log' first, or RUN_ID=<run id>, or MODEL_URI=models:/..."; exit 1; }
+	$(PY) mlflow_dspy.py docker -m $(MODEL_URI)
+
 ui: install
 	mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --default-artifact-root ./mlartifacts \
 		--host 127.0.0.1 --port $(UI_PORT)
@@ -90,4 +94,4 @@ lint: install
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .last_run.json .serve.log
+	rm -rf $(VENV) .pytest_cache .ruff_cache .last_run.json .serve.log build

@@ -91,6 +91,24 @@ def cmd_batch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_docker(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from packager.docker import build_image, docker_engine_available, generate_model_dockerfile
+
+    dockerfile = generate_model_dockerfile(args.model_uri, Path(args.out))
+    print(f"model image: {dockerfile} (serves /invocations like mlflow models serve)")
+    print("gateway image: deploy/Dockerfile.gateway (serves the OpenAI API; deploy/k8s runs it)")
+    if not docker_engine_available():
+        print("no Docker engine on this machine: nothing built. Where one runs:\n"
+              f"  docker build -t {args.tag} {dockerfile.parent}\n"
+              "  docker build -f deploy/Dockerfile.gateway -t dspy-gateway .")
+        return 0
+    build_image(dockerfile.parent, args.tag)
+    build_image(Path("."), "dspy-gateway", Path("deploy/Dockerfile.gateway"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from programs import REGISTRY
 
@@ -141,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--master", default="local[*]", help="Spark master URL (with --engine spark)")
     batch.add_argument("--json", action="store_true", help="print one JSON line")
     batch.set_defaults(func=cmd_batch)
+
+    docker = commands.add_parser("docker", help="Dockerfiles for a logged model and the gateway; build if possible")
+    docker.add_argument("-m", "--model-uri", required=True)
+    docker.add_argument("--out", default="build/docker", help="where the model's Dockerfile and files go")
+    docker.add_argument("--tag", default="dspy-model", help="image tag for the model image")
+    docker.set_defaults(func=cmd_docker)
 
     gateway = commands.add_parser("gateway", help="serve a logged model (or a program) with the OpenAI API")
     gateway.add_argument(

@@ -80,6 +80,8 @@ def mlflow_serve(model_uri: str, tmp_path: Path, **env: str) -> Iterator[str]:
     port = free_port()
     args = [os.path.join(VENV_BIN, "mlflow"), "models", "serve", "-m", model_uri, "-p", str(port),
             "--env-manager", "local"]
+    # MLflow's own 60 s request limit is too tight for a busy two-core machine.
+    env = {"MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT": "300", **env}
     with running(args, f"http://127.0.0.1:{port}/ping", child_env(**env), tmp_path / "serve.log"):
         yield f"http://127.0.0.1:{port}"
 
