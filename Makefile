@@ -15,6 +15,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 # logging filter can then deadlock on an import lock: `mlflow ui` hung at
 # start-up that way here. The bundled map is enough.
 export LITELLM_LOCAL_MODEL_COST_MAP ?= true
+export WHEELHOUSE
 # `mlflow models serve` starts uvicorn by name: the venv's bin must be on PATH.
 export PATH := $(BIN):$(PATH)
 

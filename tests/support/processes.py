@@ -36,11 +36,12 @@ def child_env(**overrides: str) -> dict[str, str]:
 @contextmanager
 def running(
     args: Sequence[str], ready_url: str, env: dict[str, str], log: Path, timeout: float = 180,
-    headers: dict[str, str] | None = None,
+    headers: dict[str, str] | None = None, cwd: Path | None = None,
 ) -> Iterator[subprocess.Popen]:
     """Start `args`, wait for `ready_url` to answer 200, and stop the whole process group after."""
     with log.open("wb") as out:
-        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(args, cwd=cwd or ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     try:
         deadline = time.monotonic() + timeout
         while True:
