@@ -15,7 +15,6 @@ export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 # logging filter can then deadlock on an import lock: `mlflow ui` hung at
 # start-up that way here. The bundled map is enough.
 export LITELLM_LOCAL_MODEL_COST_MAP ?= true
-export WHEELHOUSE
 # `mlflow models serve` starts uvicorn by name: the venv's bin must be on PATH.
 export PATH := $(BIN):$(PATH)
 
@@ -26,6 +25,7 @@ export PATH := $(BIN):$(PATH)
 LLAMA_VERSION := 0.3.36
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF
 WHEELHOUSE ?= $(HOME)/.cache/mlflow-dspy/wheelhouse
+export WHEELHOUSE
 LLAMA_STAMP := $(WHEELHOUSE)/.llama-cpp-python-$(LLAMA_VERSION)-nonative
 
 RUN_ID ?= $(shell $(PYTHON) -c "import json;print(json.load(open('.last_run.json'))['run_id'])" 2>/dev/null)
