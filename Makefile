@@ -30,7 +30,7 @@ LLAMA_STAMP := $(WHEELHOUSE)/.llama-cpp-python-$(LLAMA_VERSION)-nonative
 
 RUN_ID ?= $(shell $(PYTHON) -c "import json;print(json.load(open('.last_run.json'))['run_id'])" 2>/dev/null)
 
-.PHONY: install wheels browser lock log serve gateway docker ui curl demo test test-fast lint clean
+.PHONY: install wheels browser lock log serve gateway docker ui curl demo test test-fast lint bench clean
 
 install: $(VENV)/.installed
 
@@ -90,6 +90,9 @@ test: install browser
 
 test-fast: install
 	$(PY) -m pytest -m "not slow"
+
+bench: install
+	$(PY) -m bench.run
 
 lint: install
 	$(BIN)/ruff check .

@@ -1,0 +1,1 @@
+"""The benchmark: servers side by side against a stub LM with a fixed latency (make bench)."""
