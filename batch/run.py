@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from tqdm import tqdm
 
 from batch.io import read_table, write_table
@@ -108,6 +107,3 @@ def run_batch(model_uri: str, input_path: Path, output_path: Path, engine: str =
     failed = sum(1 for row_id in range(len(rows)) if not _succeeded(merged[row_id]))
     return BatchReport(rows=len(rows), computed=len(todo), skipped=len(done), failed=failed, output=str(output_path))
 
-
-def result_frame(results: list[dict[str, Any]]) -> pd.DataFrame:
-    return pd.DataFrame(results, columns=list(RESULT_COLUMNS))

@@ -13,8 +13,6 @@ from pathlib import Path
 
 import dspy
 
-SPLITS = ("train", "dev")
-
 
 def data_dir() -> Path:
     default = Path(__file__).resolve().parents[1] / "data"

@@ -22,11 +22,6 @@ class Strict(BaseModel):
 
 
 # -- OpenAI: requests ---------------------------------------------------------
-class TextPart(Strict):
-    type: Literal["text"]
-    text: str
-
-
 class ChatMessage(Strict):
     role: str
     # A list of parts is accepted here so the chat wrapper can refuse image
