@@ -30,7 +30,7 @@ LLAMA_STAMP := $(WHEELHOUSE)/.llama-cpp-python-$(LLAMA_VERSION)-nonative
 
 RUN_ID ?= $(shell $(PYTHON) -c "import json;print(json.load(open('.last_run.json'))['run_id'])" 2>/dev/null)
 
-.PHONY: install wheels browser lock log serve gateway docker ui curl demo test test-fast lint bench clean
+.PHONY: install wheels browser lock log model-uri serve gateway docker ui curl demo test test-fast lint bench clean
 
 install: $(VENV)/.installed
 
@@ -60,16 +60,17 @@ log: install
 
 MODEL_URI ?= runs:/$(RUN_ID)/model
 
-serve: install
+# serve, gateway and docker need a model: the last logged run, RUN_ID=, or MODEL_URI=models:/...
+model-uri:
 	@test -n "$(RUN_ID)$(filter models:/%,$(MODEL_URI))" || { echo "no logged run: 'make log' first, or RUN_ID=<run id>, or MODEL_URI=models:/..."; exit 1; }
+
+serve: install model-uri
 	mlflow models serve -m $(MODEL_URI) -p $(PORT) --env-manager local
 
-gateway: install
-	@test -n "$(RUN_ID)$(filter models:/%,$(MODEL_URI))" || { echo "no logged run: 'make log' first, or RUN_ID=<run id>, or MODEL_URI=models:/..."; exit 1; }
+gateway: install model-uri
 	$(PY) mlflow_dspy.py gateway -m $(MODEL_URI) --port $(GATEWAY_PORT) --workers $(WORKERS)
 
-docker: install
-	@test -n "$(RUN_ID)$(filter models:/%,$(MODEL_URI))" || { echo "no logged run: 'make log' first, or RUN_ID=<run id>, or MODEL_URI=models:/..."; exit 1; }
+docker: install model-uri
 	$(PY) mlflow_dspy.py docker -m $(MODEL_URI)
 
 ui: install

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import dspy
-import mlflow
 from mlflow import MlflowClient
 
+from packager.load import load_chat_model
 from packager.log import use_tracking_store
 from programs import ChatProgram
 
@@ -43,7 +43,6 @@ def resolve(uri: str) -> tuple[str, str | None, str | None]:
 
 def load(uri: str) -> LoadedModel:
     run_id, name, version = resolve(uri)
-    metadata = mlflow.models.Model.load(uri).metadata or {}
-    chat = mlflow.dspy.load_model(uri)
+    chat, metadata = load_chat_model(uri)
     return LoadedModel(uri=uri, program=metadata.get("program", ""), chat=chat, lm=dspy.settings.lm,
                        adapter=dspy.settings.adapter, run_id=run_id, registered_model=name, version=version)

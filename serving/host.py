@@ -69,15 +69,14 @@ class ProgramHost:
     def from_model_uri(cls, uri: str, name: str | None = None) -> ProgramHost:
         import mlflow
 
+        from packager.load import load_chat_model
         from packager.paths import tracking_uri
 
         mlflow.set_tracking_uri(tracking_uri())
         # Sets dspy.settings from the artifact; this runs once at start-up, in
         # the model-loader thread, never inside a handler.
-        program = mlflow.dspy.load_model(uri)
-        if not isinstance(program, ChatProgram):
-            program = ChatProgram(program)
-        return cls(program, dspy.settings.lm, dspy.settings.adapter, name or _name_from_uri(uri), uri)
+        program, metadata = load_chat_model(uri)
+        return cls(program, dspy.settings.lm, dspy.settings.adapter, name or _name_from_uri(uri, metadata), uri)
 
     @classmethod
     def from_program(cls, program_name: str, lm_model: str | None = None) -> ProgramHost:
@@ -190,12 +189,10 @@ def _chunk_text(value: Any) -> str | None:
         return None
 
 
-def _name_from_uri(uri: str) -> str:
+def _name_from_uri(uri: str, metadata: dict[str, Any]) -> str:
     """models:/NAME/3 and models:/NAME@alias serve as NAME; a run's model as its
-    registered name's convention, dspy-<program>, read from the MLmodel metadata."""
+    registered name's convention, dspy-<program>, from the MLmodel metadata."""
     if uri.startswith("models:/"):
         return uri[len("models:/") :].split("/")[0].split("@")[0]
-    from mlflow.models import Model
-
-    program = (Model.load(uri).metadata or {}).get("program")
+    program = metadata.get("program")
     return f"dspy-{program}" if program else "model"
