@@ -65,7 +65,7 @@ model-uri:
 	@test -n "$(RUN_ID)$(filter models:/%,$(MODEL_URI))" || { echo "no logged run: 'make log' first, or RUN_ID=<run id>, or MODEL_URI=models:/..."; exit 1; }
 
 serve: install model-uri
-	mlflow models serve -m $(MODEL_URI) -p $(PORT) --env-manager local
+	$(PY) mlflow_dspy.py serve -m $(MODEL_URI) -p $(PORT) --env-manager local
 
 gateway: install model-uri
 	$(PY) mlflow_dspy.py gateway -m $(MODEL_URI) --port $(GATEWAY_PORT) --workers $(WORKERS)

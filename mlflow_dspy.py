@@ -31,6 +31,12 @@ def cmd_log(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from packager.serve import serve_verified
+
+    return serve_verified(args.model_uri, args.port, args.host, args.env_manager)
+
+
 def cmd_gateway(args: argparse.Namespace) -> int:
     from serving.run import run_gateway
 
@@ -166,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     docker.add_argument("--tag", default="dspy-model", help="image tag for the model image")
     docker.set_defaults(func=cmd_docker)
 
+    serve = commands.add_parser("serve", help="`mlflow models serve` a logged model after checking its SHA-256")
+    serve.add_argument("-m", "--model-uri", required=True)
+    serve.add_argument("-p", "--port", type=int, default=6000)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--env-manager", default="local", choices=["local", "virtualenv", "uv", "conda"])
+    serve.set_defaults(func=cmd_serve)
+
     gateway = commands.add_parser("gateway", help="serve a logged model (or a program) with the OpenAI API")
     gateway.add_argument(
         "-m", "--model-uri", help="runs:/<id>/model, models:/<name>/<version> or models:/<name>@<alias>"
@@ -189,7 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except Exception as exc:
+        # A refused model is an answer, not a crash: one clear line, no stack trace.
+        if type(exc).__name__ != "IntegrityError":
+            raise
+        print(f"refused: {exc}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from batch.io import messages_of
+from lm_engine.openai_http import close_sessions
 from serving.host import ProgramHost
 
 RESULT_COLUMNS = ("row_id", "answer", "prediction", "error")
@@ -44,4 +45,7 @@ async def score_rows(
             on_result(result)
         return result
 
-    return list(await asyncio.gather(*(bounded(row_id, row) for row_id, row in rows)))
+    try:
+        return list(await asyncio.gather(*(bounded(row_id, row) for row_id, row in rows)))
+    finally:
+        await close_sessions()  # this loop ends with the batch: leave no open LM connections

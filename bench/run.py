@@ -3,7 +3,10 @@
 Servers: (a) `mlflow models serve` /invocations, (b) the tutorial's FastAPI
 app, (c) the gateway's /v1/chat/completions and /invocations with 1 and 2
 workers. Closed-loop load at each concurrency; figures as ratios to (a) and
-to the physical limit (concurrency / LM latency).
+to the physical limit (concurrency / LM latency). Then: the gateway's overhead
+at one client, the embedded model through the gateway against raw
+llama-cpp, `log` wall time and cold starts. Writes bench/results/latest.json
+and latest.png.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -18,35 +22,94 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.loadgen import closed_loop
-from tests.support.processes import ROOT, VENV_BIN, child_env, free_port, running
+import httpx
 
-CHAT = {"messages": [{"role": "user", "content": "What is the capital of France?"}]}
+from bench.embedded import raw_llama_figures
+from bench.loadgen import closed_loop, timed_stream
+from bench.processes import ROOT, VENV_BIN, child_env, free_port, running
+
+QUESTION = "What is the capital of France?"
+CHAT = {"messages": [{"role": "user", "content": QUESTION}]}
+RESULTS = ROOT / "bench" / "results"
 
 
-def log_model(env: dict[str, str]) -> tuple[str, float]:
+def log_model(env: dict[str, str], *extra: str) -> tuple[str, float]:
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "mlflow_dspy.py", "log", "--program", "qa", "--no-eval", "--json"],
+    proc = subprocess.run([sys.executable, "mlflow_dspy.py", "log", "--program", "qa", "--no-eval", "--json", *extra],
                           cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])["model_uri"], time.perf_counter() - started
 
 
+def gateway_args(model_uri: str, *extra: str) -> list[str]:
+    return [sys.executable, "mlflow_dspy.py", "gateway", "-m", model_uri, "--no-traces", "--max-in-flight", "1024",
+            "--port", "{port}", *extra]
+
+
 def servers(model_uri: str) -> list[dict]:
-    gateway = [sys.executable, "mlflow_dspy.py", "gateway", "-m", model_uri, "--no-traces", "--max-in-flight", "1024"]
     return [
         {"name": "mlflow models serve /invocations", "key": "a", "ready": "/ping", "route": "/invocations",
          "body": CHAT, "args": [f"{VENV_BIN}/mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
                                 "-p", "{port}"]},
         {"name": "tutorial FastAPI /predict", "key": "b", "ready": "/docs", "route": "/predict",
-         "body": {"text": "What is the capital of France?"},
+         "body": {"text": QUESTION},
          "args": [f"{VENV_BIN}/uvicorn", "bench.tutorial_app:app", "--port", "{port}", "--log-level", "warning"]},
         {"name": "gateway /v1/chat/completions, 1 worker", "key": "c1", "ready": "/ready",
-         "route": "/v1/chat/completions", "body": CHAT, "args": [*gateway, "--port", "{port}"]},
+         "route": "/v1/chat/completions", "body": CHAT, "args": gateway_args(model_uri)},
         {"name": "gateway /invocations, 1 worker", "key": "c1i", "ready": "/ready", "route": "/invocations",
-         "body": CHAT, "args": [*gateway, "--port", "{port}"]},
+         "body": CHAT, "args": gateway_args(model_uri)},
         {"name": "gateway /v1/chat/completions, 2 workers", "key": "c2", "ready": "/ready",
-         "route": "/v1/chat/completions", "body": CHAT, "args": [*gateway, "--port", "{port}", "--workers", "2"]},
+         "route": "/v1/chat/completions", "body": CHAT, "args": gateway_args(model_uri, "--workers", "2")},
     ]
+
+
+def start(args: list[str], ready: str, env: dict[str, str], log: Path):
+    """`running(...)` on a fresh port; returns (context manager, base URL, start time)."""
+    port = free_port()
+    command = [part.replace("{port}", str(port)) for part in args]
+    base = f"http://127.0.0.1:{port}"
+    return running(command, base + ready, env, log, timeout=300), base, time.perf_counter()
+
+
+def load_levels(url: str, body: dict, levels: list[int], seconds: float, name: str) -> list[dict]:
+    rows = []
+    for level in levels:
+        row = asyncio.run(closed_loop(url, body, level, seconds))
+        rows.append(row.as_dict())
+        print(f"{name:42} c={level:<4} {row.throughput:7.1f} rps  p50 {row.p50_ms:7.1f} ms"
+              f"  p99 {row.p99_ms:7.1f} ms  errors {row.errors}", flush=True)
+    return rows
+
+
+def overhead_at_one_client(stub: str, gateway: str, seconds: float) -> dict:
+    """Gateway p50 at one client minus a direct call to the stub with the very request the gateway sent it."""
+    sent = httpx.get(f"{stub}/_requests").json()[-1]["body"]
+    direct = asyncio.run(closed_loop(f"{stub}/v1/chat/completions", sent, 1, seconds))
+    through = asyncio.run(closed_loop(f"{gateway}/v1/chat/completions", CHAT, 1, seconds))
+    return {"direct_p50_ms": direct.p50_ms, "gateway_p50_ms": through.p50_ms,
+            "overhead_p50_ms": round(through.p50_ms - direct.p50_ms, 2)}
+
+
+def embedded_figures(env: dict[str, str], tmp: Path, runs: int = 3) -> dict:
+    """The embedded model through the gateway against raw llama-cpp, same prompt, same grammar, same run."""
+    embedded_env = {k: v for k, v in env.items() if k not in ("DSPY_LM", "DSPY_LM_API_BASE")}
+    model_uri, _ = log_model(embedded_env)
+    raw = raw_llama_figures(QUESTION, runs)
+    context, base, began = start(gateway_args(model_uri), "/ready", embedded_env, tmp / "embedded.log")
+    with context:
+        cold = time.perf_counter() - began
+        url = f"{base}/v1/chat/completions"
+        timings, rates = [], []
+        httpx.post(url, json=CHAT, timeout=300)  # warm: first call maps the model
+        for _ in range(runs):
+            started = time.perf_counter()
+            reply = httpx.post(url, json=CHAT, timeout=300).json()
+            rates.append(reply["usage"]["completion_tokens"] / (time.perf_counter() - started))
+            timings.append(asyncio.run(timed_stream(url, CHAT)).first_token_s)
+    gateway = {"tokens_per_s": round(sorted(rates)[len(rates) // 2], 1),
+               "first_token_s": round(sorted(timings)[len(timings) // 2], 3)}
+    return {"raw_llama_cpp": raw, "gateway": gateway, "gateway_cold_start_s": round(cold, 2),
+            "tokens_per_s_ratio": round(gateway["tokens_per_s"] / raw["tokens_per_s"], 2),
+            "first_token_ratio": round(gateway["first_token_s"] / raw["first_token_s"], 2)}
 
 
 def main() -> None:
@@ -55,45 +118,47 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="load per concurrency level")
     parser.add_argument("--levels", default="1,16,64,256")
     parser.add_argument("--only", default=None, help="comma-separated server keys (a,b,c1,c1i,c2)")
+    parser.add_argument("--no-embedded", action="store_true", help="skip the embedded-model figures")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
 
     results: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, "
-                     f"{__import__('os').cpu_count()} cores", "lm_latency_s": args.latency, "servers": {}}
+                     f"{os.cpu_count()} cores, Python {platform.python_version()}", "lm_latency_s": args.latency,
+                     "seconds_per_level": args.seconds, "servers": {}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         stub_port = free_port()
-        stub_args = [sys.executable, "-m", "tests.support.stub_lm", "--port", str(stub_port),
-                     "--latency", str(args.latency)]
-        with running(stub_args, f"http://127.0.0.1:{stub_port}/_requests", child_env(), tmp_path / "stub.log"):
+        stub = f"http://127.0.0.1:{stub_port}"
+        stub_args = [sys.executable, "-m", "bench.stub_lm", "--port", str(stub_port), "--latency", str(args.latency)]
+        with running(stub_args, f"{stub}/_stats", child_env(), tmp_path / "stub.log"):
             base_env = child_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", DSPY_LM="openai/stub",
-                                 DSPY_LM_API_BASE=f"http://127.0.0.1:{stub_port}/v1", OPENAI_API_KEY="sk-bench")
+                                 DSPY_LM_API_BASE=f"{stub}/v1", OPENAI_API_KEY="sk-bench")
             model_uri, log_seconds = log_model(base_env)
             results["log_wall_s"] = round(log_seconds, 1)
             for server in servers(model_uri):
                 if args.only and server["key"] not in args.only.split(","):
                     continue
-                port = free_port()
-                command = [part.replace("{port}", str(port)) for part in server["args"]]
-                started = time.perf_counter()
-                base = f"http://127.0.0.1:{port}"
-                with running(command, base + server["ready"], base_env, tmp_path / f"{server['key']}.log"):
-                    cold = time.perf_counter() - started
-                    rows = []
-                    for level in levels:
-                        row = asyncio.run(closed_loop(base + server["route"], server["body"], level, args.seconds))
-                        rows.append(row.as_dict())
-                        print(f"{server['name']:42} c={level:<4} {row.throughput:7.1f} rps  p50 {row.p50_ms:7.1f} ms"
-                              f"  p99 {row.p99_ms:7.1f} ms  errors {row.errors}", flush=True)
-                results["servers"][server["key"]] = {"name": server["name"], "cold_start_s": round(cold, 2),
-                                                     "levels": rows}
-    report(results, levels, args.latency)
-    out = ROOT / "bench" / "results" / "latest.json"
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
+                context, base, began = start(server["args"], server["ready"], base_env,
+                                             tmp_path / f"{server['key']}.log")
+                with context:
+                    cold = time.perf_counter() - began
+                    rows = load_levels(base + server["route"], server["body"], levels, args.seconds, server["name"])
+                    entry = {"name": server["name"], "cold_start_s": round(cold, 2), "levels": rows}
+                    if server["key"] == "c1":
+                        entry["one_client"] = overhead_at_one_client(stub, base, args.seconds)
+                        print(f"gateway overhead at one client: {entry['one_client']}", flush=True)
+                results["servers"][server["key"]] = entry
+            if not args.no_embedded:
+                results["embedded"] = embedded_figures(base_env, tmp_path)
+                print(f"embedded model: {results['embedded']}", flush=True)
+    report(results, args.latency)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps(results, indent=2))
+    plot(results, RESULTS / "latest.png")
+    print(f"wrote {RESULTS / 'latest.json'} and latest.png")
 
 
-def report(results: dict, levels: list[int], latency: float) -> None:
+def report(results: dict, latency: float) -> None:
     servers = results["servers"]
     reference = {row["concurrency"]: row["throughput"] for row in servers.get("a", {}).get("levels", [])}
     print(f"\nthroughput as a ratio to (a) mlflow models serve and to the limit (concurrency / {latency}s):")
@@ -103,8 +168,39 @@ def report(results: dict, levels: list[int], latency: float) -> None:
             ref = reference.get(row["concurrency"])
             limit = row["concurrency"] / latency
             vs_a = f"{row['throughput'] / ref:5.1f}x (a)" if ref else "    -    "
-            cells.append(f"c={row['concurrency']}: {vs_a} {row['throughput'] / limit:4.0%} of limit")
+            cells.append(f"c={row['concurrency']}: {vs_a} {row['throughput'] / limit:4.0%} of limit"
+                         f" p99 {row['p99_ms'] / 1000 / latency:4.1f}x LM")
         print(f"  {key:4} {server['name']:42} " + " | ".join(cells))
+    print(f"log wall time {results.get('log_wall_s')} s; cold start to ready: "
+          + ", ".join(f"{k} {s['cold_start_s']} s" for k, s in servers.items()))
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for key, server in results["servers"].items():
+        levels = [row["concurrency"] for row in server["levels"]]
+        label = f"({key}) {server['name']}"
+        left.plot(levels, [row["throughput"] for row in server["levels"]], marker="o", label=label)
+        right.plot(levels, [row["p99_ms"] for row in server["levels"]], marker="o", label=f"({key})")
+    levels = sorted({row["concurrency"] for s in results["servers"].values() for row in s["levels"]})
+    left.plot(levels, [c / results["lm_latency_s"] for c in levels], "k--", label="limit: clients / LM latency")
+    for axis, title in ((left, "throughput (requests/s)"), (right, "p99 latency (ms)")):
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("concurrent clients")
+        axis.set_title(title)
+        axis.grid(True, which="both", alpha=0.3)
+    left.legend(fontsize=7)
+    fig.suptitle(f"mlflow-dspy benchmark, stub LM {results['lm_latency_s'] * 1000:.0f} ms, {results['machine']}, "
+                 f"{results['date']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from dspy.lm15 import (
 )
 
 from lm_engine.gguf import locate_gguf
+from lm_engine.messages import chat_messages
 
 EMBEDDED_MODEL = "local/smollm2-135m-instruct"
 DEFAULT_CONTEXT = 4096
@@ -119,17 +120,6 @@ def _event(item: str | _Outcome) -> StreamDeltaEvent | StreamEndEvent:
     return StreamDeltaEvent(delta=TextDelta(text=item))
 
 
-def _chat_messages(request: Request) -> list[dict[str, str]]:
-    messages: list[dict[str, str]] = []
-    if request.system is not None:
-        system = request.system if isinstance(request.system, str) else "".join(p.text for p in request.system)
-        messages.append({"role": "system", "content": system})
-    for message in request.messages:
-        role = "system" if message.role == "developer" else message.role
-        messages.append({"role": role, "content": message.text or ""})
-    return messages
-
-
 def _response_format(request: Request) -> dict[str, Any] | None:
     fmt = request.config.response_format
     if not fmt:
@@ -197,7 +187,7 @@ class LlamaCppEngine:
         """
         validate_request(request)
         runtime = _runtime(self.n_ctx)
-        messages = _chat_messages(request)
+        messages = chat_messages(request)
         kwargs = _sampling(request, self.default_max_tokens)
         outcome = _Outcome()
         with runtime.lock:

@@ -1,5 +1,8 @@
 """Which LM a program runs on: one setting, the embedded model by default.
 
+`openai/...` models (OpenAI, or any compatible server via `DSPY_LM_API_BASE`)
+run on our own HTTP engine; other providers on DSPy's built-in route.
+
 `--lm` on the command line, else `DSPY_LM`, else the embedded SmolLM2.
 `DSPY_LM_API_BASE` points a provider string at an OpenAI-compatible server.
 API keys are never passed here: the provider's own environment variable
@@ -14,6 +17,7 @@ import os
 import dspy
 
 from lm_engine.llama_engine import EMBEDDED_MODEL, AsyncLlamaCppEngine, LlamaCppEngine
+from lm_engine.openai_http import AsyncOpenAIHTTPEngine, OpenAIHTTPEngine
 
 # Offline first: DSPy and LiteLLM would fetch a model-price map from the
 # internet on first use; the copy bundled with them is enough.
@@ -21,6 +25,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "true")
 
 LM_ENV = "DSPY_LM"
 API_BASE_ENV = "DSPY_LM_API_BASE"
+RETRIES = 3  # transient LM failures, retried by DSPy after 1, 2 and 4 s (or a short Retry-After)
 EMBEDDED_ALIASES = {"", "embedded", "local", EMBEDDED_MODEL}
 
 
@@ -45,8 +50,12 @@ def build_lm(model: str | None = None, api_base: str | None = None) -> dspy.LM:
         engine = LlamaCppEngine()
         return dspy.LM(EMBEDDED_MODEL, engine=engine, async_engine=AsyncLlamaCppEngine(engine), cache=False)
     api_base = api_base or os.environ.get(API_BASE_ENV) or None
+    if name.startswith("openai/"):
+        # OpenAI and OpenAI-compatible servers: our lean HTTP engine (see lm_engine/openai_http.py).
+        return dspy.LM(name, engine=OpenAIHTTPEngine(name, api_base),
+                       async_engine=AsyncOpenAIHTTPEngine(name, api_base), cache=False, num_retries=RETRIES)
     extra = {"api_base": api_base} if api_base else {}
-    return dspy.LM(name, cache=False, **extra)
+    return dspy.LM(name, cache=False, num_retries=RETRIES, **extra)
 
 
 def adapter_for(lm: dspy.BaseLM) -> dspy.Adapter | None:

@@ -7,6 +7,7 @@ from typing import Any
 import mlflow
 from mlflow.models import Model
 
+from packager.integrity import download_verified
 from programs import ChatProgram
 
 
@@ -16,7 +17,7 @@ def load_chat_model(uri: str) -> tuple[ChatProgram, dict[str, Any]]:
     `mlflow.dspy.load_model` also sets `dspy.settings` from the artifact:
     call this at start-up, never inside a request handler.
     """
-    local = mlflow.artifacts.download_artifacts(uri)
+    local = download_verified(uri)  # the pickle is checked against its logged SHA-256 before it runs
     metadata = Model.load(local).metadata or {}
     program = mlflow.dspy.load_model(local)
     if not isinstance(program, ChatProgram):

@@ -15,6 +15,7 @@ import mlflow
 from mlflow import MlflowClient
 
 from lm_engine.select import adapter_for, build_lm
+from packager.integrity import DIGEST_TAG, digest
 from packager.paths import CODE_PACKAGES, EXPERIMENT_NAME, PROJECT_ROOT, artifacts_location, tracking_uri
 from packager.redact import scrub_program, scrub_settings
 from packager.requirements import pinned_requirements
@@ -160,7 +161,12 @@ def log_program(
         # MLflow 3 keeps a logged model apart from its run; a copy under the
         # run's own artifacts puts MLmodel, the pins and the pickle where the
         # tutorial shows them: the run's Artifacts tab.
-        mlflow.log_artifacts(mlflow.artifacts.download_artifacts(info.model_uri), artifact_path=MODEL_NAME)
+        local = mlflow.artifacts.download_artifacts(info.model_uri)
+        mlflow.log_artifacts(local, artifact_path=MODEL_NAME)
+        # Checked before every unpickling (packager/integrity.py).
+        tags[DIGEST_TAG] = digest(local)
+        mlflow.set_tag(DIGEST_TAG, tags[DIGEST_TAG])
+        mlflow.set_logged_model_tags(info.model_id, {DIGEST_TAG: tags[DIGEST_TAG]})
     version = str(info.registered_model_version) if info.registered_model_version is not None else None
     if version is not None:
         client = MlflowClient()

@@ -24,7 +24,9 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, Response
 from sse_starlette.sse import EventSourceResponse
 
+from lm_engine.openai_http import close_sessions
 from programs import ChatInputError, parse_conversation
+from serving import executor
 from serving.errors import GatewayError, from_program_failure, install_handlers, invalid_request
 from serving.host import Delta, ProgramHost, Usage
 from serving.middleware import GatewayMiddleware, Limits
@@ -116,7 +118,8 @@ class HostSlot:
 
     def get(self) -> ProgramHost:
         if self.host is None:
-            message = "the model failed to load" if self.failure else "the model is still loading"
+            message = f"the model failed to load{self.failure}" if self.failure is not None \
+                else "the model is still loading"
             raise GatewayError(503, message, "service_unavailable", code="model_not_ready",
                                headers={"Retry-After": "1"})
         return self.host
@@ -128,18 +131,23 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> FastAP
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        executor.install()  # two thread hops per LM call fewer (see serving/executor.py)
         if slot.host is None:
             def load() -> None:
                 try:
                     slot.host = load_host(config)
                     log.info("model loaded: %s", slot.host.source)
                 except Exception as exc:
-                    slot.failure = type(exc).__name__
-                    log.error("model failed to load", exc_info=exc)
+                    # Said to clients without details; the log has them.
+                    integrity = type(exc).__name__ == "IntegrityError"
+                    slot.failure = ": its files do not match the SHA-256 recorded when it was logged" \
+                        if integrity else ""
+                    log.error("model failed to load: %s", exc if integrity else type(exc).__name__, exc_info=exc)
 
             # A thread, not the event loop: loading takes seconds and /health must answer meanwhile.
             threading.Thread(target=load, name="model-loader", daemon=True).start()
         yield
+        await close_sessions()  # the LM connection pool of this worker's loop
 
     app = FastAPI(title="mlflow-dspy gateway", version="1", lifespan=lifespan)
     install_handlers(app)
@@ -159,7 +167,8 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> FastAP
         current = slot.get()
         return ModelList(data=[ModelCard(id=current.name, created=current.created)])
 
-    @app.post("/v1/chat/completions", response_model=None)
+    @app.post("/v1/chat/completions", response_model=ChatCompletion,
+              responses={200: {"content": {"text/event-stream": {}}}})
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         current = slot.get()
         if body.model and body.model != current.name:
@@ -175,13 +184,15 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> FastAP
         prediction = await _run(current.answer(messages, body.lm_settings()), config.request_timeout,
                                 body.lm_settings())
         usage = _record_usage(request, prediction)
-        return ChatCompletion(
+        completion = ChatCompletion(
             model=current.name,
             choices=[Choice(message=AssistantMessage(content=current.content(prediction),
                                                      reasoning_content=current.reasoning(prediction)))],
             usage=UsageBody(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
                             total_tokens=usage.total_tokens),
         )
+        # Serialized by pydantic directly: FastAPI's generic encoder costs more than the rest of the reply.
+        return Response(completion.model_dump_json(), media_type="application/json")
 
     @app.post("/invocations")
     async def invocations(request: Request) -> Response:

@@ -3,6 +3,7 @@
 import pytest
 
 from lm_engine import EMBEDDED_MODEL, LlamaCppEngine, build_lm, lm_model_string
+from lm_engine.openai_http import OpenAIHTTPEngine
 
 
 @pytest.fixture(autouse=True)
@@ -20,6 +21,15 @@ def test_environment_variable_picks_a_provider(monkeypatch):
     monkeypatch.setenv("DSPY_LM", "openai/gpt-4o-mini")
     lm = build_lm()
     assert lm.model == "openai/gpt-4o-mini"
+    assert isinstance(lm.engine, OpenAIHTTPEngine)
+    assert lm.engine.url == "https://api.openai.com/v1/chat/completions"
+    assert lm.engine.supports_response_schema  # real OpenAI honours JSON schemas
+
+
+def test_other_providers_keep_dspys_own_route(monkeypatch):
+    monkeypatch.setenv("DSPY_LM", "anthropic/claude-3-5-haiku")
+    lm = build_lm()
+    assert lm.model == "anthropic/claude-3-5-haiku"
     assert lm.engine == "auto"
 
 
@@ -34,5 +44,6 @@ def test_api_base_comes_from_the_environment_and_no_key_is_held(monkeypatch):
     monkeypatch.setenv("DSPY_LM_API_BASE", "http://127.0.0.1:9/v1")
     monkeypatch.setenv("OPENAI_API_KEY", "sk-held-in-env-only")
     lm = build_lm()
-    assert lm.kwargs["api_base"] == "http://127.0.0.1:9/v1"
-    assert "sk-held-in-env-only" not in repr(vars(lm))
+    assert lm.engine.url == "http://127.0.0.1:9/v1/chat/completions"
+    assert not lm.engine.supports_response_schema  # an arbitrary compatible server may not
+    assert "sk-held-in-env-only" not in repr(vars(lm)) + repr(vars(lm.engine))

@@ -1,77 +1,24 @@
-"""Real server processes for tests: free ports, start, wait until ready, stop."""
+"""Real server processes for tests: the stub LM, `mlflow models serve`, the gateway."""
 
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
+from bench.processes import ROOT, VENV_BIN, child_env, free_port, running
 
-ROOT = Path(__file__).resolve().parents[2]
-VENV_BIN = str(Path(sys.executable).parent)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def child_env(**overrides: str) -> dict[str, str]:
-    """The test's environment with the venv first on PATH (mlflow runs uvicorn by name)."""
-    env = dict(os.environ)
-    env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
-    env["PYTHONPATH"] = str(ROOT)
-    env.update(overrides)
-    return env
-
-
-@contextmanager
-def running(
-    args: Sequence[str], ready_url: str, env: dict[str, str], log: Path, timeout: float = 180,
-    headers: dict[str, str] | None = None, cwd: Path | None = None,
-) -> Iterator[subprocess.Popen]:
-    """Start `args`, wait for `ready_url` to answer 200, and stop the whole process group after."""
-    with log.open("wb") as out:
-        proc = subprocess.Popen(args, cwd=cwd or ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{args[0]} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(ready_url, timeout=2, headers=headers).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{ready_url} not ready after {timeout}s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.3)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+__all__ = ["ROOT", "VENV_BIN", "child_env", "free_port", "gateway", "mlflow_serve", "running", "stub_lm"]
 
 
 @contextmanager
 def stub_lm(tmp_path: Path, latency: float = 0.0) -> Iterator[str]:
     """Run the stub LM server; yields its OpenAI base URL (…/v1)."""
     port = free_port()
-    args = [sys.executable, "-m", "tests.support.stub_lm", "--port", str(port), "--latency", str(latency)]
-    with running(args, f"http://127.0.0.1:{port}/_requests", child_env(), tmp_path / "stub_lm.log", timeout=60):
+    args = [sys.executable, "-m", "bench.stub_lm", "--port", str(port), "--latency", str(latency)]
+    with running(args, f"http://127.0.0.1:{port}/_stats", child_env(), tmp_path / "stub_lm.log", timeout=60):
         yield f"http://127.0.0.1:{port}/v1"
 
 

