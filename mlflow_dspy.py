@@ -192,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--max-in-flight", type=int, default=64,
                          help="requests running at once per worker; more get 429 (default: 64)")
     gateway.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger bodies get 413 (default: 1 MiB)")
+    gateway.add_argument("--max-messages", type=int, default=200, help="more messages get 400 (default: 200)")
+    gateway.add_argument("--max-characters", type=int, default=50_000,
+                         help="more characters of message text get 400 (default: 50000)")
+    gateway.add_argument("--allow-origin", action="append", metavar="ORIGIN",
+                         help="let browser pages from ORIGIN call the gateway (CORS; off by default; repeatable)")
     gateway.add_argument("--request-timeout", type=float, default=120.0,
                          help="seconds a program may run before 504 (default: 120)")
     gateway.add_argument("--no-traces", action="store_true",

@@ -10,10 +10,10 @@ server-sent chunks of a few characters each.
 
 Faults, by a marker in the question:
   [fail500]  HTTP 500                    [rate429]  HTTP 429, Retry-After: 1
-  [sleep]    answers after 30 s (a hang)  [garbage]  200 with text no adapter can parse
+  [sleep]    a 30 s hang (noticing a caller that leaves)  [garbage]  200 with text no adapter can parse
   [cut]      a stream that stops halfway (no finish, no [DONE]); without stream,
              the connection closes after half the body
-  [trickle]  a stream of one character every 0.5 s
+  [trickle]  one character every 0.5 s (streamed), four bytes every 0.5 s (not)
 or for every request, with `POST /_mode {"mode": "fail500"}` (`"ok"` restores),
 so a test can take the LM down and bring it back. Stop the process for
 "connection refused". `--latency` adds a fixed delay to every answer.
@@ -48,6 +48,7 @@ class State:
     latency = 0.0
     mode = "ok"
     total = 0
+    abandoned = 0  # hung requests whose caller went away
     seen: deque = deque(maxlen=2000)  # bounded: a soak test must not grow the stub
 
 
@@ -115,10 +116,16 @@ async def _stream(body: dict, content: str, fault: str | None):
     yield b"data: [DONE]\n\n"
 
 
+async def _trickle(payload: bytes):
+    for i in range(0, len(payload), 4):
+        await asyncio.sleep(0.5)
+        yield payload[i:i + 4]
+
+
 async def chat(request: Request) -> Response:
     body = json.loads(await request.body())
     State.total += 1
-    State.seen.append({"authorization": request.headers.get("authorization"), "body": body})
+    State.seen.append({"authorization": request.headers.get("authorization"), "body": body, "t": time.time()})
     messages = body.get("messages") or []
     question = _last_field(messages[-1].get("content") or "", "question") if messages else ""
     fault = _fault(question)
@@ -127,11 +134,20 @@ async def chat(request: Request) -> Response:
     if fault == "rate429":
         return JSONResponse({"error": {"message": "slow down", "type": "rate_limit_error"}}, status_code=429,
                             headers={"Retry-After": "1"})
-    await asyncio.sleep(30 if fault == "sleep" else State.latency)
+    if fault == "sleep":
+        # A hang: but one that notices when its caller gives up (counted in /_stats).
+        for _ in range(300):
+            if await request.is_disconnected():
+                State.abandoned += 1
+                return Response(status_code=499)
+            await asyncio.sleep(0.1)
+    await asyncio.sleep(State.latency)
     content = "I am not following any format at all." if fault == "garbage" else _answer(messages, question)
     if body.get("stream"):
         return StreamingResponse(_stream(body, content, fault), media_type="text/event-stream")
     payload = json.dumps(_completion(body, content)).encode()
+    if fault == "trickle":
+        return StreamingResponse(_trickle(payload), media_type="application/json")
     if fault == "cut":
         # Promise the whole body, send half of it: the client sees the connection break.
         half = payload[: len(payload) // 2]
@@ -145,7 +161,7 @@ async def requests_seen(_: Request) -> JSONResponse:
 
 
 async def stats(_: Request) -> JSONResponse:
-    return JSONResponse({"total": State.total, "mode": State.mode})
+    return JSONResponse({"total": State.total, "abandoned": State.abandoned, "mode": State.mode})
 
 
 async def set_mode(request: Request) -> JSONResponse:

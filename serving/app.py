@@ -21,6 +21,7 @@ from typing import Any
 import dspy
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from sse_starlette.sse import EventSourceResponse
 
@@ -37,6 +38,7 @@ from serving.protocol import (
     ChatCompletionRequest,
     Choice,
     ChunkChoice,
+    ErrorResponse,
     ModelCard,
     ModelList,
     PredictResponse,
@@ -58,8 +60,11 @@ class GatewayConfig:
     served_name: str | None = None
     max_in_flight: int = 64
     max_body_bytes: int = 1 << 20
+    max_messages: int = 200
+    max_characters: int = 50_000
     request_timeout: float = 120.0
     traces: bool = True
+    cors_origins: tuple[str, ...] = ()
     api_keys: tuple[str, ...] = field(default_factory=tuple)
 
     def to_env(self) -> str:
@@ -109,6 +114,15 @@ def enable_tracing() -> None:
         log.warning("tracing is off: the tracking store failed (%s)", type(exc).__name__)
 
 
+# Every route may answer these, always with an OpenAI error object (documented for clients and fuzzers).
+ERROR_RESPONSES = {status: {"model": ErrorResponse, "description": text} for status, text in {
+    400: "invalid request (the message names the field)", 401: "missing or invalid API key",
+    404: "unknown route or model", 408: "the request body arrived too slowly", 413: "request body too large",
+    415: "not a JSON body", 429: "too many requests in flight, or the LM provider is rate limiting",
+    502: "the LM failed or answered something unusable", 503: "the model is not loaded (yet)",
+    504: "the LM did not answer in time"}.items()}
+
+
 class HostSlot:
     """The program, once loaded: start-up loads it in the background so /health answers at once."""
 
@@ -149,7 +163,7 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> FastAP
         yield
         await close_sessions()  # the LM connection pool of this worker's loop
 
-    app = FastAPI(title="mlflow-dspy gateway", version="1", lifespan=lifespan)
+    app = FastAPI(title="mlflow-dspy gateway", version="1", lifespan=lifespan, responses=ERROR_RESPONSES)
     install_handlers(app)
     app.state.slot = slot
 
@@ -175,7 +189,7 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> FastAP
             raise GatewayError(404, f"model '{body.model}' is not served here; GET /v1/models lists '{current.name}'",
                                "not_found_error", param="model", code="model_not_found")
         messages = body.message_dicts()
-        _validate(messages)
+        _validate(messages, config)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             stream = _chat_stream(current, messages, body.lm_settings(), include_usage, config.request_timeout,
@@ -199,7 +213,7 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> FastAP
         current = slot.get()
         try:
             messages = _invocation_messages(await request.body())
-            _validate(messages, mlflow_schema=True)
+            _validate(messages, config, mlflow_schema=True)
             prediction = await _run(current.answer(messages), config.request_timeout)
         except GatewayError as error:
             return _mlflow_style(error)
@@ -214,6 +228,7 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> FastAP
     @app.post("/predict")
     async def predict(question: Question, request: Request) -> PredictResponse:
         current = slot.get()
+        _validate([{"role": "user", "content": question.text}], config)
         prediction = await _run(current.predict(question.text), config.request_timeout)
         _record_usage(request, prediction)
         return PredictResponse(data=jsonable_encoder(prediction.toDict()))
@@ -221,11 +236,16 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> FastAP
     @app.post("/predict/stream")
     async def predict_stream(question: Question, request: Request) -> EventSourceResponse:
         current = slot.get()
+        _validate([{"role": "user", "content": question.text}], config)
         return EventSourceResponse(
             _predict_stream(current, question.text, config.request_timeout, request.scope["mlflow_dspy"]),
             sep="\n", ping=15,
         )
 
+    if config.cors_origins:
+        # Off by default: a browser page elsewhere may call the gateway only when its origin is listed.
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
     return GatewayMiddleware(app, Limits(
         max_in_flight=config.max_in_flight, max_body_bytes=config.max_body_bytes, api_keys=config.api_keys,
     ))
@@ -274,7 +294,14 @@ async def _within(items: AsyncIterator, seconds: float) -> AsyncIterator:
             yield item
 
 
-def _validate(messages: list[dict], mlflow_schema: bool = False) -> None:
+def _validate(messages: list[dict], config: GatewayConfig, mlflow_schema: bool = False) -> None:
+    if len(messages) > config.max_messages:
+        raise invalid_request(f"{len(messages)} messages; the limit is {config.max_messages}", param="messages",
+                              code="too_many_messages")
+    characters = sum(_characters(m.get("content")) for m in messages if isinstance(m, dict))
+    if characters > config.max_characters:
+        raise invalid_request(f"the messages hold {characters} characters; the limit is {config.max_characters}",
+                              param="messages", code="too_many_characters")
     if mlflow_schema:
         # What `mlflow models serve` enforces from the chat signature before the model runs.
         for i, message in enumerate(messages):
@@ -285,6 +312,14 @@ def _validate(messages: list[dict], mlflow_schema: bool = False) -> None:
         parse_conversation(messages)
     except ChatInputError as exc:
         raise from_program_failure(exc) from None
+
+
+def _characters(content: Any) -> int:
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):  # parts: count their text
+        return sum(len(p["text"]) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return 0
 
 
 def _invocation_messages(raw: bytes) -> list[dict]:

@@ -74,7 +74,8 @@ def from_program_failure(exc: BaseException, lm_settings: dict | None = None) ->
         return invalid_request(exc.message, param="messages", code="invalid_messages")
     if isinstance(exc, asyncio.TimeoutError | TimeoutError | LMTimeoutError):
         return GatewayError(504, "the language model did not answer in time", "timeout_error", code="lm_timeout")
-    if isinstance(exc, LMRateLimitError):
+    if isinstance(exc, LMRateLimitError) or (isinstance(exc, LMError) and exc.status == 429):
+        # Retried already if the provider asked for a short wait; a long one is passed on as it came.
         retry = str(max(1, round(exc.retry_after or 1)))
         return GatewayError(
             429, "the language model provider is rate limiting; retry later", "rate_limit_error",

@@ -13,6 +13,7 @@ import json
 import logging
 import time
 import uuid
+from contextlib import suppress
 from dataclasses import dataclass, field
 
 from serving.errors import GatewayError
@@ -90,7 +91,7 @@ class GatewayMiddleware:
             if error is not None:
                 await error.response()(scope, receive, send_logged)
                 return
-            await self.app(scope, _replay(body, receive), send_logged)
+            await self._run_until_disconnect(scope, body, receive, send_logged, info)
         finally:
             if counted:
                 self.in_flight -= 1
@@ -105,13 +106,50 @@ class GatewayMiddleware:
                 "completion_tokens": usage[1],
             }))
 
+    async def _run_until_disconnect(self, scope, body: bytes, receive, send, info: dict) -> None:
+        """Run the app; if the client goes away first, cancel it, and with it the LM call in flight."""
+        gone = asyncio.Event()
+        finished = False
+
+        async def send_tracked(message) -> None:
+            nonlocal finished
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                finished = True  # after this, the server reports "disconnect" to everyone: not a client leaving
+
+        app = asyncio.ensure_future(self.app(scope, _replay(body, gone), send_tracked))
+        watcher = asyncio.ensure_future(_watch_disconnect(receive, gone))
+        try:
+            await asyncio.wait((app, watcher), return_when=asyncio.FIRST_COMPLETED)
+            if not app.done() and not finished:
+                app.cancel()
+                info["status"] = 499  # client closed request (nginx's convention), for the log line
+                with suppress(asyncio.CancelledError):
+                    await app
+                return
+            await app
+        finally:
+            watcher.cancel()
+            if not app.done():  # this request itself was cancelled (server shutdown)
+                app.cancel()
+
     def _refusal(self, scope, path: str) -> GatewayError | None:
-        if self.limits.api_keys and path not in OPEN_ROUTES:
+        # A CORS preflight (OPTIONS) never carries the key; it runs no program either.
+        if self.limits.api_keys and path not in OPEN_ROUTES and scope.get("method") != "OPTIONS":
             header = dict(scope.get("headers") or []).get(b"authorization")
             if not _authorized(header, self.limits.api_keys):
                 return GatewayError(401, "missing or invalid API key", "authentication_error", code="invalid_api_key",
                                     headers={"WWW-Authenticate": "Bearer"})
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        if scope.get("method") == "POST" and path in MODEL_ROUTES:
+            media = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
+            if media != b"application/json":
+                return GatewayError(415, "send the body as JSON, with Content-Type: application/json",
+                                    code="unsupported_media_type")
+            if headers.get(b"content-encoding", b"identity").strip().lower() != b"identity":
+                return GatewayError(415, "compressed request bodies are not accepted; send plain JSON",
+                                    code="unsupported_media_type")
+        declared = headers.get(b"content-length")
         if declared is not None:
             try:
                 if int(declared) > self.limits.max_body_bytes:
@@ -148,9 +186,16 @@ def _too_large(limit: int) -> GatewayError:
     return GatewayError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
 
 
-def _replay(body: bytes, receive):
-    """A `receive` that hands the app the body already read, then passes the
-    client's own messages through (a streaming response watches for disconnect)."""
+async def _watch_disconnect(receive, gone: asyncio.Event) -> None:
+    """The body is already read: the next message from the client can only be its disconnect."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    gone.set()
+
+
+def _replay(body: bytes, gone: asyncio.Event):
+    """A `receive` that hands the app the body already read, then reports the
+    client's disconnect when the watcher sees it (a streaming response waits for it)."""
     sent = False
 
     async def replay():
@@ -158,6 +203,7 @@ def _replay(body: bytes, receive):
         if not sent:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
+        await gone.wait()
+        return {"type": "http.disconnect"}
 
     return replay

@@ -18,6 +18,9 @@ def run_gateway(args: argparse.Namespace) -> int:
         served_name=args.name,
         max_in_flight=args.max_in_flight,
         max_body_bytes=args.max_body_bytes,
+        max_messages=args.max_messages,
+        max_characters=args.max_characters,
+        cors_origins=tuple(args.allow_origin or ()),
         request_timeout=args.request_timeout,
         traces=not args.no_traces,
     )

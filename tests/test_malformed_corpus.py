@@ -1,0 +1,100 @@
+"""Every malformed request in tests/malformed.py gets a 4xx naming the problem, from every route.
+
+The same corpus goes to `mlflow models serve` /invocations; what it answers is
+recorded in docs/reliability/mlflow-serve-malformed.json (the README compares).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+
+import httpx
+import pytest
+
+from tests.conftest import run_log_cli, store_env
+from tests.malformed import GOOD, Case, corpus
+from tests.support.processes import ROOT, gateway, mlflow_serve, stub_lm
+
+ROUTES = ("/v1/chat/completions", "/invocations", "/predict")
+LEAKS = re.compile(r"Traceback|File \"|\.py\b|/work/|/root/|site-packages", re.IGNORECASE)
+RECORD = ROOT / "docs" / "reliability" / "mlflow-serve-malformed.json"
+
+
+def send(client: httpx.Client, url: str, case: Case) -> httpx.Response:
+    headers = dict(case.headers)
+    if case.content_type:
+        headers["Content-Type"] = case.content_type
+    return client.post(url, content=case.body, headers=headers)
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    store = tmp_path_factory.mktemp("corpus_store")
+    with stub_lm(store) as base:
+        env = store_env(store, DSPY_LM="openai/stub", DSPY_LM_API_BASE=base, OPENAI_API_KEY="sk-test")
+        uri = run_log_cli("--program", "qa", "--no-eval", env=env)["model_uri"]
+        with gateway(["-m", uri], store, "--no-traces", **env) as gw, mlflow_serve(uri, store, **env) as serve:
+            yield gw, serve
+
+
+def test_the_corpus_is_large_and_covers_every_kind_of_bad_input():
+    names = [case.name for case in corpus()]
+    assert len(names) >= 60
+    for kind in ("invalid json", "invalid utf-8", "no messages", "empty messages", "no user turn", "unknown role",
+                 "image part", "null", "max_tokens negative", "temperature absurd", "n absurd", "unknown top-level",
+                 "10 MB body", "nesting 10,000", "100k-character", "header"):
+        assert any(kind in name for name in names), kind
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_every_malformed_request_gets_a_4xx_openai_error_naming_the_problem(servers, route):
+    gw, _ = servers
+    failures = []
+    with httpx.Client(timeout=60) as client:
+        for case in corpus():
+            response = send(client, gw + route, case)
+            problem = None
+            if not 400 <= response.status_code < 500:
+                problem = f"status {response.status_code}"
+            elif LEAKS.search(response.text):
+                problem = "leaks a trace or a path"
+            else:
+                try:
+                    error = response.json()["error"]
+                    if not (isinstance(error, dict) and isinstance(error.get("message"), str) and error["message"]
+                            and error.get("type")):
+                        problem = "no OpenAI error object"
+                except (ValueError, KeyError, TypeError):
+                    problem = "body is not an OpenAI error"
+            if problem:
+                failures.append(f"{case.name}: {problem}: {response.text[:200]}")
+        # The server still answers a good request afterwards.
+        good = client.post(gw + route, json={"text": GOOD["messages"][0]["content"]} if route == "/predict" else GOOD)
+    assert not failures, "\n".join(failures)
+    assert good.status_code == 200, good.text
+
+
+def test_mlflow_serve_answers_are_recorded_and_ours_are_never_worse(servers):
+    gw, serve = servers
+    rows = []
+    with httpx.Client(timeout=120) as client:
+        for case in corpus():
+            theirs = send(client, serve + "/invocations", case)
+            ours = send(client, gw + "/invocations", case)
+            rows.append({"case": case.name, "mlflow_status": theirs.status_code,
+                         "mlflow_leaks_trace": bool(LEAKS.search(theirs.text)),
+                         "gateway_status": ours.status_code})
+        assert client.post(serve + "/invocations", json=GOOD).status_code == 200  # it survives too
+    summary = {
+        "cases": len(rows),
+        "mlflow_statuses": dict(sorted(Counter(str(r["mlflow_status"]) for r in rows).items())),
+        "mlflow_5xx": sum(r["mlflow_status"] >= 500 for r in rows),
+        "mlflow_2xx": sum(r["mlflow_status"] < 300 for r in rows),
+        "mlflow_bodies_with_trace_or_path": sum(r["mlflow_leaks_trace"] for r in rows),
+        "gateway_statuses": dict(sorted(Counter(str(r["gateway_status"]) for r in rows).items())),
+    }
+    RECORD.parent.mkdir(parents=True, exist_ok=True)
+    RECORD.write_text(json.dumps({"summary": summary, "cases": rows}, indent=1) + "\n")
+    assert all(400 <= r["gateway_status"] < 500 for r in rows)

@@ -1,0 +1,80 @@
+"""A planted provider key and a planted gateway key appear in no output at all:
+artifacts, the tracking database (tags, params, traces), the CLI's and the
+servers' logs, response bodies and headers (errors included), /v1/models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import mlflow
+import pytest
+
+from tests.conftest import store_env
+from tests.support.processes import ROOT, gateway, mlflow_serve, stub_lm
+
+pytestmark = pytest.mark.slow
+
+PROVIDER_KEY = "sk-PLANTED-provider-4c1d9e7a"
+GATEWAY_KEY = "gw-PLANTED-gateway-8b2f6c0d"
+KEYS = (PROVIDER_KEY, GATEWAY_KEY)
+
+
+def test_planted_keys_reach_no_output(tmp_path):
+    outputs: dict[str, bytes] = {}
+    with stub_lm(tmp_path) as base:
+        env = store_env(tmp_path, DSPY_LM="openai/stub", DSPY_LM_API_BASE=base, OPENAI_API_KEY=PROVIDER_KEY,
+                        GATEWAY_API_KEYS=GATEWAY_KEY)
+        log = subprocess.run([sys.executable, "mlflow_dspy.py", "log", "--program", "qa", "--json"],
+                             cwd=ROOT, env=env, capture_output=True, timeout=600)
+        assert log.returncode == 0, log.stderr[-2000:]
+        outputs["log stdout+stderr"] = log.stdout + log.stderr
+        uri = json.loads(log.stdout.decode().strip().splitlines()[-1])["model_uri"]
+
+        auth = {"Authorization": f"Bearer {GATEWAY_KEY}"}
+        with gateway(["-m", uri], tmp_path, **env) as gw:  # traces on: they land in the store
+            calls = {
+                "good": ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, auth),
+                "stream": ("POST", "/v1/chat/completions",
+                           {"messages": [{"role": "user", "content": "hi"}], "stream": True}, auth),
+                "bad": ("POST", "/v1/chat/completions", {"messages": []}, auth),
+                "lm 500": ("POST", "/v1/chat/completions",
+                           {"messages": [{"role": "user", "content": "[garbage] x"}]}, auth),
+                "stream fault": ("POST", "/v1/chat/completions",
+                                 {"messages": [{"role": "user", "content": "[cut] x"}], "stream": True}, auth),
+                "wrong key": ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]},
+                              {"Authorization": "Bearer nope"}),
+                "models": ("GET", "/v1/models", None, auth),
+                "invocations": ("POST", "/invocations", {"messages": [{"role": "user", "content": "hi"}]}, auth),
+                "invocations bad": ("POST", "/invocations", {"messages": "x"}, auth),
+                "openapi": ("GET", "/openapi.json", None, auth),
+            }
+            for name, (method, path, body, headers) in calls.items():
+                response = httpx.request(method, gw + path, json=body, headers=headers, timeout=120)
+                outputs[f"gateway {name}"] = response.content + repr(response.headers.multi_items()).encode()
+            assert b'"chat.completion"' in outputs["gateway good"]
+            assert b"401" not in outputs["gateway good"] and "invalid_api_key" in outputs["gateway wrong key"].decode()
+        outputs["gateway log"] = Path(next(tmp_path.glob("gateway-*.log"))).read_bytes()
+
+        with mlflow_serve(uri, tmp_path, **env) as serve:
+            for body in ({"messages": [{"role": "user", "content": "hi"}]}, {"messages": []}):
+                response = httpx.post(serve + "/invocations", json=body, timeout=120)
+                outputs[f"mlflow serve {body}"] = response.content
+        outputs["mlflow serve log"] = (tmp_path / "serve.log").read_bytes()
+
+    # Every file of the store: artifacts, and the database with tags, params and traces.
+    files = [p for p in tmp_path.rglob("*") if p.is_file() and not p.name.endswith(".log")]
+    for path in files:
+        outputs[f"file {path.relative_to(tmp_path)}"] = path.read_bytes()
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    traces = mlflow.search_traces(locations=[mlflow.get_experiment_by_name("mlflow-dspy").experiment_id],
+                                  return_type="list")
+    assert traces, "the gateway recorded no trace to search"
+    outputs["traces"] = json.dumps([t.to_dict() for t in traces], default=str).encode()
+
+    assert len(outputs) > 20
+    leaks = [f"{name} holds {key}" for name, data in outputs.items() for key in KEYS if key.encode() in data]
+    assert not leaks, leaks
