@@ -30,7 +30,7 @@ LLAMA_STAMP := $(WHEELHOUSE)/.llama-cpp-python-$(LLAMA_VERSION)-nonative
 
 RUN_ID ?= $(shell $(PYTHON) -c "import json;print(json.load(open('.last_run.json'))['run_id'])" 2>/dev/null)
 
-.PHONY: install wheels browser lock log model-uri serve gateway docker ui curl demo test test-fast lint bench clean
+.PHONY: install wheels browser lock log model-uri serve gateway docker ui curl demo test test-fast lint bench soak clean
 
 install: $(VENV)/.installed
 
@@ -94,6 +94,10 @@ test-fast: install
 
 bench: install
 	$(PY) -m bench.run
+
+# Ten minutes of mixed load (good, bad, LM faults) on one gateway: bench/results/soak.json
+soak: install
+	$(PY) -m bench.soak --minutes 10
 
 lint: install
 	$(BIN)/ruff check .

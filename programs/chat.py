@@ -59,6 +59,8 @@ def _text(content: Any, where: str) -> str:
     if isinstance(content, str):
         return _valid_text(content, where)
     if isinstance(content, Sequence) and not isinstance(content, (bytes, bytearray)):
+        if not content:
+            raise ChatInputError(f"{where} is an empty list of parts")
         texts = []
         for i, part in enumerate(content):
             kind = part.get("type") if isinstance(part, Mapping) else None
@@ -96,6 +98,8 @@ def parse_conversation(messages: Any) -> Conversation:
     if not user_indexes:
         raise ChatInputError("messages has no user message to answer")
     last_user = user_indexes[-1]
+    if not parsed[last_user][1].strip():
+        raise ChatInputError(f"messages[{last_user}].content is empty: there is no question to answer")
     trailing = [i for i, (role, _) in enumerate(parsed) if i > last_user and role == "assistant"]
     if trailing:
         raise ChatInputError(

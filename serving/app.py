@@ -23,12 +23,13 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
 from sse_starlette.sse import EventSourceResponse
 
 from lm_engine.openai_http import close_sessions
 from programs import ChatInputError, parse_conversation
 from serving import executor
-from serving.errors import GatewayError, from_program_failure, install_handlers, invalid_request
+from serving.errors import GatewayError, from_program_failure, install_handlers, invalid_request, validation_message
 from serving.host import Delta, ProgramHost, Usage
 from serving.middleware import GatewayMiddleware, Limits
 from serving.protocol import (
@@ -208,13 +209,17 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> FastAP
         # Serialized by pydantic directly: FastAPI's generic encoder costs more than the rest of the reply.
         return Response(completion.model_dump_json(), media_type="application/json")
 
-    @app.post("/invocations")
+    # Documented with the chat request's schema (the other MLflow input shapes are accepted too).
+    chat_body = {"$ref": "#/components/schemas/ChatCompletionRequest"}
+
+    @app.post("/invocations", response_model=ChatCompletion, openapi_extra={"requestBody": {
+        "required": True, "content": {"application/json": {"schema": chat_body}}}})
     async def invocations(request: Request) -> Response:
         current = slot.get()
         try:
-            messages = _invocation_messages(await request.body())
+            messages, settings = _invocation_messages(await request.body(), current.name)
             _validate(messages, config, mlflow_schema=True)
-            prediction = await _run(current.answer(messages), config.request_timeout)
+            prediction = await _run(current.answer(messages, settings), config.request_timeout, settings)
         except GatewayError as error:
             return _mlflow_style(error)
         except Exception as exc:
@@ -322,10 +327,12 @@ def _characters(content: Any) -> int:
     return 0
 
 
-def _invocation_messages(raw: bytes) -> list[dict]:
-    """The conversation in any input format `mlflow models serve` takes for a chat model.
+def _invocation_messages(raw: bytes, served_name: str) -> tuple[list[dict], dict[str, Any]]:
+    """The conversation, and its LM settings, in any input format `mlflow models serve` takes for a chat model.
 
-    Like the DSPy flavor, a DataFrame-shaped input answers its first row only.
+    The chat format ({"messages": ..., "temperature": ...}) is checked field by
+    field like /v1/chat/completions. Like the DSPy flavor, a DataFrame-shaped
+    input answers its first row only.
     """
     try:
         payload = json.loads(raw)
@@ -334,6 +341,16 @@ def _invocation_messages(raw: bytes) -> list[dict]:
     if not isinstance(payload, dict):
         raise invalid_request("the request body must be a JSON object")
     if "messages" in payload:
+        if isinstance(payload["messages"], list) and all(isinstance(m, dict) for m in payload["messages"]):
+            try:
+                chat = ChatCompletionRequest.model_validate(payload)
+            except ValidationError as exc:
+                message, param = validation_message(exc.errors())
+                raise invalid_request(message, param=param) from None
+            if chat.model and chat.model != served_name:
+                raise invalid_request(f"model '{chat.model}' is not served here", param="model",
+                                      code="model_not_found")
+            return payload["messages"], chat.lm_settings()
         messages = payload["messages"]
     elif isinstance(payload.get("dataframe_records"), list) and payload["dataframe_records"]:
         messages = _row_messages(payload["dataframe_records"][0])
@@ -352,7 +369,7 @@ def _invocation_messages(raw: bytes) -> list[dict]:
                               param="messages")
     if not isinstance(messages, list) or not messages:
         raise invalid_request("messages must be a non-empty list", param="messages")
-    return messages
+    return messages, {}
 
 
 def _row_messages(row: Any) -> Any:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
+from typing import Any
 
 from dspy.utils.exceptions import (
     AdapterParseError,
@@ -94,8 +96,8 @@ def from_program_failure(exc: BaseException, lm_settings: dict | None = None) ->
     return GatewayError(500, "internal error", "server_error", code="internal_error")
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    errors = exc.errors()
+def validation_message(errors: Sequence[Any]) -> tuple[str, str | None]:
+    """A one-line message naming the first invalid field of a pydantic validation error list."""
     if not errors:
         return "invalid request body", None
     first = errors[0]
@@ -118,7 +120,7 @@ def install_handlers(app) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
+        message, param = validation_message(exc.errors())
         return invalid_request(message, param=param).response()
 
     @app.exception_handler(StarletteHTTPException)

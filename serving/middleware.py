@@ -78,6 +78,9 @@ class GatewayMiddleware:
                 body = await self._read_body(scope, receive)
                 if isinstance(body, GatewayError):
                     error = body
+            if error is None and body and path in MODEL_ROUTES and not _is_utf8(body):
+                error = GatewayError(400, "the request body is not valid UTF-8 (JSON must be UTF-8)",
+                                     code="invalid_encoding")
             if error is None and path in MODEL_ROUTES:
                 if self.in_flight >= self.limits.max_in_flight:
                     error = GatewayError(
@@ -180,6 +183,14 @@ class GatewayMiddleware:
         except TimeoutError:
             return GatewayError(408, f"the request body did not arrive within {self.limits.body_timeout_seconds} s",
                                 code="body_timeout")
+
+
+def _is_utf8(body: bytes) -> bool:
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _too_large(limit: int) -> GatewayError:

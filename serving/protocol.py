@@ -18,7 +18,8 @@ MAX_COMPLETION_TOKENS = 8192
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # No unknown fields, and no coercion: "yes" is not a boolean, "0.5" is not a number (as with OpenAI).
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 # -- OpenAI: requests ---------------------------------------------------------
