@@ -14,6 +14,7 @@ from typing import Any
 import dspy
 
 from programs import ChatProgram
+from serving.fast_adapter import serving_adapter
 from serving.field_stream import FieldStream
 
 
@@ -59,7 +60,7 @@ class ProgramHost:
     def __init__(self, program: ChatProgram, lm: dspy.BaseLM, adapter: Any, name: str, source: str) -> None:
         self.program = program
         self.lm = lm
-        self.adapter = adapter
+        self.adapter = serving_adapter(adapter)
         self.name = name
         self.source = source
         self.created = int(time.time())

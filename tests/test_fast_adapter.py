@@ -1,0 +1,52 @@
+"""The gateway's ServingChatAdapter writes exactly the prompts DSPy's ChatAdapter writes."""
+
+import pickle
+
+import dspy
+import pytest
+from dspy.utils import DummyLM
+
+from programs import REGISTRY, chat_program
+from serving.fast_adapter import ServingChatAdapter, serving_adapter
+
+CONVERSATION = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "What is 2 + 2?"},
+    {"role": "assistant", "content": "4"},
+    {"role": "user", "content": "And 3 + 3? I love this phone."},
+]
+
+
+def prompts(adapter, program_name: str) -> list:
+    lm = DummyLM({"3 + 3": {"reasoning": "r", "answer": "6", "label": "positive", "confidence": "0.9"}})
+    program = chat_program(program_name)
+    with dspy.context(lm=lm, adapter=adapter):
+        try:
+            program(messages=CONVERSATION)
+        except Exception:  # only the prompts matter here
+            pass
+    return [entry["messages"] for entry in lm.history]
+
+
+@pytest.mark.parametrize("program_name", sorted(REGISTRY))
+def test_prompts_are_identical_to_dspys_chat_adapter(program_name):
+    ours = prompts(ServingChatAdapter(), program_name)
+    assert ours and ours == prompts(dspy.ChatAdapter(), program_name)
+
+
+def test_the_system_message_is_computed_once_per_signature():
+    adapter = ServingChatAdapter()
+    signature = dspy.Signature("question -> answer")
+    first = adapter.format_system_message(signature)
+    assert adapter.format_system_message(signature) is first
+    assert adapter.format_system_message(signature.with_instructions("Other.")) != first
+
+
+def test_only_the_default_adapter_is_replaced_and_the_cache_is_not_pickled():
+    assert isinstance(serving_adapter(None), ServingChatAdapter)
+    chosen = dspy.JSONAdapter()
+    assert serving_adapter(chosen) is chosen
+    adapter = ServingChatAdapter()
+    adapter.format_system_message(dspy.Signature("question -> answer"))
+    restored = pickle.loads(pickle.dumps(adapter))
+    assert len(restored._system_messages) == 0
