@@ -2,7 +2,10 @@
 
 The prompt is the very one the gateway's `qa` program sends to its engine
 (captured from an in-process run), with the same grammar and sampling, so the
-two sides generate the same tokens and only the serving path differs.
+two sides generate the same tokens and only the serving path differs. Both
+sides count time to the first *visible* character: the gateway streams field
+values, so raw output is timed to the first character of a JSON field's value,
+not to the `{` that opens it.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import time
 from typing import Any
 
 import dspy
+import jiter
 
 from lm_engine.gguf import locate_gguf
 from lm_engine.llama_engine import DEFAULT_CONTEXT, DEFAULT_MAX_TOKENS, LlamaCppEngine, _sampling
@@ -39,26 +43,40 @@ def captured_request(question: str) -> Any:
     return _Capture.requests[-1]
 
 
-def raw_llama_figures(question: str, runs: int = 3) -> dict:
-    """Median tokens/s (whole call) and time to first token of bare `Llama.create_chat_completion`."""
-    from llama_cpp import Llama
+def _visible(text: str) -> bool:
+    """Whether the JSON written so far holds the first character of a field's value (what a user sees first)."""
+    try:
+        value = jiter.from_json(text.encode(), partial_mode="trailing-strings")
+    except ValueError:
+        return False
+    return isinstance(value, dict) and any(isinstance(v, str) and v for v in value.values())
 
-    request = captured_request(question)
-    messages = chat_messages(request)
-    kwargs = _sampling(request, DEFAULT_MAX_TOKENS)
-    llama = Llama(model_path=str(locate_gguf()), n_ctx=DEFAULT_CONTEXT, n_threads=max(1, os.cpu_count() or 1),
-                  verbose=False)
-    rates, firsts = [], []
-    for _ in range(runs):
-        llama.reset()
+
+class RawLlama:
+    """Bare `Llama.create_chat_completion` on the gateway's own prompt, grammar and sampling."""
+
+    def __init__(self, question: str) -> None:
+        from llama_cpp import Llama
+
+        request = captured_request(question)
+        self.messages = chat_messages(request)
+        self.kwargs = _sampling(request, DEFAULT_MAX_TOKENS)
+        self.llama = Llama(model_path=str(locate_gguf()), n_ctx=DEFAULT_CONTEXT,
+                           n_threads=max(1, os.cpu_count() or 1), verbose=False)
+
+    def run(self) -> tuple[float, float, int]:
+        """(seconds to the first visible character, seconds in all, completion tokens)."""
+        self.llama.reset()
         started = time.perf_counter()
-        first, tokens = None, 0
-        for chunk in llama.create_chat_completion(messages=messages, stream=True, **kwargs):
-            if chunk["choices"][0].get("delta", {}).get("content"):
+        first, tokens, text = None, 0, ""
+        for chunk in self.llama.create_chat_completion(messages=self.messages, stream=True, **self.kwargs):
+            piece = chunk["choices"][0].get("delta", {}).get("content")
+            if piece:
                 tokens += 1
-                first = first or time.perf_counter() - started
-        rates.append(tokens / (time.perf_counter() - started))
-        firsts.append(first or float("nan"))
-    llama.close()
-    return {"tokens_per_s": round(sorted(rates)[len(rates) // 2], 1),
-            "first_token_s": round(sorted(firsts)[len(firsts) // 2], 3)}
+                text += piece
+                if first is None and _visible(text):
+                    first = time.perf_counter() - started
+        return first or float("nan"), time.perf_counter() - started, tokens
+
+    def close(self) -> None:
+        self.llama.close()

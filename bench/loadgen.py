@@ -9,6 +9,7 @@ capped every server near that figure, the stub LM alone included.
 from __future__ import annotations
 
 import asyncio
+import json
 import statistics
 import time
 from collections import Counter
@@ -81,22 +82,28 @@ async def closed_loop(url: str, body: dict | list, concurrency: int, seconds: fl
 
 @dataclass
 class StreamTiming:
-    first_token_s: float
+    first_token_s: float  # to the first content or reasoning delta
     total_s: float
-    pieces: int
+    completion_tokens: int  # from the usage chunk
 
 
 async def timed_stream(url: str, body: dict, timeout: float = 300.0) -> StreamTiming:
-    """One streamed request: time to the first content piece, and to the end."""
+    """One streamed chat completion: time to the first text delta, to the end, and its token usage."""
     started = time.perf_counter()
-    first = None
-    pieces = 0
+    first, tokens = None, 0
+    request = {**body, "stream": True, "stream_options": {"include_usage": True}}
     async with (aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
-                session.post(url, json={**body, "stream": True}) as response):
+                session.post(url, json=request) as response):
         response.raise_for_status()
         async for line in response.content:
             text = line.decode().strip()
-            if text.startswith("data:") and '"content"' in text and '"content":""' not in text.replace(" ", ""):
-                pieces += 1
-                first = first or time.perf_counter() - started
-    return StreamTiming(first_token_s=first or float("nan"), total_s=time.perf_counter() - started, pieces=pieces)
+            if not text.startswith("data: {"):
+                continue
+            event = json.loads(text[len("data: "):])
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+            delta = (event.get("choices") or [{}])[0].get("delta", {})
+            if first is None and (delta.get("content") or delta.get("reasoning_content")):
+                first = time.perf_counter() - started
+    return StreamTiming(first_token_s=first or float("nan"), total_s=time.perf_counter() - started,
+                        completion_tokens=tokens)

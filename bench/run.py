@@ -16,6 +16,7 @@ import asyncio
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.embedded import raw_llama_figures
+from bench.embedded import RawLlama
 from bench.loadgen import closed_loop, timed_stream
 from bench.processes import ROOT, VENV_BIN, child_env, free_port, running
 
@@ -89,27 +90,34 @@ def overhead_at_one_client(stub: str, gateway: str, seconds: float) -> dict:
             "overhead_p50_ms": round(through.p50_ms - direct.p50_ms, 2)}
 
 
-def embedded_figures(env: dict[str, str], tmp: Path, runs: int = 3) -> dict:
-    """The embedded model through the gateway against raw llama-cpp, same prompt, same grammar, same run."""
+def embedded_figures(env: dict[str, str], tmp: Path, runs: int = 5) -> dict:
+    """The embedded model streamed through the gateway against raw llama-cpp: same prompt, same
+    grammar, calls interleaved (raw, gateway, raw, ...) so both see the same machine; medians."""
     embedded_env = {k: v for k, v in env.items() if k not in ("DSPY_LM", "DSPY_LM_API_BASE")}
     model_uri, _ = log_model(embedded_env)
-    raw = raw_llama_figures(QUESTION, runs)
+    raw = RawLlama(QUESTION)
     context, base, began = start(gateway_args(model_uri), "/ready", embedded_env, tmp / "embedded.log")
     with context:
         cold = time.perf_counter() - began
         url = f"{base}/v1/chat/completions"
-        timings, rates = [], []
-        httpx.post(url, json=CHAT, timeout=300)  # warm: first call maps the model
+        asyncio.run(timed_stream(url, CHAT))  # warm both: the first call maps the model
+        raw.run()
+        raw_runs, gateway_runs = [], []
         for _ in range(runs):
-            started = time.perf_counter()
-            reply = httpx.post(url, json=CHAT, timeout=300).json()
-            rates.append(reply["usage"]["completion_tokens"] / (time.perf_counter() - started))
-            timings.append(asyncio.run(timed_stream(url, CHAT)).first_token_s)
-    gateway = {"tokens_per_s": round(sorted(rates)[len(rates) // 2], 1),
-               "first_token_s": round(sorted(timings)[len(timings) // 2], 3)}
-    return {"raw_llama_cpp": raw, "gateway": gateway, "gateway_cold_start_s": round(cold, 2),
-            "tokens_per_s_ratio": round(gateway["tokens_per_s"] / raw["tokens_per_s"], 2),
-            "first_token_ratio": round(gateway["first_token_s"] / raw["first_token_s"], 2)}
+            raw_runs.append(raw.run())
+            timing = asyncio.run(timed_stream(url, CHAT))
+            gateway_runs.append((timing.first_token_s, timing.total_s, timing.completion_tokens))
+    raw.close()
+
+    def figures(runs_: list[tuple[float, float, int]]) -> dict:
+        return {"tokens_per_s": round(statistics.median(n / total for _, total, n in runs_), 2),
+                "first_token_s": round(statistics.median(first for first, _, _ in runs_), 3),
+                "completion_tokens": statistics.median(n for _, _, n in runs_)}
+
+    ours, theirs = figures(gateway_runs), figures(raw_runs)
+    return {"raw_llama_cpp": theirs, "gateway": ours, "gateway_cold_start_s": round(cold, 2), "runs": runs,
+            "tokens_per_s_ratio": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 2),
+            "first_token_ratio": round(ours["first_token_s"] / theirs["first_token_s"], 2)}
 
 
 def main() -> None:
