@@ -1,5 +1,6 @@
 """The gateway's ServingChatAdapter writes exactly the prompts DSPy's ChatAdapter writes."""
 
+import contextlib
 import pickle
 
 import dspy
@@ -20,11 +21,8 @@ CONVERSATION = [
 def prompts(adapter, program_name: str) -> list:
     lm = DummyLM({"3 + 3": {"reasoning": "r", "answer": "6", "label": "positive", "confidence": "0.9"}})
     program = chat_program(program_name)
-    with dspy.context(lm=lm, adapter=adapter):
-        try:
-            program(messages=CONVERSATION)
-        except Exception:  # only the prompts matter here
-            pass
+    with dspy.context(lm=lm, adapter=adapter), contextlib.suppress(Exception):  # only the prompts matter
+        program(messages=CONVERSATION)
     return [entry["messages"] for entry in lm.history]
 
 
