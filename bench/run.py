@@ -163,6 +163,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(results, indent=2))
     plot(results, RESULTS / "latest.png")
+    print(markdown(results))
     print(f"wrote {RESULTS / 'latest.json'} and latest.png")
 
 
@@ -181,6 +182,25 @@ def report(results: dict, latency: float) -> None:
         print(f"  {key:4} {server['name']:42} " + " | ".join(cells))
     print(f"log wall time {results.get('log_wall_s')} s; cold start to ready: "
           + ", ".join(f"{k} {s['cold_start_s']} s" for k, s in servers.items()))
+
+
+def markdown(results: dict) -> str:
+    """The results as the README's table: requests/s (ratio to (a)), p99 at each concurrency."""
+    servers = results["servers"]
+    reference = {row["concurrency"]: row["throughput"] for row in servers.get("a", {}).get("levels", [])}
+    levels = [row["concurrency"] for row in next(iter(servers.values()))["levels"]]
+    lines = ["| server | " + " | ".join(f"{c} clients" for c in levels) + " | errors | cold start |",
+             "|---|" + "---|" * (len(levels) + 2)]
+    for key, server in servers.items():
+        cells = []
+        for row in server["levels"]:
+            ratio = f" ({row['throughput'] / reference[row['concurrency']]:.1f}x)" if key != "a" and \
+                reference.get(row["concurrency"]) else ""
+            cells.append(f"{row['throughput']:.1f} rps{ratio}, p99 {row['p99_ms']:.0f} ms")
+        errors = sum(row["errors"] for row in server["levels"])
+        name = f"({key}) {server['name']}"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {errors} | {server['cold_start_s']} s |")
+    return "\n".join(lines)
 
 
 def plot(results: dict, path: Path) -> None:

@@ -299,6 +299,14 @@ async def _within(items: AsyncIterator, seconds: float) -> AsyncIterator:
             yield item
 
 
+def _mlflow_schema(messages: list) -> None:
+    """What `mlflow models serve` enforces from the chat signature before the model runs."""
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not all(isinstance(message.get(k), str) for k in ("role", "content")):
+            raise invalid_request(f"messages[{i}] needs string 'role' and 'content' (the model's input schema)",
+                                  param="messages")
+
+
 def _validate(messages: list[dict], config: GatewayConfig, mlflow_schema: bool = False) -> None:
     if len(messages) > config.max_messages:
         raise invalid_request(f"{len(messages)} messages; the limit is {config.max_messages}", param="messages",
@@ -308,11 +316,7 @@ def _validate(messages: list[dict], config: GatewayConfig, mlflow_schema: bool =
         raise invalid_request(f"the messages hold {characters} characters; the limit is {config.max_characters}",
                               param="messages", code="too_many_characters")
     if mlflow_schema:
-        # What `mlflow models serve` enforces from the chat signature before the model runs.
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict) or not all(isinstance(message.get(k), str) for k in ("role", "content")):
-                raise invalid_request(f"messages[{i}] needs string 'role' and 'content' (the model's input schema)",
-                                      param="messages")
+        _mlflow_schema(messages)
     try:
         parse_conversation(messages)
     except ChatInputError as exc:
@@ -342,6 +346,7 @@ def _invocation_messages(raw: bytes, served_name: str) -> tuple[list[dict], dict
         raise invalid_request("the request body must be a JSON object")
     if "messages" in payload:
         if isinstance(payload["messages"], list) and all(isinstance(m, dict) for m in payload["messages"]):
+            _mlflow_schema(payload["messages"])  # MLflow's own message first, as `mlflow models serve` words it
             try:
                 chat = ChatCompletionRequest.model_validate(payload)
             except ValidationError as exc:

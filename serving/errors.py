@@ -101,8 +101,7 @@ def validation_message(errors: Sequence[Any]) -> tuple[str, str | None]:
     if not errors:
         return "invalid request body", None
     first = errors[0]
-    location = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = ".".join(location) or None
+    param = _field_path(first.get("loc", ())) or None
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
     if first.get("type") == "extra_forbidden":
@@ -111,6 +110,25 @@ def validation_message(errors: Sequence[Any]) -> tuple[str, str | None]:
         return f"'{param}' is required", param
     reason = first.get("msg", "is invalid")
     return (f"'{param}': {reason}" if param else f"request body: {reason}"), param
+
+
+# Union members and validators that pydantic names in an error's location; not fields.
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "literal", "json-or-python"}
+
+
+def _field_path(loc: Sequence[Any]) -> str:
+    """("body", "messages", 0, "content", "str") -> "messages[0].content"."""
+    path = ""
+    for part in loc:
+        if part == "body" and not path:
+            continue
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif "[" in str(part) or "-" in str(part) or str(part).lower() in _TYPE_TAGS:
+            break  # pydantic's tag for which member of a union failed
+        else:
+            path += f".{part}" if path else str(part)
+    return path
 
 
 def install_handlers(app) -> None:

@@ -282,7 +282,8 @@ async def test_a_slow_upload_gets_408_and_holds_no_slot():
     async def send(message):
         sent.append(message)
 
-    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions",
+             "headers": [(b"content-type", b"application/json")]}
     await middleware(scope, receive, send)
     assert sent[0]["status"] == 408
     assert middleware.in_flight == 0
@@ -307,7 +308,7 @@ async def test_a_body_cut_by_a_disconnect_is_not_passed_on():
         sent.append(message)
 
     await GatewayMiddleware(app, Limits())({"type": "http", "method": "POST", "path": "/invocations",
-                                            "headers": []}, receive, send)
+                                            "headers": [(b"content-type", b"application/json")]}, receive, send)
     assert not reached and sent[0]["status"] == 400
 
 

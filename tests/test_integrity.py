@@ -50,13 +50,14 @@ def logged(tmp_path_factory):
         yield env, result, store
 
 
-def test_log_records_the_digest_on_the_run_and_the_version(logged, monkeypatch):
+def test_log_records_the_digest_on_the_run_and_the_version(logged):
     env, result, _ = logged
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
-    client = MlflowClient()
+    store = env["MLFLOW_TRACKING_URI"]  # explicit: another test may have set mlflow's global URI
+    client = MlflowClient(tracking_uri=store)
     run_tag = client.get_run(result["run_id"]).data.tags[DIGEST_TAG]
     version_tag = client.get_model_version(result["registered_model"], result["version"]).tags[DIGEST_TAG]
-    assert run_tag == version_tag == digest(mlflow.artifacts.download_artifacts(result["model_uri"]))
+    local = mlflow.artifacts.download_artifacts(result["model_uri"], tracking_uri=store)
+    assert run_tag == version_tag == digest(local)
 
 
 def _flip_one_byte(store: Path) -> list[Path]:
