@@ -8,6 +8,7 @@ Routes: /v1/chat/completions (and streaming), /v1/models, /invocations (what
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -151,6 +152,12 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> FastAP
             def load() -> None:
                 try:
                     slot.host = load_host(config)
+                    # Everything loaded so far (mlflow, dspy, pydantic, the program) lives as long as the
+                    # process: freezing it keeps the collector from re-walking it. Measured: the full
+                    # collections over that heap were pauses that set p99 (434-474 ms -> 309-386 ms at
+                    # 64 clients, one worker, 200 ms LM).
+                    gc.collect()
+                    gc.freeze()
                     log.info("model loaded: %s", slot.host.source)
                 except Exception as exc:
                     # Said to clients without details; the log has them.
