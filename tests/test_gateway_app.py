@@ -321,3 +321,30 @@ def test_field_stream_follows_a_new_call_without_repeating_what_was_sent():
     stream.new_call()
     assert stream.feed('{"answer": "Paris, Fr') == [("answer", ", Fr")]
     assert stream.finish("answer", "Paris, France") == "ance"
+
+
+async def test_cors_is_off_unless_an_origin_is_listed():
+    preflight = {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+    async with make_client() as closed:
+        answer = await closed.post("/v1/chat/completions", json={"messages": USER},
+                                   headers={"Origin": "https://evil.example"})
+        assert answer.status_code == 200 and "access-control-allow-origin" not in answer.headers
+        assert "access-control-allow-origin" not in (await closed.options("/v1/chat/completions",
+                                                                         headers=preflight)).headers
+    async with make_client(cors_origins=("https://app.example",)) as opened:
+        allowed = await opened.options("/v1/chat/completions",
+                                       headers={**preflight, "Origin": "https://app.example"})
+        assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+        other = await opened.post("/v1/chat/completions", json={"messages": USER},
+                                  headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+
+
+async def test_too_many_messages_or_characters_are_refused_by_name():
+    async with make_client(max_messages=3, max_characters=20) as client:
+        many = await client.post("/v1/chat/completions", json={"messages": USER * 4})
+        assert many.status_code == 400 and many.json()["error"]["code"] == "too_many_messages"
+        long = await client.post("/v1/chat/completions",
+                                 json={"messages": [{"role": "user", "content": "x" * 21}]})
+        assert long.status_code == 400 and long.json()["error"]["code"] == "too_many_characters"
+        assert "limit is 20" in long.json()["error"]["message"]
