@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Serve the last logged run with `mlflow models serve`, ask it the tutorial's
-# question through /invocations, print the answer, stop the server.
+# Serve the last logged run with `mlflow models serve` (after checking its
+# SHA-256, as `make serve` does), ask it the tutorial's question through
+# /invocations, print the answer, stop the server.
 set -euo pipefail
 : "${RUN_ID:?RUN_ID is required (make demo sets it)}"
 PORT="${PORT:-6000}"
 LOG=.serve.log
 
-mlflow models serve -m "runs:/${RUN_ID}/model" -p "$PORT" --env-manager local >"$LOG" 2>&1 &
+python mlflow_dspy.py serve -m "runs:/${RUN_ID}/model" -p "$PORT" --env-manager local >"$LOG" 2>&1 &
 server=$!
 trap 'kill "$server" 2>/dev/null; wait "$server" 2>/dev/null || true' EXIT
 
