@@ -210,8 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except Exception as exc:
+        from packager.integrity import IntegrityError  # loaded already if it is one
+
         # A refused model is an answer, not a crash: one clear line, no stack trace.
-        if type(exc).__name__ != "IntegrityError":
+        if not isinstance(exc, IntegrityError):
             raise
         print(f"refused: {exc}", file=sys.stderr)
         return 3

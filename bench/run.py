@@ -167,9 +167,14 @@ def main() -> None:
     print(f"wrote {RESULTS / 'latest.json'} and latest.png")
 
 
+def _reference(servers: dict) -> dict[int, float]:
+    """(a)'s throughput by concurrency: what every ratio is taken against."""
+    return {row["concurrency"]: row["throughput"] for row in servers.get("a", {}).get("levels", [])}
+
+
 def report(results: dict, latency: float) -> None:
     servers = results["servers"]
-    reference = {row["concurrency"]: row["throughput"] for row in servers.get("a", {}).get("levels", [])}
+    reference = _reference(servers)
     print(f"\nthroughput as a ratio to (a) mlflow models serve and to the limit (concurrency / {latency}s):")
     for key, server in servers.items():
         cells = []
@@ -187,7 +192,7 @@ def report(results: dict, latency: float) -> None:
 def markdown(results: dict) -> str:
     """The results as the README's table: requests/s (ratio to (a)), p99 at each concurrency."""
     servers = results["servers"]
-    reference = {row["concurrency"]: row["throughput"] for row in servers.get("a", {}).get("levels", [])}
+    reference = _reference(servers)
     levels = [row["concurrency"] for row in next(iter(servers.values()))["levels"]]
     lines = ["| server | " + " | ".join(f"{c} clients" for c in levels) + " | errors | cold start |",
              "|---|" + "---|" * (len(levels) + 2)]

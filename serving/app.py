@@ -134,8 +134,10 @@ class HostSlot:
 
     def get(self) -> ProgramHost:
         if self.host is None:
-            message = f"the model failed to load{self.failure}" if self.failure is not None \
-                else "the model is still loading"
+            if self.failure is None:
+                message = "the model is still loading"
+            else:
+                message = "the model failed to load" + (f": {self.failure}" if self.failure else "")
             raise GatewayError(503, message, "service_unavailable", code="model_not_ready",
                                headers={"Retry-After": "1"})
         return self.host
@@ -160,9 +162,11 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> FastAP
                     gc.freeze()
                     log.info("model loaded: %s", slot.host.source)
                 except Exception as exc:
+                    from packager.integrity import IntegrityError
+
                     # Said to clients without details; the log has them.
-                    integrity = type(exc).__name__ == "IntegrityError"
-                    slot.failure = ": its files do not match the SHA-256 recorded when it was logged" \
+                    integrity = isinstance(exc, IntegrityError)
+                    slot.failure = "its files do not match the SHA-256 recorded when it was logged" \
                         if integrity else ""
                     log.error("model failed to load: %s", exc if integrity else type(exc).__name__, exc_info=exc)
 
@@ -196,15 +200,14 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> FastAP
         if body.model and body.model != current.name:
             raise GatewayError(404, f"model '{body.model}' is not served here; GET /v1/models lists '{current.name}'",
                                "not_found_error", param="model", code="model_not_found")
-        messages = body.message_dicts()
+        messages, settings = body.message_dicts(), body.lm_settings()
         _validate(messages, config)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            stream = _chat_stream(current, messages, body.lm_settings(), include_usage, config.request_timeout,
+            stream = _chat_stream(current, messages, settings, include_usage, config.request_timeout,
                                   request.scope["mlflow_dspy"])
             return EventSourceResponse(stream, sep="\n", ping=15)
-        prediction = await _run(current.answer(messages, body.lm_settings()), config.request_timeout,
-                                body.lm_settings())
+        prediction = await _run(current.answer(messages, settings), config.request_timeout, settings)
         usage = _record_usage(request, prediction)
         completion = ChatCompletion(
             model=current.name,
@@ -225,7 +228,7 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> FastAP
         current = slot.get()
         try:
             messages, settings = _invocation_messages(await request.body(), current.name)
-            _validate(messages, config, mlflow_schema=True)
+            _validate(messages, config)
             prediction = await _run(current.answer(messages, settings), config.request_timeout, settings)
         except GatewayError as error:
             return _mlflow_style(error)
@@ -314,7 +317,7 @@ def _mlflow_schema(messages: list) -> None:
                                   param="messages")
 
 
-def _validate(messages: list[dict], config: GatewayConfig, mlflow_schema: bool = False) -> None:
+def _validate(messages: list[dict], config: GatewayConfig) -> None:
     if len(messages) > config.max_messages:
         raise invalid_request(f"{len(messages)} messages; the limit is {config.max_messages}", param="messages",
                               code="too_many_messages")
@@ -322,8 +325,6 @@ def _validate(messages: list[dict], config: GatewayConfig, mlflow_schema: bool =
     if characters > config.max_characters:
         raise invalid_request(f"the messages hold {characters} characters; the limit is {config.max_characters}",
                               param="messages", code="too_many_characters")
-    if mlflow_schema:
-        _mlflow_schema(messages)
     try:
         parse_conversation(messages)
     except ChatInputError as exc:
@@ -381,6 +382,7 @@ def _invocation_messages(raw: bytes, served_name: str) -> tuple[list[dict], dict
                               param="messages")
     if not isinstance(messages, list) or not messages:
         raise invalid_request("messages must be a non-empty list", param="messages")
+    _mlflow_schema(messages)
     return messages, {}
 
 

@@ -137,13 +137,12 @@ class GatewayMiddleware:
                 app.cancel()
 
     def _refusal(self, scope, path: str) -> GatewayError | None:
-        # A CORS preflight (OPTIONS) never carries the key; it runs no program either.
-        if self.limits.api_keys and path not in OPEN_ROUTES and scope.get("method") != "OPTIONS":
-            header = dict(scope.get("headers") or []).get(b"authorization")
-            if not _authorized(header, self.limits.api_keys):
-                return GatewayError(401, "missing or invalid API key", "authentication_error", code="invalid_api_key",
-                                    headers={"WWW-Authenticate": "Bearer"})
         headers = dict(scope.get("headers") or [])
+        # A CORS preflight (OPTIONS) never carries the key; it runs no program either.
+        needs_key = self.limits.api_keys and path not in OPEN_ROUTES and scope.get("method") != "OPTIONS"
+        if needs_key and not _authorized(headers.get(b"authorization"), self.limits.api_keys):
+            return GatewayError(401, "missing or invalid API key", "authentication_error", code="invalid_api_key",
+                                headers={"WWW-Authenticate": "Bearer"})
         if scope.get("method") == "POST" and path in MODEL_ROUTES:
             media = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
             if media != b"application/json":

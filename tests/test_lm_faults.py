@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -103,7 +104,7 @@ def test_a_client_that_leaves_cancels_the_lm_call_in_flight(rig):
         if httpx.get(stub.replace("/v1", "/_stats")).json()["abandoned"] > before:
             break
         httpx.get(f"{base}/health")
-        __import__("time").sleep(0.2)
+        time.sleep(0.2)
     assert httpx.get(stub.replace("/v1", "/_stats")).json()["abandoned"] == before + 1
     assert chat(base, "after the leaver").status_code == 200
 
