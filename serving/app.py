@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from sse_starlette.sse import EventSourceResponse
 
-from lm_engine.openai_http import close_sessions
+from lm_engine.openai_http import close_pools
 from programs import ChatInputError, parse_conversation
 from serving import executor
 from serving.errors import GatewayError, from_program_failure, install_handlers, invalid_request, validation_message
@@ -173,7 +173,7 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> FastAP
             # A thread, not the event loop: loading takes seconds and /health must answer meanwhile.
             threading.Thread(target=load, name="model-loader", daemon=True).start()
         yield
-        await close_sessions()  # the LM connection pool of this worker's loop
+        await close_pools()  # the LM connection pool of this worker's loop
 
     app = FastAPI(title="mlflow-dspy gateway", version="1", lifespan=lifespan, responses=ERROR_RESPONSES)
     install_handlers(app)

@@ -2,10 +2,11 @@
 
 Profiled at one client, formatting took about a fifth of the gateway's own
 CPU per request, most of it spent redoing work whose result cannot change:
-the system message is a function of the signature alone, and formatting a
-plain `str` input builds a pydantic `TypeAdapter(str)` per field per call,
-only to return the string unchanged. This subclass remembers the first and
-skips the second; every other value goes through DSPy's own code.
+the system message and the output reminder are functions of the signature
+alone, and formatting a plain `str` input builds a pydantic `TypeAdapter(str)`
+(about 1 ms: a fresh schema validator) per field per call, only to return the
+string unchanged. This subclass remembers the first two and skips the third;
+every other value goes through DSPy's own code.
 """
 
 from __future__ import annotations
@@ -24,12 +25,32 @@ class ServingChatAdapter(dspy.ChatAdapter):
         # Keyed by the signature class itself: per-request signatures (extra
         # instructions from a system message) are dropped with their class.
         self._system_messages: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._reminders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def format_system_message(self, signature: type[dspy.Signature]) -> str:
         message = self._system_messages.get(signature)
         if message is None:
             message = self._system_messages[signature] = super().format_system_message(signature)
         return message
+
+    def user_message_output_requirements(self, signature: type[dspy.Signature]) -> str | None:
+        if signature not in self._reminders:
+            self._reminders[signature] = super().user_message_output_requirements(signature)
+        return self._reminders[signature]
+
+    def format_user_message_content(
+        self, signature: type[dspy.Signature], inputs: dict[str, Any], prefix: str = "", suffix: str = "",
+        main_request: bool = False,
+    ) -> str:
+        present = [name for name in signature.input_fields if name in inputs]
+        if not all(type(inputs[name]) is str for name in present):
+            return super().format_user_message_content(signature, inputs, prefix, suffix, main_request)
+        # DSPy's layout, with each str as what format_field_value makes of it: the str itself.
+        parts = [prefix, *(f"[[ ## {name} ## ]]\n{inputs[name]}" for name in present)]
+        if main_request and (reminder := self.user_message_output_requirements(signature)) is not None:
+            parts.append(reminder)
+        parts.append(suffix)
+        return "\n\n".join(parts).strip()
 
     def format_field_with_value(self, fields_with_values: dict) -> str:
         if all(type(value) is str for value in fields_with_values.values()):
@@ -40,12 +61,14 @@ class ServingChatAdapter(dspy.ChatAdapter):
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.pop("_system_messages", None)  # a cache, not state
+        for cache in ("_system_messages", "_reminders"):
+            state.pop(cache, None)  # caches, not state
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._system_messages = weakref.WeakKeyDictionary()
+        self._reminders = weakref.WeakKeyDictionary()
 
 
 def serving_adapter(adapter: Any) -> Any:

@@ -48,3 +48,17 @@ def test_only_the_default_adapter_is_replaced_and_the_cache_is_not_pickled():
     adapter.format_system_message(dspy.Signature("question -> answer"))
     restored = pickle.loads(pickle.dumps(adapter))
     assert len(restored._system_messages) == 0
+
+
+def test_plain_text_inputs_are_formatted_without_building_a_pydantic_type_adapter(monkeypatch):
+    import dspy.adapters.utils as dspy_utils
+
+    built = []
+    real = dspy_utils.TypeAdapter
+    monkeypatch.setattr(dspy_utils, "TypeAdapter", lambda *a, **k: built.append(a) or real(*a, **k))
+    signature = dspy.Signature("context, question -> answer")
+    inputs = {"context": "Paris is in France.", "question": "Where is Paris?"}
+    ours = ServingChatAdapter().format_user_message_content(signature, inputs, main_request=True)
+    assert built == []
+    assert ours == dspy.ChatAdapter().format_user_message_content(signature, inputs, main_request=True)
+    assert built, "DSPy's own path builds one per field: the check above is not vacuous"

@@ -15,7 +15,7 @@ from lm_engine.openai_http import (
     AsyncOpenAIHTTPEngine,
     OpenAIHTTPEngine,
     _StreamParser,
-    close_sessions,
+    close_pools,
     error_for,
     response_from,
     retry_after,
@@ -45,7 +45,7 @@ def test_sync_and_async_calls_reach_the_server_with_the_key_from_the_environment
             with dspy.context(lm=lm):
                 return await dspy.Predict("question -> answer").acall(question="async?")
         finally:
-            await close_sessions()
+            await close_pools()
 
     assert asyncio.run(acall()).answer == "answer: async?"
     seen = httpx.get(stub.replace("/v1", "/_requests")).json()[-2:]
