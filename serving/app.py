@@ -193,10 +193,11 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> FastAP
         current = slot.get()
         return ModelList(data=[ModelCard(id=current.name, created=current.created)])
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletion,
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, openapi_extra=CHAT_REQUEST_BODY,
               responses={200: {"content": {"text/event-stream": {}}}})
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    async def chat_completions(request: Request) -> Response:
         current = slot.get()
+        body = _chat_request(await request.body())
         if body.model and body.model != current.name:
             raise GatewayError(404, f"model '{body.model}' is not served here; GET /v1/models lists '{current.name}'",
                                "not_found_error", param="model", code="model_not_found")
@@ -220,10 +221,7 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> FastAP
         return Response(completion.model_dump_json(), media_type="application/json")
 
     # Documented with the chat request's schema (the other MLflow input shapes are accepted too).
-    chat_body = {"$ref": "#/components/schemas/ChatCompletionRequest"}
-
-    @app.post("/invocations", response_model=ChatCompletion, openapi_extra={"requestBody": {
-        "required": True, "content": {"application/json": {"schema": chat_body}}}})
+    @app.post("/invocations", response_model=ChatCompletion, openapi_extra=CHAT_REQUEST_BODY)
     async def invocations(request: Request) -> Response:
         current = slot.get()
         try:
@@ -257,13 +255,63 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> FastAP
             sep="\n", ping=15,
         )
 
+    _document_chat_request(app)
+    # The hot routes are served by the middleware itself (see serving/middleware.py); with CORS on,
+    # everything goes through FastAPI, whose CORS layer must see every request.
+    direct = {("POST", "/v1/chat/completions"): chat_completions, ("POST", "/invocations"): invocations}
     if config.cors_origins:
         # Off by default: a browser page elsewhere may call the gateway only when its origin is listed.
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
+        direct = {}
     return GatewayMiddleware(app, Limits(
         max_in_flight=config.max_in_flight, max_body_bytes=config.max_body_bytes, api_keys=config.api_keys,
-    ))
+    ), direct=direct)
+
+
+# The chat routes read their bodies themselves (one strict parse of the raw JSON); this documents them.
+CHAT_REQUEST_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}}}
+
+
+def _document_chat_request(app: FastAPI) -> None:
+    """Add ChatCompletionRequest (and the models it uses) to the OpenAPI components the routes refer to."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            request = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(request.pop("$defs", {}))
+            components["ChatCompletionRequest"] = request
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+def _chat_request(raw: bytes) -> ChatCompletionRequest:
+    """One strict parse of the raw body; on failure, the errors Python's JSON reader leads to.
+
+    pydantic's JSON parser refuses a few inputs Python's `json` reads (NaN, a lone
+    surrogate escape) as invalid JSON; re-reading them with `json` names the field
+    or the text that is wrong, as the rest of the gateway does.
+    """
+    try:
+        return ChatCompletionRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        errors = exc.errors()
+    if errors and errors[0].get("type") == "json_invalid":
+        try:
+            payload = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise invalid_request("the request body is not valid JSON") from None
+        try:
+            return ChatCompletionRequest.model_validate(payload)
+        except ValidationError as exc:
+            errors = exc.errors()
+    message, param = validation_message(errors)
+    raise invalid_request(message, param=param)
 
 
 def app_from_env():

@@ -131,15 +131,24 @@ def _field_path(loc: Sequence[Any]) -> str:
     return path
 
 
+def response_for(exc: Exception) -> JSONResponse:
+    """The error response for anything an endpoint raised."""
+    if isinstance(exc, GatewayError):
+        return exc.response()
+    if isinstance(exc, RequestValidationError):
+        message, param = validation_message(exc.errors())
+        return invalid_request(message, param=param).response()
+    return from_program_failure(exc).response()
+
+
 def install_handlers(app) -> None:
     @app.exception_handler(GatewayError)
     async def _gateway(_: Request, exc: GatewayError) -> JSONResponse:
-        return exc.response()
+        return response_for(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = validation_message(exc.errors())
-        return invalid_request(message, param=param).response()
+        return response_for(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -149,4 +158,4 @@ def install_handlers(app) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        return from_program_failure(exc).response()
+        return response_for(exc)

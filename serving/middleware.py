@@ -3,6 +3,12 @@ the cap on requests in flight, and one structured log line per request.
 
 Pure ASGI rather than Starlette's BaseHTTPMiddleware: it does not buffer
 streamed responses and costs little per request.
+
+It also serves the hot routes (`direct`: the chat completions and
+/invocations endpoints) itself, calling the very endpoint functions FastAPI
+has registered, without FastAPI's own middleware stack, routing and
+dependency solving in between. Measured at one client, where each request
+starts with cold CPU caches, that stack cost about 0.4 ms per request.
 """
 
 from __future__ import annotations
@@ -13,10 +19,13 @@ import json
 import logging
 import time
 import uuid
-from contextlib import suppress
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from serving.errors import GatewayError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from serving.errors import GatewayError, response_for
 
 access_log = logging.getLogger("mlflow_dspy.gateway.access")
 
@@ -46,10 +55,14 @@ def _authorized(header: bytes | None, keys: tuple[str, ...]) -> bool:
     return matched
 
 
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
 class GatewayMiddleware:
-    def __init__(self, app, limits: Limits) -> None:
+    def __init__(self, app, limits: Limits, direct: dict[tuple[str, str], Endpoint] | None = None) -> None:
         self.app = app
         self.limits = limits
+        self.direct = direct or {}  # (method, path) -> endpoint, served without FastAPI's stack
         self.in_flight = 0
 
     async def __call__(self, scope, receive, send) -> None:
@@ -94,7 +107,12 @@ class GatewayMiddleware:
             if error is not None:
                 await error.response()(scope, receive, send_logged)
                 return
-            await self._run_until_disconnect(scope, body, receive, send_logged, info)
+            endpoint = self.direct.get((scope.get("method"), path))
+            app = self.app if endpoint is None else _serving(endpoint)
+            await self._run_until_disconnect(app, scope, body, receive, send_logged, info)
+            # One turn of the loop, so the response's coalesced write (serving/coalesce.py) leaves before the
+            # log line below is written: the client does not wait for our bookkeeping.
+            await asyncio.sleep(0)
         finally:
             if counted:
                 self.in_flight -= 1
@@ -109,32 +127,38 @@ class GatewayMiddleware:
                 "completion_tokens": usage[1],
             }))
 
-    async def _run_until_disconnect(self, scope, body: bytes, receive, send, info: dict) -> None:
-        """Run the app; if the client goes away first, cancel it, and with it the LM call in flight."""
+    @staticmethod
+    async def _run_until_disconnect(app, scope, body: bytes, receive, send, info: dict) -> None:
+        """Run the app in this task; if the client goes away first, cancel it, and with it the LM call in flight."""
         gone = asyncio.Event()
-        finished = False
+        task = asyncio.current_task()
+        state = {"finished": False, "left": False}
 
         async def send_tracked(message) -> None:
-            nonlocal finished
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False):
-                finished = True  # after this, the server reports "disconnect" to everyone: not a client leaving
+                # After this the server reports "disconnect" to everyone: not a client leaving.
+                state["finished"] = True
 
-        app = asyncio.ensure_future(self.app(scope, _replay(body, gone), send_tracked))
-        watcher = asyncio.ensure_future(_watch_disconnect(receive, gone))
+        async def watch() -> None:
+            # The body is already read: the next message from the client can only be its disconnect.
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+            if not state["finished"]:
+                state["left"] = True
+                task.cancel()
+
+        watcher = asyncio.ensure_future(watch())
         try:
-            await asyncio.wait((app, watcher), return_when=asyncio.FIRST_COMPLETED)
-            if not app.done() and not finished:
-                app.cancel()
-                info["status"] = 499  # client closed request (nginx's convention), for the log line
-                with suppress(asyncio.CancelledError):
-                    await app
-                return
-            await app
+            await app(scope, _replay(body, gone), send_tracked)
+        except asyncio.CancelledError:
+            if not state["left"]:
+                raise  # cancelled from elsewhere (server shutdown): not ours to swallow
+            task.uncancel()
+            info["status"] = 499  # client closed request (nginx's convention), for the log line
         finally:
             watcher.cancel()
-            if not app.done():  # this request itself was cancelled (server shutdown)
-                app.cancel()
 
     def _refusal(self, scope, path: str) -> GatewayError | None:
         headers = dict(scope.get("headers") or [])
@@ -196,11 +220,17 @@ def _too_large(limit: int) -> GatewayError:
     return GatewayError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
 
 
-async def _watch_disconnect(receive, gone: asyncio.Event) -> None:
-    """The body is already read: the next message from the client can only be its disconnect."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    gone.set()
+def _serving(endpoint: Endpoint):
+    """An endpoint as an ASGI app, its failures answered as FastAPI's handlers would answer them."""
+
+    async def app(scope, receive, send) -> None:
+        try:
+            response = await endpoint(Request(scope, receive))
+        except Exception as exc:
+            response = response_for(exc)
+        await response(scope, receive, send)
+
+    return app
 
 
 def _replay(body: bytes, gone: asyncio.Event):

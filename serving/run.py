@@ -8,6 +8,7 @@ import os
 import uvicorn
 
 from serving.app import CONFIG_ENV, GatewayConfig
+from serving.coalesce import CoalescingHttpToolsProtocol
 
 
 def run_gateway(args: argparse.Namespace) -> int:
@@ -39,6 +40,7 @@ def run_gateway(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         workers=args.workers,
+        http=CoalescingHttpToolsProtocol,  # a response's headers and body in one write
         log_level="warning",
         access_log=False,  # the gateway writes its own structured line per request
         timeout_graceful_shutdown=10,

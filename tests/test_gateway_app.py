@@ -348,3 +348,46 @@ async def test_too_many_messages_or_characters_are_refused_by_name():
                                  json={"messages": [{"role": "user", "content": "x" * 21}]})
         assert long.status_code == 400 and long.json()["error"]["code"] == "too_many_characters"
         assert "limit is 20" in long.json()["error"]["message"]
+
+
+SAME_EITHER_WAY = [
+    ("/v1/chat/completions", {"messages": USER}),
+    ("/v1/chat/completions", {"messages": USER, "temperature": "hot"}),
+    ("/v1/chat/completions", {"messages": USER, "model": "other"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud800"}]}),
+    ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "hi"}]}),
+    ("/v1/chat/completions", {"messages": USER, "extra": 1}),
+    ("/v1/chat/completions", [1, 2]),
+    ("/invocations", {"messages": USER}),
+    ("/invocations", {"messages": USER, "n": 2}),
+    ("/invocations", {"inputs": 5}),
+]
+
+
+async def test_chat_routes_answer_the_same_served_directly_or_through_fastapi():
+    # Without CORS the middleware serves these routes itself; with CORS on, FastAPI does.
+    def comparable(response: httpx.Response) -> tuple:
+        body = response.json()
+        for volatile in ("id", "created"):
+            body.pop(volatile, None) if isinstance(body, dict) else None
+        return response.status_code, body
+
+    answers = {}
+    for cors in ((), ("https://app.example",)):
+        async with make_client(cors_origins=cors) as c:
+            answers[cors] = [comparable(await c.post(route, content=json.dumps(body),
+                                                     headers={"content-type": "application/json"}))
+                             for route, body in SAME_EITHER_WAY]
+    direct, through_fastapi = answers.values()
+    assert direct == through_fastapi
+    assert [status for status, _ in direct] == [200, 400, 404, 400, 400, 400, 400, 200, 400, 400]
+
+
+async def test_the_openapi_document_describes_the_chat_request_body(client):
+    document = (await client.get("/openapi.json")).json()
+    schemas = document["components"]["schemas"]
+    assert {"ChatCompletionRequest", "ChatMessage"} <= set(schemas)
+    assert "messages" in schemas["ChatCompletionRequest"]["properties"]
+    for path in ("/v1/chat/completions", "/invocations"):
+        body = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert body == {"$ref": "#/components/schemas/ChatCompletionRequest"}
