@@ -28,9 +28,10 @@ class LoadResult:
     p50_ms: float
     p99_ms: float
     statuses: dict[str, int] = field(default_factory=dict)
+    latencies_ms: list[float] = field(default_factory=list, repr=False)  # every answered request's
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "latencies_ms"}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -77,6 +78,7 @@ async def closed_loop(url: str, body: dict | list, concurrency: int, seconds: fl
         p50_ms=round(statistics.median(latencies) * 1000, 2) if latencies else float("nan"),
         p99_ms=round(percentile(latencies, 0.99) * 1000, 1),
         statuses=dict(statuses),
+        latencies_ms=[x * 1000 for x in latencies],
     )
 
 

@@ -81,13 +81,21 @@ def load_levels(url: str, body: dict, levels: list[int], seconds: float, name: s
     return rows
 
 
-def overhead_at_one_client(stub: str, gateway: str, seconds: float) -> dict:
-    """Gateway p50 at one client minus a direct call to the stub with the very request the gateway sent it."""
+def overhead_at_one_client(stub: str, gateway: str, seconds: float, rounds: int = 4) -> dict:
+    """Gateway p50 at one client minus a direct call to the stub with the very request the gateway sent it.
+
+    The two are measured in alternating blocks (direct, gateway, direct, ...; `seconds` each side in all),
+    and each side's p50 is taken over all its blocks: a drift of the machine during the measurement
+    lands on both sides instead of on whichever ran second.
+    """
     sent = httpx.get(f"{stub}/_requests").json()[-1]["body"]
-    direct = asyncio.run(closed_loop(f"{stub}/v1/chat/completions", sent, 1, seconds))
-    through = asyncio.run(closed_loop(f"{gateway}/v1/chat/completions", CHAT, 1, seconds))
-    return {"direct_p50_ms": direct.p50_ms, "gateway_p50_ms": through.p50_ms,
-            "overhead_p50_ms": round(through.p50_ms - direct.p50_ms, 2)}
+    direct, through = [], []
+    for _ in range(rounds):
+        direct += asyncio.run(closed_loop(f"{stub}/v1/chat/completions", sent, 1, seconds / rounds)).latencies_ms
+        through += asyncio.run(closed_loop(f"{gateway}/v1/chat/completions", CHAT, 1, seconds / rounds)).latencies_ms
+    direct_p50, gateway_p50 = round(statistics.median(direct), 2), round(statistics.median(through), 2)
+    return {"direct_p50_ms": direct_p50, "gateway_p50_ms": gateway_p50, "requests_each": min(len(direct), len(through)),
+            "overhead_p50_ms": round(gateway_p50 - direct_p50, 2)}
 
 
 def embedded_figures(env: dict[str, str], tmp: Path, runs: int = 5) -> dict:
@@ -153,7 +161,7 @@ def main() -> None:
                     rows = load_levels(base + server["route"], server["body"], levels, args.seconds, server["name"])
                     entry = {"name": server["name"], "cold_start_s": round(cold, 2), "levels": rows}
                     if server["key"] == "c1":
-                        entry["one_client"] = overhead_at_one_client(stub, base, args.seconds)
+                        entry["one_client"] = overhead_at_one_client(stub, base, 2 * args.seconds)
                         print(f"gateway overhead at one client: {entry['one_client']}", flush=True)
                 results["servers"][server["key"]] = entry
             if not args.no_embedded:
