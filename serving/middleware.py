@@ -155,10 +155,11 @@ class GatewayMiddleware:
         except asyncio.CancelledError:
             if not state["left"]:
                 raise  # cancelled from elsewhere (server shutdown): not ours to swallow
-            task.uncancel()
-            info["status"] = 499  # client closed request (nginx's convention), for the log line
         finally:
             watcher.cancel()
+        if state["left"]:  # whether the app stopped at the cancellation or ended anyway
+            task.uncancel()
+            info["status"] = 499  # client closed request (nginx's convention), for the log line
 
     def _refusal(self, scope, path: str) -> GatewayError | None:
         headers = dict(scope.get("headers") or [])
