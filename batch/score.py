@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from batch.io import messages_of
-from lm_engine.openai_http import close_pools
+from lm_engine.http1 import close_pool
 from serving.host import ProgramHost
 
 RESULT_COLUMNS = ("row_id", "answer", "prediction", "error")
@@ -48,4 +48,4 @@ async def score_rows(
     try:
         return list(await asyncio.gather(*(bounded(row_id, row) for row_id, row in rows)))
     finally:
-        await close_pools()  # this loop ends with the batch: leave no open LM connections
+        await close_pool()  # this loop ends with the batch: leave no open LM connections

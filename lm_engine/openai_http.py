@@ -47,6 +47,7 @@ from dspy.lm15 import (
 
 from lm_engine import http1
 from lm_engine.credentials import clean_url
+from lm_engine.deadline import within
 from lm_engine.messages import chat_messages
 
 OPENAI_API_BASE = "https://api.openai.com/v1"
@@ -335,26 +336,21 @@ class AsyncOpenAIHTTPEngine(_Settings):
         except TimeoutError:
             raise lm15.TimeoutError(f"the LM did not answer within {self.timeout:g}s", provider=PROVIDER) from None
         parser = _StreamParser()
-        lines = response.lines()
         try:
             yield StreamStartEvent(id=None, model=_model_name(self.model))
-            while not parser.done:
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        raw = await anext(lines)
-                except StopAsyncIteration:
-                    break
+            async for raw in within(response.lines(), deadline):
                 for event in parser.events(raw.decode("utf-8", "replace")):
                     yield event
+                if parser.done:
+                    break
         except (TimeoutError, http1.TransportError):
             raise lm15.ServerError("the LM stream broke midway", provider=PROVIDER) from None
         finally:
-            await lines.aclose()
             response.close()
         yield parser.end()
 
     async def aclose(self) -> None:
-        await close_pools()
+        await http1.close_pool()
 
 
 async def _body(response: http1.Response) -> bytes:
@@ -363,7 +359,3 @@ async def _body(response: http1.Response) -> bytes:
     except http1.TransportError:
         raise lm15.TransportError("the LM connection broke while answering", provider=PROVIDER) from None
 
-
-async def close_pools() -> None:
-    """Close this event loop's LM connections (before the loop ends, to leave no open sockets)."""
-    await http1.close_pool()

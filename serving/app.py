@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator
-from contextlib import aclosing, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -27,10 +27,11 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from sse_starlette.sse import EventSourceResponse
 
-from lm_engine.openai_http import close_pools
+from lm_engine.deadline import within
+from lm_engine.http1 import close_pool
 from programs import ChatInputError, parse_conversation
 from serving import executor
-from serving.errors import GatewayError, from_program_failure, install_handlers, invalid_request, validation_message
+from serving.errors import GatewayError, from_program_failure, install_handlers, invalid_body, invalid_request
 from serving.host import Delta, ProgramHost, Usage
 from serving.middleware import GatewayMiddleware, Limits
 from serving.protocol import (
@@ -173,7 +174,7 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> FastAP
             # A thread, not the event loop: loading takes seconds and /health must answer meanwhile.
             threading.Thread(target=load, name="model-loader", daemon=True).start()
         yield
-        await close_pools()  # the LM connection pool of this worker's loop
+        await close_pool()  # the LM connection pool of this worker's loop
 
     app = FastAPI(title="mlflow-dspy gateway", version="1", lifespan=lifespan, responses=ERROR_RESPONSES)
     install_handlers(app)
@@ -310,8 +311,7 @@ def _chat_request(raw: bytes) -> ChatCompletionRequest:
             return ChatCompletionRequest.model_validate(payload)
         except ValidationError as exc:
             errors = exc.errors()
-    message, param = validation_message(errors)
-    raise invalid_request(message, param=param)
+    raise invalid_body(errors)
 
 
 def app_from_env():
@@ -343,18 +343,8 @@ async def _run(coro, timeout: float, lm_settings: dict | None = None) -> dspy.Pr
         raise from_program_failure(exc, lm_settings) from None
 
 
-async def _within(items: AsyncIterator, seconds: float) -> AsyncIterator:
-    """`items` under one deadline that counts only the waiting for them, never a
-    slow client reading what was already produced (the yield is outside it)."""
-    deadline = asyncio.get_running_loop().time() + seconds
-    async with aclosing(items):
-        while True:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    item = await anext(items)
-            except StopAsyncIteration:
-                return
-            yield item
+def _deadline(seconds: float) -> float:
+    return asyncio.get_running_loop().time() + seconds
 
 
 def _mlflow_schema(messages: list) -> None:
@@ -406,8 +396,7 @@ def _invocation_messages(raw: bytes, served_name: str) -> tuple[list[dict], dict
             try:
                 chat = ChatCompletionRequest.model_validate(payload)
             except ValidationError as exc:
-                message, param = validation_message(exc.errors())
-                raise invalid_request(message, param=param) from None
+                raise invalid_body(exc.errors()) from None
             if chat.model and chat.model != served_name:
                 raise invalid_request(f"model '{chat.model}' is not served here", param="model",
                                       code="model_not_found")
@@ -473,7 +462,7 @@ async def _chat_stream(
     yield chunk(DeltaBody(role="assistant", content=""))
     prediction = None
     try:
-        async for item in _within(host.stream(messages, lm_settings), timeout):
+        async for item in within(host.stream(messages, lm_settings), _deadline(timeout)):
             if isinstance(item, Delta):
                 if item.field == "content":
                     yield chunk(DeltaBody(content=item.text))
@@ -500,7 +489,7 @@ async def _chat_stream(
 
 async def _predict_stream(host: ProgramHost, question: str, timeout: float, info: dict) -> AsyncIterator[dict]:
     try:
-        async for item in _within(host.predict_stream(question), timeout):
+        async for item in within(host.predict_stream(question), _deadline(timeout)):
             if isinstance(item, Delta):
                 yield _sse({"chunk": {"field": item.field, "text": item.text}})
             else:

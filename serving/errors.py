@@ -131,31 +131,30 @@ def _field_path(loc: Sequence[Any]) -> str:
     return path
 
 
+def invalid_body(errors: Sequence[Any]) -> GatewayError:
+    """The 400 for a request body that failed validation, naming its first invalid field."""
+    message, param = validation_message(errors)
+    return invalid_request(message, param=param)
+
+
 def response_for(exc: Exception) -> JSONResponse:
     """The error response for anything an endpoint raised."""
     if isinstance(exc, GatewayError):
         return exc.response()
     if isinstance(exc, RequestValidationError):
-        message, param = validation_message(exc.errors())
-        return invalid_request(message, param=param).response()
+        return invalid_body(exc.errors()).response()
     return from_program_failure(exc).response()
 
 
 def install_handlers(app) -> None:
-    @app.exception_handler(GatewayError)
-    async def _gateway(_: Request, exc: GatewayError) -> JSONResponse:
+    async def _respond(_: Request, exc: Exception) -> JSONResponse:
         return response_for(exc)
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return response_for(exc)
+    for kind in (GatewayError, RequestValidationError, Exception):
+        app.add_exception_handler(kind, _respond)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         message = "not found" if exc.status_code == 404 else str(exc.detail)
         return GatewayError(exc.status_code, message, kind).response()
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        return response_for(exc)

@@ -62,7 +62,8 @@ class GatewayMiddleware:
     def __init__(self, app, limits: Limits, direct: dict[tuple[str, str], Endpoint] | None = None) -> None:
         self.app = app
         self.limits = limits
-        self.direct = direct or {}  # (method, path) -> endpoint, served without FastAPI's stack
+        # (method, path) -> the endpoint as an ASGI app, served without FastAPI's stack
+        self.direct = {route: _serving(endpoint) for route, endpoint in (direct or {}).items()}
         self.in_flight = 0
 
     async def __call__(self, scope, receive, send) -> None:
@@ -107,8 +108,7 @@ class GatewayMiddleware:
             if error is not None:
                 await error.response()(scope, receive, send_logged)
                 return
-            endpoint = self.direct.get((scope.get("method"), path))
-            app = self.app if endpoint is None else _serving(endpoint)
+            app = self.direct.get((scope.get("method"), path), self.app)
             await self._run_until_disconnect(app, scope, body, receive, send_logged, info)
             # One turn of the loop, so the response's coalesced write (serving/coalesce.py) leaves before the
             # log line below is written: the client does not wait for our bookkeeping.
