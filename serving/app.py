@@ -69,6 +69,10 @@ class GatewayConfig:
     traces: bool = True
     cors_origins: tuple[str, ...] = ()
     api_keys: tuple[str, ...] = field(default_factory=tuple)
+    # Several workers share one listening socket: each must load before it accepts, or a client
+    # that saw /ready from one worker gets 503 from the next. One worker loads in the background
+    # instead, so /health answers at once.
+    load_before_serving: bool = False
 
     def to_env(self) -> str:
         # Keys are not passed this way: workers read GATEWAY_API_KEYS themselves.
@@ -144,7 +148,7 @@ class HostSlot:
         return self.host
 
 
-def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> FastAPI:
+def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> GatewayMiddleware:
     slot = HostSlot()
     slot.host = host
 
@@ -152,6 +156,9 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> FastAP
     async def lifespan(_: FastAPI):
         executor.install()  # two thread hops per LM call fewer (see serving/executor.py)
         if slot.host is None:
+            loop = asyncio.get_running_loop()
+            loaded = loop.create_future() if config.load_before_serving else None
+
             def load() -> None:
                 try:
                     slot.host = load_host(config)
@@ -170,9 +177,14 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> FastAP
                     slot.failure = "its files do not match the SHA-256 recorded when it was logged" \
                         if integrity else ""
                     log.error("model failed to load: %s", exc if integrity else type(exc).__name__, exc_info=exc)
+                finally:
+                    if loaded is not None:
+                        loop.call_soon_threadsafe(loaded.set_result, None)
 
             # A thread, not the event loop: loading takes seconds and /health must answer meanwhile.
             threading.Thread(target=load, name="model-loader", daemon=True).start()
+            if loaded is not None:
+                await loaded  # uvicorn accepts connections only after the lifespan's start-up
         yield
         await close_pool()  # the LM connection pool of this worker's loop
 

@@ -24,6 +24,7 @@ def run_gateway(args: argparse.Namespace) -> int:
         cors_origins=tuple(args.allow_origin or ()),
         request_timeout=args.request_timeout,
         traces=not args.no_traces,
+        load_before_serving=args.workers > 1,
     )
     # Workers are separate processes: they rebuild the app from this variable
     # (API keys stay in GATEWAY_API_KEYS and are read by each worker).

@@ -391,3 +391,72 @@ async def test_the_openapi_document_describes_the_chat_request_body(client):
     for path in ("/v1/chat/completions", "/invocations"):
         body = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
         assert body == {"$ref": "#/components/schemas/ChatCompletionRequest"}
+
+
+async def _start_lifespan(app) -> tuple[asyncio.Queue, asyncio.Queue, asyncio.Task]:
+    """Send lifespan.startup to an ASGI app as uvicorn does; the caller reads what it answers."""
+    inbox, outbox = asyncio.Queue(), asyncio.Queue()
+    await inbox.put({"type": "lifespan.startup"})
+    task = asyncio.create_task(app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}},
+                                   inbox.get, outbox.put))
+    return inbox, outbox, task
+
+
+async def _stop_lifespan(inbox: asyncio.Queue, outbox: asyncio.Queue, task: asyncio.Task) -> None:
+    await inbox.put({"type": "lifespan.shutdown"})
+    assert (await asyncio.wait_for(outbox.get(), 10))["type"] == "lifespan.shutdown.complete"
+    await task
+
+
+@pytest.mark.parametrize("before_serving", [False, True])
+async def test_start_up_waits_for_the_model_only_when_several_workers_share_the_socket(
+        monkeypatch, before_serving):
+    import threading
+
+    import serving.app
+
+    release = threading.Event()
+
+    def slow_load(config):
+        release.wait(30)
+        return ProgramHost(chat_program("qa"), DummyLM(ANSWERS), dspy.ChatAdapter(), "qa", "test")
+
+    monkeypatch.setattr(serving.app, "load_host", slow_load)
+    app = create_app(GatewayConfig(program="qa", traces=False, load_before_serving=before_serving))
+    inbox, outbox, task = await _start_lifespan(app)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://g") as client:
+        if before_serving:
+            # uvicorn accepts connections only once start-up completes: not while the model loads.
+            await asyncio.sleep(0.3)
+            assert outbox.empty() and not task.done()
+            release.set()
+            assert (await asyncio.wait_for(outbox.get(), 10))["type"] == "lifespan.startup.complete"
+            assert (await client.get("/ready")).status_code == 200
+        else:
+            assert (await asyncio.wait_for(outbox.get(), 10))["type"] == "lifespan.startup.complete"
+            assert (await client.get("/health")).status_code == 200
+            assert (await client.get("/ready")).status_code == 503  # still loading, in the background
+            release.set()
+            for _ in range(200):
+                if (await client.get("/ready")).status_code == 200:
+                    break
+                await asyncio.sleep(0.05)
+            assert (await client.get("/ready")).status_code == 200
+    await _stop_lifespan(inbox, outbox, task)
+
+
+async def test_a_model_that_fails_to_load_before_serving_still_lets_the_worker_answer_503(monkeypatch):
+    import serving.app
+
+    def broken_load(config):
+        raise OSError("no such model")
+
+    monkeypatch.setattr(serving.app, "load_host", broken_load)
+    app = create_app(GatewayConfig(program="qa", traces=False, load_before_serving=True))
+    inbox, outbox, task = await _start_lifespan(app)
+    assert (await asyncio.wait_for(outbox.get(), 10))["type"] == "lifespan.startup.complete"
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://g") as client:
+        response = await client.get("/ready")
+    assert response.status_code == 503 and response.json()["error"]["message"] == "the model failed to load"
+    assert "no such model" not in response.text
+    await _stop_lifespan(inbox, outbox, task)
