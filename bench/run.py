@@ -28,10 +28,12 @@ import httpx
 from bench.embedded import RawLlama
 from bench.loadgen import closed_loop, timed_stream
 from bench.processes import ROOT, VENV_BIN, child_env, free_port, running
+from bench.steal import measured
 
 QUESTION = "What is the capital of France?"
 CHAT = {"messages": [{"role": "user", "content": QUESTION}]}
 RESULTS = ROOT / "bench" / "results"
+NOISY_STEAL = 10  # percent of CPU time taken by the hypervisor: above it, a figure is flagged
 
 
 def log_model(env: dict[str, str], *extra: str) -> tuple[str, float]:
@@ -74,10 +76,11 @@ def start(args: list[str], ready: str, env: dict[str, str], log: Path):
 def load_levels(url: str, body: dict, levels: list[int], seconds: float, name: str) -> list[dict]:
     rows = []
     for level in levels:
-        row = asyncio.run(closed_loop(url, body, level, seconds))
-        rows.append(row.as_dict())
+        with measured() as steal:
+            row = asyncio.run(closed_loop(url, body, level, seconds))
+        rows.append({**row.as_dict(), "cpu_steal_percent": steal["percent"]})
         print(f"{name:42} c={level:<4} {row.throughput:7.1f} rps  p50 {row.p50_ms:7.1f} ms"
-              f"  p99 {row.p99_ms:7.1f} ms  errors {row.errors}", flush=True)
+              f"  p99 {row.p99_ms:7.1f} ms  errors {row.errors}  steal {steal['percent']}%", flush=True)
     return rows
 
 
@@ -90,12 +93,14 @@ def overhead_at_one_client(stub: str, gateway: str, seconds: float, rounds: int 
     """
     sent = httpx.get(f"{stub}/_requests").json()[-1]["body"]
     direct, through = [], []
-    for _ in range(rounds):
-        direct += asyncio.run(closed_loop(f"{stub}/v1/chat/completions", sent, 1, seconds / rounds)).latencies_ms
-        through += asyncio.run(closed_loop(f"{gateway}/v1/chat/completions", CHAT, 1, seconds / rounds)).latencies_ms
+    with measured() as steal:
+        for _ in range(rounds):
+            direct += asyncio.run(closed_loop(f"{stub}/v1/chat/completions", sent, 1, seconds / rounds)).latencies_ms
+            through += asyncio.run(closed_loop(f"{gateway}/v1/chat/completions", CHAT, 1,
+                                              seconds / rounds)).latencies_ms
     direct_p50, gateway_p50 = round(statistics.median(direct), 2), round(statistics.median(through), 2)
     return {"direct_p50_ms": direct_p50, "gateway_p50_ms": gateway_p50, "requests_each": min(len(direct), len(through)),
-            "overhead_p50_ms": round(gateway_p50 - direct_p50, 2)}
+            "overhead_p50_ms": round(gateway_p50 - direct_p50, 2), "cpu_steal_percent": steal["percent"]}
 
 
 def embedded_figures(env: dict[str, str], tmp: Path, runs: int = 5) -> dict:
@@ -105,7 +110,7 @@ def embedded_figures(env: dict[str, str], tmp: Path, runs: int = 5) -> dict:
     model_uri, _ = log_model(embedded_env)
     raw = RawLlama(QUESTION)
     context, base, began = start(gateway_args(model_uri), "/ready", embedded_env, tmp / "embedded.log")
-    with context:
+    with context, measured() as steal:
         cold = time.perf_counter() - began
         url = f"{base}/v1/chat/completions"
         asyncio.run(timed_stream(url, CHAT))  # warm both: the first call maps the model
@@ -125,7 +130,8 @@ def embedded_figures(env: dict[str, str], tmp: Path, runs: int = 5) -> dict:
     ours, theirs = figures(gateway_runs), figures(raw_runs)
     return {"raw_llama_cpp": theirs, "gateway": ours, "gateway_cold_start_s": round(cold, 2), "runs": runs,
             "tokens_per_s_ratio": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 2),
-            "first_token_ratio": round(ours["first_token_s"] / theirs["first_token_s"], 2)}
+            "first_token_ratio": round(ours["first_token_s"] / theirs["first_token_s"], 2),
+            "cpu_steal_percent": steal["percent"]}
 
 
 def main() -> None:
@@ -141,7 +147,7 @@ def main() -> None:
     results: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, "
                      f"{os.cpu_count()} cores, Python {platform.python_version()}", "lm_latency_s": args.latency,
                      "seconds_per_level": args.seconds, "servers": {}}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, measured() as steal:
         tmp_path = Path(tmp)
         stub_port = free_port()
         stub = f"http://127.0.0.1:{stub_port}"
@@ -167,6 +173,7 @@ def main() -> None:
             if not args.no_embedded:
                 results["embedded"] = embedded_figures(base_env, tmp_path)
                 print(f"embedded model: {results['embedded']}", flush=True)
+    results["cpu_steal_percent"] = steal["percent"]
     report(results, args.latency)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(results, indent=2))
@@ -195,6 +202,12 @@ def report(results: dict, latency: float) -> None:
         print(f"  {key:4} {server['name']:42} " + " | ".join(cells))
     print(f"log wall time {results.get('log_wall_s')} s; cold start to ready: "
           + ", ".join(f"{k} {s['cold_start_s']} s" for k, s in servers.items()))
+    print(f"CPU steal over the whole run: {results.get('cpu_steal_percent')}%")
+    noisy = [f"({key}) at {row['concurrency']} clients: {row['cpu_steal_percent']}%" for key, server in
+             servers.items() for row in server["levels"] if (row.get("cpu_steal_percent") or 0) > NOISY_STEAL]
+    if noisy:
+        print(f"warning: the hypervisor took over {NOISY_STEAL}% of the CPU during " + "; ".join(noisy)
+              + ". Those figures say more about the machine than about the server: run again on a quiet stretch.")
 
 
 def markdown(results: dict) -> str:
@@ -202,8 +215,8 @@ def markdown(results: dict) -> str:
     servers = results["servers"]
     reference = _reference(servers)
     levels = [row["concurrency"] for row in next(iter(servers.values()))["levels"]]
-    lines = ["| server | " + " | ".join(f"{c} clients" for c in levels) + " | errors | cold start |",
-             "|---|" + "---|" * (len(levels) + 2)]
+    lines = ["| server | " + " | ".join(f"{c} clients" for c in levels) + " | errors | cold start | CPU steal |",
+             "|---|" + "---|" * (len(levels) + 3)]
     for key, server in servers.items():
         cells = []
         for row in server["levels"]:
@@ -212,7 +225,9 @@ def markdown(results: dict) -> str:
             cells.append(f"{row['throughput']:.1f} rps{ratio}, p99 {row['p99_ms']:.0f} ms")
         errors = sum(row["errors"] for row in server["levels"])
         name = f"({key}) {server['name']}"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {errors} | {server['cold_start_s']} s |")
+        steals = [row["cpu_steal_percent"] for row in server["levels"] if row.get("cpu_steal_percent") is not None]
+        steal = f"{min(steals):g}-{max(steals):g}%" if steals else "-"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {errors} | {server['cold_start_s']} s | {steal} |")
     return "\n".join(lines)
 
 
