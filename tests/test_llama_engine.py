@@ -165,3 +165,25 @@ def test_a_prompt_longer_than_the_context_is_a_context_window_error():
     lm = dspy.LM(EMBEDDED_MODEL, engine=LlamaCppEngine(n_ctx=128), cache=False)
     with pytest.raises(ContextWindowExceededError):
         lm("word " * 400)
+
+
+def test_the_model_is_freed_at_exit_while_llama_cpp_is_still_whole():
+    # Left to the interpreter's teardown, Llama.__del__ ran after llama_cpp's globals were gone and
+    # printed "TypeError: 'NoneType' object is not callable" at the end of every `make test`.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "import atexit\n"
+        "from lm_engine.llama_engine import _runtime\n"
+        "state = {}\n"
+        # registered first, so it runs last: after the engine's own exit hook
+        "atexit.register(lambda: print('freed' if state['model'].model is None else 'still loaded'))\n"
+        "state['model'] = _runtime(512).llama._model\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "freed"
+    assert "Exception ignored" not in proc.stderr
