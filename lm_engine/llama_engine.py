@@ -79,8 +79,6 @@ def _runtime(n_ctx: int) -> _Runtime:
     # unpickled programs must not load the model twice or race each other.
     with _runtimes_lock:
         if n_ctx not in _runtimes:
-            if not _runtimes:
-                atexit.register(_close_runtimes)
             _runtimes[n_ctx] = _Runtime(n_ctx)
         return _runtimes[n_ctx]
 
@@ -92,6 +90,9 @@ def _close_runtimes() -> None:
         for runtime in _runtimes.values():
             runtime.llama.close()
         _runtimes.clear()
+
+
+atexit.register(_close_runtimes)
 
 
 @dataclass

@@ -5,8 +5,6 @@ real embedded model and, for deterministic checks, a stub LM server."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,7 +16,7 @@ import openai
 import pytest
 
 from tests.conftest import run_log_cli, store_env
-from tests.support.processes import ROOT, child_env, free_port, gateway, mlflow_serve, stub_lm
+from tests.support.processes import child_env, free_port, gateway, mlflow_serve, running, stub_lm
 
 pytestmark = pytest.mark.slow
 
@@ -194,20 +192,10 @@ def test_several_workers_serve_from_the_first_ready(stub_env, tmp_path):
     # Each worker loads its own model. A worker must not accept connections before its model is
     # loaded: once /ready says 200, every request answers, whichever worker the kernel hands it to.
     port = free_port()
+    base = f"http://127.0.0.1:{port}"
     args = [sys.executable, "mlflow_dspy.py", "gateway", "--program", "qa", "--lm", "openai/stub-echo",
             "--port", str(port), "--workers", "2"]
-    log = (tmp_path / "workers.log").open("wb")
-    proc = subprocess.Popen(args, cwd=ROOT, env=child_env(**stub_env), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        for _ in range(600):
-            try:
-                if httpx.get(f"{base}/ready", timeout=30).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
+    with running(args, f"{base}/ready", child_env(**stub_env), tmp_path / "workers.log") as proc:
         children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
         assert len(children) >= 2
         body = {"messages": [{"role": "user", "content": "hi"}]}
@@ -218,9 +206,6 @@ def test_several_workers_serve_from_the_first_ready(stub_env, tmp_path):
         with ThreadPoolExecutor(4) as pool:
             statuses = list(pool.map(one, range(40)))
         assert statuses == [200] * 40
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
 
 
 @pytest.mark.parametrize("reference", ["models:/dspy-qa/1", "models:/dspy-qa@champion"])

@@ -176,10 +176,10 @@ def test_the_model_is_freed_at_exit_while_llama_cpp_is_still_whole():
 
     script = (
         "import atexit\n"
-        "from lm_engine.llama_engine import _runtime\n"
         "state = {}\n"
-        # registered first, so it runs last: after the engine's own exit hook
+        # registered first (before the engine's module registers its hook on import), so it runs last
         "atexit.register(lambda: print('freed' if state['model'].model is None else 'still loaded'))\n"
+        "from lm_engine.llama_engine import _runtime\n"
         "state['model'] = _runtime(512).llama._model\n"
     )
     root = Path(__file__).resolve().parent.parent
