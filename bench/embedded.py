@@ -17,9 +17,9 @@ from typing import Any
 import dspy
 import jiter
 
-from lm_engine.gguf import locate_gguf
-from lm_engine.llama_engine import DEFAULT_CONTEXT, DEFAULT_MAX_TOKENS, LlamaCppEngine, _sampling
-from lm_engine.messages import chat_messages
+from mlflow_dspy.lm_engine.gguf import locate_gguf
+from mlflow_dspy.lm_engine.llama_engine import DEFAULT_CONTEXT, DEFAULT_MAX_TOKENS, LlamaCppEngine, _sampling
+from mlflow_dspy.lm_engine.messages import chat_messages
 
 
 class _Capture(LlamaCppEngine):
@@ -33,13 +33,13 @@ class _Capture(LlamaCppEngine):
 
 
 def captured_request(question: str) -> Any:
-    from lm_engine.llama_engine import EMBEDDED_MODEL
-    from programs import chat_program
+    from mlflow_dspy.lm_engine.llama_engine import EMBEDDED_MODEL
+    from mlflow_dspy.program.target import open_target
 
     engine = _Capture()
     lm = dspy.LM(EMBEDDED_MODEL, engine=engine, cache=False)
     with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
-        chat_program("qa")(messages=[{"role": "user", "content": question}])
+        open_target("qa").chat()(messages=[{"role": "user", "content": question}])
     return _Capture.requests[-1]
 
 

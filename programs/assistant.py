@@ -2,13 +2,6 @@
 
 import dspy
 
-from programs.metrics import contains_answer
-
-DESCRIPTION = "A multi-turn assistant: the conversation so far is part of every answer."
-EXAMPLE_QUESTION = "What can you help me with?"
-INPUTS = ("history", "question")
-metric = contains_answer
-
 
 class Converse(dspy.Signature):
     """Answer the user's latest message briefly, using what the conversation so far says about them."""

@@ -11,16 +11,8 @@ from pathlib import Path
 
 import dspy
 
-from programs.datasets import data_dir
-from programs.metrics import contains_answer
-
-DESCRIPTION = "Retrieval-augmented QA over the Nimbus corpus (BM25), citing the passages used."
-EXAMPLE_QUESTION = "How long is the warranty on a Nimbus frame?"
-INPUTS = ("question",)
-QUESTION_FIELD = "question"
-ANSWER_FIELD = "answer"
+CORPUS = Path(__file__).resolve().parent / "data" / "rag" / "corpus"
 TOP_K = 3
-metric = contains_answer
 
 
 def corpus_passages(corpus: Path) -> list[dict[str, str]]:
@@ -105,4 +97,4 @@ class RAG(dspy.Module):
 
 
 def build() -> dspy.Module:
-    return RAG(Retriever(corpus_passages(data_dir() / "rag" / "corpus")))
+    return RAG(Retriever(corpus_passages(CORPUS)))

@@ -5,7 +5,8 @@ import dspy
 import pytest
 from dspy.utils.dummies import DummyLM
 
-from programs import ChatInputError, ChatProgram, chat_program, parse_conversation
+from mlflow_dspy.program.chat import ChatInputError, ChatProgram, parse_conversation
+from tests.support.examples import example_chat
 
 
 @pytest.fixture
@@ -24,7 +25,7 @@ def last_prompt(lm) -> list[dict]:
 
 
 def test_last_user_turn_is_the_question(dummy):
-    program = chat_program("qa")
+    program = example_chat("qa")
     result = program(
         messages=[
             {"role": "user", "content": "first question"},
@@ -37,12 +38,12 @@ def test_last_user_turn_is_the_question(dummy):
 
 
 def test_single_turn_matches_tutorial_call(dummy):
-    result = chat_program("qa")([{"role": "user", "content": "first question"}])
+    result = example_chat("qa")([{"role": "user", "content": "first question"}])
     assert result.toDict() == {"reasoning": "r1", "answer": "answer to the first"}
 
 
 def test_system_message_becomes_instructions_for_this_call_only(dummy):
-    program = chat_program("qa")
+    program = example_chat("qa")
     original = program.program.predict.signature.instructions
     program(
         messages=[
@@ -81,7 +82,7 @@ class HistoryQA(dspy.Signature):
 def test_earlier_turns_become_history_for_programs_that_take_one():
     lm = DummyLM({"last question": {"answer": "ok"}})
     program = ChatProgram(dspy.Predict(HistoryQA))
-    assert program.history_field == "history"
+    assert program.mapping.history_field == "history"
     with dspy.context(lm=lm, adapter=dspy.ChatAdapter()):
         program(
             messages=[
@@ -108,10 +109,10 @@ def test_history_pairs_turns_in_order():
             {"role": "user", "content": "q3"},
         ]
     )
-    from programs.chat import _history_entries
+    from mlflow_dspy.program.chat import history_entries
 
     assert conversation.question == "q3"
-    assert _history_entries(conversation.turns, "question", "answer") == [
+    assert history_entries(conversation.turns, "question", "answer") == [
         {"question": "q1", "answer": "a1"},
         {"question": "q2", "answer": "a2"},
     ]
@@ -157,19 +158,19 @@ def test_bad_conversations_are_refused_with_the_problem_named(messages, named):
 
 def test_refusal_is_a_value_error_and_a_400_for_mlflow():
     with pytest.raises(ValueError) as excinfo:
-        chat_program("qa")(messages=[])
+        example_chat("qa")(messages=[])
     assert excinfo.value.get_http_status_code() == 400
 
 
 def test_refusal_happens_before_any_lm_call():
     lm = DummyLM({"x": {"reasoning": "r", "answer": "a"}})
     with dspy.context(lm=lm), pytest.raises(ChatInputError):
-        chat_program("qa")(messages=[{"role": "wizard", "content": "x"}])
+        example_chat("qa")(messages=[{"role": "wizard", "content": "x"}])
     assert lm.history == []
 
 
 async def test_async_forward_answers_the_last_turn(dummy):
-    result = await chat_program("qa").acall(
+    result = await example_chat("qa").acall(
         messages=[{"role": "user", "content": "first question"}, {"role": "assistant", "content": "x"},
                   {"role": "user", "content": "last question"}]
     )

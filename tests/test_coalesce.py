@@ -2,7 +2,7 @@
 
 import asyncio
 
-from serving.coalesce import CoalescingTransport
+from mlflow_dspy.gateway.coalesce import CoalescingTransport
 
 
 class RecordingTransport:

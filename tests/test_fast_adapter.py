@@ -7,8 +7,8 @@ import dspy
 import pytest
 from dspy.utils import DummyLM
 
-from programs import REGISTRY, chat_program
-from serving.fast_adapter import ServingChatAdapter, serving_adapter
+from tests.support.examples import EXAMPLE_NAMES, example_chat
+from mlflow_dspy.runtime.fast_adapter import ServingChatAdapter, serving_adapter
 
 CONVERSATION = [
     {"role": "system", "content": "Answer briefly."},
@@ -20,13 +20,13 @@ CONVERSATION = [
 
 def prompts(adapter, program_name: str) -> list:
     lm = DummyLM({"3 + 3": {"reasoning": "r", "answer": "6", "label": "positive", "confidence": "0.9"}})
-    program = chat_program(program_name)
+    program = example_chat(program_name)
     with dspy.context(lm=lm, adapter=adapter), contextlib.suppress(Exception):  # only the prompts matter
         program(messages=CONVERSATION)
     return [entry["messages"] for entry in lm.history]
 
 
-@pytest.mark.parametrize("program_name", sorted(REGISTRY))
+@pytest.mark.parametrize("program_name", EXAMPLE_NAMES)
 def test_prompts_are_identical_to_dspys_chat_adapter(program_name):
     ours = prompts(ServingChatAdapter(), program_name)
     assert ours and ours == prompts(dspy.ChatAdapter(), program_name)

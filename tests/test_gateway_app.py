@@ -12,9 +12,9 @@ import httpx
 import pytest
 from dspy.utils.dummies import DummyLM
 
-from programs import chat_program
-from serving.app import GatewayConfig, create_app
-from serving.host import ProgramHost
+from tests.support.examples import example_chat
+from mlflow_dspy.gateway.app import GatewayConfig, create_app
+from mlflow_dspy.runtime.host import ProgramHost
 
 ANSWERS = {
     "What is 2 + 2?": {"reasoning": "two and two", "answer": "4"},
@@ -24,7 +24,7 @@ USER = [{"role": "user", "content": "What is 2 + 2?"}]
 
 
 def make_client(**config) -> httpx.AsyncClient:
-    host = ProgramHost(chat_program("qa"), DummyLM(ANSWERS), dspy.ChatAdapter(), "qa", "test")
+    host = ProgramHost(example_chat("qa"), DummyLM(ANSWERS), dspy.ChatAdapter(), "qa", "test")
     app = create_app(GatewayConfig(**config), host=host)
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway")
 
@@ -69,7 +69,7 @@ class RecordingLM(DummyLM):
 async def test_per_request_settings_reach_the_lm():
     lm = RecordingLM(ANSWERS)
     shared = dict(lm.kwargs)
-    host = ProgramHost(chat_program("qa"), lm, dspy.ChatAdapter(), "qa", "test")
+    host = ProgramHost(example_chat("qa"), lm, dspy.ChatAdapter(), "qa", "test")
     app = create_app(GatewayConfig(), host=host)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://g") as client:
         await client.post("/v1/chat/completions", json={
@@ -160,7 +160,7 @@ async def test_requests_over_the_in_flight_cap_get_429_with_retry_after():
             await asyncio.sleep(0.5)
             return await super().acall(*args, **kwargs)
 
-    host = ProgramHost(chat_program("qa"), SlowLM(ANSWERS), dspy.ChatAdapter(), "qa", "test")
+    host = ProgramHost(example_chat("qa"), SlowLM(ANSWERS), dspy.ChatAdapter(), "qa", "test")
     app = create_app(GatewayConfig(max_in_flight=3), host=host)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://g") as client:
         responses = await asyncio.gather(
@@ -231,7 +231,7 @@ async def test_one_structured_log_line_per_request_without_the_key(caplog):
 
 async def test_served_requests_leave_no_call_history():
     lm = DummyLM(ANSWERS)
-    host = ProgramHost(chat_program("qa"), lm, dspy.ChatAdapter(), "qa", "test")
+    host = ProgramHost(example_chat("qa"), lm, dspy.ChatAdapter(), "qa", "test")
     app = create_app(GatewayConfig(), host=host)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://g") as client:
         for _ in range(3):
@@ -268,7 +268,7 @@ async def test_an_answer_cut_short_by_the_client_is_a_400_else_a_502(client):
 
 
 async def test_a_slow_upload_gets_408_and_holds_no_slot():
-    from serving.middleware import GatewayMiddleware, Limits
+    from mlflow_dspy.gateway.middleware import GatewayMiddleware, Limits
 
     async def app(scope, receive, send):  # never reached
         raise AssertionError("the app ran")
@@ -290,7 +290,7 @@ async def test_a_slow_upload_gets_408_and_holds_no_slot():
 
 
 async def test_a_body_cut_by_a_disconnect_is_not_passed_on():
-    from serving.middleware import GatewayMiddleware, Limits
+    from mlflow_dspy.gateway.middleware import GatewayMiddleware, Limits
 
     reached = []
 
@@ -313,7 +313,7 @@ async def test_a_body_cut_by_a_disconnect_is_not_passed_on():
 
 
 def test_field_stream_follows_a_new_call_without_repeating_what_was_sent():
-    from serving.field_stream import FieldStream
+    from mlflow_dspy.runtime.field_stream import FieldStream
 
     stream = FieldStream(["answer"])
     assert stream.feed('{"answer": "Par') == [("answer", "Par")]
@@ -413,15 +413,15 @@ async def test_start_up_waits_for_the_model_only_when_several_workers_share_the_
         monkeypatch, before_serving):
     import threading
 
-    import serving.app
+    import mlflow_dspy.gateway.app
 
     release = threading.Event()
 
     def slow_load(config):
         release.wait(30)
-        return ProgramHost(chat_program("qa"), DummyLM(ANSWERS), dspy.ChatAdapter(), "qa", "test")
+        return ProgramHost(example_chat("qa"), DummyLM(ANSWERS), dspy.ChatAdapter(), "qa", "test")
 
-    monkeypatch.setattr(serving.app, "load_host", slow_load)
+    monkeypatch.setattr(mlflow_dspy.gateway.app, "load_host", slow_load)
     app = create_app(GatewayConfig(program="qa", traces=False, load_before_serving=before_serving))
     inbox, outbox, task = await _start_lifespan(app)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://g") as client:
@@ -446,12 +446,12 @@ async def test_start_up_waits_for_the_model_only_when_several_workers_share_the_
 
 
 async def test_a_model_that_fails_to_load_before_serving_still_lets_the_worker_answer_503(monkeypatch):
-    import serving.app
+    import mlflow_dspy.gateway.app
 
     def broken_load(config):
         raise OSError("no such model")
 
-    monkeypatch.setattr(serving.app, "load_host", broken_load)
+    monkeypatch.setattr(mlflow_dspy.gateway.app, "load_host", broken_load)
     app = create_app(GatewayConfig(program="qa", traces=False, load_before_serving=True))
     inbox, outbox, task = await _start_lifespan(app)
     assert (await asyncio.wait_for(outbox.get(), 10))["type"] == "lifespan.startup.complete"

@@ -10,7 +10,7 @@ import ssl
 
 import pytest
 
-from lm_engine import http1
+from mlflow_dspy.lm_engine import http1
 
 
 def run(coro):

@@ -13,7 +13,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from packager.integrity import ALLOW_UNVERIFIED_ENV, DIGEST_TAG, IntegrityError, digest, verify
+from mlflow_dspy.packaging.integrity import ALLOW_UNVERIFIED_ENV, DIGEST_TAG, IntegrityError, digest, verify
 from tests.conftest import run_log_cli, store_env
 from tests.support.processes import ROOT, free_port, running, stub_lm
 

@@ -45,8 +45,8 @@ def test_tutorial_curl_is_answered_from_an_isolated_virtualenv(embedded_qa, embe
     [activate] = set(re.findall(r"source (\S+/bin/activate)", log.read_text()))
     python = Path(activate).parent / "python"
     assert ".mlflow/envs/" in activate and python.exists()
-    # ...and it cannot see this project's code: only the artifact's code/ folder gives it the programs.
-    probe = subprocess.run([str(python), "-c", "import programs"], cwd=tmp_path, capture_output=True, text=True,
+    # ...and neither this tool nor the program is installed there: only the artifact's code/ folder has them.
+    probe = subprocess.run([str(python), "-c", "import mlflow_dspy"], cwd=tmp_path, capture_output=True, text=True,
                            env={"PATH": os.environ["PATH"]})
     assert probe.returncode != 0
     freeze = subprocess.run([str(python), "-m", "pip", "freeze"], capture_output=True, text=True).stdout.split()

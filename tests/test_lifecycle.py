@@ -11,14 +11,19 @@ import pytest
 from dspy.utils.dummies import DummyLM
 from mlflow import MlflowClient
 
-from lifecycle.eval_command import record
-from lifecycle.evaluate import evaluate
-from lifecycle.promote import PromotionRefused, promote
-from packager.log import log_program
-from programs import program_spec
-from programs.datasets import load_split
+from mlflow_dspy.lifecycle.eval_command import evaluate_model_uri, record
+from mlflow_dspy.packaging.log import log_target
+from mlflow_dspy.packaging.promote import PromotionRefused, promote
+from mlflow_dspy.program.target import open_target
+from mlflow_dspy.runtime.scoring import evaluate
 
-DEV = load_split("qa", "dev", ("question",))
+QA = open_target("qa")
+DEV = QA.examples("dev")
+METRIC, METRIC_NAME = QA.metric()
+
+
+def score(lm) -> object:
+    return evaluate("qa", QA.module, DEV, METRIC, lm, dspy.ChatAdapter(), QA.data_hash())
 
 
 def answers(right: int) -> dict:
@@ -38,7 +43,7 @@ def store(tmp_path, monkeypatch):
 
 
 def test_evaluate_scores_every_dev_example():
-    report = evaluate("qa", program_spec("qa").build(), DummyLM(answers(6)), dspy.ChatAdapter())
+    report = score(DummyLM(answers(6)))
     assert len(report.rows) == len(DEV) == 8
     expected = 100 * sum(1 for i in range(8) if i < 6 or DEV[i].answer == "4") / 8
     assert report.score == pytest.approx(expected)
@@ -49,8 +54,8 @@ def test_evaluate_scores_every_dev_example():
 
 
 def test_eval_logs_a_metric_and_a_table(store):
-    report = evaluate("qa", program_spec("qa").build(), DummyLM(answers(4)), dspy.ChatAdapter())
-    run_id = record(report, None)
+    report = score(DummyLM(answers(4)))
+    run_id = record(report, None, METRIC_NAME)
     client = MlflowClient(store)
     run = client.get_run(run_id)
     assert run.data.metrics["dev_score"] == pytest.approx(report.score)
@@ -63,7 +68,7 @@ def test_eval_logs_a_metric_and_a_table(store):
 def log_with(right: int, store: str) -> str:
     lm = DummyLM(answers(right))
     with dspy.context(lm=lm, adapter=dspy.ChatAdapter()):
-        logged = log_program("qa", lm=lm, registered_model_name="dspy-qa-promo")
+        logged = log_target(QA, lm=lm, registered_model_name="dspy-qa-promo")
     return logged.version
 
 
@@ -106,11 +111,16 @@ def test_promote_refuses_worse_accepts_better_and_force_overrides(store):
     assert str(client.get_model_version_by_alias("dspy-qa-promo", "champion").version) == strong
 
 
-def test_promote_evaluates_a_version_that_has_no_score(store):
+def test_promote_refuses_a_version_that_has_no_score_until_eval_scores_it(store):
     lm = DummyLM(answers(8))
     with dspy.context(lm=lm, adapter=dspy.ChatAdapter()):
-        version = log_program("qa", lm=lm, registered_model_name="dspy-qa-promo", evaluate_dev=False).version
+        version = log_target(QA, lm=lm, registered_model_name="dspy-qa-promo", evaluate_dev=False).version
     client = MlflowClient(store)
     assert client.get_model_version("dspy-qa-promo", version).tags["dev_score"] == "not evaluated"
-    assert promote("dspy-qa-promo", version).score == 100.0
+    with pytest.raises(PromotionRefused, match=f"mlflow-dspy eval -m models:/dspy-qa-promo/{version} --dev"):
+        promote("dspy-qa-promo", version)
+    report, _ = evaluate_model_uri(f"models:/dspy-qa-promo/{version}", QA.config.dev,
+                                   "mlflow_dspy.program.metrics:contains_answer")
+    assert report.score == 100.0
     assert float(client.get_model_version("dspy-qa-promo", version).tags["dev_score"]) == 100.0
+    assert promote("dspy-qa-promo", version).score == 100.0

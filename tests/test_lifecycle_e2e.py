@@ -62,15 +62,15 @@ def test_promoted_champion_is_served_by_mlflow_models_serve(embedded_qa, embedde
 
 
 def test_rag_answers_with_citations_from_its_artifact_with_the_corpus_gone(tmp_path):
-    data = tmp_path / "data"
-    shutil.copytree(ROOT / "data", data)
-    env = store_env(tmp_path, MLFLOW_DSPY_DATA_DIR=str(data))
-    proc = cli("log", "--program", "rag", "--no-eval", "--json", env=env)
+    copy = tmp_path / "examples"
+    shutil.copytree(ROOT / "programs", copy)
+    env = store_env(tmp_path)
+    proc = cli("log", f"{copy}/rag.py:build", "--answer-field", "answer", "--no-eval", "--json", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     logged = json.loads(proc.stdout.strip().splitlines()[-1])
-    shutil.rmtree(data)  # no corpus, no dataset: only the artifact is left
+    shutil.rmtree(copy)  # no code, no corpus, no dataset: only the artifact is left
 
-    serve_env = store_env(tmp_path, MLFLOW_DSPY_DATA_DIR=str(tmp_path / "nowhere"))
+    serve_env = store_env(tmp_path)
     question = {"messages": [{"role": "user", "content": "How long is the warranty on a Nimbus frame?"}]}
     with gateway(["-m", logged["model_uri"], "--no-traces"], tmp_path, **serve_env) as base:
         invocation = httpx.post(f"{base}/invocations", json=question, timeout=120).json()

@@ -10,9 +10,9 @@ import dspy
 import pytest
 from dspy.lm15 import Config, Message, Request
 
-from lm_engine import EMBEDDED_MODEL, AsyncLlamaCppEngine, LlamaCppEngine, build_lm
-from lm_engine.gguf import GGUF_FILE, locate_gguf
-from lm_engine.select import adapter_for
+from mlflow_dspy.lm_engine import EMBEDDED_MODEL, AsyncLlamaCppEngine, LlamaCppEngine, build_lm
+from mlflow_dspy.lm_engine.gguf import GGUF_FILE, locate_gguf
+from mlflow_dspy.lm_engine.select import adapter_for
 
 SCHEMA = {
     "type": "object",
@@ -133,7 +133,7 @@ def test_lm_pickles_without_handle_lock_or_model_path():
 
 def test_lm_state_round_trips_through_dspy_save_format():
     state = build_lm().dump_state()
-    assert state["engine"]["class"] == "lm_engine.llama_engine:LlamaCppEngine"
+    assert state["engine"]["class"] == "mlflow_dspy.lm_engine.llama_engine:LlamaCppEngine"
     restored = dspy.LM.load_state(state, allow_custom_lm_class=True)
     assert isinstance(restored.engine, LlamaCppEngine)
     assert restored.model == EMBEDDED_MODEL
@@ -179,7 +179,7 @@ def test_the_model_is_freed_at_exit_while_llama_cpp_is_still_whole():
         "state = {}\n"
         # registered first (before the engine's module registers its hook on import), so it runs last
         "atexit.register(lambda: print('freed' if state['model'].model is None else 'still loaded'))\n"
-        "from lm_engine.llama_engine import _runtime\n"
+        "from mlflow_dspy.lm_engine.llama_engine import _runtime\n"
         "state['model'] = _runtime(512).llama._model\n"
     )
     root = Path(__file__).resolve().parent.parent

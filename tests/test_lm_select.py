@@ -2,8 +2,8 @@
 
 import pytest
 
-from lm_engine import EMBEDDED_MODEL, LlamaCppEngine, build_lm, lm_model_string
-from lm_engine.openai_http import OpenAIHTTPEngine
+from mlflow_dspy.lm_engine import EMBEDDED_MODEL, LlamaCppEngine, build_lm, lm_model_string
+from mlflow_dspy.lm_engine.openai_http import OpenAIHTTPEngine
 
 
 @pytest.fixture(autouse=True)

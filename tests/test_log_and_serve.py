@@ -10,7 +10,7 @@ import httpx
 import pytest
 from mlflow import MlflowClient
 
-from packager.requirements import pinned_requirements
+from mlflow_dspy.packaging.requirements import pinned_requirements
 from tests.conftest import store_env
 from tests.support.processes import ROOT, mlflow_serve
 

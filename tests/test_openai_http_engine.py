@@ -10,8 +10,8 @@ import pytest
 from dspy import lm15
 from dspy.utils.exceptions import LMProviderError, LMRateLimitError, LMServerError
 
-from lm_engine.http1 import close_pool
-from lm_engine.openai_http import (
+from mlflow_dspy.lm_engine.http1 import close_pool
+from mlflow_dspy.lm_engine.openai_http import (
     MAX_RETRY_WAIT,
     AsyncOpenAIHTTPEngine,
     OpenAIHTTPEngine,
@@ -20,7 +20,7 @@ from lm_engine.openai_http import (
     response_from,
     retry_after,
 )
-from lm_engine.select import build_lm
+from mlflow_dspy.lm_engine.select import build_lm
 from tests.support.processes import stub_lm
 
 

@@ -76,7 +76,8 @@ def test_multi_turn_is_answered_for_the_last_user_turn(stub, tmp_path):
 
 
 def test_key_passed_to_dspy_lm_is_stripped_before_logging(stub, tmp_path, monkeypatch):
-    from packager.log import log_program
+    from mlflow_dspy.packaging.log import log_target
+    from mlflow_dspy.program.target import open_target
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("OPENAI_API_KEY", LOG_KEY)  # the log-time example run reads the environment
@@ -85,7 +86,7 @@ def test_key_passed_to_dspy_lm_is_stripped_before_logging(stub, tmp_path, monkey
     program = dspy.ChainOfThought("question -> answer")
     program.predict.lm = dspy.LM("openai/stub-echo", api_key=PREDICTOR_KEY, api_base=stub, cache=False)
     with dspy.context(lm=lm, adapter=None):
-        logged = log_program("qa", lm=lm, registered_model_name="dspy-qa-secrets", module=program)
+        logged = log_target(open_target("qa"), lm=lm, registered_model_name="dspy-qa-secrets", module=program)
     assert logged.version == "1"
     assert lm.kwargs["api_key"] == ARG_KEY  # the caller's LM is untouched
     keys = (ARG_KEY, LOG_KEY, HEADER_KEY, PREDICTOR_KEY)

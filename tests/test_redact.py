@@ -4,7 +4,7 @@ import cloudpickle
 import dspy
 import pytest
 
-from packager.redact import clean_url, is_secret_name, scrub_lm, scrub_program, scrub_settings
+from mlflow_dspy.packaging.redact import clean_url, is_secret_name, scrub_lm, scrub_program, scrub_settings
 
 KEY = "sk-planted-0123456789abcdef"
 

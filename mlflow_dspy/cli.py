@@ -1,0 +1,304 @@
+"""mlflow-dspy: take a DSPy program from a notebook to production.
+
+The command line only; each command's work lives in its own package.
+Heavy imports (dspy, mlflow) happen inside the commands so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+PROGRAM_HELP = "an example (qa, ...), a program in your pyproject.toml, package.module:attr or file.py:attr"
+
+
+def _config(args: argparse.Namespace):
+    """The program the command names, with the command line's options on top of its project table."""
+    from mlflow_dspy.program.project import resolve_target
+
+    target = args.program_ref or args.program
+    if not target:
+        raise UsageProblem("name a program: " + PROGRAM_HELP)
+    options = {key: getattr(args, key, None) for key in
+               ("dev", "train", "metric", "lm", "question_field", "context_field", "answer_field", "requirements")}
+    return resolve_target(target).with_options(**options)
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    from mlflow_dspy.lm_engine.select import configure_dspy
+    from mlflow_dspy.packaging.log import log_target
+    from mlflow_dspy.program.target import open_target
+
+    config = _config(args)
+    target = open_target(config)
+    lm = configure_dspy(config.lm)
+    logged = log_target(target, lm=lm, registered_model_name=args.name, evaluate_dev=not args.no_eval)
+    if args.json:
+        print(json.dumps(logged.as_dict()), flush=True)
+    else:
+        print(f"run_id:    {logged.run_id}")
+        print(f"model_uri: {logged.model_uri}")
+        if logged.version:
+            print(f"registered {logged.registered_model} version {logged.version}")
+        if logged.dev_score is not None:
+            print(f"dev score: {logged.dev_score:.1f}")
+        print(f"serve it:  mlflow models serve -m {logged.model_uri} -p 6000 --env-manager local")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from mlflow_dspy.packaging.serve import serve_verified
+
+    return serve_verified(args.model_uri, args.port, args.host, args.env_manager)
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from mlflow_dspy.gateway.run import run_gateway
+
+    if bool(args.model_uri) == bool(args.program):
+        raise UsageProblem("gateway: give exactly one of -m MODEL_URI or --program PROGRAM")
+    if args.program:
+        from mlflow_dspy.program.project import resolve_target
+        from mlflow_dspy.program.target import open_target
+
+        open_target(resolve_target(args.program))  # a bad reference is one line here, not a failed start-up
+    return run_gateway(args)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from mlflow_dspy.lifecycle.eval_command import evaluate_model_uri, evaluate_program
+
+    if args.model_uri:
+        if not args.dev:
+            raise UsageProblem("eval -m MODEL_URI needs --dev FILE (JSON Lines of the program's fields)")
+        from pathlib import Path
+
+        report, run_id = evaluate_model_uri(args.model_uri, Path(args.dev).resolve(), args.metric)
+    else:
+        report, run_id = evaluate_program(_config(args))
+    result = {"program": report.program, "dev_score": round(report.score, 2), "examples": len(report.rows),
+              "run_id": run_id, "dataset_hash": report.dataset_hash}
+    print(json.dumps(result) if args.json else f"{report.program}: dev score {report.score:.1f} "
+          f"on {len(report.rows)} examples (run {run_id})")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from mlflow_dspy.packaging.promote import PromotionRefused, promote
+
+    try:
+        done = promote(args.name, args.version, args.alias, args.force, args.reason)
+    except PromotionRefused as refused:
+        print(f"refused: {refused}", file=sys.stderr)
+        return 1
+    before = f"version {done.previous_version} ({done.previous_score})" if done.previous_version else "nobody"
+    print(f"{done.name}@{done.alias} -> version {done.version} (dev score {done.score:.2f}); before: {before}")
+    return 0
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    from mlflow_dspy.lifecycle.optimize import optimize
+
+    config = _config(args)
+    logged, before = optimize(config, args.optimizer, args.name)
+    result = {**logged.as_dict(), "dev_score_before": round(before, 2)}
+    print(json.dumps(result) if args.json else
+          f"{config.name}: dev score {before:.1f} -> {logged.dev_score:.1f}; "
+          f"registered {logged.registered_model} version {logged.version} ({logged.model_uri})")
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mlflow_dspy.lifecycle.starter import write_starter
+
+    folder = Path(args.dir)
+    written = write_starter(folder)
+    name = next(p for p in written if p.name == "pyproject.toml").parent.name
+    print(f"wrote a starter project in {folder.resolve()} ({len(written)} files). Next:")
+    print(f"  cd {folder} && mlflow-dspy log {name.lower()}")
+    return 0
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mlflow_dspy.batch.run import run_batch
+
+    report = run_batch(args.model_uri, Path(args.input), Path(args.output), args.engine, args.concurrency,
+                       args.master)
+    print(json.dumps(report.__dict__) if args.json else
+          f"{report.rows} rows -> {report.output}: computed {report.computed}, skipped {report.skipped} "
+          f"already done, {report.failed} failed (see the error column)")
+    return 0
+
+
+def cmd_docker(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mlflow_dspy.packaging.docker import build_image, docker_engine_available, generate_model_dockerfile
+
+    dockerfile = generate_model_dockerfile(args.model_uri, Path(args.out))
+    print(f"model image: {dockerfile} (serves /invocations like mlflow models serve)")
+    print("gateway image: deploy/Dockerfile.gateway (serves the OpenAI API; deploy/k8s runs it)")
+    if not docker_engine_available():
+        print("no Docker engine on this machine: nothing built. Where one runs:\n"
+              f"  docker build -t {args.tag} {dockerfile.parent}\n"
+              "  docker build -f deploy/Dockerfile.gateway -t dspy-gateway .")
+        return 0
+    build_image(dockerfile.parent, args.tag)
+    build_image(Path("."), "dspy-gateway", Path("deploy/Dockerfile.gateway"))
+    return 0
+
+
+def _program_arguments(command: argparse.ArgumentParser, data: tuple[str, ...] = ("dev",)) -> None:
+    command.add_argument("program_ref", nargs="?", metavar="PROGRAM", help=PROGRAM_HELP)
+    command.add_argument("--program", help=argparse.SUPPRESS)  # the 0.1 spelling
+    command.add_argument("--lm", default=None,
+                         help="LM model string, e.g. openai/gpt-4o-mini (default: the project's, else $DSPY_LM, "
+                              "else the embedded SmolLM2)")
+    for split in data:
+        command.add_argument(f"--{split}", default=None, metavar="FILE",
+                             help=f"{split} set: JSON Lines keyed by the program's input and output fields")
+    command.add_argument("--metric", default=None, metavar="REF",
+                         help="module:function or file.py:function, (example, prediction, trace=None) "
+                              "(default: every output field matches, trimmed and case-folded)")
+
+
+def _chat_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--question-field", default=None, help="the input a user's message fills")
+    command.add_argument("--context-field", default=None, help="the input system messages fill")
+    command.add_argument("--answer-field", default=None, help="the output a chat answer shows")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlflow-dspy", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    log = commands.add_parser("log", help="log a program as an MLflow model and register a version")
+    _program_arguments(log)
+    _chat_arguments(log)
+    log.add_argument("--name", "--registered-model-name", dest="name", default=None,
+                     help="registered model name (default: the project's, else dspy-<program>)")
+    log.add_argument("--requirements", default=None, metavar="FILE",
+                     help="your own pins, added to the runtime's (a conflict is an error)")
+    log.add_argument("--no-eval", action="store_true", help="skip scoring the program on its dev set")
+    log.add_argument("--json", action="store_true",
+                     help="end stdout with one JSON line: run_id, model_uri, registered_model, version, dev_score")
+    log.set_defaults(func=cmd_log)
+
+    evaluation = commands.add_parser("eval", help="score a logged model (or a program) on a dev set")
+    _program_arguments(evaluation)
+    evaluation.add_argument("-m", "--model-uri", default=None, help="evaluate this logged model (with its own LM)")
+    evaluation.add_argument("--json", action="store_true", help="print one JSON line (dev_score, ...)")
+    evaluation.set_defaults(func=cmd_eval)
+
+    optimization = commands.add_parser("optimize", help="compile a program with a DSPy optimizer; log a new version")
+    _program_arguments(optimization, data=("train", "dev"))
+    _chat_arguments(optimization)
+    optimization.add_argument("--optimizer", default="bootstrap", choices=["bootstrap", "mipro"])
+    optimization.add_argument("--name", "--registered-model-name", dest="name", default=None,
+                              help="registered model name (default: the project's, else dspy-<program>)")
+    optimization.add_argument("--json", action="store_true", help="print one JSON line")
+    optimization.set_defaults(func=cmd_optimize)
+
+    init = commands.add_parser("init", help="write a starter project (a program, data, a metric) that logs as is")
+    init.add_argument("dir", nargs="?", default=".", help="the project folder (default: here)")
+    init.set_defaults(func=cmd_init)
+
+    promotion = commands.add_parser("promote", help="point an alias at a version that scores at least as well")
+    promotion.add_argument("--name", required=True, help="registered model name, e.g. dspy-qa")
+    promotion.add_argument("--version", required=True)
+    promotion.add_argument("--alias", default="champion")
+    promotion.add_argument("--force", action="store_true", help="move the alias even to a lower-scoring version")
+    promotion.add_argument("--reason", default=None, help="why, recorded on the version")
+    promotion.set_defaults(func=cmd_promote)
+
+    batch = commands.add_parser("batch", help="score a file of chats or questions with a logged model")
+    batch.add_argument("-m", "--model-uri", required=True)
+    batch.add_argument("--input", required=True, help="parquet, csv or jsonl: a 'messages' or 'question' column")
+    batch.add_argument("--output", required=True, help="parquet, csv or jsonl; re-running resumes it")
+    batch.add_argument("--engine", default="pandas", choices=["pandas", "spark"])
+    batch.add_argument("--concurrency", type=int, default=8, help="rows in flight (per Spark task)")
+    batch.add_argument("--master", default="local[*]", help="Spark master URL (with --engine spark)")
+    batch.add_argument("--json", action="store_true", help="print one JSON line")
+    batch.set_defaults(func=cmd_batch)
+
+    docker = commands.add_parser("docker", help="Dockerfiles for a logged model and the gateway; build if possible")
+    docker.add_argument("-m", "--model-uri", required=True)
+    docker.add_argument("--out", default="build/docker", help="where the model's Dockerfile and files go")
+    docker.add_argument("--tag", default="dspy-model", help="image tag for the model image")
+    docker.set_defaults(func=cmd_docker)
+
+    serve = commands.add_parser("serve", help="`mlflow models serve` a logged model after checking its SHA-256")
+    serve.add_argument("-m", "--model-uri", required=True)
+    serve.add_argument("-p", "--port", type=int, default=6000)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--env-manager", default="local", choices=["local", "virtualenv", "uv", "conda"])
+    serve.set_defaults(func=cmd_serve)
+
+    gateway = commands.add_parser("gateway", help="serve a logged model (or a program) with the OpenAI API")
+    gateway.add_argument(
+        "-m", "--model-uri", help="runs:/<id>/model, models:/<name>/<version> or models:/<name>@<alias>"
+    )
+    gateway.add_argument("--program", help="serve a program straight from its code: " + PROGRAM_HELP)
+    gateway.add_argument("--lm", default=None, help="with --program: the LM (default: $DSPY_LM, else embedded)")
+    gateway.add_argument("--name", default=None, help="model name clients send and /v1/models lists")
+    gateway.add_argument("--host", default="127.0.0.1")
+    gateway.add_argument("--port", type=int, default=8000)
+    gateway.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default: 1)")
+    gateway.add_argument("--max-in-flight", type=int, default=64,
+                         help="requests running at once per worker; more get 429 (default: 64)")
+    gateway.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger bodies get 413 (default: 1 MiB)")
+    gateway.add_argument("--max-messages", type=int, default=200, help="more messages get 400 (default: 200)")
+    gateway.add_argument("--max-characters", type=int, default=50_000,
+                         help="more characters of message text get 400 (default: 50000)")
+    gateway.add_argument("--allow-origin", action="append", metavar="ORIGIN",
+                         help="let browser pages from ORIGIN call the gateway (CORS; off by default; repeatable)")
+    gateway.add_argument("--request-timeout", type=float, default=120.0,
+                         help="seconds a program may run before 504 (default: 120)")
+    gateway.add_argument("--no-traces", action="store_true",
+                         help="do not record an MLflow trace per request (default: record them)")
+    gateway.set_defaults(func=cmd_gateway)
+    return parser
+
+
+class UsageProblem(ValueError):
+    pass
+
+
+def _user_problems() -> tuple[type[BaseException], ...]:
+    """Errors in what the user gave (a reference, a file, a pin): one line, exit 2, no traceback."""
+    from mlflow_dspy.lifecycle.starter import StarterProblem
+    from mlflow_dspy.packaging.load import OutdatedModel
+    from mlflow_dspy.packaging.requirements import RequirementsProblem
+    from mlflow_dspy.packaging.uris import ModelUriProblem
+    from mlflow_dspy.program.datasets import DataProblem
+    from mlflow_dspy.program.mapping import MappingProblem
+    from mlflow_dspy.program.project import ProjectProblem
+    from mlflow_dspy.program.reference import ReferenceProblem
+
+    return (UsageProblem, ReferenceProblem, ProjectProblem, MappingProblem, DataProblem, RequirementsProblem,
+            ModelUriProblem, OutdatedModel, StarterProblem)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except Exception as exc:
+        from mlflow_dspy.packaging.integrity import IntegrityError
+
+        # A refused model is an answer, not a crash: one clear line, no stack trace.
+        if isinstance(exc, IntegrityError):
+            print(f"refused: {exc}", file=sys.stderr)
+            return 3
+        if isinstance(exc, _user_problems()):
+            print(f"mlflow-dspy {args.command}: {exc}", file=sys.stderr)
+            return 2
+        if isinstance(exc, ImportError) and getattr(args, "command", "") in ("log", "eval", "optimize", "gateway"):
+            print(f"mlflow-dspy {args.command}: importing the program failed: {exc}", file=sys.stderr)
+            return 2
+        raise

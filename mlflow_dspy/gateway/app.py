@@ -1,0 +1,616 @@
+"""The gateway: an OpenAI-compatible FastAPI app around one DSPy chat program.
+
+Routes: /v1/chat/completions (and streaming), /v1/models, /invocations (what
+`mlflow models serve` answers), the typed /predict and /predict/stream (the
+program's own input and output fields, documented in /openapi.json once the
+program is loaded), /health and /ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import dspy
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+from sse_starlette.sse import EventSourceResponse
+
+from mlflow_dspy.gateway import executor
+from mlflow_dspy.gateway.errors import (
+    GatewayError,
+    from_program_failure,
+    install_handlers,
+    invalid_body,
+    invalid_request,
+)
+from mlflow_dspy.gateway.middleware import GatewayMiddleware, Limits
+from mlflow_dspy.gateway.protocol import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    PredictResponse,
+    PredictShape,
+    Question,
+    completion_id,
+)
+from mlflow_dspy.gateway.protocol import Delta as DeltaBody
+from mlflow_dspy.gateway.protocol import Usage as UsageBody
+from mlflow_dspy.lm_engine.deadline import within
+from mlflow_dspy.lm_engine.http1 import close_pool
+from mlflow_dspy.packaging.load import host_for_model
+from mlflow_dspy.program.chat import ChatInputError, parse_conversation
+from mlflow_dspy.runtime.host import Delta, ProgramHost, Usage
+
+log = logging.getLogger("mlflow_dspy.gateway")
+CONFIG_ENV = "MLFLOW_DSPY_GATEWAY_CONFIG"
+
+
+@dataclass
+class GatewayConfig:
+    model_uri: str | None = None
+    program: str | None = None
+    lm: str | None = None
+    served_name: str | None = None
+    max_in_flight: int = 64
+    max_body_bytes: int = 1 << 20
+    max_messages: int = 200
+    max_characters: int = 50_000
+    request_timeout: float = 120.0
+    traces: bool = True
+    cors_origins: tuple[str, ...] = ()
+    api_keys: tuple[str, ...] = field(default_factory=tuple)
+    # Several workers share one listening socket: each must load before it accepts, or a client
+    # that saw /ready from one worker gets 503 from the next. One worker loads in the background
+    # instead, so /health answers at once.
+    load_before_serving: bool = False
+
+    def to_env(self) -> str:
+        # Keys are not passed this way: workers read GATEWAY_API_KEYS themselves.
+        return json.dumps({k: v for k, v in asdict(self).items() if k != "api_keys"})
+
+    @classmethod
+    def from_env(cls) -> GatewayConfig:
+        config = cls(**json.loads(os.environ.get(CONFIG_ENV, "{}")))
+        config.api_keys = api_keys_from_env()
+        return config
+
+
+def api_keys_from_env() -> tuple[str, ...]:
+    return tuple(k.strip() for k in os.environ.get("GATEWAY_API_KEYS", "").split(",") if k.strip())
+
+
+def load_host(config: GatewayConfig) -> ProgramHost:
+    if config.model_uri:
+        host = host_for_model(config.model_uri, config.served_name)
+    elif config.program:
+        host = ProgramHost.from_program(config.program, config.lm, config.served_name)
+        host.name = config.served_name or host.name
+    else:
+        raise ValueError("the gateway needs a model URI or a program name")
+    host.warm_up()
+    if config.traces:
+        enable_tracing()
+    return host
+
+
+def enable_tracing() -> None:
+    """One MLflow trace per request (the program's spans, LM calls and token usage),
+    written to the tracking store's `mlflow-dspy` experiment."""
+    import mlflow
+
+    from mlflow_dspy.packaging.log import use_tracking_store
+
+    try:
+        use_tracking_store()
+        # Runs in the loader thread, the one that configured DSPy: autolog
+        # installs its callback with dspy.settings.configure.
+        mlflow.dspy.autolog(log_traces=True, log_traces_from_compile=False, log_traces_from_eval=False,
+                            silent=True)
+    except Exception as exc:
+        # Traces are worth having, not worth refusing to serve for.
+        log.warning("tracing is off: the tracking store failed (%s)", type(exc).__name__)
+
+
+# Every route may answer these, always with an OpenAI error object (documented for clients and fuzzers).
+ERROR_RESPONSES = {status: {"model": ErrorResponse, "description": text} for status, text in {
+    400: "invalid request (the message names the field)", 401: "missing or invalid API key",
+    404: "unknown route or model", 408: "the request body arrived too slowly", 413: "request body too large",
+    415: "not a JSON body", 429: "too many requests in flight, or the LM provider is rate limiting",
+    502: "the LM failed or answered something unusable", 503: "the model is not loaded (yet)",
+    504: "the LM did not answer in time"}.items()}
+
+
+class HostSlot:
+    """The program, once loaded: start-up loads it in the background so /health answers at once."""
+
+    def __init__(self) -> None:
+        self.host: ProgramHost | None = None
+        self.failure: str | None = None
+        self._shape: tuple[ProgramHost, PredictShape] | None = None
+
+    def get(self) -> ProgramHost:
+        if self.host is None:
+            if self.failure is None:
+                message = "the model is still loading"
+            else:
+                message = "the model failed to load" + (f": {self.failure}" if self.failure else "")
+            raise GatewayError(503, message, "service_unavailable", code="model_not_ready",
+                               headers={"Retry-After": "1"})
+        return self.host
+
+    def shape(self, host: ProgramHost) -> PredictShape:
+        """The typed /predict models of the loaded program: built on first use, once per host."""
+        cached = self._shape
+        if cached is None or cached[0] is not host:
+            cached = self._shape = (host, PredictShape(host.program))
+        return cached[1]
+
+
+def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> GatewayMiddleware:
+    slot = HostSlot()
+    slot.host = host
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        executor.install()  # two thread hops per LM call fewer (see serving/executor.py)
+        if slot.host is None:
+            loop = asyncio.get_running_loop()
+            loaded = loop.create_future() if config.load_before_serving else None
+
+            def load() -> None:
+                try:
+                    slot.host = load_host(config)
+                    # Everything loaded so far (mlflow, dspy, pydantic, the program) lives as long as the
+                    # process: freezing it keeps the collector from re-walking it. Measured: the full
+                    # collections over that heap were pauses that set p99 (434-474 ms -> 309-386 ms at
+                    # 64 clients, one worker, 200 ms LM).
+                    gc.collect()
+                    gc.freeze()
+                    log.info("model loaded: %s", slot.host.source)
+                except Exception as exc:
+                    from mlflow_dspy.packaging.integrity import IntegrityError
+
+                    # Said to clients without details; the log has them.
+                    integrity = isinstance(exc, IntegrityError)
+                    slot.failure = "its files do not match the SHA-256 recorded when it was logged" \
+                        if integrity else ""
+                    log.error("model failed to load: %s", exc if integrity else type(exc).__name__, exc_info=exc)
+                finally:
+                    if loaded is not None:
+                        loop.call_soon_threadsafe(loaded.set_result, None)
+
+            # A thread, not the event loop: loading takes seconds and /health must answer meanwhile.
+            threading.Thread(target=load, name="model-loader", daemon=True).start()
+            if loaded is not None:
+                await loaded  # uvicorn accepts connections only after the lifespan's start-up
+        yield
+        await close_pool()  # the LM connection pool of this worker's loop
+
+    app = FastAPI(title="mlflow-dspy gateway", version="1", lifespan=lifespan, responses=ERROR_RESPONSES)
+    install_handlers(app)
+    app.state.slot = slot
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> dict:
+        current = slot.get()
+        return {"status": "ready", "model": current.name}
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        current = slot.get()
+        return ModelList(data=[ModelCard(id=current.name, created=current.created)])
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, openapi_extra=CHAT_REQUEST_BODY,
+              responses={200: {"content": {"text/event-stream": {}}}})
+    async def chat_completions(request: Request) -> Response:
+        current = slot.get()
+        body = _chat_request(await request.body())
+        if body.model and body.model != current.name:
+            raise GatewayError(404, f"model '{body.model}' is not served here; GET /v1/models lists '{current.name}'",
+                               "not_found_error", param="model", code="model_not_found")
+        messages, settings = body.message_dicts(), body.lm_settings()
+        _validate(messages, config)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            stream = _chat_stream(current, messages, settings, include_usage, config.request_timeout,
+                                  request.scope["mlflow_dspy"])
+            return EventSourceResponse(stream, sep="\n", ping=15)
+        prediction = await _run(current.answer(messages, settings), config.request_timeout, settings)
+        usage = _record_usage(request, prediction)
+        completion = ChatCompletion(
+            model=current.name,
+            choices=[Choice(message=AssistantMessage(content=current.content(prediction),
+                                                     reasoning_content=current.reasoning(prediction)))],
+            usage=UsageBody(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                            total_tokens=usage.total_tokens),
+        )
+        # Serialized by pydantic directly: FastAPI's generic encoder costs more than the rest of the reply.
+        return Response(completion.model_dump_json(), media_type="application/json")
+
+    # Documented with the chat request's schema (the other MLflow input shapes are accepted too).
+    @app.post("/invocations", response_model=ChatCompletion, openapi_extra=CHAT_REQUEST_BODY)
+    async def invocations(request: Request) -> Response:
+        current = slot.get()
+        try:
+            messages, settings = _invocation_messages(await request.body(), current.name)
+            _validate(messages, config)
+            prediction = await _run(current.answer(messages, settings), config.request_timeout, settings)
+        except GatewayError as error:
+            return _mlflow_style(error)
+        except Exception as exc:
+            return _mlflow_style(from_program_failure(exc))
+        _record_usage(request, prediction)
+        # Byte for byte what the DSPy flavor's chat wrapper returns through `mlflow models serve`.
+        message = {"role": "assistant", "content": json.dumps(prediction.toDict())}
+        payload = {"choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}
+        return Response(json.dumps(payload), media_type="application/json")
+
+    # The body is read raw and validated against the program's own input fields (PredictShape);
+    # /openapi.json documents them once the program is loaded (_document_openapi).
+    @app.post("/predict", response_model=PredictResponse, openapi_extra=PREDICT_REQUEST_BODY)
+    async def predict(request: Request) -> Response:
+        current = slot.get()
+        inputs = _predict_inputs(await request.body(), slot.shape(current), config)
+        prediction = await _run(current.predict(inputs), config.request_timeout)
+        _record_usage(request, prediction)
+        body = PredictResponse(data=jsonable_encoder(prediction.toDict()))
+        return Response(body.model_dump_json(), media_type="application/json")
+
+    @app.post("/predict/stream", openapi_extra=PREDICT_REQUEST_BODY,
+              responses={200: {"content": {"text/event-stream": {}}}})
+    async def predict_stream(request: Request) -> EventSourceResponse:
+        current = slot.get()
+        inputs = _predict_inputs(await request.body(), slot.shape(current), config)
+        return EventSourceResponse(
+            _predict_stream(current, inputs, config.request_timeout, request.scope["mlflow_dspy"]),
+            sep="\n", ping=15,
+        )
+
+    _document_openapi(app, slot)
+    # The hot routes are served by the middleware itself (see serving/middleware.py); with CORS on,
+    # everything goes through FastAPI, whose CORS layer must see every request.
+    direct = {("POST", "/v1/chat/completions"): chat_completions, ("POST", "/invocations"): invocations}
+    if config.cors_origins:
+        # Off by default: a browser page elsewhere may call the gateway only when its origin is listed.
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+        direct = {}
+    return GatewayMiddleware(app, Limits(
+        max_in_flight=config.max_in_flight, max_body_bytes=config.max_body_bytes, api_keys=config.api_keys,
+    ), direct=direct)
+
+
+# The chat routes read their bodies themselves (one strict parse of the raw JSON); this documents them.
+CHAT_REQUEST_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}}}
+# /predict's body depends on the program: any JSON object until it is loaded, then its input fields.
+PREDICT_REQUEST_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"type": "object", "description": "the program's input fields, by name"}}}}}
+PREDICT_ROUTES = ("/predict", "/predict/stream")
+
+
+def _document_openapi(app: FastAPI, slot: HostSlot) -> None:
+    """Add ChatCompletionRequest (and the models it uses) to the OpenAPI components the routes refer to,
+    and, once the program is loaded, its own input and output fields to /predict.
+
+    The program loads after the app is built: a schema made before that is not kept, so the
+    first request after the load documents the served program.
+    """
+    build = app.openapi
+    documented: list[ProgramHost | None] = [None]
+
+    def openapi() -> dict:
+        host = slot.host
+        if app.openapi_schema is None or documented[0] is not host:
+            app.openapi_schema = None
+            schema = build()
+            request = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(request.pop("$defs", {}))
+            components["ChatCompletionRequest"] = request
+            if host is not None:
+                _document_predict(schema, slot.shape(host))
+            documented[0] = host
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+def _document_predict(schema: dict, shape: PredictShape) -> None:
+    components = schema["components"]["schemas"]
+    body, result, models = shape.openapi(set(components))
+    components.update(models)
+    for path in PREDICT_ROUTES:
+        operation = schema["paths"][path]["post"]
+        operation["requestBody"]["content"]["application/json"]["schema"] = body
+    schema["paths"]["/predict"]["post"]["responses"]["200"]["content"]["application/json"]["schema"] = result
+
+
+def _chat_request(raw: bytes) -> ChatCompletionRequest:
+    """One strict parse of the raw body; on failure, the errors Python's JSON reader leads to.
+
+    pydantic's JSON parser refuses a few inputs Python's `json` reads (NaN, a lone
+    surrogate escape) as invalid JSON; re-reading them with `json` names the field
+    or the text that is wrong, as the rest of the gateway does.
+    """
+    try:
+        return ChatCompletionRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        errors = exc.errors()
+    if errors and errors[0].get("type") == "json_invalid":
+        try:
+            payload = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise invalid_request("the request body is not valid JSON") from None
+        try:
+            return ChatCompletionRequest.model_validate(payload)
+        except ValidationError as exc:
+            errors = exc.errors()
+    raise invalid_body(errors)
+
+
+def app_from_env():
+    """Factory for uvicorn workers: the configuration arrives through the environment."""
+    _configure_logging()
+    return create_app(GatewayConfig.from_env())
+
+
+def _configure_logging() -> None:
+    """The gateway's own lines on stderr; other libraries stay at their defaults (warnings)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    for name in ("mlflow_dspy.gateway", "mlflow_dspy.gateway.access"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        if not logger.handlers:
+            logger.addHandler(handler)
+
+
+# -- helpers --------------------------------------------------------------------
+async def _run(coro, timeout: float, lm_settings: dict | None = None) -> dspy.Prediction:
+    try:
+        async with asyncio.timeout(timeout):
+            return await coro
+    except GatewayError:
+        raise
+    except Exception as exc:
+        raise from_program_failure(exc, lm_settings) from None
+
+
+def _deadline(seconds: float) -> float:
+    return asyncio.get_running_loop().time() + seconds
+
+
+def _mlflow_schema(messages: list) -> None:
+    """What `mlflow models serve` enforces from the chat signature before the model runs."""
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not all(isinstance(message.get(k), str) for k in ("role", "content")):
+            raise invalid_request(f"messages[{i}] needs string 'role' and 'content' (the model's input schema)",
+                                  param="messages")
+
+
+def _validate(messages: list[dict], config: GatewayConfig) -> None:
+    if len(messages) > config.max_messages:
+        raise invalid_request(f"{len(messages)} messages; the limit is {config.max_messages}", param="messages",
+                              code="too_many_messages")
+    characters = sum(_characters(m.get("content")) for m in messages if isinstance(m, dict))
+    if characters > config.max_characters:
+        raise invalid_request(f"the messages hold {characters} characters; the limit is {config.max_characters}",
+                              param="messages", code="too_many_characters")
+    try:
+        parse_conversation(messages)
+    except ChatInputError as exc:
+        raise from_program_failure(exc) from None
+
+
+def _predict_inputs(raw: bytes, shape: PredictShape, config: GatewayConfig) -> dict[str, Any]:
+    """The program's keyword arguments from a /predict body, typed; a 400 names the field that is wrong.
+
+    The body is the program's input fields by name. A program with one text input
+    also takes the tutorial's `{"text": ...}` (unless it has an input named `text`).
+    """
+    try:
+        payload = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise invalid_request("the request body is not valid JSON") from None
+    if not isinstance(payload, dict):
+        raise invalid_request("the request body must be a JSON object of the program's input fields")
+    if shape.text_field and "text" in payload and shape.text_field not in payload:
+        try:
+            question = Question.model_validate(payload)
+        except ValidationError as exc:
+            raise invalid_body(exc.errors()) from None
+        _validate([{"role": "user", "content": question.text}], config)
+        return shape.arguments(shape.inputs.model_validate({shape.text_field: question.text}))
+    characters = sum(_check_strings(value, name) for name, value in payload.items())
+    if characters > config.max_characters:
+        raise invalid_request(f"the inputs hold {characters} characters; the limit is {config.max_characters}",
+                              code="too_many_characters")
+    history = payload.get(shape.history_field) if shape.history_field else None
+    turns = history.get("messages") if isinstance(history, dict) else history
+    if isinstance(turns, list) and len(turns) > config.max_messages:
+        raise invalid_request(f"'{shape.history_field}' holds {len(turns)} messages; the limit is "
+                              f"{config.max_messages}", param=shape.history_field, code="too_many_messages")
+    try:
+        # Strict, as the chat routes: "3" is not an int, "yes" not a bool. JSON's own
+        # forms still read (a date as its ISO string, an enum as its value).
+        model = shape.inputs.model_validate_json(raw, strict=True)
+    except ValidationError as exc:
+        raise invalid_body(exc.errors()) from None
+    return shape.arguments(model)
+
+
+def _check_strings(value: Any, where: str) -> int:
+    """The characters of every string in an input; a 400 for what JSON allows but pydantic does not read."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise invalid_request(f"'{where}' is not valid Unicode text (it holds a lone surrogate)",
+                                  param=where) from None
+        return len(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise invalid_request(f"'{where}': NaN and Infinity are not JSON numbers", param=where)
+    if isinstance(value, list):
+        return sum(_check_strings(item, f"{where}[{i}]") for i, item in enumerate(value))
+    if isinstance(value, dict):
+        return sum(_check_strings(item, f"{where}.{key}") for key, item in value.items())
+    return 0
+
+
+def _characters(content: Any) -> int:
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):  # parts: count their text
+        return sum(len(p["text"]) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return 0
+
+
+def _invocation_messages(raw: bytes, served_name: str) -> tuple[list[dict], dict[str, Any]]:
+    """The conversation, and its LM settings, in any input format `mlflow models serve` takes for a chat model.
+
+    The chat format ({"messages": ..., "temperature": ...}) is checked field by
+    field like /v1/chat/completions. Like the DSPy flavor, a DataFrame-shaped
+    input answers its first row only.
+    """
+    try:
+        payload = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise invalid_request("the request body is not valid JSON") from None
+    if not isinstance(payload, dict):
+        raise invalid_request("the request body must be a JSON object")
+    if "messages" in payload:
+        if isinstance(payload["messages"], list) and all(isinstance(m, dict) for m in payload["messages"]):
+            _mlflow_schema(payload["messages"])  # MLflow's own message first, as `mlflow models serve` words it
+            try:
+                chat = ChatCompletionRequest.model_validate(payload)
+            except ValidationError as exc:
+                raise invalid_body(exc.errors()) from None
+            if chat.model and chat.model != served_name:
+                raise invalid_request(f"model '{chat.model}' is not served here", param="model",
+                                      code="model_not_found")
+            return payload["messages"], chat.lm_settings()
+        messages = payload["messages"]
+    elif isinstance(payload.get("dataframe_records"), list) and payload["dataframe_records"]:
+        messages = _row_messages(payload["dataframe_records"][0])
+    elif isinstance(payload.get("dataframe_split"), dict):
+        split = payload["dataframe_split"]
+        columns, data = split.get("columns"), split.get("data")
+        if not (isinstance(columns, list) and "messages" in columns and isinstance(data, list) and data
+                and isinstance(data[0], list) and len(data[0]) == len(columns)):
+            raise invalid_request("dataframe_split needs a 'messages' column and a row", param="dataframe_split")
+        messages = data[0][columns.index("messages")]
+    elif "inputs" in payload or "instances" in payload:
+        rows = payload.get("inputs", payload.get("instances"))
+        messages = _row_messages(rows[0] if isinstance(rows, list) and rows else rows)
+    else:
+        raise invalid_request("send {\"messages\": [...]} (or dataframe_records, dataframe_split, inputs, instances)",
+                              param="messages")
+    if not isinstance(messages, list) or not messages:
+        raise invalid_request("messages must be a non-empty list", param="messages")
+    _mlflow_schema(messages)
+    return messages, {}
+
+
+def _row_messages(row: Any) -> Any:
+    if not isinstance(row, dict) or "messages" not in row:
+        raise invalid_request("each row needs a 'messages' field", param="messages")
+    return row["messages"]
+
+
+def _mlflow_style(error: GatewayError) -> JSONResponse:
+    """/invocations errors carry MLflow's keys (error_code, message) and the OpenAI error object."""
+    body = error.body()
+    code = "BAD_REQUEST" if error.status < 500 else "INTERNAL_ERROR"
+    return JSONResponse({"error_code": code, "message": error.message, **body}, status_code=error.status,
+                        headers=error.headers)
+
+
+def _record_usage(request: Request, prediction: dspy.Prediction) -> Usage:
+    usage = Usage.of(prediction)
+    request.scope["mlflow_dspy"]["usage"] = (usage.prompt_tokens, usage.completion_tokens)
+    return usage
+
+
+def _sse(data: Any) -> dict:
+    return {"data": data if isinstance(data, str) else json.dumps(data)}
+
+
+async def _chat_stream(
+    host: ProgramHost, messages: list[dict], lm_settings: dict, include_usage: bool, timeout: float, info: dict
+) -> AsyncIterator[dict]:
+    cid, created = completion_id(), int(time.time())
+
+    def chunk(delta: DeltaBody, finish: str | None = None) -> dict:
+        body = ChatCompletionChunk(id=cid, created=created, model=host.name,
+                                   choices=[ChunkChoice(delta=delta, finish_reason=finish)]).model_dump()
+        body.pop("usage")
+        body["choices"][0]["delta"] = delta.model_dump(exclude_none=True)  # only what this chunk carries
+        return _sse(body)
+
+    yield chunk(DeltaBody(role="assistant", content=""))
+    prediction = None
+    try:
+        async for item in within(host.stream(messages, lm_settings), _deadline(timeout)):
+            if isinstance(item, Delta):
+                if item.field == "content":
+                    yield chunk(DeltaBody(content=item.text))
+                else:
+                    yield chunk(DeltaBody(reasoning_content=item.text))
+            else:
+                prediction = item
+    except Exception as exc:
+        # The status line is already sent: the failure travels as an error event.
+        yield _sse(from_program_failure(exc, lm_settings).body())
+        yield _sse("[DONE]")
+        return
+    yield chunk(DeltaBody(), finish="stop")
+    usage = Usage.of(prediction)
+    info["usage"] = (usage.prompt_tokens, usage.completion_tokens)
+    if include_usage:
+        body = ChatCompletionChunk(id=cid, created=created, model=host.name, choices=[],
+                                   usage=UsageBody(prompt_tokens=usage.prompt_tokens,
+                                                   completion_tokens=usage.completion_tokens,
+                                                   total_tokens=usage.total_tokens))
+        yield _sse(body.model_dump())
+    yield _sse("[DONE]")
+
+
+async def _predict_stream(host: ProgramHost, inputs: dict[str, Any], timeout: float, info: dict
+                          ) -> AsyncIterator[dict]:
+    try:
+        async for item in within(host.predict_stream(inputs), _deadline(timeout)):
+            if isinstance(item, Delta):
+                yield _sse({"chunk": {"field": item.field, "text": item.text}})
+            else:
+                usage = Usage.of(item)
+                info["usage"] = (usage.prompt_tokens, usage.completion_tokens)
+                yield _sse({"prediction": jsonable_encoder(item.toDict())})
+    except Exception as exc:
+        yield _sse(from_program_failure(exc).body())
+    yield _sse("[DONE]")

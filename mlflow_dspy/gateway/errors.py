@@ -1,0 +1,160 @@
+"""Every failure becomes an OpenAI error object with the right status.
+
+No exception text that could carry a stack trace, a file path or a key reaches
+a body: client errors echo what the client sent wrong, LM failures say which
+kind of failure it was, and anything unexpected is a bare 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from dspy.utils.exceptions import (
+    AdapterParseError,
+    ContextWindowExceededError,
+    LMError,
+    LMRateLimitError,
+    LMTimeoutError,
+)
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mlflow_dspy.gateway.protocol import ErrorBody, ErrorResponse
+from mlflow_dspy.program.chat import ChatInputError
+
+log = logging.getLogger("mlflow_dspy.gateway")
+
+
+class GatewayError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        error = ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code)
+        return ErrorResponse(error=error).model_dump()
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def invalid_request(message: str, param: str | None = None, code: str | None = None) -> GatewayError:
+    return GatewayError(400, message, param=param, code=code)
+
+
+def from_program_failure(exc: BaseException, lm_settings: dict | None = None) -> GatewayError:
+    """Map what running a program raised to a status and an error the client can act on.
+
+    `lm_settings` are the request's own LM settings: when the client limited
+    the answer (max_tokens, stop) and the outputs then failed to parse, the
+    limit is the cause and the client's to change.
+    """
+    limits = {k: v for k, v in (lm_settings or {}).items() if k in ("max_tokens", "stop")}
+    if isinstance(exc, AdapterParseError) and limits:
+        shown = ", ".join(f"{k}={v!r}" for k, v in limits.items())
+        return invalid_request(f"the answer was cut short ({shown}) before the program's outputs were complete; "
+                               "allow a longer answer", param=next(iter(limits)), code="answer_truncated")
+    if isinstance(exc, ChatInputError):
+        return invalid_request(exc.message, param="messages", code="invalid_messages")
+    if isinstance(exc, asyncio.TimeoutError | TimeoutError | LMTimeoutError):
+        return GatewayError(504, "the language model did not answer in time", "timeout_error", code="lm_timeout")
+    if isinstance(exc, LMRateLimitError) or (isinstance(exc, LMError) and exc.status == 429):
+        # Retried already if the provider asked for a short wait; a long one is passed on as it came.
+        retry = str(max(1, round(exc.retry_after or 1)))
+        return GatewayError(
+            429, "the language model provider is rate limiting; retry later", "rate_limit_error",
+            code="lm_rate_limited", headers={"Retry-After": retry},
+        )
+    if isinstance(exc, ContextWindowExceededError):
+        return invalid_request("the conversation is longer than the model's context window",
+                               param="messages", code="context_length_exceeded")
+    if isinstance(exc, AdapterParseError):
+        return GatewayError(502, "the language model's answer could not be parsed into the program's outputs",
+                            "upstream_error", code="lm_output_unparseable")
+    if isinstance(exc, LMError):
+        return GatewayError(502, f"the language model call failed ({exc.code or 'lm_error'})",
+                            "upstream_error", code="lm_error")
+    log.error("unexpected failure while answering", exc_info=exc)
+    return GatewayError(500, "internal error", "server_error", code="internal_error")
+
+
+def validation_message(errors: Sequence[Any]) -> tuple[str, str | None]:
+    """A one-line message naming the first invalid field of a pydantic validation error list."""
+    if not errors:
+        return "invalid request body", None
+    first = errors[0]
+    param = _field_path(first.get("loc", ())) or None
+    if first.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    if first.get("type") == "extra_forbidden":
+        return f"unknown field '{param}'", param
+    if first.get("type") == "missing":
+        return f"'{param}' is required", param
+    reason = first.get("msg", "is invalid")
+    return (f"'{param}': {reason}" if param else f"request body: {reason}"), param
+
+
+# Union members and validators that pydantic names in an error's location; not fields.
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "literal", "json-or-python"}
+
+
+def _field_path(loc: Sequence[Any]) -> str:
+    """("body", "messages", 0, "content", "str") -> "messages[0].content"."""
+    path = ""
+    for part in loc:
+        if part == "body" and not path:
+            continue
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif "[" in str(part) or "-" in str(part) or str(part).lower() in _TYPE_TAGS:
+            break  # pydantic's tag for which member of a union failed
+        else:
+            path += f".{part}" if path else str(part)
+    return path
+
+
+def invalid_body(errors: Sequence[Any]) -> GatewayError:
+    """The 400 for a request body that failed validation, naming its first invalid field."""
+    message, param = validation_message(errors)
+    return invalid_request(message, param=param)
+
+
+def response_for(exc: Exception) -> JSONResponse:
+    """The error response for anything an endpoint raised."""
+    if isinstance(exc, GatewayError):
+        return exc.response()
+    if isinstance(exc, RequestValidationError):
+        return invalid_body(exc.errors()).response()
+    return from_program_failure(exc).response()
+
+
+def install_handlers(app) -> None:
+    async def _respond(_: Request, exc: Exception) -> JSONResponse:
+        return response_for(exc)
+
+    for kind in (GatewayError, RequestValidationError, Exception):
+        app.add_exception_handler(kind, _respond)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        message = "not found" if exc.status_code == 404 else str(exc.detail)
+        return GatewayError(exc.status_code, message, kind).response()

@@ -1,0 +1,250 @@
+"""One ASGI layer in front of every route: request id, bearer auth, body size,
+the cap on requests in flight, and one structured log line per request.
+
+Pure ASGI rather than Starlette's BaseHTTPMiddleware: it does not buffer
+streamed responses and costs little per request.
+
+It also serves the hot routes (`direct`: the chat completions and
+/invocations endpoints) itself, calling the very endpoint functions FastAPI
+has registered, without FastAPI's own middleware stack, routing and
+dependency solving in between. Measured at one client, where each request
+starts with cold CPU caches, that stack cost about 0.4 ms per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from mlflow_dspy.gateway.errors import GatewayError, response_for
+
+access_log = logging.getLogger("mlflow_dspy.gateway.access")
+
+# Routes that run the program: these count against the in-flight cap.
+MODEL_ROUTES = ("/v1/chat/completions", "/invocations", "/predict", "/predict/stream")
+OPEN_ROUTES = ("/health",)
+
+
+@dataclass
+class Limits:
+    max_in_flight: int = 64
+    max_body_bytes: int = 1 << 20
+    retry_after_seconds: int = 1
+    body_timeout_seconds: float = 30.0
+    api_keys: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _authorized(header: bytes | None, keys: tuple[str, ...]) -> bool:
+    if not header or not header.startswith(b"Bearer "):
+        return False
+    offered = header[len(b"Bearer ") :].strip()
+    # Compare against every key, in constant time each, and decide at the end:
+    # neither the timing nor an early exit tells which key came close.
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(offered, key.encode())
+    return matched
+
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+class GatewayMiddleware:
+    def __init__(self, app, limits: Limits, direct: dict[tuple[str, str], Endpoint] | None = None) -> None:
+        self.app = app
+        self.limits = limits
+        # (method, path) -> the endpoint as an ASGI app, served without FastAPI's stack
+        self.direct = {route: _serving(endpoint) for route, endpoint in (direct or {}).items()}
+        self.in_flight = 0
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = f"req-{uuid.uuid4().hex[:16]}"
+        info = {"status": 500, "usage": None}
+        scope["mlflow_dspy"] = info  # handlers put token usage here
+        path = scope.get("path", "")
+
+        async def send_logged(message) -> None:
+            if message["type"] == "http.response.start":
+                info["status"] = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        counted = False
+        try:
+            error = self._refusal(scope, path)
+            if error is None:
+                # The body first, under a deadline: a slow upload must not sit
+                # on one of the in-flight slots meant for running programs.
+                body = await self._read_body(scope, receive)
+                if isinstance(body, GatewayError):
+                    error = body
+            if error is None and body and path in MODEL_ROUTES and not _is_utf8(body):
+                error = GatewayError(400, "the request body is not valid UTF-8 (JSON must be UTF-8)",
+                                     code="invalid_encoding")
+            if error is None and path in MODEL_ROUTES:
+                if self.in_flight >= self.limits.max_in_flight:
+                    error = GatewayError(
+                        429, f"the server is at its limit of {self.limits.max_in_flight} requests in flight; "
+                        "retry later", "rate_limit_error", code="server_busy",
+                        headers={"Retry-After": str(self.limits.retry_after_seconds)},
+                    )
+                else:
+                    self.in_flight += 1
+                    counted = True
+            if error is not None:
+                await error.response()(scope, receive, send_logged)
+                return
+            app = self.direct.get((scope.get("method"), path), self.app)
+            await self._run_until_disconnect(app, scope, body, receive, send_logged, info)
+            # One turn of the loop, so the response's coalesced write (serving/coalesce.py) leaves before the
+            # log line below is written: the client does not wait for our bookkeeping.
+            await asyncio.sleep(0)
+        finally:
+            if counted:
+                self.in_flight -= 1
+            usage = info.get("usage") or (0, 0)
+            access_log.info(json.dumps({
+                "request_id": request_id,
+                "method": scope.get("method"),
+                "route": path,
+                "status": info["status"],
+                "latency_ms": round((time.perf_counter() - started) * 1000, 2),
+                "prompt_tokens": usage[0],
+                "completion_tokens": usage[1],
+            }))
+
+    @staticmethod
+    async def _run_until_disconnect(app, scope, body: bytes, receive, send, info: dict) -> None:
+        """Run the app in this task; if the client goes away first, cancel it, and with it the LM call in flight."""
+        gone = asyncio.Event()
+        task = asyncio.current_task()
+        state = {"finished": False, "left": False}
+
+        async def send_tracked(message) -> None:
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                # After this the server reports "disconnect" to everyone: not a client leaving.
+                state["finished"] = True
+
+        async def watch() -> None:
+            # The body is already read: the next message from the client can only be its disconnect.
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+            if not state["finished"]:
+                state["left"] = True
+                task.cancel()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await app(scope, _replay(body, gone), send_tracked)
+        except asyncio.CancelledError:
+            if not state["left"]:
+                raise  # cancelled from elsewhere (server shutdown): not ours to swallow
+        finally:
+            watcher.cancel()
+        if state["left"]:  # whether the app stopped at the cancellation or ended anyway
+            task.uncancel()
+            info["status"] = 499  # client closed request (nginx's convention), for the log line
+
+    def _refusal(self, scope, path: str) -> GatewayError | None:
+        headers = dict(scope.get("headers") or [])
+        # A CORS preflight (OPTIONS) never carries the key; it runs no program either.
+        needs_key = self.limits.api_keys and path not in OPEN_ROUTES and scope.get("method") != "OPTIONS"
+        if needs_key and not _authorized(headers.get(b"authorization"), self.limits.api_keys):
+            return GatewayError(401, "missing or invalid API key", "authentication_error", code="invalid_api_key",
+                                headers={"WWW-Authenticate": "Bearer"})
+        if scope.get("method") == "POST" and path in MODEL_ROUTES:
+            media = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
+            if media != b"application/json":
+                return GatewayError(415, "send the body as JSON, with Content-Type: application/json",
+                                    code="unsupported_media_type")
+            if headers.get(b"content-encoding", b"identity").strip().lower() != b"identity":
+                return GatewayError(415, "compressed request bodies are not accepted; send plain JSON",
+                                    code="unsupported_media_type")
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            try:
+                if int(declared) > self.limits.max_body_bytes:
+                    return _too_large(self.limits.max_body_bytes)
+            except ValueError:
+                return GatewayError(400, "invalid Content-Length header", code="invalid_header")
+        return None
+
+    async def _read_body(self, scope, receive) -> bytes | GatewayError:
+        """Read the whole body (chunked ones too), refusing it past the size limit or the deadline."""
+        if scope.get("method") in ("GET", "HEAD", "OPTIONS"):
+            return b""
+        chunks, size = [], 0
+        try:
+            async with asyncio.timeout(self.limits.body_timeout_seconds):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return GatewayError(400, "the request body ended before it was complete",
+                                            code="incomplete_body")
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > self.limits.max_body_bytes:
+                        return _too_large(self.limits.max_body_bytes)
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        return b"".join(chunks)
+        except TimeoutError:
+            return GatewayError(408, f"the request body did not arrive within {self.limits.body_timeout_seconds} s",
+                                code="body_timeout")
+
+
+def _is_utf8(body: bytes) -> bool:
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _too_large(limit: int) -> GatewayError:
+    return GatewayError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+
+
+def _serving(endpoint: Endpoint):
+    """An endpoint as an ASGI app, its failures answered as FastAPI's handlers would answer them."""
+
+    async def app(scope, receive, send) -> None:
+        try:
+            response = await endpoint(Request(scope, receive))
+        except Exception as exc:
+            response = response_for(exc)
+        await response(scope, receive, send)
+
+    return app
+
+
+def _replay(body: bytes, gone: asyncio.Event):
+    """A `receive` that hands the app the body already read, then reports the
+    client's disconnect when the watcher sees it (a streaming response waits for it)."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    return replay

@@ -1,0 +1,63 @@
+"""Load a logged chat model once: one download serves both its MLmodel metadata and the program."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dspy
+import mlflow
+from mlflow.models import Model
+
+from mlflow_dspy.packaging.integrity import download_verified
+from mlflow_dspy.packaging.paths import tracking_uri
+from mlflow_dspy.packaging.uris import ModelUriProblem, parse_model_uri
+from mlflow_dspy.program.chat import ChatProgram
+from mlflow_dspy.runtime.host import ProgramHost
+
+# Written into every logged model's MLmodel metadata. Models logged before the
+# package moved under one namespace (no format key) pickled classes of the old
+# top-level packages (`programs`, `lm_engine`): they must be logged again.
+FORMAT_KEY = "mlflow_dspy_format"
+FORMAT = 2
+
+
+class OutdatedModel(ValueError):
+    pass
+
+
+def load_chat_model(uri: str) -> tuple[ChatProgram, dict[str, Any]]:
+    """The model's chat program and its MLmodel metadata (`program`, `lm`, ...).
+
+    `mlflow.dspy.load_model` also sets `dspy.settings` from the artifact:
+    call this at start-up, never inside a request handler.
+    """
+    local = download_verified(uri)  # the pickle is checked against its logged SHA-256 before it runs
+    metadata = Model.load(local).metadata or {}
+    if int(metadata.get(FORMAT_KEY, 0)) < FORMAT:
+        raise OutdatedModel(f"{uri} was logged by an mlflow-dspy older than 0.2 (before its code moved under the "
+                            "mlflow_dspy package); log the program again")
+    program = mlflow.dspy.load_model(local)
+    if not isinstance(program, ChatProgram):
+        raise OutdatedModel(f"{uri} is not a chat model logged by mlflow-dspy (it holds a "
+                            f"{type(program).__name__}); log the program with `mlflow-dspy log`")
+    return program, metadata
+
+
+def served_name(uri: str, metadata: dict[str, Any]) -> str:
+    """models:/NAME/3 and models:/NAME@alias serve as NAME; a run's model as the name it was registered under."""
+    try:
+        parsed = parse_model_uri(uri)
+    except ModelUriProblem:
+        parsed = None
+    if parsed is not None and parsed.name:
+        return parsed.name
+    return metadata.get("registered_model") or f"dspy-{metadata.get('program') or 'model'}"
+
+
+def host_for_model(uri: str, name: str | None = None) -> ProgramHost:
+    """A runtime host for a logged model, with the LM and adapter it was logged with."""
+    mlflow.set_tracking_uri(tracking_uri())
+    # Sets dspy.settings from the artifact; this runs once at start-up, in
+    # the model-loader thread, never inside a handler.
+    program, metadata = load_chat_model(uri)
+    return ProgramHost(program, dspy.settings.lm, dspy.settings.adapter, name or served_name(uri, metadata), uri)

@@ -1,0 +1,222 @@
+"""Log a program as an MLflow chat model with its own code, register it, and describe the version."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import dspy
+import mlflow
+from mlflow import MlflowClient
+
+from mlflow_dspy.lm_engine.select import adapter_for, build_lm
+from mlflow_dspy.packaging.integrity import DIGEST_TAG, digest
+from mlflow_dspy.packaging.load import FORMAT, FORMAT_KEY
+from mlflow_dspy.packaging.paths import EXPERIMENT_NAME, PACKAGE_DIR, artifacts_location, tracking_uri
+from mlflow_dspy.packaging.redact import scrub_program, scrub_settings
+from mlflow_dspy.packaging.requirements import model_requirements
+from mlflow_dspy.program.target import Target
+from mlflow_dspy.runtime.scoring import SCORE_METRIC, evaluate
+
+MODEL_NAME = "model"  # the tutorial's runs:/<id>/model
+# Never copied with a user's package or the runtime: caches, VCS, environments, data.
+IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo", ".git", ".venv", "venv", ".mypy_cache",
+                                 ".pytest_cache", ".ruff_cache", "*.egg-info", "mlruns", "mlartifacts", "mlflow.db")
+
+# What a loaded model imports of this package: the chat wrapper and its mapping
+# (layer 1) and the LM engines (layer 2). Nothing above them travels.
+RUNTIME_PARTS = ("__init__.py", "program", "lm_engine")
+
+
+@dataclass
+class LoggedModel:
+    run_id: str
+    model_uri: str
+    registered_model: str | None
+    version: str | None
+    dev_score: float | None = None
+
+    def as_dict(self) -> dict[str, str | float | None]:
+        return asdict(self)
+
+
+def git_commit(folder: Path) -> str:
+    """The commit of the user's project (`-dirty` with uncommitted changes), or "unknown"."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, check=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=folder, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def use_tracking_store() -> str:
+    """Point MLflow at the tracking store and the project's experiment.
+
+    The local default keeps artifacts in ./mlartifacts next to ./mlflow.db,
+    which is the pair `make ui` serves.
+    """
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    # log_model makes its model the process's "active model", and later
+    # metrics of any run would be attached to it (even across stores).
+    mlflow.clear_active_model()
+    if mlflow.get_experiment_by_name(EXPERIMENT_NAME) is None:
+        mlflow.create_experiment(EXPERIMENT_NAME, artifact_location=artifacts_location(uri))
+    mlflow.set_experiment(EXPERIMENT_NAME)
+    return uri
+
+
+@contextmanager
+def staged_code(target: Target) -> Iterator[list[str]]:
+    """Copies for `code_paths`: the user's module (its local package, or the single file) and
+    this package's runtime, without bytecode, VCS folders, environments or data."""
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        runtime = Path(tmp) / PACKAGE_DIR.name
+        runtime.mkdir()
+        for part in RUNTIME_PARTS:
+            if (PACKAGE_DIR / part).is_dir():
+                shutil.copytree(PACKAGE_DIR / part, runtime / part, ignore=IGNORED)
+            else:
+                shutil.copy2(PACKAGE_DIR / part, runtime / part)
+        paths.append(str(runtime))
+        source = target.source.path
+        if source is not None:
+            copy = Path(tmp) / source.name
+            if source.is_dir():
+                shutil.copytree(source, copy, ignore=IGNORED)
+            else:
+                shutil.copy2(source, copy)
+            paths.append(str(copy))
+        yield paths
+
+
+def describe(target: Target, lm_model: str, note: str | None = None) -> str:
+    what = target.config.description or (target.module.__doc__ or "").strip().split("\n")[0] or "a DSPy program"
+    mapping = target.mapping
+    question = mapping.question_field or f"a JSON object of {', '.join(mapping.json_fields)}"
+    text = (
+        f"DSPy program `{target.name}` ({target.config.reference}): {what} Chat task (llm/v1/chat): the last user "
+        f"message fills {question}; answers with {', '.join(mapping.answer_fields)}. "
+        f"LM at log time: {lm_model}. Keys are read from the serving environment, never stored."
+    )
+    return f"{text} {note}" if note else text
+
+
+def _log_json(name: str, content: object) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_text(json.dumps(content, indent=2, default=str))
+        mlflow.log_artifact(str(path))
+
+
+def _log_program_state(module: dspy.Module) -> None:
+    """The program's DSPy state (signatures, instructions, demos) as readable JSON beside the model."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "program_state.json"
+        module.save(str(path))
+        mlflow.log_artifact(str(path))
+
+
+def log_target(
+    target: Target,
+    lm: dspy.BaseLM | None = None,
+    registered_model_name: str | None = None,
+    module: dspy.Module | None = None,
+    evaluate_dev: bool = True,
+    extra_tags: dict[str, str] | None = None,
+    extra_metrics: dict[str, float] | None = None,
+    note: str | None = None,
+) -> LoggedModel:
+    """Log `target`'s program wrapped for chat, with its code and pins, and register it.
+
+    `module` is the program to log (a compiled one, say); by default the
+    target's own. `lm` defaults to the configured DSPy LM, else the target's,
+    else the one `DSPY_LM` names, else the embedded model; a copy of it without
+    credentials is what gets pickled. With a dev set (and `evaluate_dev`), the
+    program is scored first, and the score travels with the run and the version.
+    Everything that can fail on the user's input (data rows, metric, pins) is
+    checked before any MLflow run is created.
+    """
+    lm = lm or dspy.settings.lm or build_lm(target.config.lm)
+    adapter = dspy.settings.adapter or adapter_for(lm)
+    lm_model = getattr(lm, "model", type(lm).__name__)
+    registered_model_name = registered_model_name or target.config.model_name
+    module = module or target.module
+    requirements = model_requirements(target.config.requirements)
+    metric, metric_name = target.metric()
+    dev = target.examples("dev") if evaluate_dev and target.config.dev is not None else None
+    example_text = target.input_example()
+    report = evaluate(target.name, module, dev, metric, lm, adapter, target.data_hash()) if dev else None
+    chat = scrub_program(target.chat(module))  # what is pickled and saved: no credentials
+    description = describe(target, lm_model, note)
+    tags = {
+        "program": target.name,
+        "reference": target.config.reference,
+        "lm": lm_model,
+        "git_commit": git_commit(target.config.base_dir),
+        "dspy_version": dspy.__version__,
+        "mlflow_version": mlflow.__version__,
+        "metric": metric_name,
+        "dataset_hash": target.data_hash(),
+        SCORE_METRIC: f"{report.score:.2f}" if report else "not evaluated",
+        **(extra_tags or {}),
+    }
+    metadata = {"program": target.name, "lm": lm_model, "registered_model": registered_model_name,
+                FORMAT_KEY: FORMAT, "chat_mapping": target.mapping.describe()}
+
+    use_tracking_store()
+    with mlflow.start_run(run_name=target.name, description=description) as run:
+        mlflow.set_tags(tags)
+        mlflow.log_params({"program": target.name, "lm": lm_model, "metric": metric_name})
+        if extra_metrics:
+            mlflow.log_metrics(extra_metrics)
+        if report:
+            mlflow.log_metric(SCORE_METRIC, report.score)
+            mlflow.log_table(report.table(), artifact_file="eval/dev_results.json")
+        _log_program_state(chat.program)
+        _log_json("chat_mapping.json", target.mapping.describe())
+        with staged_code(target) as code_paths, dspy.context(**scrub_settings(lm, adapter)):
+            info = mlflow.dspy.log_model(
+                chat,
+                name=MODEL_NAME,
+                task="llm/v1/chat",
+                input_example={"messages": [{"role": "user", "content": example_text}]},
+                code_paths=code_paths,
+                pip_requirements=requirements,
+                registered_model_name=registered_model_name,
+                metadata=metadata,
+            )
+        # MLflow 3 keeps a logged model apart from its run; a copy under the
+        # run's own artifacts puts MLmodel, the pins and the pickle where the
+        # tutorial shows them: the run's Artifacts tab.
+        local = mlflow.artifacts.download_artifacts(info.model_uri)
+        mlflow.log_artifacts(local, artifact_path=MODEL_NAME)
+        # Checked before every unpickling (packaging/integrity.py).
+        tags[DIGEST_TAG] = digest(local)
+        mlflow.set_tag(DIGEST_TAG, tags[DIGEST_TAG])
+        mlflow.set_logged_model_tags(info.model_id, {DIGEST_TAG: tags[DIGEST_TAG]})
+    version = str(info.registered_model_version) if info.registered_model_version is not None else None
+    if version is not None:
+        client = MlflowClient()
+        client.update_model_version(registered_model_name, version, description=description)
+        for key, value in tags.items():
+            client.set_model_version_tag(registered_model_name, version, key, value)
+    return LoggedModel(
+        run_id=run.info.run_id,
+        model_uri=f"runs:/{run.info.run_id}/{MODEL_NAME}",
+        registered_model=registered_model_name if version is not None else None,
+        version=version,
+        dev_score=report.score if report else None,
+    )

@@ -1,0 +1,225 @@
+"""Adapt OpenAI chat `messages` to a DSPy program's inputs.
+
+MLflow's chat task calls `model(messages)` with a positional list of
+`{"role", "content"}` dicts, which bare `dspy.Predict`/`ChainOfThought`
+refuse. `ChatProgram` is the `dspy.Module` that sits in between:
+
+* the last user message fills the question input (or, for a program with
+  several inputs, is a JSON object of them, validated against their types);
+* earlier user/assistant turns become a `dspy.History`, for programs whose
+  signature has a history input (other programs answer the last turn alone);
+* system (and developer) messages become the program's context input when
+  it has one, else they are appended to the instructions for this call;
+* anything else is refused with a `ChatInputError` that names the problem.
+
+Which input is which is the `ChatMapping` (mapping.py), computed at log time.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import dspy
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from pydantic import ValidationError
+
+from mlflow_dspy.program.mapping import ChatMapping
+
+SYSTEM_ROLES = ("system", "developer")
+TURN_ROLES = ("user", "assistant")
+KNOWN_ROLES = SYSTEM_ROLES + TURN_ROLES
+
+
+class ChatInputError(MlflowException, ValueError):
+    """A conversation the program cannot answer.
+
+    An `MlflowException` with INVALID_PARAMETER_VALUE, so `mlflow models serve`
+    answers 400 with this message (and no stack trace); a `ValueError` for
+    everyone else.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+@dataclass
+class Conversation:
+    question: str
+    turns: list[dict[str, str]] = field(default_factory=list)  # earlier user/assistant turns, in order
+    system: list[str] = field(default_factory=list)
+
+
+def _valid_text(text: str, where: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ChatInputError(f"{where} is not valid Unicode text (it holds a lone surrogate)") from None
+    return text
+
+
+def _text(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return _valid_text(content, where)
+    if isinstance(content, Sequence) and not isinstance(content, (bytes, bytearray)):
+        if not content:
+            raise ChatInputError(f"{where} is an empty list of parts")
+        texts = []
+        for i, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, Mapping) else None
+            if kind != "text" or not isinstance(part.get("text"), str):
+                shown = kind if isinstance(kind, str) else type(part).__name__
+                raise ChatInputError(f"{where}[{i}] is a '{shown}' part; only text content is supported")
+            texts.append(_valid_text(part["text"], f"{where}[{i}].text"))
+        return "\n".join(texts)
+    raise ChatInputError(f"{where} must be a string or a list of text parts, got {type(content).__name__}")
+
+
+def parse_conversation(messages: Any) -> Conversation:
+    """Validate OpenAI-style chat messages and split them into question, turns and system text."""
+    if hasattr(messages, "tolist"):  # numpy arrays from a pandas row
+        messages = messages.tolist()
+    if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)):
+        raise ChatInputError(f"messages must be a list of messages, got {type(messages).__name__}")
+    if not messages:
+        raise ChatInputError("messages must not be empty")
+
+    parsed: list[tuple[str, str]] = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise ChatInputError(f"messages[{i}] must be an object with 'role' and 'content'")
+        role = message.get("role")
+        if role not in KNOWN_ROLES:
+            raise ChatInputError(
+                f"messages[{i}].role {role!r} is not supported; use one of {', '.join(KNOWN_ROLES)}"
+            )
+        if "content" not in message or message["content"] is None:
+            raise ChatInputError(f"messages[{i}].content is missing")
+        parsed.append((role, _text(message["content"], f"messages[{i}].content")))
+
+    user_indexes = [i for i, (role, _) in enumerate(parsed) if role == "user"]
+    if not user_indexes:
+        raise ChatInputError("messages has no user message to answer")
+    last_user = user_indexes[-1]
+    if not parsed[last_user][1].strip():
+        raise ChatInputError(f"messages[{last_user}].content is empty: there is no question to answer")
+    trailing = [i for i, (role, _) in enumerate(parsed) if i > last_user and role == "assistant"]
+    if trailing:
+        raise ChatInputError(
+            f"messages[{trailing[0]}] is an assistant message after the last user message; "
+            "the conversation must end with the user turn to answer"
+        )
+    return Conversation(
+        question=parsed[last_user][1],
+        turns=[{"role": r, "content": c} for r, c in parsed[:last_user] if r in TURN_ROLES],
+        system=[c for r, c in parsed if r in SYSTEM_ROLES],
+    )
+
+
+def history_entries(turns: list[dict[str, str]], question_field: str, answer_field: str) -> list[dict[str, str]]:
+    """Pair user and assistant turns into the signature-shaped dicts `dspy.History` expects."""
+    entries: list[dict[str, str]] = []
+    for turn in turns:
+        if turn["role"] == "user" or not entries or answer_field in entries[-1]:
+            entries.append({})
+        key = question_field if turn["role"] == "user" else answer_field
+        entries[-1][key] = (entries[-1].get(key, "") + "\n" + turn["content"]).strip()
+    return entries
+
+
+def _problem(error: dict) -> str:
+    where = ".".join(str(part) for part in error["loc"]) or "the message"
+    if error["type"] == "missing":
+        return f"the input field {where!r} is missing"
+    if error["type"] == "extra_forbidden":
+        return f"{where!r} is not an input of this program"
+    return f"the input field {where!r}: {error['msg']}"
+
+
+def read_json_inputs(mapping: ChatMapping, text: str, where: str) -> dict[str, Any]:
+    """The inputs a JSON user message carries, typed; a ChatInputError names the field that is wrong."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise ChatInputError(f"{where} must be a JSON object with the program's inputs "
+                             f"({', '.join(mapping.json_fields)}), since the program takes several")
+    try:
+        model = mapping.json_model.model_validate(data)
+    except ValidationError as exc:
+        raise ChatInputError(f"{where}: {_problem(exc.errors()[0])}") from None
+    return {name: getattr(model, name) for name in mapping.json_fields if name in model.model_fields_set
+            or mapping.input(name).required}
+
+
+class ChatProgram(dspy.Module):
+    """Chat front for any DSPy program: its `mapping` says which input each part of a chat fills.
+
+    One answer field is shown as its text, several as one JSON object.
+    """
+
+    def __init__(self, program: dspy.Module, mapping: ChatMapping | None = None) -> None:
+        super().__init__()
+        self.program = program
+        self.mapping = mapping or ChatMapping.of(program)
+
+    # The names the runtime and the gateway read.
+    @property
+    def question_field(self) -> str | None:
+        return self.mapping.question_field
+
+    @property
+    def answer_fields(self) -> tuple[str, ...]:
+        return self.mapping.answer_fields
+
+    @property
+    def streams_answer(self) -> bool:
+        """Token streaming follows one text field as the LM writes it."""
+        fields = self.mapping.answer_fields
+        if len(fields) != 1:
+            return False
+        output = next((f for f in self.mapping.outputs if f.name == fields[0]), None)
+        return output is None or output.annotation is str
+
+    def prepare(self, messages: Any) -> tuple[dspy.Module, dict[str, Any]]:
+        conversation = parse_conversation(messages)
+        mapping = self.mapping
+        if mapping.question_field:
+            kwargs: dict[str, Any] = {mapping.question_field: conversation.question}
+        else:
+            kwargs = read_json_inputs(mapping, conversation.question, "the last user message")
+        if mapping.history_field:
+            question = mapping.question_field or "question"
+            kwargs[mapping.history_field] = dspy.History(
+                messages=history_entries(conversation.turns, question, mapping.answer_fields[0])
+            )
+        program = self.program
+        if conversation.system:
+            system = "\n\n".join(conversation.system)
+            if mapping.context_field:
+                kwargs[mapping.context_field] = system
+            else:
+                program = _with_extra_instructions(program, system)
+        return program, kwargs
+
+    def forward(self, messages: Any) -> dspy.Prediction:
+        program, kwargs = self.prepare(messages)
+        return program(**kwargs)
+
+    async def aforward(self, messages: Any) -> dspy.Prediction:
+        program, kwargs = self.prepare(messages)
+        return await program.acall(**kwargs)
+
+
+def _with_extra_instructions(program: dspy.Module, text: str) -> dspy.Module:
+    # A per-call copy: changing the shared program's signatures would leak one
+    # request's system prompt into every concurrent request.
+    copy = program.deepcopy()
+    for _, predictor in copy.named_predictors():
+        signature = predictor.signature
+        predictor.signature = signature.with_instructions(f"{signature.instructions}\n\n{text}".strip())
+    return copy

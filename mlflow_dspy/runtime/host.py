@@ -1,0 +1,179 @@
+"""Load a chat program once, then run it per request: natively async, with
+per-request LM settings in a `dspy.context` (never `dspy.configure` in a
+handler), usage summed over every LM call, and token streaming."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import dspy
+
+from mlflow_dspy.program.chat import ChatProgram
+from mlflow_dspy.runtime.fast_adapter import serving_adapter
+from mlflow_dspy.runtime.field_stream import FieldStream
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @classmethod
+    def of(cls, prediction: dspy.Prediction | None) -> Usage:
+        usage = cls()
+        by_model = prediction.get_lm_usage() if prediction is not None else None
+        for counts in (by_model or {}).values():
+            usage.prompt_tokens += int(counts.get("prompt_tokens") or 0)
+            usage.completion_tokens += int(counts.get("completion_tokens") or 0)
+        return usage
+
+
+@dataclass
+class Delta:
+    """A piece of streamed text: `field` is "content" (the answer) or "reasoning"."""
+
+    field: str
+    text: str
+
+
+def as_text(value: Any) -> str:
+    """Chat content is text: strings as they are, anything else as JSON."""
+    if isinstance(value, str):
+        return value
+    if hasattr(value, "model_dump"):
+        value = value.model_dump()
+    return json.dumps(value, default=str)
+
+
+class ProgramHost:
+    """One loaded chat program and the DSPy settings it runs with."""
+
+    def __init__(self, program: ChatProgram, lm: dspy.BaseLM, adapter: Any, name: str, source: str) -> None:
+        self.program = program
+        self.lm = lm
+        self.adapter = serving_adapter(adapter)
+        self.name = name
+        self.source = source
+        self.created = int(time.time())
+
+    # -- loading ---------------------------------------------------------------
+    @classmethod
+    def from_program(cls, program: str, lm_model: str | None = None, name: str | None = None) -> ProgramHost:
+        """A program served straight from its code: an example, a project's program or a reference."""
+        from mlflow_dspy.lm_engine.select import adapter_for, build_lm
+        from mlflow_dspy.program.target import open_target
+
+        target = open_target(program)
+        lm = build_lm(lm_model or target.config.lm)
+        # Served under the name a logged version of it gets (dspy-<name> unless configured).
+        return cls(target.chat(), lm, adapter_for(lm), name or target.config.model_name, f"program:{program}")
+
+    def warm_up(self) -> None:
+        """Load the embedded model now, so /ready means a request is answered at full speed."""
+        from mlflow_dspy.lm_engine.llama_engine import LlamaCppEngine, _runtime
+
+        engine = getattr(self.lm, "engine", None)
+        if isinstance(engine, LlamaCppEngine):
+            _runtime(engine.n_ctx)
+
+    # -- running ---------------------------------------------------------------
+    @contextmanager
+    def context(self, lm_settings: dict[str, Any] | None = None):
+        lm = self.lm.copy(**lm_settings) if lm_settings else self.lm
+        # No call history in a server: it would keep every conversation in
+        # memory (up to 10,000 per LM) for nobody to read.
+        with dspy.context(lm=lm, adapter=self.adapter, track_usage=True, disable_history=True):
+            yield
+
+    async def answer(self, messages: list[dict], lm_settings: dict[str, Any] | None = None) -> dspy.Prediction:
+        with self.context(lm_settings):
+            return await self.program.acall(messages=messages)
+
+    async def predict(self, inputs: dict[str, Any]) -> dspy.Prediction:
+        """The typed /predict: the inner program, called with its input fields."""
+        with self.context():
+            return await self.program.program.acall(**inputs)
+
+    def content(self, prediction: dspy.Prediction) -> str:
+        """The chat answer: one answer field as its text, several as one JSON object."""
+        fields = self.program.answer_fields
+        if len(fields) == 1:
+            return as_text(prediction.get(fields[0], ""))
+        return as_text({name: prediction.get(name) for name in fields})
+
+    def reasoning(self, prediction: dspy.Prediction) -> str | None:
+        value = prediction.get("reasoning")
+        return as_text(value) if value is not None else None
+
+    async def stream(
+        self, messages: list[dict], lm_settings: dict[str, Any] | None = None
+    ) -> AsyncIterator[Delta | dspy.Prediction]:
+        """Yield answer and reasoning text as the LM writes it, then the final Prediction."""
+        program, kwargs = self.program.prepare(messages)
+        fields = {"reasoning": "reasoning"}
+        if self.program.streams_answer:
+            fields[self.program.answer_fields[0]] = "content"
+        async for item in self._stream(program, kwargs, lm_settings, fields):
+            if isinstance(item, dspy.Prediction) and not self.program.streams_answer:
+                # Typed or composite answers are whole only at the end.
+                yield Delta("content", self.content(item))
+            yield item
+
+    async def predict_stream(self, inputs: dict[str, Any]) -> AsyncIterator[Delta | dspy.Prediction]:
+        """The tutorial's /predict/stream: every output field, by its own name."""
+        program = self.program.program
+        fields = {name: name for name in _target(program, self.program.answer_fields[0]).signature.output_fields}
+        async for item in self._stream(program, inputs, None, fields):
+            yield item
+
+    async def _stream(
+        self, program: dspy.Module, kwargs: dict[str, Any], lm_settings: dict[str, Any] | None,
+        fields: dict[str, str],
+    ) -> AsyncIterator[Delta | dspy.Prediction]:
+        target = id(_target(program, self.program.answer_fields[0]))
+        decoder = FieldStream(list(fields))  # fresh per request: it keeps state
+        streaming = dspy.streamify(program, include_final_prediction_in_output_stream=True)
+        final, call_id = None, None
+        # aclosing: the streamify generator is always finished in this task,
+        # even when the client goes away (its task group must exit where it began).
+        with self.context(lm_settings):
+            async with aclosing(streaming(**kwargs)) as values:
+                async for value in values:
+                    if isinstance(value, dspy.Prediction):
+                        final = value
+                        continue
+                    text = _chunk_text(value)
+                    if text and getattr(value, "predict_id", target) == target:
+                        if getattr(value, "id", None) != call_id:
+                            call_id = getattr(value, "id", None)
+                            decoder.new_call()
+                        for field, delta in decoder.feed(text):
+                            yield Delta(fields[field], delta)
+        if final is not None:
+            for field, label in fields.items():
+                rest = decoder.finish(field, as_text(final.get(field, "")))
+                if rest:
+                    yield Delta(label, rest)
+            yield final
+
+
+def _target(program: dspy.Module, answer_field: str) -> dspy.Predict:
+    """The predictor that writes the answer: its tokens are the ones streamed."""
+    writers = [p for p in program.predictors() if answer_field in p.signature.output_fields]
+    return (writers or program.predictors())[-1]
+
+
+def _chunk_text(value: Any) -> str | None:
+    try:
+        return value.choices[0].delta.content
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return None

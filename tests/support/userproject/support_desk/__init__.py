@@ -1,0 +1,1 @@
+"""A sample user package: a two-step support-ticket triage program."""

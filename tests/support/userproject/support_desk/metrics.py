@@ -1,0 +1,2 @@
+def exact(example, prediction, trace=None) -> bool:
+    return getattr(prediction, "category", None) == example.category
