@@ -12,9 +12,9 @@ import httpx
 import pytest
 from dspy.utils.dummies import DummyLM
 
-from tests.support.examples import example_chat
 from mlflow_dspy.gateway.app import GatewayConfig, create_app
 from mlflow_dspy.runtime.host import ProgramHost
+from tests.support.examples import example_chat
 
 ANSWERS = {
     "What is 2 + 2?": {"reasoning": "two and two", "answer": "4"},

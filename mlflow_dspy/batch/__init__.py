@@ -1,1 +1,1 @@
-"""Batch inference: score a file of chats with a logged model, in pandas or on Spark."""
+"""Layer 5: batch inference: score a file of chats with a logged model, in pandas or on Spark."""

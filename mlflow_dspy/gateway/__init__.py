@@ -1,1 +1,1 @@
-"""The OpenAI-compatible gateway: protocol, program host, middleware, app."""
+"""Layer 5: the OpenAI-compatible gateway: protocol models, errors, middleware, the app and its runner."""

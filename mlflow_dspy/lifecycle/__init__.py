@@ -1,1 +1,1 @@
-"""Model lifecycle: evaluate on the dev set, optimize, promote between versions."""
+"""Layer 5: the lifecycle commands: eval, optimize (a new version from a compiled program), init."""

@@ -13,8 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from packager.paths import PROJECT_ROOT
-
 DEPS_STEP = "_install_pyfunc_deps"
 LLAMA_BUILD = (
     "# llama-cpp-python builds from source: a compiler, CMake, and no native CPU flags\n"
@@ -37,8 +35,10 @@ def generate_model_dockerfile(model_uri: str, out_dir: Path) -> Path:
     if out_dir.exists():
         shutil.rmtree(out_dir)
     mlflow_cli = str(Path(sys.executable).with_name("mlflow"))
+    # Run where the user runs us (the tracking store may be a relative sqlite:///
+    # path), never in the installed package's directory.
     subprocess.run([mlflow_cli, "models", "generate-dockerfile", "-m", model_uri, "-d", str(out_dir)], check=True,
-                   cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL)
+                   stdout=subprocess.DEVNULL)
     dockerfile = out_dir / "Dockerfile"
     dockerfile.write_text(patch_dockerfile(dockerfile.read_text()))
     return dockerfile
