@@ -30,13 +30,17 @@ LLAMA_STAMP := $(WHEELHOUSE)/.llama-cpp-python-$(LLAMA_VERSION)-nonative
 
 RUN_ID ?= $(shell $(PYTHON) -c "import json;print(json.load(open('.last_run.json'))['run_id'])" 2>/dev/null)
 
-.PHONY: install wheels browser lock log model-uri serve gateway docker ui curl demo test test-fast lint bench soak clean
+.PHONY: install wheels browser lock dist log model-uri serve gateway docker ui curl demo test test-fast lint bench soak clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt $(LLAMA_STAMP)
+# The pinned lock first, then this checkout itself, editable and without
+# dependencies (they are all in the lock): `import mlflow_dspy` is this
+# checkout's code, and .venv/bin/mlflow-dspy exists beside `python mlflow_dspy.py`.
+$(VENV)/.installed: mlflow_dspy/requirements.txt requirements-dev.txt requirements.in pyproject.toml $(LLAMA_STAMP)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	PIP_FIND_LINKS="$(WHEELHOUSE) $${PIP_FIND_LINKS:-}" $(PY) -m pip install -r requirements-dev.txt
+	PIP_FIND_LINKS="$(WHEELHOUSE) $${PIP_FIND_LINKS:-}" $(PY) -m pip install --no-deps -e .
 	touch $@
 
 wheels: $(LLAMA_STAMP)
@@ -54,8 +58,16 @@ browser:
 lock: $(LLAMA_STAMP)
 	PIP_FIND_LINKS="$(WHEELHOUSE) $${PIP_FIND_LINKS:-}" $(PY) scripts/lock.py
 
+# The distribution: dist/mlflow_dspy-<version>-py3-none-any.whl and the sdist.
+# The wheel is built from the sdist (in a temporary directory), so a broken
+# sdist fails here; a stale egg-info could carry deleted files into the sdist.
+# build/ is left alone: `docker` writes there. See README, Install.
+dist: install
+	rm -rf dist mlflow_dspy.egg-info
+	$(PY) -m build --outdir dist .
+
 log: install
-	$(PY) mlflow_dspy.py log --program $(PROGRAM) --json | tee .log.out
+	$(PY) mlflow_dspy.py log $(PROGRAM) --json | tee .log.out
 	tail -n 1 .log.out > .last_run.json && rm -f .log.out
 
 MODEL_URI ?= runs:/$(RUN_ID)/model
@@ -103,4 +115,4 @@ lint: install
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .last_run.json .serve.log build
+	rm -rf $(VENV) .pytest_cache .ruff_cache .last_run.json .serve.log build dist *.egg-info

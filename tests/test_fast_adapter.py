@@ -7,8 +7,8 @@ import dspy
 import pytest
 from dspy.utils import DummyLM
 
-from tests.support.examples import EXAMPLE_NAMES, example_chat
 from mlflow_dspy.runtime.fast_adapter import ServingChatAdapter, serving_adapter
+from tests.support.examples import EXAMPLE_NAMES, example_chat
 
 CONVERSATION = [
     {"role": "system", "content": "Answer briefly."},

@@ -76,7 +76,8 @@ def test_every_version_carries_description_and_hygiene_tags(store):
     version = log_with(8, store)
     found = MlflowClient(store).get_model_version("dspy-qa-promo", version)
     assert found.description.startswith("DSPy program `qa`")
-    assert {"program", "lm", "git_commit", "dataset_hash", "dev_score", "dspy_version", "mlflow_version"} <= set(
+    assert {"program", "reference", "metric", "lm", "git_commit", "dataset_hash", "dev_score", "dspy_version",
+            "mlflow_version"} <= set(
         found.tags
     )
     assert float(found.tags["dev_score"]) == 100.0

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import kubernetes_validate
 import pytest
 import yaml
 
-from packager.requirements import pinned_requirements
+from mlflow_dspy.packaging.requirements import pinned_requirements
 from tests.conftest import store_env
 from tests.support.processes import ROOT
 
@@ -42,21 +44,51 @@ def test_deployment_probes_resources_secret_and_config():
     assert by_kind["Service"]["spec"]["selector"] == by_kind["Deployment"]["spec"]["selector"]["matchLabels"]
 
 
-def test_gateway_image_holds_every_package_the_gateway_imports(tmp_path):
+def test_gateway_image_installs_this_project_and_runs_its_command(tmp_path):
     dockerfile = (ROOT / "deploy" / "Dockerfile.gateway").read_text()
-    copied = re.findall(r"^COPY (\S+) \S+$", dockerfile, flags=re.M)
-    for item in copied:
-        source = ROOT / item
-        (shutil.copytree if source.is_dir() else shutil.copy)(source, tmp_path / item)
+    context = tmp_path / "context"
+    for item, target in re.findall(r"^COPY (\S+) (\S+)$", dockerfile, flags=re.M):
+        source, dest = ROOT / item, context / target
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():  # merged into what is there, like docker's COPY; .dockerignore drops caches
+            shutil.copytree(source, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, dest)
     assert 'CMAKE_ARGS="-DGGML_NATIVE=OFF"' in dockerfile
-    assert "pip install -r requirements.txt" in dockerfile
-    # Only what the image copies, nothing from this checkout: the gateway starts and says how to use it.
-    proc = subprocess.run([sys.executable, "-E", "-s", "mlflow_dspy.py", "gateway", "--help"], cwd=tmp_path,
-                          capture_output=True, text=True)
+    assert dockerfile.index("pip install -r mlflow_dspy/requirements.txt") < dockerfile.index("pip install --no-deps .")
+    [entrypoint] = re.findall(r"^ENTRYPOINT (.+)$", dockerfile, flags=re.M)
+    assert json.loads(entrypoint)[:2] == ["mlflow-dspy", "gateway"]
+    # Only what the image copies, nothing from this checkout: it builds the project (the venv's
+    # setuptools is the pinned one: no isolation, so no index needed), and the installed gateway
+    # starts and says how to use it.
+    wheels, site = tmp_path / "wheels", tmp_path / "site"
+    pip = [sys.executable, "-m", "pip"]
+    built = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(context)],
+                           cwd=tmp_path, capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-3000:]
+    [wheel] = wheels.glob("mlflow_dspy-*.whl")
+    installed = subprocess.run([*pip, "install", "--no-deps", "--no-compile", "--target", str(site), str(wheel)],
+                               cwd=tmp_path, capture_output=True, text=True)
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    assert (site / "bin" / "mlflow-dspy").is_file()  # the console script the ENTRYPOINT runs
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    prelude = f"import sys; sys.path.insert(0, {str(site)!r}); "
+    proc = subprocess.run([sys.executable, "-E", "-s", "-c", prelude + "import mlflow_dspy.cli as cli; "
+                           "sys.argv = ['mlflow-dspy', 'gateway', '--help']; sys.exit(cli.main())"],
+                          cwd=elsewhere, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    imports = subprocess.run([sys.executable, "-E", "-s", "-c", "import serving.app, serving.run, serving.host"],
-                             cwd=tmp_path, capture_output=True, text=True)
+    gateway_modules = "mlflow_dspy.gateway.app, mlflow_dspy.gateway.run, mlflow_dspy.runtime.host"
+    imports = subprocess.run([sys.executable, "-E", "-s", "-c", prelude + f"import mlflow_dspy, {gateway_modules}; "
+                              "print(mlflow_dspy.__file__)"], cwd=elsewhere, capture_output=True, text=True)
     assert imports.returncode == 0, imports.stderr
+    assert Path(imports.stdout.strip()).parent == site / "mlflow_dspy"
+
+
+def test_kubernetes_runs_the_installed_command():
+    by_kind = {doc["kind"]: doc for doc in manifests()}
+    [container] = by_kind["Deployment"]["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["mlflow-dspy", "gateway"]
 
 
 @pytest.mark.slow
@@ -74,5 +106,5 @@ def test_make_docker_writes_a_dockerfile_that_installs_the_pins_and_serves(embed
     assert "COPY model_dir/model /opt/ml/model" in dockerfile
     assert "C._serve(" in dockerfile.splitlines()[-1]
     model = out / "model_dir" / "model"
-    assert (model / "requirements.txt").read_text().split() == pinned_requirements(ROOT / "requirements.txt")
-    assert (model / "code" / "programs" / "chat.py").is_file()
+    assert (model / "requirements.txt").read_text().split() == pinned_requirements()  # mlflow_dspy/requirements.txt
+    assert (model / "code" / "mlflow_dspy" / "program" / "chat.py").is_file()

@@ -13,6 +13,8 @@ then `mlflow-dspy init` and its starter project, logged and served as it is.
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -21,7 +23,7 @@ import httpx
 import pytest
 
 from tests.support.processes import ROOT, free_port, running
-from tests.support.venv import bin_path, clean_env, installed_venv
+from tests.support.venv import bin_path, clean_env, installed_venv, wheelhouse
 
 pytestmark = pytest.mark.slow
 PROJECT = ROOT / "tests" / "support" / "e2e_project"
@@ -103,6 +105,36 @@ def test_mlflow_models_serve_answers_from_a_folder_where_the_code_is_not_importa
     assert response.status_code == 200, response.text
     answer = json.loads(response.json()["choices"][0]["message"]["content"])
     assert answer["category"] in ("billing", "technical", "other") and isinstance(answer["priority"], int)
+
+
+def test_it_serves_from_an_isolated_virtualenv_where_neither_tool_nor_code_is_installed(venv, workspace, logged):
+    env = env_for(workspace, venv)
+    # How llama-cpp-python's build flags reach the environment MLflow builds:
+    # pip runs inside it with this environment, so CMAKE_ARGS applies to a source
+    # build, and the project's wheelhouse (built with those flags) spares the build.
+    env["CMAKE_ARGS"] = "-DGGML_NATIVE=OFF"
+    env["PIP_FIND_LINKS"] = " ".join(filter(None, [str(wheelhouse()), env.get("PIP_FIND_LINKS")]))
+    env["MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"] = "300"
+    port = free_port()
+    args = [str(bin_path(venv, "mlflow")), "models", "serve", "-m", logged["model_uri"], "-p", str(port),
+            "--env-manager", "virtualenv"]
+    log = workspace["elsewhere"] / "virtualenv-serve.log"
+    with running(args, f"http://127.0.0.1:{port}/ping", env, log, timeout=1200, cwd=workspace["elsewhere"]):
+        response = httpx.post(f"http://127.0.0.1:{port}/invocations", json=TICKET, timeout=300)
+    assert response.status_code == 200, response.text
+    assert set(json.loads(response.json()["choices"][0]["message"]["content"])) == {"category", "priority"}
+    # The environment is MLflow's own, built from the artifact's requirements (the user's pin included)...
+    [activate] = set(re.findall(r"source (\S+/bin/activate)", log.read_text()))
+    python = Path(activate).parent / "python"
+    assert ".mlflow/envs/" in activate and python.exists()
+    # ...and neither this tool nor the user's package is installed there: only the artifact's code/ has them.
+    for module in ("mlflow_dspy", "helpdesk"):
+        probe = subprocess.run([str(python), "-c", f"import {module}"], cwd=workspace["elsewhere"],
+                               capture_output=True, env={"PATH": os.environ["PATH"]})
+        assert probe.returncode != 0, module
+    freeze = subprocess.run([str(python), "-m", "pip", "freeze"], capture_output=True, text=True).stdout.split()
+    assert "dspy==3.4.1" in freeze and "jiter==0.19.0" in freeze
+    assert "llama_cpp_python==0.3.36" in [f.replace("-", "_") for f in freeze]
 
 
 def test_gateway_answers_chat_and_typed_predict(venv, workspace, logged):

@@ -8,7 +8,6 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -46,11 +45,11 @@ def score_on_spark(model_uri: str, todo: list[tuple[int, dict]], concurrency: in
         return []
     from pyspark.sql import SparkSession
 
-    from mlflow_dspy.packaging.paths import tracking_uri
+    from mlflow_dspy.packaging.paths import IMPORT_ROOT, tracking_uri
 
     # Workers import this package from where the driver does, and find the
     # tracking store the same way.
-    package_parent = str(Path(__file__).resolve().parents[2])
+    package_parent = str(IMPORT_ROOT)
     env = {"MLFLOW_TRACKING_URI": tracking_uri(), "PYTHONPATH": package_parent,
            "LITELLM_LOCAL_MODEL_COST_MAP": os.environ.get("LITELLM_LOCAL_MODEL_COST_MAP", "true")}
     for key in ("DSPY_LM_API_BASE",):

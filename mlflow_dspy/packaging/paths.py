@@ -9,8 +9,9 @@ working directory), or to the working directory when there is none.
 from __future__ import annotations
 
 import os
-import tomllib
 from pathlib import Path
+
+from mlflow_dspy.program.project import find_project_file
 
 # mlflow_dspy/ itself, wherever it is installed; read-only.
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
@@ -20,30 +21,9 @@ IMPORT_ROOT = PACKAGE_DIR.parent
 # The full runtime lock, shipped inside the package (package data).
 REQUIREMENTS_FILE = PACKAGE_DIR / "requirements.txt"
 
-PROJECT_FILE = "pyproject.toml"
-PROJECT_TABLE = "mlflow-dspy"  # [tool.mlflow-dspy]
 DEFAULT_DATABASE = "mlflow.db"
 DEFAULT_ARTIFACTS_DIR = "mlartifacts"
 EXPERIMENT_NAME = "mlflow-dspy"
-
-
-def find_project_file(start: Path | None = None) -> Path | None:
-    """The nearest `pyproject.toml` at or above `start` (default: the working
-    directory) that has a `[tool.mlflow-dspy]` table; None if there is none.
-    Unreadable or invalid files are skipped, not fatal."""
-    here = (start or Path.cwd()).resolve()
-    for directory in (here, *here.parents):
-        candidate = directory / PROJECT_FILE
-        if not candidate.is_file():
-            continue
-        try:
-            data = tomllib.loads(candidate.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-            continue
-        tool = data.get("tool")
-        if isinstance(tool, dict) and PROJECT_TABLE in tool:
-            return candidate
-    return None
 
 
 def project_dir(start: Path | None = None) -> Path:

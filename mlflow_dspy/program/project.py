@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -106,12 +106,18 @@ def name_of_reference(reference: str) -> str:
 
 
 def find_project_file(start: Path | None = None) -> Path | None:
-    """The nearest pyproject.toml with a [tool.mlflow-dspy] table, from `start` (the cwd) upwards."""
+    """The nearest pyproject.toml with a [tool.mlflow-dspy] table, from `start` (the cwd) upwards.
+
+    Files that cannot be read as TOML are passed over here (an unrelated folder
+    above the project must not stop the search); reading a chosen one names its errors."""
     here = (start or Path.cwd()).resolve()
     for folder in (here, *here.parents):
         candidate = folder / "pyproject.toml"
-        if candidate.is_file() and TABLE in _read(candidate).get("tool", {}):
-            return candidate
+        try:
+            if candidate.is_file() and TABLE in _read(candidate).get("tool", {}):
+                return candidate
+        except (ProjectProblem, OSError, UnicodeDecodeError):
+            continue
     return None
 
 
@@ -180,7 +186,3 @@ def resolve_target(target: str, start: Path | None = None) -> ProgramConfig:
         f"unknown program {target!r}: not a reference (package.module:attr or file.py:attr), "
         f"not an example ({', '.join(sorted(bundled))}){known}"
     )
-
-
-def config_keys() -> list[str]:
-    return [f.name for f in fields(ProgramConfig)]

@@ -1,0 +1,117 @@
+"""A fresh virtualenv with mlflow-dspy installed from a wheel of this checkout, as a user gets it.
+
+`installed_venv(tmp_path_factory)` builds the wheel (from a copy of the
+checkout, so no build/ or egg-info lands here), creates a venv in a temporary
+directory outside the checkout and pip-installs the wheel with the runtime
+lock as constraints: exactly the pins a logged model asks for. It is slow
+(minutes: ~160 packages, from pip's cache when warm) and cached per test
+session, so wrap it in a session fixture:
+
+    @pytest.fixture(scope="session")
+    def installed(tmp_path_factory):
+        return installed_venv(tmp_path_factory)
+
+llama-cpp-python comes from the wheelhouse `make wheels` fills ($WHEELHOUSE,
+default ~/.cache/mlflow-dspy/wheelhouse), built without native CPU flags; pip
+is told never to build it here (`--only-binary`), so a missing wheel is an
+error, not a 4-minute native build into pip's cache.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.support.processes import ROOT
+
+LOCK = ROOT / "mlflow_dspy" / "requirements.txt"
+DIST_NAME = "mlflow_dspy"  # the wheel's and dist-info's name
+# What a source copy must leave behind: environments, caches, build output, local stores.
+SOURCE_IGNORE = shutil.ignore_patterns(
+    ".git", ".venv", "venv", "build", "dist", "*.egg-info", "__pycache__", "*.pyc", ".pytest_cache", ".ruff_cache",
+    "mlruns", "mlartifacts", "*.db", ".last_run.json", ".serve.log", ".serve.pid",
+)
+
+_installed: Path | None = None
+
+
+def wheelhouse() -> Path:
+    return Path(os.environ.get("WHEELHOUSE") or Path.home() / ".cache" / "mlflow-dspy" / "wheelhouse")
+
+
+def llama_pin() -> str:
+    return next(line.split("#")[0].strip() for line in LOCK.read_text().splitlines()
+                if line.startswith("llama-cpp-python=="))
+
+
+def pip_env(**extra: str) -> dict[str, str]:
+    """The environment for pip: the wheelhouse first among the find-links, pip's cache on."""
+    env = clean_env(**extra)
+    env["PIP_FIND_LINKS"] = " ".join(filter(None, [str(wheelhouse()), os.environ.get("PIP_FIND_LINKS")]))
+    env.pop("PIP_NO_CACHE_DIR", None)
+    return env
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without anything that points Python at the checkout or at .venv."""
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP", "MLFLOW_TRACKING_URI")}
+    venv_bin = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p and p != venv_bin)
+    env.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "true")
+    env.update(extra)
+    return env
+
+
+def bin_path(venv: Path, name: str) -> Path:
+    return venv / "bin" / name
+
+
+def site_packages(venv: Path) -> Path:
+    [path] = (venv / "lib").glob("python3*/site-packages")
+    return path
+
+
+def dist_info(venv: Path) -> Path:
+    [path] = site_packages(venv).glob(f"{DIST_NAME}-*.dist-info")
+    return path
+
+
+def build_wheel(out: Path) -> Path:
+    """`pip wheel` of a copy of the checkout, with the declared build backend (build isolation)."""
+    source = out / "source"
+    shutil.copytree(ROOT, source, ignore=SOURCE_IGNORE)
+    wheels = out / "wheels"
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(wheels), str(source)], cwd=out, env=pip_env())
+    [wheel] = wheels.glob(f"{DIST_NAME}-*.whl")
+    return wheel
+
+
+def create_venv(venv: Path, wheel: Path) -> Path:
+    """A new venv at `venv` with `wheel` installed on the runtime lock's pins."""
+    if not any(wheelhouse().glob(f"{llama_pin().replace('-', '_').replace('==', '-')}-*.whl")):
+        raise RuntimeError(f"no {llama_pin()} wheel in {wheelhouse()}: run `make wheels` first (or set WHEELHOUSE)")
+    _run([sys.executable, "-m", "venv", str(venv)], cwd=venv.parent, env=clean_env())
+    python = str(bin_path(venv, "python"))
+    _run([python, "-m", "pip", "install", "--only-binary", "llama-cpp-python", "-c", str(LOCK), str(wheel)],
+         cwd=venv.parent, env=pip_env())
+    return venv
+
+
+def installed_venv(tmp_path_factory) -> Path:
+    """The session's venv with mlflow-dspy installed from a wheel of this checkout (built once per session)."""
+    global _installed
+    if _installed is None or not bin_path(_installed, "mlflow-dspy").exists():
+        base = tmp_path_factory.mktemp("installed")
+        _installed = create_venv(base / "venv", build_wheel(base))
+    return _installed
+
+
+def _run(args: list[str], cwd: Path, env: dict[str, str]) -> None:
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} exited with {proc.returncode}:\n{proc.stdout[-3000:]}\n"
+                           f"{proc.stderr[-3000:]}")
