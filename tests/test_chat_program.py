@@ -175,3 +175,23 @@ async def test_async_forward_answers_the_last_turn(dummy):
                   {"role": "user", "content": "last question"}]
     )
     assert result.answer == "answer to the last"
+
+
+class ForwardOnly(dspy.Module):
+    """A user's module as most are written: a `forward`, no `aforward`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answer = dspy.Predict("question -> answer")
+
+    def forward(self, question: str) -> dspy.Prediction:
+        return self.answer(question=question)
+
+
+async def test_a_module_with_only_forward_answers_through_the_async_path():
+    assert not hasattr(ForwardOnly, "aforward")  # DSPy's acall alone would fail on it
+    lm = DummyLM({"capital of France": {"answer": "Paris"}})
+    with dspy.context(lm=lm, adapter=dspy.ChatAdapter()):
+        result = await ChatProgram(ForwardOnly()).acall(
+            messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert result.answer == "Paris"

@@ -212,7 +212,16 @@ class ChatProgram(dspy.Module):
 
     async def aforward(self, messages: Any) -> dspy.Prediction:
         program, kwargs = self.prepare(messages)
+        return await call_async(program, kwargs)
+
+
+async def call_async(program: dspy.Module, kwargs: dict[str, Any]) -> dspy.Prediction:
+    """Run a program natively async when it can be (`Predict`, `ChainOfThought`, modules with an
+    `aforward`); a module with only a `forward` runs in DSPy's worker threads (`dspy.asyncify`),
+    with this task's settings."""
+    if hasattr(type(program), "aforward"):
         return await program.acall(**kwargs)
+    return await dspy.asyncify(program)(**kwargs)
 
 
 def _with_extra_instructions(program: dspy.Module, text: str) -> dspy.Module:

@@ -13,7 +13,7 @@ from typing import Any
 
 import dspy
 
-from mlflow_dspy.program.chat import ChatProgram
+from mlflow_dspy.program.chat import ChatProgram, call_async
 from mlflow_dspy.runtime.fast_adapter import serving_adapter
 from mlflow_dspy.runtime.field_stream import FieldStream
 
@@ -101,7 +101,7 @@ class ProgramHost:
     async def predict(self, inputs: dict[str, Any]) -> dspy.Prediction:
         """The typed /predict: the inner program, called with its input fields."""
         with self.context():
-            return await self.program.program.acall(**inputs)
+            return await call_async(self.program.program, inputs)
 
     def content(self, prediction: dspy.Prediction) -> str:
         """The chat answer: one answer field as its text, several as one JSON object."""
