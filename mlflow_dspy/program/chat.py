@@ -27,7 +27,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from pydantic import ValidationError
 
-from mlflow_dspy.program.mapping import ChatMapping
+from mlflow_dspy.program.mapping import ChatMapping, validation_problem
 
 SYSTEM_ROLES = ("system", "developer")
 TURN_ROLES = ("user", "assistant")
@@ -130,15 +130,6 @@ def history_entries(turns: list[dict[str, str]], question_field: str, answer_fie
     return entries
 
 
-def _problem(error: dict) -> str:
-    where = ".".join(str(part) for part in error["loc"]) or "the message"
-    if error["type"] == "missing":
-        return f"the input field {where!r} is missing"
-    if error["type"] == "extra_forbidden":
-        return f"{where!r} is not an input of this program"
-    return f"the input field {where!r}: {error['msg']}"
-
-
 def read_json_inputs(mapping: ChatMapping, text: str, where: str) -> dict[str, Any]:
     """The inputs a JSON user message carries, typed; a ChatInputError names the field that is wrong."""
     try:
@@ -151,7 +142,7 @@ def read_json_inputs(mapping: ChatMapping, text: str, where: str) -> dict[str, A
     try:
         model = mapping.json_model.model_validate(data)
     except ValidationError as exc:
-        raise ChatInputError(f"{where}: {_problem(exc.errors()[0])}") from None
+        raise ChatInputError(f"{where}: {validation_problem(exc.errors()[0], 'input field')}") from None
     return {name: getattr(model, name) for name in mapping.json_fields if name in model.model_fields_set
             or mapping.input(name).required}
 

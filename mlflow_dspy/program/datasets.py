@@ -18,20 +18,11 @@ import dspy
 from pydantic import ValidationError
 
 from mlflow_dspy.program.chat import history_entries
-from mlflow_dspy.program.mapping import ChatMapping, Field, fields_model
+from mlflow_dspy.program.mapping import ChatMapping, Field, fields_model, validation_problem
 
 
 class DataProblem(ValueError):
     """A data file that cannot be used; the message names the file and the line."""
-
-
-def _problem(error: dict) -> str:
-    where = ".".join(str(part) for part in error["loc"])
-    if error["type"] == "missing":
-        return f"the field {where!r} is missing"
-    if error["type"] == "extra_forbidden":
-        return f"{where!r} is not a field of the program"
-    return f"the field {where!r}: {error['msg']}"
 
 
 def load_examples(path: Path, mapping: ChatMapping) -> list[dspy.Example]:
@@ -63,7 +54,7 @@ def load_examples(path: Path, mapping: ChatMapping) -> list[dspy.Example]:
         try:
             checked = model.model_validate(row)
         except ValidationError as exc:
-            raise DataProblem(f"{where}: {_problem(exc.errors()[0])}") from None
+            raise DataProblem(f"{where}: {validation_problem(exc.errors()[0], 'field')}") from None
         values: dict[str, Any] = {name: getattr(checked, name) for name in checked.model_fields_set}
         if not any(name in values for name in output_names):
             raise DataProblem(f"{where}: no output field to compare with (one of {', '.join(output_names)})")

@@ -232,3 +232,13 @@ def fields_model(name: str, fields: list[Field], extra: str = "forbid") -> type[
     # it is refused as "not an instance of ...".
     config = pydantic.ConfigDict(extra=extra, arbitrary_types_allowed=True)
     return pydantic.create_model(name, __config__=config, **definitions)
+
+
+def validation_problem(error: dict, noun: str = "field") -> str:
+    """One pydantic error as a user reads it, naming the field: "the input field 'x' is missing"."""
+    where = ".".join(str(part) for part in error["loc"]) or "the message"
+    if error["type"] == "missing":
+        return f"the {noun} {where!r} is missing"
+    if error["type"] == "extra_forbidden":
+        return f"{where!r} is not an input of this program"
+    return f"the {noun} {where!r}: {error['msg']}"
