@@ -68,7 +68,9 @@ def last_json(proc: subprocess.CompletedProcess) -> dict:
 def logged(venv, workspace) -> dict:
     workspace["store"].mkdir(exist_ok=True)
     env = env_for(workspace, venv)
-    return last_json(tool(venv, "log", "helpdesk.triage:Triage", "--dev", "dev.jsonl",
+    # The dev set sits inside the package: it must not travel with the code.
+    shutil.copy(workspace["project"] / "dev.jsonl", workspace["project"] / "helpdesk" / "dev.jsonl")
+    return last_json(tool(venv, "log", "helpdesk.triage:Triage", "--dev", "helpdesk/dev.jsonl",
                           "--metric", "helpdesk.metrics:category_matches", "--requirements", "requirements.txt",
                           "--json", cwd=workspace["project"], env=env))
 

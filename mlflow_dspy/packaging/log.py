@@ -95,11 +95,21 @@ def staged_code(target: Target) -> Iterator[list[str]]:
         if source is not None:
             copy = Path(tmp) / source.name
             if source.is_dir():
-                shutil.copytree(source, copy, ignore=IGNORED)
+                shutil.copytree(source, copy, ignore=_ignoring_data(target))
             else:
                 shutil.copy2(source, copy)
             paths.append(str(copy))
         yield paths
+
+
+def _ignoring_data(target: Target):
+    """IGNORED, plus the program's own train and dev sets when they sit inside its package."""
+    data = {p.resolve() for p in (target.config.dev, target.config.train) if p is not None}
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        return set(IGNORED(folder, names)) | {n for n in names if (Path(folder) / n).resolve() in data}
+
+    return ignore
 
 
 def describe(target: Target, lm_model: str, note: str | None = None) -> str:
