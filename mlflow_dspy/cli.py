@@ -252,6 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--max-in-flight", type=int, default=64,
                          help="requests running at once per worker; more get 429 (default: 64)")
     gateway.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger bodies get 413 (default: 1 MiB)")
+    gateway.add_argument("--max-header-bytes", type=int, default=64 * 1024,
+                         help="a larger header section gets 431 (default: 64 KiB)")
+    gateway.add_argument("--max-header-line-bytes", type=int, default=8 * 1024,
+                         help="a longer header line gets 431 (default: 8 KiB)")
+    gateway.add_argument("--header-timeout", type=float, default=10.0,
+                         help="seconds a request's headers may take to arrive before the connection closes "
+                              "(default: 10)")
     gateway.add_argument("--max-messages", type=int, default=200, help="more messages get 400 (default: 200)")
     gateway.add_argument("--max-characters", type=int, default=50_000,
                          help="more characters of message text get 400 (default: 50000)")

@@ -110,7 +110,7 @@ class GatewayMiddleware:
                 return
             app = self.direct.get((scope.get("method"), path), self.app)
             await self._run_until_disconnect(app, scope, body, receive, send_logged, info)
-            # One turn of the loop, so the response's coalesced write (serving/coalesce.py) leaves before the
+            # One turn of the loop, so the response's coalesced write (gateway/http_protocol.py) leaves before the
             # log line below is written: the client does not wait for our bookkeeping.
             await asyncio.sleep(0)
         finally:

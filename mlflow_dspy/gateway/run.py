@@ -8,7 +8,7 @@ import os
 import uvicorn
 
 from mlflow_dspy.gateway.app import CONFIG_ENV, GatewayConfig
-from mlflow_dspy.gateway.coalesce import CoalescingHttpToolsProtocol
+from mlflow_dspy.gateway.http_protocol import LIMITS_ENV, CoalescingHttpToolsProtocol, HeaderLimits
 
 
 def run_gateway(args: argparse.Namespace) -> int:
@@ -29,6 +29,8 @@ def run_gateway(args: argparse.Namespace) -> int:
     # Workers are separate processes: they rebuild the app from this variable
     # (API keys stay in GATEWAY_API_KEYS and are read by each worker).
     os.environ[CONFIG_ENV] = config.to_env()
+    os.environ[LIMITS_ENV] = HeaderLimits(args.max_header_line_bytes, args.max_header_bytes,
+                                          args.header_timeout).to_env()
     if config.traces:
         # Create the store's tables and the experiment once, here: several
         # workers doing it at once race on the SQLite schema.
@@ -41,7 +43,7 @@ def run_gateway(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         workers=args.workers,
-        http=CoalescingHttpToolsProtocol,  # a response's headers and body in one write
+        http=CoalescingHttpToolsProtocol,  # header limits; a response's headers and body in one write
         log_level="warning",
         access_log=False,  # the gateway writes its own structured line per request
         timeout_graceful_shutdown=10,

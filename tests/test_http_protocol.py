@@ -1,0 +1,99 @@
+"""The gateway's HTTP protocol caps the header section and its arrival time (real uvicorn, raw sockets),
+and it still relies on the uvicorn internals it was written against."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import socket
+import time
+
+import httpx
+import pytest
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from mlflow_dspy.gateway import http_protocol
+from tests.support.processes import gateway, stub_lm
+
+# uvicorn 0.54.0's own data_received, which GuardedHttpToolsProtocol.data_received replaces (with the
+# header counting added). If uvicorn changes it, re-read it and carry the change over, then update this.
+KNOWN_DATA_RECEIVED = "010a7ae59a5d3b1a5e7326ce246878568629d126a076d8af5ba10cab040fae43"
+
+
+def _source_digest(function) -> str:
+    return hashlib.sha256(inspect.getsource(function).encode()).hexdigest()
+
+
+def test_the_uvicorn_internals_the_protocol_relies_on_are_still_there():
+    for name in ("data_received", "on_message_begin", "on_header", "on_headers_complete", "connection_made",
+                 "connection_lost", "_unset_keepalive_if_required", "send_400_response", "_should_upgrade",
+                 "handle_websocket_upgrade", "_unsupported_upgrade_warning"):
+        assert callable(getattr(HttpToolsProtocol, name, None)), f"uvicorn's HttpToolsProtocol lost {name}"
+    assert _source_digest(HttpToolsProtocol.data_received) == KNOWN_DATA_RECEIVED, (
+        "uvicorn's HttpToolsProtocol.data_received changed: compare it with "
+        "mlflow_dspy/gateway/http_protocol.py's GuardedHttpToolsProtocol.data_received, then update the digest"
+    )
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("headers")
+    with stub_lm(tmp) as base, gateway(["--program", "qa", "--lm", "openai/stub-echo"], tmp, "--no-traces",
+                                       "--header-timeout", "1.5", DSPY_LM_API_BASE=base) as url:
+        yield url
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+def _exchange(url: str, data: bytes, wait: float = 5.0) -> bytes:
+    with socket.create_connection(("127.0.0.1", _port(url)), timeout=wait) as sock:
+        with contextlib.suppress(OSError):  # the server may close before it has read it all
+            sock.sendall(data)
+        chunks = []
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except OSError:
+            pass
+    return b"".join(chunks)
+
+
+def test_a_header_line_over_the_cap_gets_431_and_the_connection_closes(served):
+    reply = _exchange(served, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 431") and b"header line is longer than 8192 bytes" in reply
+
+
+def test_an_unfinished_header_line_is_refused_before_it_is_all_buffered(served):
+    # 1 MB of one header with no end: refused as soon as the line passes the cap.
+    reply = _exchange(served, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (1 << 20))
+    assert reply.startswith(b"HTTP/1.1 431")
+
+
+def test_a_header_section_over_the_cap_gets_431(served):
+    many = b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 1000) for i in range(80))  # 80 lines of 1 KB: over 64 KiB
+    reply = _exchange(served, b"GET /health HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n")
+    assert reply.startswith(b"HTTP/1.1 431") and b"headers are larger than 65536 bytes" in reply
+
+
+def test_headers_that_arrive_too_slowly_close_the_connection(served):
+    with socket.create_connection(("127.0.0.1", _port(served)), timeout=10) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # half the headers, then nothing
+        started = time.monotonic()
+        assert sock.recv(1024) == b""  # the server closed it
+        assert time.monotonic() - started < 9
+    with socket.create_connection(("127.0.0.1", _port(served)), timeout=10) as sock:
+        assert sock.recv(1024) == b""  # a connection that sends nothing at all is closed too
+
+
+def test_ordinary_requests_keep_alive_and_large_bodies_still_pass(served):
+    with httpx.Client(base_url=served, timeout=30) as client:
+        for _ in range(3):  # one kept-alive connection
+            assert client.get("/health").status_code == 200
+        big = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x" * 40_000}]})
+        assert big.status_code == 200, big.text
+        headers = {f"X-Ok-{i}": "v" * 1000 for i in range(20)}  # 20 KiB of headers: under the caps
+        assert client.get("/health", headers=headers).status_code == 200
+    assert http_protocol.HeaderLimits().max_header_bytes == 64 * 1024
