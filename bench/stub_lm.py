@@ -14,12 +14,13 @@ Faults, by a marker in the question:
   [cut]      a stream that stops halfway (no finish, no [DONE]); without stream,
              the connection closes after half the body
   [trickle]  one character every 0.5 s (streamed), four bytes every 0.5 s (not)
+  [drip]     streamed one character every 0.05 s (a slow LM, for time-to-first-text tests)
 or for every request, with `POST /_mode {"mode": "fail500"}` (`"ok"` restores),
 so a test can take the LM down and bring it back. Stop the process for
 "connection refused". `--latency` adds a fixed delay to every answer.
 
 `GET /_requests` lists the last requests seen (body and Authorization header);
-`GET /_stats` counts them.
+`GET /_stats` counts them, and the streamed answers still being sent.
 
 Run: python -m bench.stub_lm --port N [--latency SECONDS]
 """
@@ -39,7 +40,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-FAULTS = ("fail500", "rate429", "sleep", "garbage", "cut", "trickle")
+FAULTS = ("fail500", "rate429", "sleep", "garbage", "cut", "trickle", "drip")
 _BLOCK = re.compile(r"\[\[ ## (\w+) ## \]\]")
 _OUTPUT = re.compile(r"\d+\. `(\w+)`")
 
@@ -49,6 +50,7 @@ class State:
     mode = "ok"
     total = 0
     abandoned = 0  # hung requests whose caller went away
+    streaming = 0  # streamed answers being sent right now
     seen: deque = deque(maxlen=2000)  # bounded: a soak test must not grow the stub
 
 
@@ -101,19 +103,23 @@ def _chunk(body: dict, delta: dict, finish: str | None = None, usage: dict | Non
 
 
 async def _stream(body: dict, content: str, fault: str | None):
-    yield _chunk(body, {"role": "assistant", "content": ""})
-    step = 1 if fault == "trickle" else 8
-    pieces = [content[i:i + step] for i in range(0, len(content), step)]
-    for i, piece in enumerate(pieces):
-        if fault == "cut" and i >= len(pieces) // 2:
-            return  # stops midway: no finish_reason, no [DONE]
-        if fault == "trickle":
-            await asyncio.sleep(0.5)
-        yield _chunk(body, {"content": piece})
-    yield _chunk(body, {}, finish="stop")
-    usage = {"prompt_tokens": 10, "completion_tokens": len(pieces), "total_tokens": 10 + len(pieces)}
-    yield _chunk(body, {}, usage=usage)
-    yield b"data: [DONE]\n\n"
+    State.streaming += 1
+    try:
+        yield _chunk(body, {"role": "assistant", "content": ""})
+        step = 1 if fault in ("trickle", "drip") else 8
+        pieces = [content[i:i + step] for i in range(0, len(content), step)]
+        for i, piece in enumerate(pieces):
+            if fault == "cut" and i >= len(pieces) // 2:
+                return  # stops midway: no finish_reason, no [DONE]
+            if fault in ("trickle", "drip"):
+                await asyncio.sleep(0.5 if fault == "trickle" else 0.05)
+            yield _chunk(body, {"content": piece})
+        yield _chunk(body, {}, finish="stop")
+        usage = {"prompt_tokens": 10, "completion_tokens": len(pieces), "total_tokens": 10 + len(pieces)}
+        yield _chunk(body, {}, usage=usage)
+        yield b"data: [DONE]\n\n"
+    finally:
+        State.streaming -= 1  # finished, or cancelled because the caller left
 
 
 async def _trickle(payload: bytes):
@@ -161,7 +167,8 @@ async def requests_seen(_: Request) -> JSONResponse:
 
 
 async def stats(_: Request) -> JSONResponse:
-    return JSONResponse({"total": State.total, "abandoned": State.abandoned, "mode": State.mode})
+    return JSONResponse({"total": State.total, "abandoned": State.abandoned, "streaming": State.streaming,
+                         "mode": State.mode})
 
 
 async def set_mode(request: Request) -> JSONResponse:

@@ -33,6 +33,10 @@ def _json_values(text: str) -> dict[str, str]:
     return {k: v for k, v in parsed.items() if isinstance(v, str)}
 
 
+# The start of a "[[ ## field ## ]]" marker, cut anywhere, at the very end of the text.
+PARTIAL_MARKER = re.compile(r"\[(?:\[(?: (?:#(?:#(?: (?:\w+(?: (?:#(?:#(?: (?:\])?)?)?)?)?)?)?)?)?)?)?$")
+
+
 def _marker_values(text: str) -> dict[str, str]:
     values: dict[str, str] = {}
     matches = list(MARKER.finditer(text))
@@ -40,10 +44,10 @@ def _marker_values(text: str) -> dict[str, str]:
         end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
         value = text[match.end() : end]
         if i + 1 == len(matches):
-            # The next marker may be arriving: hold back a trailing "[" or "[[ ##...".
-            cut = value.rfind("[")
-            if cut >= 0 and "]]" not in value[cut:] and len(value) - cut <= 40:
-                value = value[:cut]
+            # The next marker may be arriving: hold back a trailing "[", "[[", "[[ ## na"..., all of it.
+            partial = PARTIAL_MARKER.search(value, max(0, len(value) - 60))
+            if partial is not None:
+                value = value[: partial.start()]
         values[match.group(1)] = value.strip()
     return values
 

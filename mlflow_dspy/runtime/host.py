@@ -141,7 +141,10 @@ class ProgramHost:
     ) -> AsyncIterator[Delta | dspy.Prediction]:
         target = id(_target(program, self.program.answer_fields[0]))
         decoder = FieldStream(list(fields))  # fresh per request: it keeps state
-        streaming = dspy.streamify(program, include_final_prediction_in_output_stream=True)
+        # Natively async when the program can be (no thread per stream): the LM's own stream reaches
+        # the client as it arrives, and a client that leaves cancels the LM call with this task.
+        streaming = dspy.streamify(program, is_async_program=hasattr(type(program), "aforward"),
+                                   include_final_prediction_in_output_stream=True)
         final, call_id = None, None
         # aclosing: the streamify generator is always finished in this task,
         # even when the client goes away (its task group must exit where it began).
