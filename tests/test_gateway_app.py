@@ -107,7 +107,8 @@ async def test_stream_sends_chunks_then_finish_usage_and_done(client):
         ({"messages": USER, "temperature": 5}, 400, "temperature", "'temperature'"),
         ({"messages": USER, "max_tokens": -1}, 400, "max_tokens", "'max_tokens'"),
         ({"messages": USER, "bogus": 1}, 400, "bogus", "unknown field 'bogus'"),
-        ({"messages": USER, "tools": []}, 400, "tools", "unknown field 'tools'"),
+        ({"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools",
+         "never calls tools"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages", "messages[0].role 'wizard'"),
         ({"messages": [{"role": "system", "content": "x"}]}, 400, "messages", "no user message"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]},
@@ -256,12 +257,11 @@ async def test_odd_inputs_are_400_not_500(client, route, body, fragment):
     assert fragment in response.text
 
 
-async def test_an_answer_cut_short_by_the_client_is_a_400_else_a_502(client):
+async def test_an_answer_cut_short_by_max_tokens_is_a_200_with_finish_reason_length_else_a_502(client):
     unknown = [{"role": "user", "content": "a question the LM cannot answer"}]  # DummyLM: unparseable
     limited = await client.post("/v1/chat/completions", json={"messages": unknown, "max_tokens": 3})
-    assert limited.status_code == 400
-    assert limited.json()["error"]["code"] == "answer_truncated"
-    assert limited.json()["error"]["param"] == "max_tokens"
+    assert limited.status_code == 200, limited.text
+    assert limited.json()["choices"][0]["finish_reason"] == "length"
     unlimited = await client.post("/v1/chat/completions", json={"messages": unknown})
     assert unlimited.status_code == 502
     assert unlimited.json()["error"]["code"] == "lm_output_unparseable"
@@ -310,6 +310,16 @@ async def test_a_body_cut_by_a_disconnect_is_not_passed_on():
     await GatewayMiddleware(app, Limits())({"type": "http", "method": "POST", "path": "/invocations",
                                             "headers": [(b"content-type", b"application/json")]}, receive, send)
     assert not reached and sent[0]["status"] == 400
+
+
+def test_field_stream_holds_back_a_marker_cut_anywhere_and_keeps_brackets_of_the_text():
+    from mlflow_dspy.runtime.field_stream import FieldStream
+
+    text = "[[ ## answer ## ]]\nsee [1] and [2]\n\n[[ ## completed ## ]]"
+    for size in (1, 2, 3, 8, 13):  # an LM chunk may end inside "[[ ## completed ## ]]" anywhere
+        stream = FieldStream(["answer"])
+        sent = "".join(d for i in range(0, len(text), size) for _, d in stream.feed(text[i:i + size]))
+        assert sent == "see [1] and [2]", size
 
 
 def test_field_stream_follows_a_new_call_without_repeating_what_was_sent():

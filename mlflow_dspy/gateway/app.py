@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import dspy
+from dspy.utils.exceptions import AdapterParseError
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.middleware.cors import CORSMiddleware
@@ -46,12 +47,15 @@ from mlflow_dspy.gateway.protocol import (
     Choice,
     ChunkChoice,
     ErrorResponse,
+    FinishReason,
     ModelCard,
     ModelList,
     PredictResponse,
     PredictShape,
     Question,
+    adapter_prompt,
     completion_id,
+    partial_outputs,
 )
 from mlflow_dspy.gateway.protocol import Delta as DeltaBody
 from mlflow_dspy.gateway.protocol import Usage as UsageBody
@@ -224,30 +228,53 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> Gatewa
         current = slot.get()
         return ModelList(data=[ModelCard(id=current.name, created=current.created)])
 
+    # `:path`: a served name may hold a slash (models:/NAME/VERSION is served as NAME/VERSION).
+    @app.get("/v1/models/{model_id:path}")
+    async def model_card(model_id: str) -> ModelCard:
+        current = slot.get()
+        if model_id != current.name:
+            raise _unknown_model(model_id, [current.name])
+        return ModelCard(id=current.name, created=current.created)
+
     @app.post("/v1/chat/completions", response_model=ChatCompletion, openapi_extra=CHAT_REQUEST_BODY,
               responses={200: {"content": {"text/event-stream": {}}}})
     async def chat_completions(request: Request) -> Response:
         current = slot.get()
         body = _chat_request(await request.body())
         if body.model and body.model != current.name:
-            raise GatewayError(404, f"model '{body.model}' is not served here; GET /v1/models lists '{current.name}'",
-                               "not_found_error", param="model", code="model_not_found")
+            raise _unknown_model(body.model, [current.name])
         messages, settings = body.message_dicts(), body.lm_settings()
         _validate(messages, config)
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        # A DSPy program calling with its adapter's prompt gets its fields answered in its adapter's format.
+        prompt = adapter_prompt(body.messages)
+        if prompt is not None:
+            prompt.check(current.program)
+            messages, json_fields = prompt.conversation(current.program), None
+        else:
+            json_fields = body.json_answer(current.program)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        if body.stream and prompt is None:
             stream = _chat_stream(current, messages, settings, include_usage, config.request_timeout,
-                                  request.scope["mlflow_dspy"])
+                                  request.scope["mlflow_dspy"], json_fields)
             return EventSourceResponse(stream, sep="\n", ping=15)
-        prediction = await _run(current.answer(messages, settings), config.request_timeout, settings)
+        prediction, finish = await _answer(current, messages, settings, config.request_timeout)
         usage = _record_usage(request, prediction)
+        reasoning = current.reasoning(prediction)
+        if prompt is not None:
+            # The reasoning travels in the adapter's own format (a `reasoning` field), if the client asks for it.
+            content, reasoning = prompt.reply(prompt.values(current.program, prediction, current.content(prediction),
+                                                            reasoning)), None
+        else:
+            content = _content(current, prediction, json_fields)
         completion = ChatCompletion(
             model=current.name,
-            choices=[Choice(message=AssistantMessage(content=current.content(prediction),
-                                                     reasoning_content=current.reasoning(prediction)))],
+            choices=[Choice(message=AssistantMessage(content=content, reasoning_content=reasoning),
+                            finish_reason=finish)],
             usage=UsageBody(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
                             total_tokens=usage.total_tokens),
         )
+        if body.stream:  # a DSPy client streaming: its adapter parses the whole answer, sent as one chunk
+            return EventSourceResponse(_whole_stream(completion, include_usage), sep="\n", ping=15)
         # Serialized by pydantic directly: FastAPI's generic encoder costs more than the rest of the reply.
         return Response(completion.model_dump_json(), media_type="application/json")
 
@@ -400,6 +427,61 @@ async def _run(coro, timeout: float, lm_settings: dict | None = None) -> dspy.Pr
         raise
     except Exception as exc:
         raise from_program_failure(exc, lm_settings) from None
+
+
+def _unknown_model(name: str, served: list[str]) -> GatewayError:
+    """The 404 for a model this gateway does not serve, naming the ones it does."""
+    shown = name.encode("utf-8", "backslashreplace").decode("utf-8")  # a lone surrogate is shown, not raised
+    listed = ", ".join(f"'{n}'" for n in served)
+    return GatewayError(404, f"model '{shown}' is not served here; GET /v1/models lists {listed}",
+                        "not_found_error", param="model", code="model_not_found")
+
+
+async def _answer(host: ProgramHost, messages: list[dict], lm_settings: dict, timeout: float
+                  ) -> tuple[dspy.Prediction, FinishReason]:
+    """The program's prediction and OpenAI's finish_reason for it.
+
+    An answer cut short by the client's own limit is what OpenAI gives then: a
+    200 with what was written, finish_reason "length" (max_tokens) or "stop"
+    (a stop sequence). Its outputs are what the LM's text holds of them.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            prediction = await host.answer(messages, lm_settings)
+    except GatewayError:
+        raise
+    except Exception as exc:
+        finish = _cut_short(exc, lm_settings)
+        if finish is None:
+            raise from_program_failure(exc, lm_settings) from None
+        return dspy.Prediction(**partial_outputs(exc.lm_response, list(exc.signature.output_fields))), finish
+    return prediction, _finish_reason(host, prediction, lm_settings)
+
+
+def _cut_short(exc: BaseException, lm_settings: dict) -> FinishReason | None:
+    """When the client limited the answer (max_tokens, stop) and the program's outputs then failed to
+    parse, the limit cut them short: the finish_reason that says so. None for any other failure."""
+    if not isinstance(exc, AdapterParseError):
+        return None
+    if "max_tokens" in lm_settings:
+        return "length"
+    return "stop" if "stop" in lm_settings else None
+
+
+def _finish_reason(host: ProgramHost, prediction: dspy.Prediction | None, lm_settings: dict) -> FinishReason:
+    """"length" when a one-call program's LM wrote all the tokens the client allowed (its answer parsed
+    all the same), else "stop"."""
+    limit = lm_settings.get("max_tokens")
+    if limit is None or prediction is None or len(host.program.program.predictors()) != 1:
+        return "stop"
+    return "length" if Usage.of(prediction).completion_tokens >= limit else "stop"
+
+
+def _content(host: ProgramHost, prediction: dspy.Prediction, json_fields: tuple[str, ...] | None) -> str:
+    """The chat answer; with a JSON response_format, the JSON object of the fields it asks for."""
+    if json_fields is None:
+        return host.content(prediction)
+    return json.dumps(jsonable_encoder({name: prediction.get(name) for name in json_fields}))
 
 
 def _deadline(seconds: float) -> float:
@@ -562,7 +644,8 @@ def _sse(data: Any) -> dict:
 
 
 async def _chat_stream(
-    host: ProgramHost, messages: list[dict], lm_settings: dict, include_usage: bool, timeout: float, info: dict
+    host: ProgramHost, messages: list[dict], lm_settings: dict, include_usage: bool, timeout: float, info: dict,
+    json_fields: tuple[str, ...] | None = None,
 ) -> AsyncIterator[dict]:
     cid, created = completion_id(), int(time.time())
 
@@ -573,23 +656,40 @@ async def _chat_stream(
         body["choices"][0]["delta"] = delta.model_dump(exclude_none=True)  # only what this chunk carries
         return _sse(body)
 
+    def piece(label: str, text: str) -> dict:
+        sent[label] += text
+        return chunk(DeltaBody(content=text) if label == "content" else DeltaBody(reasoning_content=text))
+
     yield chunk(DeltaBody(role="assistant", content=""))
-    prediction = None
+    prediction, sent = None, {"content": "", "reasoning": ""}
     try:
         async for item in within(host.stream(messages, lm_settings), _deadline(timeout)):
             if isinstance(item, Delta):
-                if item.field == "content":
-                    yield chunk(DeltaBody(content=item.text))
-                else:
-                    yield chunk(DeltaBody(reasoning_content=item.text))
+                if item.field != "content" or json_fields is None:  # a JSON answer is whole only at the end
+                    yield piece(item.field, item.text)
             else:
                 prediction = item
+        finish = _finish_reason(host, prediction, lm_settings)
     except Exception as exc:
-        # The status line is already sent: the failure travels as an error event.
-        yield _sse(from_program_failure(exc, lm_settings).body())
-        yield _sse("[DONE]")
-        return
-    yield chunk(DeltaBody(), finish="stop")
+        finish = _cut_short(exc, lm_settings)
+        if finish is None:
+            # The status line is already sent: the failure travels as an error event.
+            yield _sse(from_program_failure(exc, lm_settings).body())
+            yield _sse("[DONE]")
+            return
+        # Cut short by the client's limit: the rest of what the LM wrote, then finish_reason "length".
+        partial = dspy.Prediction(**partial_outputs(exc.lm_response, list(exc.signature.output_fields)))
+        texts = {"reasoning": host.reasoning(partial) or ""}
+        if json_fields is None and host.program.streams_answer:
+            texts["content"] = host.content(partial)
+        elif not sent["content"]:
+            texts["content"] = _content(host, partial, json_fields)
+        for label, text in texts.items():
+            if text.startswith(sent[label]) and len(text) > len(sent[label]):
+                yield piece(label, text[len(sent[label]):])
+    if json_fields is not None and prediction is not None:
+        yield piece("content", _content(host, prediction, json_fields))
+    yield chunk(DeltaBody(), finish=finish)
     usage = Usage.of(prediction)
     info["usage"] = (usage.prompt_tokens, usage.completion_tokens)
     if include_usage:
@@ -598,6 +698,22 @@ async def _chat_stream(
                                                    completion_tokens=usage.completion_tokens,
                                                    total_tokens=usage.total_tokens))
         yield _sse(body.model_dump())
+    yield _sse("[DONE]")
+
+
+async def _whole_stream(completion: ChatCompletion, include_usage: bool) -> AsyncIterator[dict]:
+    """A finished completion as the chunks of a stream: the role, the content, the finish, the usage."""
+    choice = completion.choices[0]
+    for delta, finish in ((DeltaBody(role="assistant", content=""), None),
+                          (DeltaBody(content=choice.message.content), None), (DeltaBody(), choice.finish_reason)):
+        body = ChatCompletionChunk(id=completion.id, created=completion.created, model=completion.model,
+                                   choices=[ChunkChoice(delta=delta, finish_reason=finish)]).model_dump()
+        body.pop("usage")
+        body["choices"][0]["delta"] = delta.model_dump(exclude_none=True)
+        yield _sse(body)
+    if include_usage:
+        yield _sse(ChatCompletionChunk(id=completion.id, created=completion.created, model=completion.model,
+                                       choices=[], usage=completion.usage).model_dump())
     yield _sse("[DONE]")
 
 

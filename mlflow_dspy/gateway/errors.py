@@ -24,7 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mlflow_dspy.gateway.protocol import ErrorBody, ErrorResponse
+from mlflow_dspy.gateway.protocol import ErrorBody, ErrorResponse, Unsupported
 from mlflow_dspy.program.chat import ChatInputError
 
 log = logging.getLogger("mlflow_dspy.gateway")
@@ -104,6 +104,9 @@ def validation_message(errors: Sequence[Any]) -> tuple[str, str | None]:
     param = _field_path(first.get("loc", ())) or None
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
+    if first.get("type") == "not_supported":  # a field the gateway cannot honour: the message says why
+        context = first.get("ctx") or {}
+        return str(context.get("message") or first.get("msg")), context.get("param") or param
     if first.get("type") == "extra_forbidden":
         return f"unknown field '{param}'", param
     if first.get("type") == "missing":
@@ -134,13 +137,16 @@ def _field_path(loc: Sequence[Any]) -> str:
 def invalid_body(errors: Sequence[Any]) -> GatewayError:
     """The 400 for a request body that failed validation, naming its first invalid field."""
     message, param = validation_message(errors)
-    return invalid_request(message, param=param)
+    unsupported = bool(errors) and errors[0].get("type") == "not_supported"
+    return invalid_request(message, param=param, code="unsupported_parameter" if unsupported else None)
 
 
 def response_for(exc: Exception) -> JSONResponse:
     """The error response for anything an endpoint raised."""
     if isinstance(exc, GatewayError):
         return exc.response()
+    if isinstance(exc, Unsupported):
+        return invalid_request(exc.message, param=exc.param, code="unsupported_parameter").response()
     if isinstance(exc, RequestValidationError):
         return invalid_body(exc.errors()).response()
     return from_program_failure(exc).response()
@@ -150,7 +156,7 @@ def install_handlers(app) -> None:
     async def _respond(_: Request, exc: Exception) -> JSONResponse:
         return response_for(exc)
 
-    for kind in (GatewayError, RequestValidationError, Exception):
+    for kind in (GatewayError, Unsupported, RequestValidationError, Exception):
         app.add_exception_handler(kind, _respond)
 
     @app.exception_handler(StarletteHTTPException)

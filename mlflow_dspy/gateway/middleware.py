@@ -31,7 +31,9 @@ access_log = logging.getLogger("mlflow_dspy.gateway.access")
 
 # Routes that run the program: these count against the in-flight cap.
 MODEL_ROUTES = ("/v1/chat/completions", "/invocations", "/predict", "/predict/stream")
-OPEN_ROUTES = ("/health",)
+# Open without a key even when keys are set: probes (Kubernetes, load balancers, Prometheus) carry none,
+# and these answer nothing a key protects (alive, loaded and the model's name, counters).
+OPEN_ROUTES = ("/health", "/ready", "/metrics")
 
 
 @dataclass
@@ -41,12 +43,15 @@ class Limits:
     retry_after_seconds: int = 1
     body_timeout_seconds: float = 30.0
     api_keys: tuple[str, ...] = field(default_factory=tuple)
+    open_routes: tuple[str, ...] = OPEN_ROUTES
 
 
 def _authorized(header: bytes | None, keys: tuple[str, ...]) -> bool:
-    if not header or not header.startswith(b"Bearer "):
+    # `Bearer <key>`; the scheme's name is case-insensitive (RFC 7235 section 2.1): bearer, BEARER.
+    scheme, _, offered = (header or b"").strip().partition(b" ")
+    offered = offered.strip()
+    if scheme.lower() != b"bearer" or not offered:
         return False
-    offered = header[len(b"Bearer ") :].strip()
     # Compare against every key, in constant time each, and decide at the end:
     # neither the timing nor an early exit tells which key came close.
     matched = False
@@ -164,7 +169,7 @@ class GatewayMiddleware:
     def _refusal(self, scope, path: str) -> GatewayError | None:
         headers = dict(scope.get("headers") or [])
         # A CORS preflight (OPTIONS) never carries the key; it runs no program either.
-        needs_key = self.limits.api_keys and path not in OPEN_ROUTES and scope.get("method") != "OPTIONS"
+        needs_key = self.limits.api_keys and path not in self.limits.open_routes and scope.get("method") != "OPTIONS"
         if needs_key and not _authorized(headers.get(b"authorization"), self.limits.api_keys):
             return GatewayError(401, "missing or invalid API key", "authentication_error", code="invalid_api_key",
                                 headers={"WWW-Authenticate": "Bearer"})

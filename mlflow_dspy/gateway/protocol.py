@@ -2,13 +2,20 @@
 /predict endpoints, and the OpenAI error object.
 
 Requests are validated strictly: an unknown field or a value out of range is a
-400 that names the field, rather than a silently ignored setting.
+400 that names the field, rather than a silently ignored setting. Fields that
+OpenAI accepts and that cannot change a DSPy program's answer are accepted and
+ignored (`IGNORED_FIELDS`, `IGNORED_MESSAGE_FIELDS`); fields that would change
+the answer and cannot be honoured are refused with a 400 that says why
+(`REFUSED`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 import time
+import typing
 import uuid
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -22,12 +29,15 @@ from pydantic import (
     WithJsonSchema,
     create_model,
     field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
 from mlflow_dspy.program.chat import history_entries
 from mlflow_dspy.program.mapping import Field as ProgramField
 from mlflow_dspy.program.mapping import fields_model
+from mlflow_dspy.runtime.field_stream import FieldStream
+from mlflow_dspy.runtime.host import as_text
 
 if TYPE_CHECKING:
     from mlflow_dspy.program.chat import ChatProgram
@@ -42,20 +52,138 @@ class Strict(BaseModel):
 
 
 # -- OpenAI: requests ---------------------------------------------------------
+# Accepted and ignored: OpenAI takes them, SDKs and agent frameworks send them, and none can change
+# what a DSPy program answers. (The README's table is this list.)
+IGNORED_FIELDS: dict[str, str] = {
+    "user": "an end-user id, for the provider's abuse monitoring",
+    "safety_identifier": "the same, under its newer name",
+    "metadata": "tags for OpenAI's stored completions (string values)",
+    "store": "whether OpenAI keeps the completion; the gateway keeps none (its traces are MLflow's)",
+    "service_tier": "OpenAI's processing tier",
+    "prompt_cache_key": "a hint for OpenAI's prompt cache",
+    "prompt_cache_retention": "how long OpenAI keeps that cache",
+    "reasoning_effort": "how hard an OpenAI reasoning model thinks; the program's LM has its own settings",
+    "verbosity": "how long a GPT-5 answer should be; the program's signature decides its outputs",
+    "prediction": "predicted output, to speed up an OpenAI model; it never changes the answer",
+    "parallel_tool_calls": "meaningful only with tools (which are never called here)",
+    "logprobs": "false only (true is refused)",
+    "top_logprobs": "absent or 0 only",
+    "logit_bias": "empty only (a bias on token ids is refused)",
+    "modalities": '["text"] only',
+    "audio": "null only",
+    "presence_penalty": "not passed to the program's LM",
+    "frequency_penalty": "not passed to the program's LM",
+    "stream_options": "include_usage is honoured; include_obfuscation is ignored (no padding is sent)",
+    "tools": "an empty list; or tools with tool_choice \"none\" (the model then answers in text, as a DSPy "
+             "program always does)",
+    "tool_choice": "\"none\" or \"auto\" when no tools are sent, \"none\" when tools are sent",
+    "functions": "the deprecated form of tools, under the same rules",
+    "function_call": "the deprecated form of tool_choice, under the same rules",
+}
+# Honoured (they reach the program's LM, or shape the answer): temperature, top_p, max_tokens,
+# max_completion_tokens, stop, seed, stream, stream_options.include_usage, response_format.
+# Refused with a 400 that says why: they would change the answer, and a DSPy program cannot honour them.
+REFUSED: dict[str, str] = {
+    "n > 1": "a DSPy program gives one answer per request",
+    "logprobs: true, top_logprobs > 0": "the answer is parsed out of one or more LM calls: it has no log-probabilities",
+    "logit_bias (non-empty)": "token ids of an LM the client does not choose",
+    "modalities with \"audio\", audio (non-null)": "a DSPy program answers in text",
+    "tools (non-empty) unless tool_choice is \"none\"; tool_choice \"required\" or a named function": "a DSPy "
+        "program answers in text and never calls tools",
+    "tool / function messages, assistant messages with tool_calls": "there are no tool calls to answer",
+    "response_format json_schema whose properties differ from the program's outputs": "the program's outputs "
+        "are its signature's",
+    "response_format json_object for a program whose answer is one text field": "its answer is not a JSON object",
+}
+# What an assistant message carries when a client sends back a reply it got (from this gateway or from
+# OpenAI): accepted and ignored, so `messages.append(response.choices[0].message)` works.
+IGNORED_MESSAGE_FIELDS: dict[str, str] = {
+    "name": "a participant's name (any role)",
+    "reasoning_content": "this gateway's (and DeepSeek's, vLLM's) reasoning: the next turn sees the answer only",
+    "refusal": "OpenAI's refusal text (null from this gateway)",
+    "tool_calls": "null or an empty list (a non-empty list is refused)",
+    "function_call": "null only",
+    "audio": "null only",
+    "annotations": "OpenAI's URL citations",
+}
+NO_TOOLS = "this model is a DSPy program: it answers in text and never calls tools"
+
+
+def _unsupported(message: str, param: str) -> PydanticCustomError:
+    """A 400 whose message is said as it is (see errors.validation_message), for a field the gateway cannot honour."""
+    return PydanticCustomError("not_supported", "{message}", {"message": message, "param": param})
+
+
 class ChatMessage(Strict):
     role: str
     # A list of parts is accepted here so the chat wrapper can refuse image
     # parts by name; it joins text parts.
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    # Accepted and ignored (IGNORED_MESSAGE_FIELDS).
+    reasoning_content: str | None = None
+    refusal: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    function_call: None = None
+    audio: None = None
+    annotations: list[dict[str, Any]] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_tool_traffic(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        role = data.get("role")
+        if role in ("tool", "function"):
+            raise _unsupported(f"a '{role}' message carries a tool's result, but {NO_TOOLS}; "
+                               "send user, assistant, system or developer messages", "messages")
+        if data.get("tool_calls"):
+            raise _unsupported(f"an assistant message with tool_calls cannot be continued: {NO_TOOLS}",
+                               "messages")
+        if data.get("function_call") is not None:
+            raise _unsupported(f"an assistant message with a function_call cannot be continued: {NO_TOOLS}",
+                               "messages")
+        if data.get("audio") is not None:
+            raise _unsupported("a message's audio cannot be read: a DSPy program takes text only", "messages")
+        return data
 
 
 class StreamOptions(Strict):
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # ignored: no obfuscation padding is sent
 
 
-class ResponseFormat(Strict):
+class TextFormat(Strict):
     type: Literal["text"]
+
+
+class JsonObjectFormat(Strict):
+    type: Literal["json_object"]
+
+
+class JsonSchema(Strict):
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class JsonSchemaFormat(Strict):
+    type: Literal["json_schema"]
+    json_schema: JsonSchema
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
+ToolChoice = Literal["none", "auto", "required"] | dict[str, Any]
+
+
+class Unsupported(ValueError):
+    """A request this program cannot honour, found once the program is known: a 400 naming `param`."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
 
 
 class ChatCompletionRequest(Strict):
@@ -67,15 +195,33 @@ class ChatCompletionRequest(Strict):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_COMPLETION_TOKENS)
     stop: str | list[str] | None = None
     seed: int | None = None
-    n: int | None = Field(default=None, ge=1, le=1, description="only n=1 is supported")
+    n: int | None = Field(default=None, ge=1, description="only n=1 is supported")
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
-    # Accepted for compatibility with OpenAI clients; they do not change the answer.
+    # Accepted and ignored (IGNORED_FIELDS); the few values that would change the answer are refused.
     user: str | None = None
+    safety_identifier: str | None = None
     metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    prediction: dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    logit_bias: dict[str, int | float] | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: ToolChoice | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: Literal["none", "auto"] | dict[str, Any] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -86,6 +232,37 @@ class ChatCompletionRequest(Strict):
         if len(stops) > MAX_STOP_SEQUENCES or any(not s for s in stops):
             raise ValueError(f"stop takes 1 to {MAX_STOP_SEQUENCES} non-empty strings")
         return stops
+
+    @model_validator(mode="after")
+    def _honourable(self) -> ChatCompletionRequest:
+        if self.n is not None and self.n > 1:
+            raise _unsupported(f"'n' must be 1 (it is {self.n}): a DSPy program gives one answer per request; "
+                               "send several requests for several answers", "n")
+        if self.logprobs:
+            raise _unsupported("logprobs is not available: the answer is parsed out of one or more LM calls, so "
+                               "it has no token log-probabilities; leave logprobs out or false", "logprobs")
+        if self.top_logprobs:
+            raise _unsupported("top_logprobs is not available: the answer has no token log-probabilities; "
+                               "leave top_logprobs out or 0", "top_logprobs")
+        if self.logit_bias:
+            raise _unsupported("logit_bias cannot be honoured: it biases token ids of the program's own LM, "
+                               "which the client does not choose; leave it out or empty", "logit_bias")
+        if self.modalities is not None and set(self.modalities) != {"text"}:
+            raise _unsupported("this model answers in text only: modalities must be [\"text\"]", "modalities")
+        if self.audio is not None:
+            raise _unsupported("this model answers in text only: leave audio out", "audio")
+        self._tools_fit("tools", self.tools, "tool_choice", self.tool_choice)
+        self._tools_fit("functions", self.functions, "function_call", self.function_call)
+        return self
+
+    @staticmethod
+    def _tools_fit(tools_name: str, tools: list | None, choice_name: str, choice: Any) -> None:
+        if tools and choice != "none":
+            shown = "absent, which means \"auto\"" if choice is None else json.dumps(choice)
+            raise _unsupported(f"{tools_name} cannot be used: {NO_TOOLS}; send {tools_name} only with "
+                               f"{choice_name} \"none\" (it is {shown}), or leave them out", tools_name)
+        if not tools and choice not in (None, "none", "auto"):
+            raise _unsupported(f"{choice_name} {json.dumps(choice)} asks for a tool call: {NO_TOOLS}", choice_name)
 
     def lm_settings(self) -> dict[str, Any]:
         """Per-request LM settings, for `lm.copy(**settings)`."""
@@ -106,8 +283,180 @@ class ChatCompletionRequest(Strict):
     def message_dicts(self) -> list[dict[str, Any]]:
         return [{"role": m.role, "content": m.content} for m in self.messages]
 
+    def json_answer(self, program: ChatProgram) -> tuple[str, ...] | None:
+        """The fields of the JSON object the response_format asks the answer to be; None: the usual answer.
+
+        `json_object` is honoured for a program whose chat answer already is a JSON
+        object (several answer fields, or one typed as an object). `json_schema` is
+        honoured when the schema's properties are the program's answer fields,
+        optionally with its other outputs and `reasoning`: the answer is then the
+        JSON object of those fields. Anything else cannot be honoured: Unsupported.
+        """
+        fmt = self.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        mapping = program.mapping
+        answers = tuple(mapping.answer_fields)
+        if fmt.type == "json_object":
+            if answers_an_object(program):
+                return None  # the usual answer is that object
+            raise Unsupported(f"response_format json_object cannot be honoured: this program's answer is the text "
+                              f"of its output '{answers[0]}', not a JSON object; leave response_format out, or "
+                              f"use json_schema with the property '{answers[0]}'", "response_format")
+        schema = fmt.json_schema.schema_ or {}
+        properties = schema.get("properties")
+        available = [f.name for f in mapping.outputs]
+        if program_reasons(program):
+            available.append("reasoning")
+        wanted = "(" + ", ".join(answers) + (", optionally " + ", ".join(a for a in available if a not in answers)
+                                             if len(available) > len(answers) else "") + ")"
+        if schema.get("type", "object") != "object" or not isinstance(properties, dict) or not properties:
+            raise Unsupported(f"response_format json_schema cannot be honoured: its schema must be an object with "
+                              f"properties, the program's outputs {wanted}", "response_format")
+        requested = tuple(properties)
+        extra = [name for name in requested if name not in available]
+        missing = [name for name in answers if name not in requested]
+        required = schema.get("required") or []
+        if extra or missing or not set(required) <= set(requested):
+            problems = [f"it asks for {', '.join(extra)}" if extra else "",
+                        f"it leaves out {', '.join(missing)}" if missing else "",
+                        "its required fields are not among its properties" if not set(required) <= set(requested)
+                        else ""]
+            raise Unsupported(f"response_format json_schema '{fmt.json_schema.name}' differs from the program's "
+                              f"outputs {wanted}: {'; '.join(p for p in problems if p)}", "response_format")
+        return requested
+
+
+def answers_an_object(program: ChatProgram) -> bool:
+    """Whether the program's chat answer is a JSON object: several answer fields, or one typed as an object."""
+    fields = program.mapping.answer_fields
+    if len(fields) > 1:
+        return True
+    output = next((f for f in program.mapping.outputs if f.name == fields[0]), None)
+    annotation = output.annotation if output else str
+    origin = typing.get_origin(annotation) or annotation
+    return isinstance(origin, type) and (issubclass(origin, (dict, BaseModel)) or dataclasses.is_dataclass(origin))
+
+
+def program_reasons(program: ChatProgram) -> bool:
+    return any("reasoning" in p.signature.output_fields for p in program.program.predictors())
+
+
+def partial_outputs(lm_text: str, fields: list[str]) -> dict[str, str]:
+    """The output fields an LM answer cut short holds so far (ChatAdapter markers or JSON), by name."""
+    stream = FieldStream(fields)
+    stream.feed(lm_text or "")
+    return {name: text for name, text in stream.sent.items() if text}
+
+
+# -- DSPy's adapters, as a client -------------------------------------------------
+# A DSPy program whose LM is this gateway sends the prompt its adapter (ChatAdapter, JSONAdapter)
+# formats: a system message that lists the input and output fields, and a user message of
+# `[[ ## field ## ]]` blocks. Served to the program as it is, the program would answer that prompt as
+# if it were the question. So the gateway reads the fields out of it, runs the program on them, and
+# answers in the format the adapter parses.
+_ADAPTER_MARKS = ("Your input fields are:", "Your output fields are:", "All interactions will be structured")
+_LISTED_FIELD = re.compile(r"^\d+\. `(\w+)`", re.MULTILINE)
+_REQUEST_TAIL = re.compile(r"\n\nRespond with (?:the corresponding output fields|a JSON object).*\Z", re.DOTALL)
+
+
+@dataclasses.dataclass
+class AdapterPrompt:
+    """What a DSPy client asked: its input fields' values, the output fields it parses, and in which format."""
+
+    inputs: dict[str, str]
+    outputs: list[str]
+    json: bool
+
+    def conversation(self, program: ChatProgram) -> list[dict[str, Any]]:
+        """The chat the served program answers: the client's inputs in the places its mapping reads them from."""
+        mapping = program.mapping
+        inputs = dict(self.inputs)
+        messages = []
+        if mapping.context_field and mapping.context_field in inputs and len(inputs) > 1:
+            messages.append({"role": "system", "content": inputs.pop(mapping.context_field)})
+        if mapping.question_field is None:
+            question = json.dumps({name: _json_or_text(value) for name, value in inputs.items()})
+        elif mapping.question_field in inputs:
+            question = inputs[mapping.question_field]
+        elif len(inputs) == 1:
+            question = next(iter(inputs.values()))
+        else:
+            question = "\n\n".join(f"{name}: {value}" for name, value in inputs.items())
+        messages.append({"role": "user", "content": question})
+        return messages
+
+    def reply(self, values: dict[str, Any]) -> str:
+        """The answer as the client's adapter parses it: `[[ ## field ## ]]` blocks, or a JSON object."""
+        if self.json:
+            return json.dumps(values, default=str)
+        blocks = [f"[[ ## {name} ## ]]\n{as_text(value)}" for name, value in values.items()]
+        return "\n\n".join([*blocks, "[[ ## completed ## ]]"])
+
+    def check(self, program: ChatProgram) -> None:
+        """Unsupported when several of the outputs the client asks for are not the program's: which of them
+        would get the program's answer?"""
+        available = {f.name for f in program.mapping.outputs} | {"reasoning"}
+        unmatched = [name for name in self.outputs if name not in available]
+        if len(unmatched) > 1:
+            raise Unsupported(f"the DSPy client asks for the outputs {', '.join(self.outputs)}, but this program "
+                              f"writes {', '.join(program.mapping.answer_fields)}: use a signature whose outputs "
+                              "are the program's, or one output (it gets the program's answer)", "messages")
+
+    def values(self, program: ChatProgram, prediction: dspy.Prediction, answer: str,
+               reasoning: str | None) -> dict[str, Any]:
+        """Each output the client asks for: the program's field of that name, else the program's chat answer
+        (`check` made sure at most one such field is asked for), `reasoning` its reasoning."""
+        values: dict[str, Any] = {}
+        for name in self.outputs:
+            if name in prediction:
+                value = prediction[name]
+            elif name == "reasoning":
+                value = reasoning or ""
+            else:
+                value = answer
+            if hasattr(value, "model_dump"):
+                value = value.model_dump(mode="json")
+            values[name] = value if self.json else as_text(value)
+        return values
+
+
+def _json_or_text(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def adapter_prompt(messages: list[ChatMessage]) -> AdapterPrompt | None:
+    """The fields of a DSPy adapter's prompt, when `messages` is one (None otherwise)."""
+    system, last = messages[0], messages[-1]
+    if (system.role != "system" or last.role != "user" or not isinstance(system.content, str)
+            or not isinstance(last.content, str) or not last.content.startswith("[[ ## ")
+            or not all(mark in system.content for mark in _ADAPTER_MARKS)):
+        return None
+    head = system.content.split(_ADAPTER_MARKS[2], 1)[0]
+    listed_inputs, _, listed_outputs = head.partition(_ADAPTER_MARKS[1])
+    input_names = _LISTED_FIELD.findall(listed_inputs)
+    outputs = _LISTED_FIELD.findall(listed_outputs)
+    if not input_names or not outputs:
+        return None
+    # Split at the markers of the listed inputs only: a value may hold other `[[ ## ... ## ]]` text.
+    blocks = re.compile(r"\[\[ ## (" + "|".join(map(re.escape, input_names)) + r") ## \]\]\n")
+    parts = blocks.split(last.content)
+    inputs = {parts[i]: parts[i + 1] for i in range(1, len(parts) - 1, 2)}
+    if not inputs:
+        return None
+    last_name = list(inputs)[-1]
+    inputs[last_name] = _REQUEST_TAIL.sub("", inputs[last_name])
+    inputs = {name: value.strip() for name, value in inputs.items()}
+    return AdapterPrompt(inputs, outputs, json="Respond with a JSON object" in last.content)
+
 
 # -- OpenAI: responses --------------------------------------------------------
+FinishReason = Literal["stop", "length"]
+
+
 def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
