@@ -47,9 +47,16 @@ def cmd_log(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_model_uri(uri: str) -> None:
+    from mlflow_dspy.lifecycle.models import resolve
+
+    resolve(uri)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from mlflow_dspy.packaging.serve import serve_verified
 
+    _check_model_uri(args.model_uri)
     return serve_verified(args.model_uri, args.port, args.host, args.env_manager)
 
 
@@ -58,6 +65,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
     if bool(args.model_uri) == bool(args.program):
         raise UsageProblem("gateway: give exactly one of -m MODEL_URI or --program PROGRAM")
+    if args.model_uri:
+        _check_model_uri(args.model_uri)  # a mistyped name or version is one line here, not a failed load
     if args.program:
         from mlflow_dspy.program.project import resolve_target
         from mlflow_dspy.program.target import open_target
@@ -74,7 +83,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise UsageProblem("eval -m MODEL_URI needs --dev FILE (JSON Lines of the program's fields)")
         from pathlib import Path
 
-        report, run_id = evaluate_model_uri(args.model_uri, Path(args.dev).resolve(), args.metric)
+        from mlflow_dspy.program.datasets import DataProblem
+
+        dev = Path(args.dev).resolve()
+        if not dev.is_file():
+            raise DataProblem(f"data file not found: {dev}")  # before the model is fetched and loaded
+        _check_model_uri(args.model_uri)
+        report, run_id = evaluate_model_uri(args.model_uri, dev, args.metric)
     else:
         report, run_id = evaluate_program(_config(args))
     result = {"program": report.program, "dev_score": round(report.score, 2), "examples": len(report.rows),
@@ -291,6 +306,13 @@ def _user_problems() -> tuple[type[BaseException], ...]:
             ModelUriProblem, OutdatedModel, StarterProblem)
 
 
+def _not_found(exc: Exception) -> bool:
+    """MLflow's answer to a model, version, alias or run that does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(exc, MlflowException) and exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -302,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, IntegrityError):
             print(f"refused: {exc}", file=sys.stderr)
             return 3
-        if isinstance(exc, _user_problems()):
-            print(f"mlflow-dspy {args.command}: {exc}", file=sys.stderr)
+        if isinstance(exc, _user_problems()) or _not_found(exc):
+            print(f"mlflow-dspy {args.command}: {getattr(exc, 'message', None) or exc}", file=sys.stderr)
             return 2
         if isinstance(exc, ImportError) and getattr(args, "command", "") in ("log", "eval", "optimize", "gateway"):
             print(f"mlflow-dspy {args.command}: importing the program failed: {exc}", file=sys.stderr)

@@ -53,3 +53,15 @@ def test_a_model_of_the_current_format_loads(tmp_path, monkeypatch):
     program, metadata = load.load_chat_model("runs:/0123/model")
     assert isinstance(program, ChatProgram) and program.mapping.question_field == "question"
     assert metadata["program"] == "qa"
+
+
+@pytest.mark.parametrize("argv", [["eval", "-m", "models:/dspy-nothing/1", "--dev", "dev.jsonl"],
+                                  ["gateway", "-m", "models:/dspy-nothing@champion"],
+                                  ["serve", "-m", "runs:/0123456789abcdef/model"]])
+def test_a_model_uri_that_names_nothing_is_one_line_and_exit_2(argv, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (tmp_path / "dev.jsonl").write_text('{"question": "q", "answer": "a"}\n')
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "not found" in err.lower() and "Traceback" not in err

@@ -102,3 +102,16 @@ def test_mlflow_serve_answers_are_recorded_and_ours_are_never_worse(servers):
     RECORD.parent.mkdir(parents=True, exist_ok=True)
     RECORD.write_text(json.dumps({"summary": summary, "cases": rows}, indent=1) + "\n")
     assert all(400 <= r["gateway_status"] < 500 for r in rows)
+
+
+def test_an_lm_failure_through_mlflow_serve_says_what_happened_without_a_traceback(servers):
+    gw, serve = servers
+    garbage = {"messages": [{"role": "user", "content": "[garbage] anything"}]}
+    with httpx.Client(timeout=120) as client:
+        theirs = client.post(serve + "/invocations", json=garbage)
+        ours = client.post(gw + "/invocations", json=garbage)
+    # Not a 400 that blames the client, and no stack trace or file path in the body.
+    assert theirs.status_code == 500, theirs.text
+    assert "could not be parsed into the program's outputs" in theirs.json()["message"]
+    assert "stack_trace" not in theirs.json() and not LEAKS.search(theirs.text)
+    assert ours.status_code == 502 and not LEAKS.search(ours.text)

@@ -7,18 +7,11 @@ kind of failure it was, and anything unexpected is a bare 500.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Sequence
 from typing import Any
 
-from dspy.utils.exceptions import (
-    AdapterParseError,
-    ContextWindowExceededError,
-    LMError,
-    LMRateLimitError,
-    LMTimeoutError,
-)
+from dspy.utils.exceptions import AdapterParseError
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -26,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mlflow_dspy.gateway.protocol import ErrorBody, ErrorResponse, Unsupported
 from mlflow_dspy.program.chat import ChatInputError
+from mlflow_dspy.program.failures import failure_of
 
 log = logging.getLogger("mlflow_dspy.gateway")
 
@@ -74,24 +68,10 @@ def from_program_failure(exc: BaseException, lm_settings: dict | None = None) ->
                                "allow a longer answer", param=next(iter(limits)), code="answer_truncated")
     if isinstance(exc, ChatInputError):
         return invalid_request(exc.message, param="messages", code="invalid_messages")
-    if isinstance(exc, asyncio.TimeoutError | TimeoutError | LMTimeoutError):
-        return GatewayError(504, "the language model did not answer in time", "timeout_error", code="lm_timeout")
-    if isinstance(exc, LMRateLimitError) or (isinstance(exc, LMError) and exc.status == 429):
-        # Retried already if the provider asked for a short wait; a long one is passed on as it came.
-        retry = str(max(1, round(exc.retry_after or 1)))
-        return GatewayError(
-            429, "the language model provider is rate limiting; retry later", "rate_limit_error",
-            code="lm_rate_limited", headers={"Retry-After": retry},
-        )
-    if isinstance(exc, ContextWindowExceededError):
-        return invalid_request("the conversation is longer than the model's context window",
-                               param="messages", code="context_length_exceeded")
-    if isinstance(exc, AdapterParseError):
-        return GatewayError(502, "the language model's answer could not be parsed into the program's outputs",
-                            "upstream_error", code="lm_output_unparseable")
-    if isinstance(exc, LMError):
-        return GatewayError(502, f"the language model call failed ({exc.code or 'lm_error'})",
-                            "upstream_error", code="lm_error")
+    failure = failure_of(exc)
+    if failure is not None:
+        headers = {"Retry-After": str(failure.retry_after)} if failure.retry_after else None
+        return GatewayError(failure.status, failure.message, failure.kind, failure.param, failure.code, headers)
     log.error("unexpected failure while answering", exc_info=exc)
     return GatewayError(500, "internal error", "server_error", code="internal_error")
 

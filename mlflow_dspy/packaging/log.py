@@ -113,7 +113,8 @@ def _ignoring_data(target: Target):
 
 
 def describe(target: Target, lm_model: str, note: str | None = None) -> str:
-    what = target.config.description or (target.module.__doc__ or "").strip().split("\n")[0] or "a DSPy program"
+    what = target.config.description or (target.module.__doc__ or "").strip().split("\n")[0] or "a DSPy program."
+    what = what if what.endswith((".", "!", "?")) else f"{what}."
     mapping = target.mapping
     question = mapping.question_field or f"a JSON object of {', '.join(mapping.json_fields)}"
     text = (

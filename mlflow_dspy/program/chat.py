@@ -18,16 +18,25 @@ Which input is which is the `ChatMapping` (mapping.py), computed at log time.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import dspy
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import (
+    DEADLINE_EXCEEDED,
+    INTERNAL_ERROR,
+    INVALID_PARAMETER_VALUE,
+    REQUEST_LIMIT_EXCEEDED,
+)
 from pydantic import ValidationError
 
+from mlflow_dspy.program.failures import failure_of
 from mlflow_dspy.program.mapping import ChatMapping, validation_problem
+
+log = logging.getLogger("mlflow_dspy.program")
 
 SYSTEM_ROLES = ("system", "developer")
 TURN_ROLES = ("user", "assistant")
@@ -147,6 +156,23 @@ def read_json_inputs(mapping: ChatMapping, text: str, where: str) -> dict[str, A
             or mapping.input(name).required}
 
 
+class ProgramFailed(MlflowException):
+    """A program run that failed, as `mlflow models serve` answers it: the right status, no traceback."""
+
+    ERROR_CODES = {400: INVALID_PARAMETER_VALUE, 429: REQUEST_LIMIT_EXCEEDED, 504: DEADLINE_EXCEEDED}
+
+    @classmethod
+    def of(cls, exc: Exception) -> MlflowException:
+        if isinstance(exc, MlflowException):
+            return exc  # ChatInputError and MLflow's own: already a clear answer
+        failure = failure_of(exc)
+        if failure is None:
+            log.error("the program failed", exc_info=exc)
+            return cls(f"the program failed ({type(exc).__name__}); the server log has the details",
+                       error_code=INTERNAL_ERROR)
+        return cls(failure.message, error_code=cls.ERROR_CODES.get(failure.status, INTERNAL_ERROR))
+
+
 class ChatProgram(dspy.Module):
     """Chat front for any DSPy program: its `mapping` says which input each part of a chat fills.
 
@@ -199,7 +225,12 @@ class ChatProgram(dspy.Module):
 
     def forward(self, messages: Any) -> dspy.Prediction:
         program, kwargs = self.prepare(messages)
-        return program(**kwargs)
+        try:
+            return program(**kwargs)
+        except Exception as exc:
+            # `mlflow models serve` calls this: a failure it would answer with a traceback
+            # (and a 400 that blames the client) becomes an error that says what happened.
+            raise ProgramFailed.of(exc) from exc
 
     async def aforward(self, messages: Any) -> dspy.Prediction:
         program, kwargs = self.prepare(messages)

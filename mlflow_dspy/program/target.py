@@ -49,7 +49,8 @@ class Target:
         return fields_match, DEFAULT_METRIC
 
     def data_hash(self) -> str:
-        return dataset_hash(self.config.dev, self.config.train)
+        """Which dev set a score was measured on (scores of two versions compare only on the same one)."""
+        return dataset_hash(self.config.dev)
 
     def input_example(self) -> str:
         """The text of the user message MLflow stores (and runs once) as the model's input example."""
