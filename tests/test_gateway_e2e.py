@@ -14,6 +14,7 @@ import dspy
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import run_log_cli, store_env
 from tests.support.processes import child_env, free_port, gateway, mlflow_serve, running, stub_lm
@@ -206,6 +207,13 @@ def test_several_workers_serve_from_the_first_ready(stub_env, tmp_path):
         with ThreadPoolExecutor(4) as pool:
             statuses = list(pool.map(one, range(40)))
         assert statuses == [200] * 40
+        # /metrics, whichever worker answers it, counts the requests every worker answered.
+        for _ in range(4):
+            text = httpx.get(f"{base}/metrics", timeout=10).text
+            answered = sum(sample.value for family in text_string_to_metric_families(text)
+                           for sample in family.samples if sample.name == "mlflow_dspy_requests_total"
+                           and sample.labels["route"] == "/v1/chat/completions")
+            assert answered == 40
 
 
 @pytest.mark.parametrize("reference", ["models:/dspy-qa/1", "models:/dspy-qa@champion"])

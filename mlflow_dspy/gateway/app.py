@@ -38,6 +38,7 @@ from mlflow_dspy.gateway.errors import (
     invalid_body,
     invalid_request,
 )
+from mlflow_dspy.gateway.metrics import GatewayMetrics, worker_exited
 from mlflow_dspy.gateway.middleware import GatewayMiddleware, Limits
 from mlflow_dspy.gateway.protocol import (
     AssistantMessage,
@@ -162,6 +163,10 @@ class HostSlot:
                                headers={"Retry-After": "1"})
         return self.host
 
+    def labels(self) -> tuple[str, str]:
+        """The metrics' model and version labels: the loaded program's."""
+        return (self.host.name, self.host.version) if self.host is not None else ("", "")
+
     def shape(self, host: ProgramHost) -> PredictShape:
         """The typed /predict models of the loaded program: built on first use, once per host."""
         cached = self._shape
@@ -209,10 +214,18 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> Gatewa
                 await loaded  # uvicorn accepts connections only after the lifespan's start-up
         yield
         await close_pool()  # the LM connection pool of this worker's loop
+        worker_exited(os.getpid())  # its live gauges leave /metrics with it
 
     app = FastAPI(title="mlflow-dspy gateway", version="1", lifespan=lifespan, responses=ERROR_RESPONSES)
     install_handlers(app)
     app.state.slot = slot
+    metrics = GatewayMetrics()
+
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+    async def prometheus_metrics() -> Response:
+        """Counters in the Prometheus text format (every worker's, with several)."""
+        content, media_type = metrics.exposition()
+        return Response(content, media_type=media_type)
 
     @app.get("/health")
     async def health() -> dict:
@@ -328,7 +341,7 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> Gatewa
         direct = {}
     return GatewayMiddleware(app, Limits(
         max_in_flight=config.max_in_flight, max_body_bytes=config.max_body_bytes, api_keys=config.api_keys,
-    ), direct=direct)
+    ), direct=direct, metrics=metrics, labels=slot.labels)
 
 
 # The chat routes read their bodies themselves (one strict parse of the raw JSON); this documents them.
@@ -657,6 +670,7 @@ async def _chat_stream(
         return _sse(body)
 
     def piece(label: str, text: str) -> dict:
+        info.setdefault("first_token", time.perf_counter())
         sent[label] += text
         return chunk(DeltaBody(content=text) if label == "content" else DeltaBody(reasoning_content=text))
 
@@ -722,6 +736,7 @@ async def _predict_stream(host: ProgramHost, inputs: dict[str, Any], timeout: fl
     try:
         async for item in within(host.predict_stream(inputs), _deadline(timeout)):
             if isinstance(item, Delta):
+                info.setdefault("first_token", time.perf_counter())
                 yield _sse({"chunk": {"field": item.field, "text": item.text}})
             else:
                 usage = Usage.of(item)

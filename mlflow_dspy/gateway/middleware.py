@@ -26,11 +26,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from mlflow_dspy.gateway.errors import GatewayError, response_for
+from mlflow_dspy.gateway.metrics import GatewayMetrics
 
 access_log = logging.getLogger("mlflow_dspy.gateway.access")
 
 # Routes that run the program: these count against the in-flight cap.
 MODEL_ROUTES = ("/v1/chat/completions", "/invocations", "/predict", "/predict/stream")
+# Routes the metrics name; any other path is counted as "other" (a scanner must not grow the label set).
+KNOWN_ROUTES = (*MODEL_ROUTES, "/v1/responses", "/v1/models")
 # Open without a key even when keys are set: probes (Kubernetes, load balancers, Prometheus) carry none,
 # and these answer nothing a key protects (alive, loaded and the model's name, counters).
 OPEN_ROUTES = ("/health", "/ready", "/metrics")
@@ -64,9 +67,12 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 
 
 class GatewayMiddleware:
-    def __init__(self, app, limits: Limits, direct: dict[tuple[str, str], Endpoint] | None = None) -> None:
+    def __init__(self, app, limits: Limits, direct: dict[tuple[str, str], Endpoint] | None = None,
+                 metrics: GatewayMetrics | None = None, labels: Callable[[], tuple[str, str]] | None = None) -> None:
         self.app = app
         self.limits = limits
+        self.metrics = metrics
+        self.labels = labels or (lambda: ("", ""))
         # (method, path) -> the endpoint as an ASGI app, served without FastAPI's stack
         self.direct = {route: _serving(endpoint) for route, endpoint in (direct or {}).items()}
         self.in_flight = 0
@@ -110,6 +116,8 @@ class GatewayMiddleware:
                 else:
                     self.in_flight += 1
                     counted = True
+                    if self.metrics is not None:
+                        self.metrics.in_flight.inc()
             if error is not None:
                 await error.response()(scope, receive, send_logged)
                 return
@@ -121,7 +129,14 @@ class GatewayMiddleware:
         finally:
             if counted:
                 self.in_flight -= 1
+                if self.metrics is not None:
+                    self.metrics.in_flight.dec()
             usage = info.get("usage") or (0, 0)
+            if self.metrics is not None and path not in OPEN_ROUTES:
+                first = info.get("first_token")
+                self.metrics.observe(*self.labels(), path if path in KNOWN_ROUTES else "other", info["status"],
+                                     time.perf_counter() - started, first - started if first else None,
+                                     info.get("usage"))
             access_log.info(json.dumps({
                 "request_id": request_id,
                 "method": scope.get("method"),

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 
 import uvicorn
 
 from mlflow_dspy.gateway.app import CONFIG_ENV, GatewayConfig
 from mlflow_dspy.gateway.http_protocol import LIMITS_ENV, CoalescingHttpToolsProtocol, HeaderLimits
+from mlflow_dspy.gateway.metrics import MULTIPROC_ENV
 
 
 def run_gateway(args: argparse.Namespace) -> int:
@@ -29,6 +31,9 @@ def run_gateway(args: argparse.Namespace) -> int:
     # Workers are separate processes: they rebuild the app from this variable
     # (API keys stay in GATEWAY_API_KEYS and are read by each worker).
     os.environ[CONFIG_ENV] = config.to_env()
+    if args.workers > 1:
+        # Each worker writes its metrics to files here; /metrics adds up every worker's (gateway/metrics.py).
+        os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="mlflow-dspy-metrics-")
     os.environ[LIMITS_ENV] = HeaderLimits(args.max_header_line_bytes, args.max_header_bytes,
                                           args.header_timeout).to_env()
     if config.traces:

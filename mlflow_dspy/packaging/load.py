@@ -54,10 +54,23 @@ def served_name(uri: str, metadata: dict[str, Any]) -> str:
     return metadata.get("registered_model") or f"dspy-{metadata.get('program') or 'model'}"
 
 
+def version_of(uri: str) -> str:
+    """Which version a URI names now: the registered version's number (an alias resolved), else the run id."""
+    from mlflow import MlflowClient
+
+    parsed = parse_model_uri(uri)
+    if parsed.version:
+        return parsed.version
+    if parsed.alias:
+        return str(MlflowClient().get_model_version_by_alias(parsed.name, parsed.alias).version)
+    return parsed.run_id or parsed.model_id or ""
+
+
 def host_for_model(uri: str, name: str | None = None) -> ProgramHost:
     """A runtime host for a logged model, with the LM and adapter it was logged with."""
     mlflow.set_tracking_uri(tracking_uri())
     # Sets dspy.settings from the artifact; this runs once at start-up, in
     # the model-loader thread, never inside a handler.
     program, metadata = load_chat_model(uri)
-    return ProgramHost(program, dspy.settings.lm, dspy.settings.adapter, name or served_name(uri, metadata), uri)
+    return ProgramHost(program, dspy.settings.lm, dspy.settings.adapter, name or served_name(uri, metadata), uri,
+                       version_of(uri))

@@ -57,8 +57,10 @@ def as_text(value: Any) -> str:
 class ProgramHost:
     """One loaded chat program and the DSPy settings it runs with."""
 
-    def __init__(self, program: ChatProgram, lm: dspy.BaseLM, adapter: Any, name: str, source: str) -> None:
+    def __init__(self, program: ChatProgram, lm: dspy.BaseLM, adapter: Any, name: str, source: str,
+                 version: str = "") -> None:
         self.program = program
+        self.version = version  # the registered version (or run) it came from: "" when served from code
         self.lm = lm
         self.adapter = serving_adapter(adapter)
         self.name = name

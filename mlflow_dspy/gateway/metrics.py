@@ -1,0 +1,72 @@
+"""`GET /metrics`: the gateway's counters in the Prometheus text format, from `prometheus_client`.
+
+With several workers (separate processes), each writes its samples to files
+in `PROMETHEUS_MULTIPROC_DIR` (the runner makes a fresh one), and `/metrics`,
+whichever worker answers it, adds up every worker's.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class GatewayMetrics:
+    """One set of metrics per process, in a registry of its own (several apps in one test process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        labels = ("model", "version", "route")
+        self.requests = Counter("mlflow_dspy_requests_total", "Requests answered, by model, version, route and "
+                                "status", (*labels, "status"), registry=self.registry)
+        self.latency = Histogram("mlflow_dspy_request_seconds", "Time from the request to the end of its answer",
+                                 labels, buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.first_token = Histogram("mlflow_dspy_time_to_first_token_seconds", "Time from the request to the "
+                                     "first streamed text", labels, buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.prompt_tokens = Counter("mlflow_dspy_prompt_tokens_total", "Prompt tokens sent to the LM",
+                                     ("model", "version"), registry=self.registry)
+        self.completion_tokens = Counter("mlflow_dspy_completion_tokens_total", "Completion tokens from the LM",
+                                         ("model", "version"), registry=self.registry)
+        self.in_flight = Gauge("mlflow_dspy_requests_in_flight", "Requests running a program now",
+                               registry=self.registry, multiprocess_mode="livesum")
+        self.reloads = Counter("mlflow_dspy_reloads_total", "Model versions loaded after start-up",
+                               ("model",), registry=self.registry)
+        self.reload_failures = Counter("mlflow_dspy_reload_failures_total", "Model versions that failed to load "
+                                       "or to answer after start-up", ("model",), registry=self.registry)
+
+    def observe(self, model: str, version: str, route: str, status: int, seconds: float,
+                first_token: float | None, usage: tuple[int, int] | None) -> None:
+        """One answered request (called once, after its response has left)."""
+        self.requests.labels(model, version, route, str(status)).inc()
+        self.latency.labels(model, version, route).observe(seconds)
+        if first_token is not None:
+            self.first_token.labels(model, version, route).observe(first_token)
+        if usage:
+            self.prompt_tokens.labels(model, version).inc(usage[0])
+            self.completion_tokens.labels(model, version).inc(usage[1])
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The text `/metrics` answers: this process's samples, or every worker's with several."""
+        if os.environ.get(MULTIPROC_ENV):
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def worker_exited(pid: int) -> None:
+    """A worker that stops takes its live gauges with it (multiprocess mode only)."""
+    if os.environ.get(MULTIPROC_ENV):
+        multiprocess.mark_process_dead(pid)
