@@ -97,3 +97,15 @@ def test_ordinary_requests_keep_alive_and_large_bodies_still_pass(served):
         headers = {f"X-Ok-{i}": "v" * 1000 for i in range(20)}  # 20 KiB of headers: under the caps
         assert client.get("/health", headers=headers).status_code == 200
     assert http_protocol.HeaderLimits().max_header_bytes == 64 * 1024
+
+
+def test_two_authorization_headers_or_a_missing_or_doubled_host_get_400(served):
+    double_auth = _exchange(served, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer a\r\n"
+                                    b"Authorization: Bearer b\r\n\r\n")
+    assert double_auth.startswith(b"HTTP/1.1 400") and b"at most one Authorization header (it has 2)" in double_auth
+    no_host = _exchange(served, b"GET /v1/models HTTP/1.1\r\n\r\n")
+    assert no_host.startswith(b"HTTP/1.1 400") and b"exactly one Host header (it has 0)" in no_host
+    two_hosts = _exchange(served, b"GET /v1/models HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+    assert two_hosts.startswith(b"HTTP/1.1 400") and b"exactly one Host header (it has 2)" in two_hosts
+    assert _exchange(served, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").startswith(
+        b"HTTP/1.1 200")

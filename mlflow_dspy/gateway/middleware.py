@@ -182,7 +182,14 @@ class GatewayMiddleware:
             info["status"] = 499  # client closed request (nginx's convention), for the log line
 
     def _refusal(self, scope, path: str) -> GatewayError | None:
-        headers = dict(scope.get("headers") or [])
+        raw = scope.get("headers") or []
+        for name, rule in ((b"authorization", "at most one"), (b"host", "exactly one")):
+            count = sum(1 for key, _ in raw if key == name)
+            # Two Authorization headers: which one would count? Host: HTTP/1.1 requires exactly one.
+            if count > 1 or (name == b"host" and count == 0 and scope.get("http_version") == "1.1"):
+                return GatewayError(400, f"a request carries {rule} {name.decode().title()} header (it has {count})",
+                                    code="invalid_header")
+        headers = dict(raw)
         # A CORS preflight (OPTIONS) never carries the key; it runs no program either.
         needs_key = self.limits.api_keys and path not in self.limits.open_routes and scope.get("method") != "OPTIONS"
         if needs_key and not _authorized(headers.get(b"authorization"), self.limits.api_keys):
