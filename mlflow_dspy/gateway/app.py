@@ -1,6 +1,7 @@
 """The gateway: an OpenAI-compatible FastAPI app around one DSPy chat program.
 
-Routes: /v1/chat/completions (and streaming), /v1/models, /invocations (what
+Routes: /v1/chat/completions (and streaming), /v1/responses (the Responses
+API, in gateway/responses.py), /v1/models, /invocations (what
 `mlflow models serve` answers), the typed /predict and /predict/stream (the
 program's own input and output fields, documented in /openapi.json once the
 program is loaded), /health and /ready.
@@ -60,6 +61,7 @@ from mlflow_dspy.gateway.protocol import (
 )
 from mlflow_dspy.gateway.protocol import Delta as DeltaBody
 from mlflow_dspy.gateway.protocol import Usage as UsageBody
+from mlflow_dspy.gateway.responses import ChatPath, ResponseObject, ResponsesRequest, ResponsesService, parse_request
 from mlflow_dspy.lm_engine.deadline import within
 from mlflow_dspy.lm_engine.http1 import close_pool
 from mlflow_dspy.packaging.load import host_for_model
@@ -291,6 +293,20 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> Gatewa
         # Serialized by pydantic directly: FastAPI's generic encoder costs more than the rest of the reply.
         return Response(completion.model_dump_json(), media_type="application/json")
 
+    # The Responses API: the same conversation, program, limits and errors as chat completions (gateway/responses.py).
+    responses_service = ResponsesService(ChatPath(
+        answer=_answer, finish_reason=_finish_reason, cut_short=_cut_short,
+        validate=lambda messages: _validate(messages, config), timeout=config.request_timeout))
+
+    @app.post("/v1/responses", response_model=ResponseObject, openapi_extra=RESPONSES_REQUEST_BODY,
+              responses={200: {"content": {"text/event-stream": {}}}})
+    async def responses(request: Request) -> Response:
+        current = slot.get()
+        body = parse_request(await request.body())
+        if body.model and body.model != current.name:
+            raise _unknown_model(body.model, [current.name])
+        return await responses_service.create(current, body, request.scope["mlflow_dspy"])
+
     # Documented with the chat request's schema (the other MLflow input shapes are accepted too).
     @app.post("/invocations", response_model=ChatCompletion, openapi_extra=CHAT_REQUEST_BODY)
     async def invocations(request: Request) -> Response:
@@ -351,11 +367,13 @@ CHAT_REQUEST_BODY = {"requestBody": {"required": True, "content": {
 PREDICT_REQUEST_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"type": "object", "description": "the program's input fields, by name"}}}}}
 PREDICT_ROUTES = ("/predict", "/predict/stream")
+RESPONSES_REQUEST_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"$ref": "#/components/schemas/ResponsesRequest"}}}}}
 
 
 def _document_openapi(app: FastAPI, slot: HostSlot) -> None:
-    """Add ChatCompletionRequest (and the models it uses) to the OpenAPI components the routes refer to,
-    and, once the program is loaded, its own input and output fields to /predict.
+    """Add ChatCompletionRequest and ResponsesRequest (and the models they use) to the OpenAPI components
+    the routes refer to, and, once the program is loaded, its own input and output fields to /predict.
 
     The program loads after the app is built: a schema made before that is not kept, so the
     first request after the load documents the served program.
@@ -368,10 +386,11 @@ def _document_openapi(app: FastAPI, slot: HostSlot) -> None:
         if app.openapi_schema is None or documented[0] is not host:
             app.openapi_schema = None
             schema = build()
-            request = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            components.update(request.pop("$defs", {}))
-            components["ChatCompletionRequest"] = request
+            for model in (ChatCompletionRequest, ResponsesRequest):
+                request = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(request.pop("$defs", {}))
+                components[model.__name__] = request
             if host is not None:
                 _document_predict(schema, slot.shape(host))
             documented[0] = host

@@ -31,9 +31,9 @@ from mlflow_dspy.gateway.metrics import GatewayMetrics
 access_log = logging.getLogger("mlflow_dspy.gateway.access")
 
 # Routes that run the program: these count against the in-flight cap.
-MODEL_ROUTES = ("/v1/chat/completions", "/invocations", "/predict", "/predict/stream")
+MODEL_ROUTES = ("/v1/chat/completions", "/v1/responses", "/invocations", "/predict", "/predict/stream")
 # Routes the metrics name; any other path is counted as "other" (a scanner must not grow the label set).
-KNOWN_ROUTES = (*MODEL_ROUTES, "/v1/responses", "/v1/models")
+KNOWN_ROUTES = (*MODEL_ROUTES, "/v1/models")
 # Open without a key even when keys are set: probes (Kubernetes, load balancers, Prometheus) carry none,
 # and these answer nothing a key protects (alive, loaded and the model's name, counters).
 OPEN_ROUTES = ("/health", "/ready", "/metrics")
