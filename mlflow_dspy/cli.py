@@ -63,10 +63,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_gateway(args: argparse.Namespace) -> int:
     from mlflow_dspy.gateway.run import run_gateway
 
-    if bool(args.model_uri) == bool(args.program):
-        raise UsageProblem("gateway: give exactly one of -m MODEL_URI or --program PROGRAM")
-    if args.model_uri:
-        _check_model_uri(args.model_uri)  # a mistyped name or version is one line here, not a failed load
+    if bool(args.model_uri or args.split) == bool(args.program):
+        raise UsageProblem("gateway: give -m MODEL_URI (one or more, or --split) or --program PROGRAM, not both")
+    if args.name and len(args.model_uri or []) > 1:
+        raise UsageProblem("gateway: --name names one model; with several, each is served under its registry name")
+    from mlflow_dspy.gateway.router import Split
+
+    for text in args.split or []:
+        Split.parse(text)  # a malformed split is one line here
+    for uri in args.model_uri or []:
+        _check_model_uri(uri)  # a mistyped name or version is one line here, not a failed load
     if args.program:
         from mlflow_dspy.program.project import resolve_target
         from mlflow_dspy.program.target import open_target
@@ -256,11 +262,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     gateway = commands.add_parser("gateway", help="serve a logged model (or a program) with the OpenAI API")
     gateway.add_argument(
-        "-m", "--model-uri", help="runs:/<id>/model, models:/<name>/<version> or models:/<name>@<alias>"
+        "-m", "--model-uri", action="append", metavar="URI",
+        help="runs:/<id>/model, models:/<name>/<version> or models:/<name>@<alias>; repeat it to serve several "
+             "(models:/NAME@champion also answers as NAME)",
     )
+    gateway.add_argument("--split", action="append", metavar="NAME=ALIAS:WEIGHT,ALIAS:WEIGHT",
+                         help="send requests for NAME to its aliases by weight, e.g. triage=champion:90,challenger:10 "
+                              "(a request's user or x-session-id always gets the same alias; repeatable)")
+    gateway.add_argument("--reload-interval", type=float, default=30.0,
+                         help="seconds between looks at the registry's aliases; a moved alias loads in the "
+                              "background and takes over once it answers (default: 30; 0: off)")
     gateway.add_argument("--program", help="serve a program straight from its code: " + PROGRAM_HELP)
     gateway.add_argument("--lm", default=None, help="with --program: the LM (default: $DSPY_LM, else embedded)")
-    gateway.add_argument("--name", default=None, help="model name clients send and /v1/models lists")
+    gateway.add_argument("--name", default=None, help="with one model: the name clients send and /v1/models lists")
     gateway.add_argument("--host", default="127.0.0.1")
     gateway.add_argument("--port", type=int, default=8000)
     gateway.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default: 1)")
@@ -293,6 +307,7 @@ class UsageProblem(ValueError):
 
 def _user_problems() -> tuple[type[BaseException], ...]:
     """Errors in what the user gave (a reference, a file, a pin): one line, exit 2, no traceback."""
+    from mlflow_dspy.gateway.router import RouterProblem
     from mlflow_dspy.lifecycle.starter import StarterProblem
     from mlflow_dspy.packaging.load import OutdatedModel
     from mlflow_dspy.packaging.requirements import RequirementsProblem
@@ -302,8 +317,8 @@ def _user_problems() -> tuple[type[BaseException], ...]:
     from mlflow_dspy.program.project import ProjectProblem
     from mlflow_dspy.program.reference import ReferenceProblem
 
-    return (UsageProblem, ReferenceProblem, ProjectProblem, MappingProblem, DataProblem, RequirementsProblem,
-            ModelUriProblem, OutdatedModel, StarterProblem)
+    return (UsageProblem, RouterProblem, ReferenceProblem, ProjectProblem, MappingProblem, DataProblem,
+            RequirementsProblem, ModelUriProblem, OutdatedModel, StarterProblem)
 
 
 def _not_found(exc: Exception) -> bool:

@@ -18,7 +18,7 @@ from mlflow_dspy.program.chat import ChatProgram
     (["log", "os:getcwd"], "the function returned a str, not a dspy.Module"),
     (["log", "not-a-program"], "unknown program 'not-a-program'"),
     (["eval", "-m", "models:/dspy-qa/1"], "needs --dev FILE"),
-    (["gateway"], "give exactly one of -m MODEL_URI or --program PROGRAM"),
+    (["gateway"], "give -m MODEL_URI (one or more, or --split) or --program PROGRAM, not both"),
 ])
 def test_a_bad_program_or_option_is_one_line_and_exit_2(argv, expected, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

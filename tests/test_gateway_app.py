@@ -178,7 +178,7 @@ async def test_requests_over_the_in_flight_cap_get_429_with_retry_after():
 
 async def test_models_health_ready(client):
     assert (await client.get("/health")).json() == {"status": "ok"}
-    assert (await client.get("/ready")).json() == {"status": "ready", "model": "qa"}
+    assert (await client.get("/ready")).json() == {"status": "ready", "model": "qa", "models": ["qa"]}
     models = (await client.get("/v1/models")).json()
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["qa"]
 
@@ -427,11 +427,11 @@ async def test_start_up_waits_for_the_model_only_when_several_workers_share_the_
 
     release = threading.Event()
 
-    def slow_load(config):
+    def slow_load(config, router):
         release.wait(30)
-        return ProgramHost(example_chat("qa"), DummyLM(ANSWERS), dspy.ChatAdapter(), "qa", "test")
+        router.add_host(ProgramHost(example_chat("qa"), DummyLM(ANSWERS), dspy.ChatAdapter(), "qa", "test"))
 
-    monkeypatch.setattr(mlflow_dspy.gateway.app, "load_host", slow_load)
+    monkeypatch.setattr(mlflow_dspy.gateway.app, "load_models", slow_load)
     app = create_app(GatewayConfig(program="qa", traces=False, load_before_serving=before_serving))
     inbox, outbox, task = await _start_lifespan(app)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://g") as client:
@@ -458,10 +458,10 @@ async def test_start_up_waits_for_the_model_only_when_several_workers_share_the_
 async def test_a_model_that_fails_to_load_before_serving_still_lets_the_worker_answer_503(monkeypatch):
     import mlflow_dspy.gateway.app
 
-    def broken_load(config):
+    def broken_load(config, router):
         raise OSError("no such model")
 
-    monkeypatch.setattr(mlflow_dspy.gateway.app, "load_host", broken_load)
+    monkeypatch.setattr(mlflow_dspy.gateway.app, "load_models", broken_load)
     app = create_app(GatewayConfig(program="qa", traces=False, load_before_serving=True))
     inbox, outbox, task = await _start_lifespan(app)
     assert (await asyncio.wait_for(outbox.get(), 10))["type"] == "lifespan.startup.complete"

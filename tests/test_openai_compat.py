@@ -389,7 +389,7 @@ async def test_other_schemes_and_wrong_keys_are_refused(header):
 async def test_probes_are_open_without_a_key():
     async with client_for(example_chat("qa"), api_keys=("k-one",)) as client:
         assert (await client.get("/health")).status_code == 200
-        assert (await client.get("/ready")).json() == {"status": "ready", "model": "qa"}
+        assert (await client.get("/ready")).json() == {"status": "ready", "model": "qa", "models": ["qa"]}
         assert (await client.get("/metrics")).status_code != 401  # served by whoever adds the route
         assert (await client.get("/v1/models/qa")).status_code == 401
         assert (await client.post("/v1/chat/completions", json={"messages": USER})).status_code == 401

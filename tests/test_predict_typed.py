@@ -203,7 +203,8 @@ async def test_openapi_made_before_the_load_is_not_kept():
         body = before["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"]
         assert body["type"] == "object"  # any object, until the program is known
         assert (await client.post("/predict", json={"ticket": TICKET, "priority": 2})).status_code == 503
-        fastapi_app.state.slot.host = host  # what the loader thread does
+        fastapi_app.state.slot.router.add_host(host)  # what the loader thread does
+        fastapi_app.state.slot.loaded = True
         after = (await client.get("/openapi.json")).json()
         assert after["components"]["schemas"]["PredictInputs"]["properties"]["priority"]["type"] == "integer"
         assert (await client.post("/predict", json={"ticket": TICKET, "priority": 2})).status_code == 200

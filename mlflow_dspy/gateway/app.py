@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -62,9 +61,10 @@ from mlflow_dspy.gateway.protocol import (
 from mlflow_dspy.gateway.protocol import Delta as DeltaBody
 from mlflow_dspy.gateway.protocol import Usage as UsageBody
 from mlflow_dspy.gateway.responses import ChatPath, ResponseObject, ResponsesRequest, ResponsesService, parse_request
+from mlflow_dspy.gateway.router import Router, Split
 from mlflow_dspy.lm_engine.deadline import within
 from mlflow_dspy.lm_engine.http1 import close_pool
-from mlflow_dspy.packaging.load import host_for_model
+from mlflow_dspy.packaging.load import host_for_model, version_of
 from mlflow_dspy.program.chat import ChatInputError, parse_conversation
 from mlflow_dspy.runtime.host import Delta, ProgramHost, Usage
 
@@ -74,7 +74,10 @@ CONFIG_ENV = "MLFLOW_DSPY_GATEWAY_CONFIG"
 
 @dataclass
 class GatewayConfig:
-    model_uri: str | None = None
+    model_uri: str | None = None  # one model; `model_uris` for several
+    model_uris: tuple[str, ...] = ()
+    splits: tuple[str, ...] = ()  # NAME=ALIAS:WEIGHT,ALIAS:WEIGHT (gateway/router.py)
+    reload_interval: float = 30.0  # seconds between looks at the registry's aliases; 0: never
     program: str | None = None
     lm: str | None = None
     served_name: str | None = None
@@ -98,26 +101,43 @@ class GatewayConfig:
     @classmethod
     def from_env(cls) -> GatewayConfig:
         config = cls(**json.loads(os.environ.get(CONFIG_ENV, "{}")))
+        config.model_uris, config.splits = tuple(config.model_uris), tuple(config.splits)
         config.api_keys = api_keys_from_env()
         return config
+
+    def uris(self) -> list[str]:
+        return list(self.model_uris) or ([self.model_uri] if self.model_uri else [])
 
 
 def api_keys_from_env() -> tuple[str, ...]:
     return tuple(k.strip() for k in os.environ.get("GATEWAY_API_KEYS", "").split(",") if k.strip())
 
 
-def load_host(config: GatewayConfig) -> ProgramHost:
-    if config.model_uri:
-        host = host_for_model(config.model_uri, config.served_name)
-    elif config.program:
+def make_router(config: GatewayConfig, metrics: GatewayMetrics | None = None) -> Router:
+    """The router over what the config serves (nothing loaded yet)."""
+    splits = tuple(Split.parse(text) for text in config.splits)
+
+    def reloaded(name: str, ok: bool) -> None:
+        if metrics is not None:
+            (metrics.reloads if ok else metrics.reload_failures).labels(name).inc()
+
+    router = Router(host_for_model, lambda parsed: version_of(parsed.uri), smoke_test, splits, reloaded)
+    router.add_models(config.uris())
+    return router
+
+
+def load_models(config: GatewayConfig, router: Router) -> None:
+    """Load what the config serves into the router: on its loader thread, at start-up."""
+    if config.program:
         host = ProgramHost.from_program(config.program, config.lm, config.served_name)
-        host.name = config.served_name or host.name
-    else:
+        router.add_host(host)
+    elif not router.entries:
         raise ValueError("the gateway needs a model URI or a program name")
-    host.warm_up()
+    router.load_all(config.served_name)
+    for host in router.loaded():
+        host.warm_up()
     if config.traces:
         enable_tracing()
-    return host
 
 
 def enable_tracing() -> None:
@@ -148,26 +168,41 @@ ERROR_RESPONSES = {status: {"model": ErrorResponse, "description": text} for sta
 
 
 class HostSlot:
-    """The program, once loaded: start-up loads it in the background so /health answers at once."""
+    """The served programs, once loaded: start-up loads them in the background so /health answers at once."""
 
-    def __init__(self) -> None:
-        self.host: ProgramHost | None = None
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.loaded = False
         self.failure: str | None = None
         self._shape: tuple[ProgramHost, PredictShape] | None = None
 
-    def get(self) -> ProgramHost:
-        if self.host is None:
-            if self.failure is None:
+    @property
+    def host(self) -> ProgramHost | None:
+        """The default program (the first served): /invocations and /predict answer with it."""
+        hosts = self.router.loaded() if self.loaded else []
+        return hosts[0] if hosts else None
+
+    def get(self, model: str | None = None, sticky: str | None = None, info: dict | None = None) -> ProgramHost:
+        """The program a request's `model` names (the default one without a name); 503 while loading."""
+        if not self.loaded or not self.router.loaded():
+            if self.failure is None and not self.loaded:
                 message = "the model is still loading"
             else:
                 message = "the model failed to load" + (f": {self.failure}" if self.failure else "")
             raise GatewayError(503, message, "service_unavailable", code="model_not_ready",
                                headers={"Retry-After": "1"})
-        return self.host
+        try:
+            host, name, variant = self.router.get(model, sticky)
+        except KeyError:
+            raise _unknown_model(model or "", self.router.names()) from None
+        if info is not None:  # for the response header, the metrics and the log line
+            info.update(model=name, version=host.version, fingerprint=host.fingerprint, variant=variant)
+        return host
 
     def labels(self) -> tuple[str, str]:
-        """The metrics' model and version labels: the loaded program's."""
-        return (self.host.name, self.host.version) if self.host is not None else ("", "")
+        """The metrics' labels for a request that never reached a program: the default one's."""
+        host = self.host
+        return (host.name, host.version) if host is not None else ("", "")
 
     def shape(self, host: ProgramHost) -> PredictShape:
         """The typed /predict models of the loaded program: built on first use, once per host."""
@@ -178,26 +213,33 @@ class HostSlot:
 
 
 def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> GatewayMiddleware:
-    slot = HostSlot()
-    slot.host = host
+    metrics = GatewayMetrics()
+    router = make_router(config, metrics)
+    slot = HostSlot(router)
+    if host is not None:
+        router.add_host(host)
+        slot.loaded = True
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         executor.install()  # two thread hops per LM call fewer (see serving/executor.py)
-        if slot.host is None:
+        reloading = None
+        if not slot.loaded:
             loop = asyncio.get_running_loop()
             loaded = loop.create_future() if config.load_before_serving else None
 
             def load() -> None:
                 try:
-                    slot.host = load_host(config)
+                    load_models(config, router)
                     # Everything loaded so far (mlflow, dspy, pydantic, the program) lives as long as the
                     # process: freezing it keeps the collector from re-walking it. Measured: the full
                     # collections over that heap were pauses that set p99 (434-474 ms -> 309-386 ms at
                     # 64 clients, one worker, 200 ms LM).
                     gc.collect()
                     gc.freeze()
-                    log.info("model loaded: %s", slot.host.source)
+                    for each in router.loaded():
+                        log.info("model loaded: %s", each.source)
+                    slot.failure = next(iter(router.failures().values()), None)
                 except Exception as exc:
                     from mlflow_dspy.packaging.integrity import IntegrityError
 
@@ -207,21 +249,26 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> Gatewa
                         if integrity else ""
                     log.error("model failed to load: %s", exc if integrity else type(exc).__name__, exc_info=exc)
                 finally:
+                    slot.loaded = True
                     if loaded is not None:
                         loop.call_soon_threadsafe(loaded.set_result, None)
 
-            # A thread, not the event loop: loading takes seconds and /health must answer meanwhile.
-            threading.Thread(target=load, name="model-loader", daemon=True).start()
+            # The router's loader thread, not the event loop: loading takes seconds and /health must
+            # answer meanwhile (and reloads later load on the same thread, as DSPy requires).
+            router.loader.submit(load)
             if loaded is not None:
                 await loaded  # uvicorn accepts connections only after the lifespan's start-up
+        if config.reload_interval > 0 and any(entry.follows_alias for entry in router.entries):
+            reloading = asyncio.create_task(_follow_aliases(router, config.reload_interval))
         yield
+        if reloading is not None:
+            reloading.cancel()
         await close_pool()  # the LM connection pool of this worker's loop
         worker_exited(os.getpid())  # its live gauges leave /metrics with it
 
     app = FastAPI(title="mlflow-dspy gateway", version="1", lifespan=lifespan, responses=ERROR_RESPONSES)
     install_handlers(app)
     app.state.slot = slot
-    metrics = GatewayMetrics()
 
     @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
     async def prometheus_metrics() -> Response:
@@ -236,28 +283,27 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> Gatewa
     @app.get("/ready")
     async def ready() -> dict:
         current = slot.get()
-        return {"status": "ready", "model": current.name}
+        answer = {"status": "ready", "model": current.name, "models": router.names()}
+        if router.failures():  # a version that failed to load or answer; the one before it still serves
+            answer["failures"] = router.failures()
+        return answer
 
     @app.get("/v1/models")
     async def models() -> ModelList:
-        current = slot.get()
-        return ModelList(data=[ModelCard(id=current.name, created=current.created)])
+        slot.get()
+        return ModelList(data=[ModelCard(id=name, created=slot.get(name).created) for name in router.names()])
 
     # `:path`: a served name may hold a slash (models:/NAME/VERSION is served as NAME/VERSION).
     @app.get("/v1/models/{model_id:path}")
     async def model_card(model_id: str) -> ModelCard:
-        current = slot.get()
-        if model_id != current.name:
-            raise _unknown_model(model_id, [current.name])
-        return ModelCard(id=current.name, created=current.created)
+        return ModelCard(id=model_id, created=slot.get(model_id).created)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, openapi_extra=CHAT_REQUEST_BODY,
               responses={200: {"content": {"text/event-stream": {}}}})
     async def chat_completions(request: Request) -> Response:
-        current = slot.get()
         body = _chat_request(await request.body())
-        if body.model and body.model != current.name:
-            raise _unknown_model(body.model, [current.name])
+        info = request.scope["mlflow_dspy"]
+        current = slot.get(body.model, body.user or request.headers.get("x-session-id"), info)
         messages, settings = body.message_dicts(), body.lm_settings()
         _validate(messages, config)
         # A DSPy program calling with its adapter's prompt gets its fields answered in its adapter's format.
@@ -282,7 +328,7 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> Gatewa
         else:
             content = _content(current, prediction, json_fields)
         completion = ChatCompletion(
-            model=current.name,
+            model=current.name, system_fingerprint=current.fingerprint,
             choices=[Choice(message=AssistantMessage(content=content, reasoning_content=reasoning),
                             finish_reason=finish)],
             usage=UsageBody(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
@@ -301,16 +347,15 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> Gatewa
     @app.post("/v1/responses", response_model=ResponseObject, openapi_extra=RESPONSES_REQUEST_BODY,
               responses={200: {"content": {"text/event-stream": {}}}})
     async def responses(request: Request) -> Response:
-        current = slot.get()
         body = parse_request(await request.body())
-        if body.model and body.model != current.name:
-            raise _unknown_model(body.model, [current.name])
+        current = slot.get(body.model, body.user or request.headers.get("x-session-id"),
+                           request.scope["mlflow_dspy"])
         return await responses_service.create(current, body, request.scope["mlflow_dspy"])
 
     # Documented with the chat request's schema (the other MLflow input shapes are accepted too).
     @app.post("/invocations", response_model=ChatCompletion, openapi_extra=CHAT_REQUEST_BODY)
     async def invocations(request: Request) -> Response:
-        current = slot.get()
+        current = slot.get(None, request.headers.get("x-session-id"), request.scope["mlflow_dspy"])
         try:
             messages, settings = _invocation_messages(await request.body(), current.name)
             _validate(messages, config)
@@ -329,7 +374,7 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> Gatewa
     # /openapi.json documents them once the program is loaded (_document_openapi).
     @app.post("/predict", response_model=PredictResponse, openapi_extra=PREDICT_REQUEST_BODY)
     async def predict(request: Request) -> Response:
-        current = slot.get()
+        current = slot.get(None, request.headers.get("x-session-id"), request.scope["mlflow_dspy"])
         inputs = _predict_inputs(await request.body(), slot.shape(current), config)
         prediction = await _run(current.predict(inputs), config.request_timeout)
         _record_usage(request, prediction)
@@ -339,7 +384,7 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> Gatewa
     @app.post("/predict/stream", openapi_extra=PREDICT_REQUEST_BODY,
               responses={200: {"content": {"text/event-stream": {}}}})
     async def predict_stream(request: Request) -> EventSourceResponse:
-        current = slot.get()
+        current = slot.get(None, request.headers.get("x-session-id"), request.scope["mlflow_dspy"])
         inputs = _predict_inputs(await request.body(), slot.shape(current), config)
         return EventSourceResponse(
             _predict_stream(current, inputs, config.request_timeout, request.scope["mlflow_dspy"]),
@@ -459,6 +504,23 @@ async def _run(coro, timeout: float, lm_settings: dict | None = None) -> dspy.Pr
         raise
     except Exception as exc:
         raise from_program_failure(exc, lm_settings) from None
+
+
+async def _follow_aliases(router: Router, interval: float) -> None:
+    """Every `interval` seconds, follow the aliases that moved (the loads run on the router's loader thread)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await loop.run_in_executor(router.loader, router.check_aliases)
+        except Exception as exc:  # never stop following: the next look may succeed
+            log.warning("looking at the registry's aliases failed: %s", type(exc).__name__)
+
+
+def smoke_test(host: ProgramHost) -> None:
+    """A freshly loaded version answers its own logged input example before it takes requests."""
+    with host.context():
+        host.program(messages=host.example)
 
 
 def _unknown_model(name: str, served: list[str]) -> GatewayError:
@@ -682,7 +744,7 @@ async def _chat_stream(
     cid, created = completion_id(), int(time.time())
 
     def chunk(delta: DeltaBody, finish: str | None = None) -> dict:
-        body = ChatCompletionChunk(id=cid, created=created, model=host.name,
+        body = ChatCompletionChunk(id=cid, created=created, model=host.name, system_fingerprint=host.fingerprint,
                                    choices=[ChunkChoice(delta=delta, finish_reason=finish)]).model_dump()
         body.pop("usage")
         body["choices"][0]["delta"] = delta.model_dump(exclude_none=True)  # only what this chunk carries

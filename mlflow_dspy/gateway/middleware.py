@@ -91,7 +91,10 @@ class GatewayMiddleware:
             if message["type"] == "http.response.start":
                 info["status"] = message["status"]
                 message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+                extra = [(b"x-request-id", request_id.encode())]
+                if info.get("fingerprint"):  # which version gave this answer
+                    extra.append((b"x-mlflow-dspy-model-version", info["fingerprint"].encode()))
+                message["headers"] = [*message["headers"], *extra]
             await send(message)
 
         counted = False
@@ -134,7 +137,8 @@ class GatewayMiddleware:
             usage = info.get("usage") or (0, 0)
             if self.metrics is not None and path not in OPEN_ROUTES:
                 first = info.get("first_token")
-                self.metrics.observe(*self.labels(), path if path in KNOWN_ROUTES else "other", info["status"],
+                model, version = (info["model"], info["version"]) if "model" in info else self.labels()
+                self.metrics.observe(model, version, path if path in KNOWN_ROUTES else "other", info["status"],
                                      time.perf_counter() - started, first - started if first else None,
                                      info.get("usage"))
             access_log.info(json.dumps({

@@ -486,6 +486,7 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[Choice]
     usage: Usage
+    system_fingerprint: str | None = None  # the version that answered: NAME/VERSION, or the run id
 
 
 class Delta(BaseModel):
@@ -507,6 +508,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChunkChoice]
     usage: Usage | None = None
+    system_fingerprint: str | None = None
 
 
 class ModelCard(BaseModel):

@@ -15,7 +15,9 @@ from mlflow_dspy.gateway.metrics import MULTIPROC_ENV
 
 def run_gateway(args: argparse.Namespace) -> int:
     config = GatewayConfig(
-        model_uri=args.model_uri,
+        model_uris=tuple(args.model_uri or ()),
+        splits=tuple(args.split or ()),
+        reload_interval=args.reload_interval,
         program=args.program,
         lm=args.lm,
         served_name=args.name,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import dspy
@@ -25,13 +27,13 @@ class OutdatedModel(ValueError):
     pass
 
 
-def load_chat_model(uri: str) -> tuple[ChatProgram, dict[str, Any]]:
+def load_chat_model(uri: str, local: str | None = None) -> tuple[ChatProgram, dict[str, Any]]:
     """The model's chat program and its MLmodel metadata (`program`, `lm`, ...).
 
     `mlflow.dspy.load_model` also sets `dspy.settings` from the artifact:
     call this at start-up, never inside a request handler.
     """
-    local = download_verified(uri)  # the pickle is checked against its logged SHA-256 before it runs
+    local = local or download_verified(uri)  # the pickle is checked against its logged SHA-256 before it runs
     metadata = Model.load(local).metadata or {}
     if int(metadata.get(FORMAT_KEY, 0)) < FORMAT:
         raise OutdatedModel(f"{uri} was logged by an mlflow-dspy older than 0.2 (before its code moved under the "
@@ -71,6 +73,14 @@ def host_for_model(uri: str, name: str | None = None) -> ProgramHost:
     mlflow.set_tracking_uri(tracking_uri())
     # Sets dspy.settings from the artifact; this runs once at start-up, in
     # the model-loader thread, never inside a handler.
-    program, metadata = load_chat_model(uri)
-    return ProgramHost(program, dspy.settings.lm, dspy.settings.adapter, name or served_name(uri, metadata), uri,
-                       version_of(uri))
+    local = download_verified(uri)
+    program, metadata = load_chat_model(uri, local)
+    version = version_of(uri)
+    host = ProgramHost(program, dspy.settings.lm, dspy.settings.adapter, name or served_name(uri, metadata), uri,
+                       version)
+    parsed = parse_model_uri(uri)
+    host.fingerprint = f"{parsed.name}/{version}" if parsed.name else version
+    example = Path(local) / "input_example.json"
+    if example.is_file():
+        host.example = json.loads(example.read_text()).get("messages") or host.example
+    return host

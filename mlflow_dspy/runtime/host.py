@@ -61,6 +61,10 @@ class ProgramHost:
                  version: str = "") -> None:
         self.program = program
         self.version = version  # the registered version (or run) it came from: "" when served from code
+        # What every answer names as its source (system_fingerprint, x-mlflow-dspy-model-version).
+        self.fingerprint = source
+        # A request it must answer before it takes traffic after a reload (its logged input example).
+        self.example: list[dict] = [{"role": "user", "content": "Hello"}]
         self.lm = lm
         self.adapter = serving_adapter(adapter)
         self.name = name
@@ -77,7 +81,9 @@ class ProgramHost:
         target = open_target(program)
         lm = build_lm(lm_model or target.config.lm)
         # Served under the name a logged version of it gets (dspy-<name> unless configured).
-        return cls(target.chat(), lm, adapter_for(lm), name or target.config.model_name, f"program:{program}")
+        host = cls(target.chat(), lm, adapter_for(lm), name or target.config.model_name, f"program:{program}")
+        host.example = [{"role": "user", "content": target.input_example()}]
+        return host
 
     def warm_up(self) -> None:
         """Load the embedded model now, so /ready means a request is answered at full speed."""

@@ -1,0 +1,126 @@
+"""The registry is the router, with real processes: a real MLflow registry, `promote` moving an alias
+while clients keep asking, a version that fails to load, and a 90/10 split (a stub LM answers)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import store_env
+from tests.support.processes import ROOT, gateway, stub_lm
+
+pytestmark = pytest.mark.slow
+ASK = {"model": "dspy-qa", "messages": [{"role": "user", "content": "What is 2 + 2?"}]}
+
+
+def cli(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "mlflow_dspy.py", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    """Three versions of qa on the stub LM, version 1 the champion and version 2 the challenger."""
+    tmp = tmp_path_factory.mktemp("router")
+    with stub_lm(tmp) as base:
+        env = store_env(tmp, DSPY_LM="openai/stub-echo", DSPY_LM_API_BASE=base, OPENAI_API_KEY="sk-stub")
+        for _ in range(3):
+            logged = cli("log", "qa", "--json", env=env)
+            assert logged.returncode == 0, logged.stderr[-2000:]
+        promoted = cli("promote", "--name", "dspy-qa", "--version", "1", env=env)
+        assert promoted.returncode == 0, promoted.stderr[-2000:]
+        assert cli("promote", "--name", "dspy-qa", "--version", "2", "--alias", "challenger",
+                   env=env).returncode == 0
+        yield tmp, env
+
+
+def fingerprint(base: str, body: dict, **headers: str) -> str:
+    reply = httpx.post(f"{base}/v1/chat/completions", json=body, headers=headers, timeout=60)
+    assert reply.status_code == 200, reply.text
+    assert reply.headers["x-mlflow-dspy-model-version"] == reply.json()["system_fingerprint"]
+    return reply.json()["system_fingerprint"]
+
+
+def test_promote_moves_traffic_to_the_new_version_with_no_failed_request(registry):
+    tmp, env = registry
+    with gateway(["-m", "models:/dspy-qa@champion", "--reload-interval", "0.5"], tmp, "--no-traces", **env) as base:
+        assert fingerprint(base, ASK) == "dspy-qa/1"
+        seen: list[tuple[int, str]] = []
+        stop = threading.Event()
+
+        def client() -> None:
+            with httpx.Client(timeout=60) as http:
+                while not stop.is_set():
+                    reply = http.post(f"{base}/v1/chat/completions", json=ASK)
+                    seen.append((reply.status_code, reply.json().get("system_fingerprint", "")))
+
+        workers = [threading.Thread(target=client) for _ in range(4)]
+        for worker in workers:
+            worker.start()
+        time.sleep(1)
+        promoted = cli("promote", "--name", "dspy-qa", "--version", "2", env=env)
+        assert promoted.returncode == 0, promoted.stderr[-2000:]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(f == "dspy-qa/2" for _, f in seen[-20:]):
+            time.sleep(0.2)
+        time.sleep(1)
+        stop.set()
+        for worker in workers:
+            worker.join()
+        statuses = Counter(status for status, _ in seen)
+        assert statuses == {200: len(seen)}, statuses  # not one request failed or was refused
+        versions = [f for _, f in seen]
+        switch = versions.index("dspy-qa/2")
+        assert set(versions[:switch]) == {"dspy-qa/1"} and versions[-1] == "dspy-qa/2"
+        ready = httpx.get(f"{base}/ready").json()
+        assert "failures" not in ready
+        cli("promote", "--name", "dspy-qa", "--version", "1", "--force", env=env)  # back, for the next test
+
+
+def test_a_new_version_that_fails_to_load_leaves_the_old_one_serving(registry):
+    tmp, env = registry
+    from mlflow import MlflowClient
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    broken = client.get_model_version("dspy-qa", "3")
+    # Its recorded SHA-256 no longer matches its files: loading it is refused.
+    client.set_model_version_tag("dspy-qa", "3", "model_sha256", "0" * 64)
+    client.set_tag(broken.run_id, "model_sha256", "0" * 64)
+    with gateway(["-m", "models:/dspy-qa@champion", "--reload-interval", "0.5"], tmp, "--no-traces", **env) as base:
+        assert fingerprint(base, ASK) == "dspy-qa/1"
+        client.set_registered_model_alias("dspy-qa", "champion", "3")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "failures" not in httpx.get(f"{base}/ready").json():
+            time.sleep(0.3)
+        ready = httpx.get(f"{base}/ready").json()
+        assert "version 3 failed to load" in ready["failures"]["dspy-qa@champion"]
+        assert fingerprint(base, ASK) == "dspy-qa/1"  # the old version still answers
+        text = httpx.get(f"{base}/metrics").text
+        failed = sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                     if s.name == "mlflow_dspy_reload_failures_total")
+        assert failed >= 1
+    client.set_registered_model_alias("dspy-qa", "champion", "1")
+
+
+def test_a_split_sends_about_one_request_in_ten_to_the_challenger_and_users_stick(registry):
+    tmp, env = registry
+    with gateway(["--split", "dspy-qa=champion:90,challenger:10", "--reload-interval", "0"], tmp, "--no-traces",
+                 **env) as base:
+        models = {m["id"] for m in httpx.get(f"{base}/v1/models").json()["data"]}
+        assert {"dspy-qa@champion", "dspy-qa@challenger"} <= models
+        with httpx.Client(timeout=60) as http:
+            picks = Counter(http.post(f"{base}/v1/chat/completions", json=ASK).json()["system_fingerprint"]
+                            for _ in range(400))
+        assert abs(picks["dspy-qa/2"] / 400 - 0.10) <= 0.05, picks
+        sticky = {fingerprint(base, {**ASK, "user": "alice"}) for _ in range(20)}
+        session = {fingerprint(base, ASK, **{"x-session-id": "s-7"}) for _ in range(20)}
+        assert len(sticky) == 1 and len(session) == 1
+        assert json.loads(httpx.get(f"{base}/ready").text)["models"]
