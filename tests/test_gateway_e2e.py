@@ -223,11 +223,15 @@ def test_registered_versions_and_aliases_are_served(embedded_qa, embedded_store,
     MlflowClient(f"sqlite:///{embedded_store / 'mlflow.db'}").set_registered_model_alias(
         "dspy-qa", "champion", embedded_qa["version"]
     )
+    # Named as the registry names them: NAME/VERSION; NAME@ALIAS, and plain NAME for the champion.
+    names = {"models:/dspy-qa/1": ["dspy-qa/1"], "models:/dspy-qa@champion": ["dspy-qa@champion", "dspy-qa"]}
     with gateway(["-m", reference], tmp_path, **store_env(embedded_store)) as base:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
-        assert [m.id for m in client.models.list()] == ["dspy-qa"]
-        reply = client.chat.completions.create(model="dspy-qa", messages=[{"role": "user", "content": "Hi?"}])
+        assert [m.id for m in client.models.list()] == names[reference]
+        reply = client.chat.completions.create(model=names[reference][-1],
+                                               messages=[{"role": "user", "content": "Hi?"}])
         assert reply.choices[0].message.content.strip()
+        assert reply.system_fingerprint == f"dspy-qa/{embedded_qa['version']}"
 
 
 def test_embedded_requests_leave_traces_with_token_usage(client, embedded_store):

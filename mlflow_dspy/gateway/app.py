@@ -121,7 +121,8 @@ def make_router(config: GatewayConfig, metrics: GatewayMetrics | None = None) ->
         if metrics is not None:
             (metrics.reloads if ok else metrics.reload_failures).labels(name).inc()
 
-    router = Router(host_for_model, lambda parsed: version_of(parsed.uri), smoke_test, splits, reloaded)
+    router = Router(host_for_model, lambda parsed: version_of(parsed.uri), smoke_test, splits, reloaded,
+                    explain=_said_of_failed_load)
     router.add_models(config.uris())
     return router
 
@@ -241,13 +242,8 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> Gatewa
                         log.info("model loaded: %s", each.source)
                     slot.failure = next(iter(router.failures().values()), None)
                 except Exception as exc:
-                    from mlflow_dspy.packaging.integrity import IntegrityError
-
-                    # Said to clients without details; the log has them.
-                    integrity = isinstance(exc, IntegrityError)
-                    slot.failure = "its files do not match the SHA-256 recorded when it was logged" \
-                        if integrity else ""
-                    log.error("model failed to load: %s", exc if integrity else type(exc).__name__, exc_info=exc)
+                    slot.failure = _said_of_failed_load(exc)  # said to clients without details; the log has them
+                    log.error("model failed to load: %s", type(exc).__name__, exc_info=exc)
                 finally:
                     slot.loaded = True
                     if loaded is not None:
@@ -504,6 +500,13 @@ async def _run(coro, timeout: float, lm_settings: dict | None = None) -> dspy.Pr
         raise
     except Exception as exc:
         raise from_program_failure(exc, lm_settings) from None
+
+
+def _said_of_failed_load(exc: Exception) -> str:
+    """What a client may be told of a model that failed to load: nothing, unless its files were tampered with."""
+    from mlflow_dspy.packaging.integrity import IntegrityError
+
+    return "its files do not match the SHA-256 recorded when it was logged" if isinstance(exc, IntegrityError) else ""
 
 
 async def _follow_aliases(router: Router, interval: float) -> None:

@@ -117,11 +117,13 @@ class Router:
 
     def __init__(self, load: Callable[[str], ProgramHost], current_version: Callable[[ModelUri], str],
                  smoke: Callable[[ProgramHost], None], splits: tuple[Split, ...] = (),
-                 on_reload: Callable[[str, bool], None] | None = None) -> None:
+                 on_reload: Callable[[str, bool], None] | None = None,
+                 explain: Callable[[Exception], str] = lambda exc: "") -> None:
         self._load = load  # a URI -> its host (on the loader thread)
         self._current_version = current_version  # an alias URI -> the version it names now (the registry)
         self._smoke = smoke  # raises if a freshly loaded host cannot answer
         self._on_reload = on_reload or (lambda name, ok: None)
+        self._explain = explain  # what a client may be told of a failed load ("" for nothing)
         self.splits = {split.name: split for split in splits}
         self.entries: list[Entry] = []
         self._by_name: dict[str, Entry] = {}
@@ -152,7 +154,7 @@ class Router:
             try:
                 entry.host = self._host_for(entry.uri)
             except Exception as exc:
-                entry.failure = "it failed to load"
+                entry.failure = self._explain(exc)
                 log.error("model failed to load: %s", entry.uri, exc_info=exc)
                 continue
             if not entry.names:  # a run's model: the name it was registered under
@@ -217,7 +219,7 @@ class Router:
 
     def failures(self) -> dict[str, str]:
         return {entry.names[0] if entry.names else entry.uri: entry.failure
-                for entry in self.entries if entry.failure}
+                for entry in self.entries if entry.failure is not None}
 
     # -- hot reload --------------------------------------------------------------------
     def check_aliases(self) -> list[str]:
