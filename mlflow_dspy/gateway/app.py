@@ -37,6 +37,7 @@ from mlflow_dspy.gateway.errors import (
     install_handlers,
     invalid_body,
     invalid_request,
+    parse_body,
 )
 from mlflow_dspy.gateway.metrics import GatewayMetrics, worker_exited
 from mlflow_dspy.gateway.middleware import GatewayMiddleware, Limits
@@ -451,26 +452,7 @@ def _document_predict(schema: dict, shape: PredictShape) -> None:
 
 
 def _chat_request(raw: bytes) -> ChatCompletionRequest:
-    """One strict parse of the raw body; on failure, the errors Python's JSON reader leads to.
-
-    pydantic's JSON parser refuses a few inputs Python's `json` reads (NaN, a lone
-    surrogate escape) as invalid JSON; re-reading them with `json` names the field
-    or the text that is wrong, as the rest of the gateway does.
-    """
-    try:
-        return ChatCompletionRequest.model_validate_json(raw)
-    except ValidationError as exc:
-        errors = exc.errors()
-    if errors and errors[0].get("type") == "json_invalid":
-        try:
-            payload = json.loads(raw)
-        except (ValueError, RecursionError):
-            raise invalid_request("the request body is not valid JSON") from None
-        try:
-            return ChatCompletionRequest.model_validate(payload)
-        except ValidationError as exc:
-            errors = exc.errors()
-    raise invalid_body(errors)
+    return parse_body(ChatCompletionRequest, raw)
 
 
 def app_from_env():

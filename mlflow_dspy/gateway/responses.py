@@ -26,12 +26,12 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import dspy
-from pydantic import BaseModel, Field, ValidationError, WithJsonSchema, model_validator
+from pydantic import BaseModel, Field, WithJsonSchema, model_validator
 from pydantic_core import PydanticCustomError
 from sse_starlette.sse import EventSourceResponse
 from starlette.responses import Response
 
-from mlflow_dspy.gateway.errors import GatewayError, from_program_failure, invalid_body, invalid_request
+from mlflow_dspy.gateway.errors import GatewayError, from_program_failure, invalid_request, parse_body
 from mlflow_dspy.gateway.protocol import MAX_COMPLETION_TOKENS, NO_TOOLS, FinishReason, Strict, partial_outputs
 from mlflow_dspy.lm_engine.deadline import within
 from mlflow_dspy.runtime.host import Delta, ProgramHost, Usage
@@ -553,17 +553,4 @@ class _Events:
 
 def parse_request(raw: bytes) -> ResponsesRequest:
     """One strict parse of the raw body, as the chat route's (errors name the field)."""
-    try:
-        return ResponsesRequest.model_validate_json(raw)
-    except ValidationError as exc:
-        errors = exc.errors()
-    if errors and errors[0].get("type") == "json_invalid":
-        try:
-            payload = json.loads(raw)
-        except (ValueError, RecursionError):
-            raise invalid_request("the request body is not valid JSON") from None
-        try:
-            return ResponsesRequest.model_validate(payload)
-        except ValidationError as exc:
-            errors = exc.errors()
-    raise invalid_body(errors)
+    return parse_body(ResponsesRequest, raw)
