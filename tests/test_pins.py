@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 import yaml
 
 from mlflow_dspy.packaging.paths import REQUIREMENTS_FILE
@@ -66,3 +67,20 @@ def test_the_distribution_and_the_package_agree_on_the_version():
     import mlflow_dspy
 
     assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"] == mlflow_dspy.__version__
+
+
+def test_a_users_requirements_join_the_runtime_pins_and_a_conflict_names_both(tmp_path):
+    from mlflow_dspy.packaging.requirements import RequirementsProblem, model_requirements
+
+    locked = dict(line.split("==") for line in pinned_requirements())
+    mine = tmp_path / "requirements.txt"
+    mine.write_text(f"# ours\nrapidfuzz==3.14.3\npydantic>={locked['pydantic']}\n-e ./local\n")
+    joined = model_requirements(mine)
+    assert joined[:-1] == pinned_requirements() and joined[-1] == "rapidfuzz==3.14.3"  # the lock's pin stands
+    mine.write_text("pydantic==1.10.0\n")
+    with pytest.raises(RequirementsProblem) as refused:
+        model_requirements(mine)
+    assert "pydantic==1.10.0" in str(refused.value) and f"pydantic=={locked['pydantic']}" in str(refused.value)
+    mine.write_text("not a requirement !!\n")
+    with pytest.raises(RequirementsProblem, match="line 1"):
+        model_requirements(mine)
