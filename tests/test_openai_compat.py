@@ -393,3 +393,22 @@ async def test_probes_are_open_without_a_key():
         assert (await client.get("/metrics")).status_code != 401  # served by whoever adds the route
         assert (await client.get("/v1/models/qa")).status_code == 401
         assert (await client.post("/v1/chat/completions", json={"messages": USER})).status_code == 401
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/invocations", "/v1/responses"])
+@pytest.mark.parametrize(("fragment", "where"), [
+    ('"model": "\\ud800"', "model"),
+    ('"user": "\\udc00"', "user"),
+    ('"metadata": {"k": "\\ud800"}', "metadata.k"),
+    ('"stop": ["ok", "\\ud800"]', "stop[1]"),
+])
+async def test_a_lone_surrogate_anywhere_in_a_request_is_a_400_naming_where(route, fragment, where):
+    conversation = '"input": "hi"' if route == "/v1/responses" else '"messages": [{"role": "user", "content": "hi"}]'
+    body = "{" + fragment + ", " + conversation + "}"
+    async with client_for(example_chat("qa")) as client:
+        response = await client.post(route, content=body.encode(), headers={"Content-Type": "application/json"})
+        emoji = await client.post(route, content=("{" + conversation + ', "user": "\\ud83d\\ude00"}').encode(),
+                                  headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert f"{where} is not valid Unicode text" in response.json()["error"]["message"]
+    assert "Unicode" not in emoji.text  # a surrogate pair is a character, not an encoding error

@@ -66,6 +66,41 @@ def _authorized(header: bytes | None, keys: tuple[str, ...]) -> bool:
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
+def lone_surrogate(body: bytes) -> str | None:
+    """Where a JSON body holds a string (or a key) with a lone surrogate, as a field path; None if nowhere."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return None  # not JSON: the route says so
+
+    def shown(text: str) -> str:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+    def find(value, where: str) -> str | None:
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return where or "the body"
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                inner = f"{where}.{shown(key)}" if where else shown(key)
+                found = find(key, inner) or find(item, inner)
+                if found:
+                    return found
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                found = find(item, f"{where}[{index}]")
+                if found:
+                    return found
+        return None
+
+    try:
+        return find(data, "")
+    except RecursionError:
+        return None
+
+
 class GatewayMiddleware:
     def __init__(self, app, limits: Limits, direct: dict[tuple[str, str], Endpoint] | None = None,
                  metrics: GatewayMetrics | None = None, labels: Callable[[], tuple[str, str]] | None = None) -> None:
@@ -109,6 +144,12 @@ class GatewayMiddleware:
             if error is None and body and path in MODEL_ROUTES and not _is_utf8(body):
                 error = GatewayError(400, "the request body is not valid UTF-8 (JSON must be UTF-8)",
                                      code="invalid_encoding")
+            if error is None and body and path in MODEL_ROUTES and (b"\\ud" in body or b"\\uD" in body):
+                # A JSON escape of a lone surrogate: valid JSON, not valid text. Refused wherever it is.
+                where = lone_surrogate(body)
+                if where is not None:
+                    error = GatewayError(400, f"{where} is not valid Unicode text (it holds a lone surrogate)",
+                                         param=where, code="invalid_encoding")
             if error is None and path in MODEL_ROUTES:
                 if self.in_flight >= self.limits.max_in_flight:
                     error = GatewayError(
