@@ -94,6 +94,7 @@ def test_an_alias_that_moves_is_followed_after_its_new_version_answers():
     new = r.get("triage")[0]
     assert (old.version, new.version) == ("1", "2") and reloads == [("triage@champion", True)]
     assert r.check_aliases() == []  # nothing moved since
+    assert old not in r._versions.values()  # the replaced version is not kept for ever
 
 
 def test_a_new_version_that_fails_to_load_or_answer_leaves_the_old_one_serving():

@@ -248,7 +248,10 @@ class Router:
                           entry.host.version, exc_info=exc)
                 self._on_reload(name, False)
                 continue
-            entry.host, entry.failure = host, None  # new requests from here on; running ones finish on theirs
+            old, entry.host, entry.failure = entry.host, host, None  # new requests from here on
+            if all(other.host is not old for other in self.entries):
+                # Requests running on the old version keep it alive until they finish; the router lets go.
+                self._versions = {key: kept for key, kept in self._versions.items() if kept is not old}
             log.info("%s now serves version %s", name, version)
             self._on_reload(name, True)
             switched.append(name)
