@@ -146,7 +146,7 @@ def test_gateway_answers_chat_and_typed_predict(venv, workspace, logged):
             "--no-traces"]
     base = f"http://127.0.0.1:{port}"
     with running(args, f"{base}/ready", env, workspace["elsewhere"] / "gateway.log", cwd=workspace["elsewhere"]):
-        chat = httpx.post(f"{base}/v1/chat/completions", json={"model": "dspy-triage", **TICKET}, timeout=300)
+        chat = httpx.post(f"{base}/v1/chat/completions", json={"model": "dspy-triage/1", **TICKET}, timeout=300)
         typed = httpx.post(f"{base}/predict", json={"ticket": "The app crashes when I log in."}, timeout=300)
         wrong = httpx.post(f"{base}/predict", json={"ticket": 42}, timeout=60)
         schema = httpx.get(f"{base}/openapi.json", timeout=60).json()
