@@ -186,20 +186,14 @@ class Unsupported(ValueError):
         self.param = param
 
 
-class ChatCompletionRequest(Strict):
+class OpenAIRequest(Strict):
+    """What the chat and the Responses requests both take: the model, sampling, streaming, and the
+    client-side fields OpenAI accepts that cannot change a DSPy program's answer (accepted and ignored)."""
+
     model: str | None = None
-    messages: list[ChatMessage] = Field(min_length=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    max_tokens: int | None = Field(default=None, ge=1, le=MAX_COMPLETION_TOKENS)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_COMPLETION_TOKENS)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int | None = Field(default=None, ge=1, description="only n=1 is supported")
     stream: bool = False
-    stream_options: StreamOptions | None = None
-    response_format: ResponseFormat | None = None
-    # Accepted and ignored (IGNORED_FIELDS); the few values that would change the answer are refused.
     user: str | None = None
     safety_identifier: str | None = None
     metadata: dict[str, str] | None = None
@@ -207,6 +201,18 @@ class ChatCompletionRequest(Strict):
     service_tier: str | None = None
     prompt_cache_key: str | None = None
     prompt_cache_retention: str | None = None
+
+
+class ChatCompletionRequest(OpenAIRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_COMPLETION_TOKENS)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_COMPLETION_TOKENS)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int | None = Field(default=None, ge=1, description="only n=1 is supported")
+    stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    # Accepted and ignored (IGNORED_FIELDS); the few values that would change the answer are refused.
     reasoning_effort: str | None = None
     verbosity: str | None = None
     prediction: dict[str, Any] | None = None

@@ -32,7 +32,13 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.responses import Response
 
 from mlflow_dspy.gateway.errors import GatewayError, from_program_failure, invalid_request, parse_body
-from mlflow_dspy.gateway.protocol import MAX_COMPLETION_TOKENS, NO_TOOLS, FinishReason, Strict, partial_outputs
+from mlflow_dspy.gateway.protocol import (
+    MAX_COMPLETION_TOKENS,
+    NO_TOOLS,
+    FinishReason,
+    OpenAIRequest,
+    partial_outputs,
+)
 from mlflow_dspy.lm_engine.deadline import within
 from mlflow_dspy.runtime.host import Delta, ProgramHost, Usage
 
@@ -89,23 +95,12 @@ def _unsupported(message: str, param: str) -> PydanticCustomError:
     return PydanticCustomError("not_supported", "{message}", {"message": message, "param": param})
 
 
-class ResponsesRequest(Strict):
-    model: str | None = None
+class ResponsesRequest(OpenAIRequest):
     # Read by conversation_messages, whose errors name the item and part that is wrong.
     input: Annotated[Any, WithJsonSchema(_INPUT_SCHEMA)]
     instructions: str | None = None
     max_output_tokens: int | None = Field(default=None, ge=1, le=MAX_COMPLETION_TOKENS)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    stream: bool = False
     # Accepted and ignored (RESPONSES_IGNORED_FIELDS); the values that would change the answer are refused.
-    user: str | None = None
-    safety_identifier: str | None = None
-    metadata: dict[str, str] | None = None
-    store: bool | None = None
-    service_tier: str | None = None
-    prompt_cache_key: str | None = None
-    prompt_cache_retention: str | None = None
     reasoning: dict[str, Any] | None = None
     include: list[str] | None = None
     truncation: Literal["auto", "disabled"] | None = None
