@@ -12,7 +12,7 @@ import dspy
 from mlflow_dspy.packaging.log import LoggedModel, log_target
 from mlflow_dspy.program.chat import ChatProgram
 from mlflow_dspy.program.mapping import ChatMapping
-from mlflow_dspy.program.project import ProgramConfig, _kebab, resolve_target
+from mlflow_dspy.program.project import ProgramConfig, kebab_case, resolve_target
 from mlflow_dspy.program.reference import Source, source_of_module
 from mlflow_dspy.program.target import Target, open_target
 
@@ -55,7 +55,7 @@ def log_program(
         config = resolve_target(program).with_options(**options)
         target = open_target(replace(config, name=name) if name else config)
     else:
-        config = ProgramConfig(name=name or _kebab(type(program).__name__), reference=f"<{type(program).__name__}>")
+        config = ProgramConfig(name=name or kebab_case(type(program).__name__), reference=f"<{type(program).__name__}>")
         config = config.with_options(**options)
         mapping = ChatMapping.of(program, config.question_field, config.context_field, config.answer_field)
         target = Target(config, program, _source_of_object(program), mapping)

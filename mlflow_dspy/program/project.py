@@ -92,7 +92,7 @@ class ProgramConfig:
         return replace(self, **given)
 
 
-def _kebab(text: str) -> str:
+def kebab_case(text: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "-", text).replace("_", "-").lower()
 
 
@@ -102,7 +102,7 @@ def name_of_reference(reference: str) -> str:
     last = attr.split(".")[-1]
     if last in ("build", "program", "make", "create", "main"):
         last = Path(target).stem if target.endswith(".py") else target.split(".")[-1]
-    return _kebab(last)
+    return kebab_case(last)
 
 
 def find_project_file(start: Path | None = None) -> Path | None:
