@@ -260,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--env-manager", default="local", choices=["local", "virtualenv", "uv", "conda"])
     serve.set_defaults(func=cmd_serve)
 
+    from mlflow_dspy.gateway.config import DEFAULTS  # light: the gateway itself is imported when it runs
+
     gateway = commands.add_parser("gateway", help="serve a logged model (or a program) with the OpenAI API")
     gateway.add_argument(
         "-m", "--model-uri", action="append", metavar="URI",
@@ -269,34 +271,39 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--split", action="append", metavar="NAME=ALIAS:WEIGHT,ALIAS:WEIGHT",
                          help="send requests for NAME to its aliases by weight, e.g. triage=champion:90,challenger:10 "
                               "(a request's user or x-session-id always gets the same alias; repeatable)")
-    gateway.add_argument("--reload-interval", type=float, default=30.0,
+    gateway.add_argument("--reload-interval", type=float, default=DEFAULTS.reload_interval,
                          help="seconds between looks at the registry's aliases; a moved alias loads in the "
-                              "background and takes over once it answers (default: 30; 0: off)")
+                              "background and takes over once it answers (default: %(default)s; 0: off)")
     gateway.add_argument("--program", help="serve a program straight from its code: " + PROGRAM_HELP)
     gateway.add_argument("--lm", default=None, help="with --program: the LM (default: $DSPY_LM, else embedded)")
     gateway.add_argument("--name", default=None, help="with one model: the name clients send and /v1/models lists")
     gateway.add_argument("--host", default="127.0.0.1")
     gateway.add_argument("--port", type=int, default=8000)
     gateway.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default: 1)")
-    gateway.add_argument("--max-in-flight", type=int, default=64,
-                         help="requests running at once per worker; more get 429 (default: 64)")
-    gateway.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger bodies get 413 (default: 1 MiB)")
-    gateway.add_argument("--max-header-bytes", type=int, default=64 * 1024,
-                         help="a larger header section gets 431 (default: 64 KiB)")
-    gateway.add_argument("--max-header-line-bytes", type=int, default=8 * 1024,
-                         help="a longer header line gets 431 (default: 8 KiB)")
-    gateway.add_argument("--header-timeout", type=float, default=10.0,
+    gateway.add_argument("--max-in-flight", type=int, default=DEFAULTS.max_in_flight,
+                         help="requests running at once per worker; more get 429 (default: %(default)s)")
+    gateway.add_argument("--max-body-bytes", type=int, default=DEFAULTS.max_body_bytes,
+                         help="larger bodies get 413 (default: %(default)s bytes)")
+    gateway.add_argument("--max-header-bytes", type=int, default=DEFAULTS.max_header_bytes,
+                         help="a larger header section gets 431 (default: %(default)s bytes)")
+    gateway.add_argument("--max-header-line-bytes", type=int, default=DEFAULTS.max_header_line_bytes,
+                         help="a longer header line gets 431 (default: %(default)s bytes)")
+    gateway.add_argument("--header-timeout", type=float, default=DEFAULTS.header_timeout,
                          help="seconds a request's headers may take to arrive before the connection closes "
-                              "(default: 10)")
-    gateway.add_argument("--max-messages", type=int, default=200, help="more messages get 400 (default: 200)")
-    gateway.add_argument("--max-characters", type=int, default=50_000,
-                         help="more characters of message text get 400 (default: 50000)")
+                              "(default: %(default)s)")
+    gateway.add_argument("--max-messages", type=int, default=DEFAULTS.max_messages,
+                         help="more messages get 400 (default: %(default)s)")
+    gateway.add_argument("--max-characters", type=int, default=DEFAULTS.max_characters,
+                         help="more characters of message text get 400 (default: %(default)s)")
     gateway.add_argument("--allow-origin", action="append", metavar="ORIGIN",
                          help="let browser pages from ORIGIN call the gateway (CORS; off by default; repeatable)")
-    gateway.add_argument("--request-timeout", type=float, default=120.0,
-                         help="seconds a program may run before 504 (default: 120)")
+    gateway.add_argument("--request-timeout", type=float, default=DEFAULTS.request_timeout,
+                         help="seconds a program may run before 504 (default: %(default)s)")
     gateway.add_argument("--no-traces", action="store_true",
                          help="do not record an MLflow trace per request (default: record them)")
+    gateway.add_argument("--no-speedups", action="store_true",
+                         help="run DSPy's and uvicorn's own code paths instead of the speed-ups built on their "
+                              "internals (mlflow_dspy/internals; same answers, slower)")
     gateway.set_defaults(func=cmd_gateway)
     return parser
 

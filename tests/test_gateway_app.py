@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 
 import dspy
 import httpx
@@ -374,8 +375,8 @@ SAME_EITHER_WAY = [
 ]
 
 
-async def test_chat_routes_answer_the_same_served_directly_or_through_fastapi():
-    # Without CORS the middleware serves these routes itself; with CORS on, FastAPI does.
+async def test_the_program_routes_answer_the_same_with_cors_on_or_off():
+    # One dispatch path: CORS, when on, only wraps the middleware that serves these routes.
     def comparable(response: httpx.Response) -> tuple:
         body = response.json()
         for volatile in ("id", "created"):
@@ -388,9 +389,32 @@ async def test_chat_routes_answer_the_same_served_directly_or_through_fastapi():
             answers[cors] = [comparable(await c.post(route, content=json.dumps(body),
                                                      headers={"content-type": "application/json"}))
                              for route, body in SAME_EITHER_WAY]
-    direct, through_fastapi = answers.values()
-    assert direct == through_fastapi
-    assert [status for status, _ in direct] == [200, 400, 404, 400, 400, 400, 400, 200, 400, 400]
+    cors_off, cors_on = answers.values()
+    assert cors_off == cors_on
+    assert [status for status, _ in cors_off] == [200, 400, 404, 400, 400, 400, 400, 200, 400, 400]
+
+
+async def test_with_cors_on_every_answer_carries_its_headers_and_the_program_routes_keep_one_dispatch():
+    origin = "https://app.example"
+    host = ProgramHost(example_chat("qa"), DummyLM(ANSWERS), dspy.ChatAdapter(), "qa", "test")
+    asgi = create_app(GatewayConfig(cors_origins=(origin,), api_keys=("sk-k",)), host=host)
+    # The routes that run a program are served by the middleware itself, CORS or not.
+    assert {path for _, path in asgi.direct} == {"/v1/chat/completions", "/v1/responses", "/invocations",
+                                                 "/predict", "/predict/stream"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=asgi), base_url="http://g") as c:
+        preflight = await c.options("/v1/chat/completions", headers={
+            "origin": origin, "access-control-request-method": "POST",
+            "access-control-request-headers": "authorization,content-type"})
+        refused = await c.post("/v1/chat/completions", json={"messages": USER}, headers={"origin": origin})
+        answered = await c.post("/v1/chat/completions", json={"messages": USER},
+                                headers={"origin": origin, "authorization": "Bearer sk-k"})
+        elsewhere = await c.post("/v1/chat/completions", json={"messages": USER},
+                                 headers={"origin": "https://evil.example", "authorization": "Bearer sk-k"})
+    assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == origin
+    # A browser page can read why it was refused, and the answer.
+    assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == origin
+    assert answered.status_code == 200 and answered.headers["access-control-allow-origin"] == origin
+    assert "access-control-allow-origin" not in elsewhere.headers
 
 
 async def test_the_openapi_document_describes_the_chat_request_body(client):
@@ -423,7 +447,7 @@ async def test_start_up_waits_for_the_model_only_when_several_workers_share_the_
         monkeypatch, before_serving):
     import threading
 
-    import mlflow_dspy.gateway.app
+    import mlflow_dspy.gateway.served
 
     release = threading.Event()
 
@@ -431,7 +455,7 @@ async def test_start_up_waits_for_the_model_only_when_several_workers_share_the_
         release.wait(30)
         router.add_host(ProgramHost(example_chat("qa"), DummyLM(ANSWERS), dspy.ChatAdapter(), "qa", "test"))
 
-    monkeypatch.setattr(mlflow_dspy.gateway.app, "load_models", slow_load)
+    monkeypatch.setattr(mlflow_dspy.gateway.served, "load_models", slow_load)
     app = create_app(GatewayConfig(program="qa", traces=False, load_before_serving=before_serving))
     inbox, outbox, task = await _start_lifespan(app)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://g") as client:
@@ -456,12 +480,12 @@ async def test_start_up_waits_for_the_model_only_when_several_workers_share_the_
 
 
 async def test_a_model_that_fails_to_load_before_serving_still_lets_the_worker_answer_503(monkeypatch):
-    import mlflow_dspy.gateway.app
+    import mlflow_dspy.gateway.served
 
     def broken_load(config, router):
         raise OSError("no such model")
 
-    monkeypatch.setattr(mlflow_dspy.gateway.app, "load_models", broken_load)
+    monkeypatch.setattr(mlflow_dspy.gateway.served, "load_models", broken_load)
     app = create_app(GatewayConfig(program="qa", traces=False, load_before_serving=True))
     inbox, outbox, task = await _start_lifespan(app)
     assert (await asyncio.wait_for(outbox.get(), 10))["type"] == "lifespan.startup.complete"
@@ -470,3 +494,88 @@ async def test_a_model_that_fails_to_load_before_serving_still_lets_the_worker_a
     assert response.status_code == 503 and response.json()["error"]["message"] == "the model failed to load"
     assert "no such model" not in response.text
     await _stop_lifespan(inbox, outbox, task)
+
+
+@pytest.mark.parametrize("route, body", [
+    ("/v1/chat/completions", {"messages": USER}),
+    ("/v1/chat/completions", {"messages": USER, "stream": True}),
+    ("/v1/responses", {"input": "What is 2 + 2?"}),
+    ("/v1/responses", {"input": "What is 2 + 2?", "stream": True}),
+    ("/invocations", {"messages": USER}),
+])
+async def test_a_requests_messages_are_parsed_into_a_conversation_once(client, monkeypatch, route, body):
+    import mlflow_dspy.gateway.chat_service
+    import mlflow_dspy.program.chat as chat
+
+    real, parsed = chat.parse_conversation, []
+
+    def counting(messages):
+        if not isinstance(messages, chat.Conversation):  # handing on the parsed one is not parsing
+            parsed.append(messages)
+        return real(messages)
+
+    monkeypatch.setattr(chat, "parse_conversation", counting)
+    monkeypatch.setattr(mlflow_dspy.gateway.chat_service, "parse_conversation", counting)
+    response = await client.post(route, json=body)
+    assert response.status_code == 200, response.text
+    assert "4" in response.text
+    assert len(parsed) == 1
+
+
+class WaitsForForward(dspy.Module):
+    """A module with only a forward (it runs on a program thread) that holds its thread until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answer = dspy.Predict("question -> answer")
+        self.started, self.release, self.ended = threading.Event(), threading.Event(), threading.Event()
+
+    def forward(self, question: str):
+        self.started.set()
+        self.release.wait(30)
+        prediction = self.answer(question=question)
+        self.ended.set()
+        return prediction
+
+
+async def test_work_a_departed_client_left_on_a_thread_holds_its_in_flight_slot_until_it_ends():
+    from mlflow_dspy.program.chat import ChatProgram
+
+    module = WaitsForForward()
+    host = ProgramHost(ChatProgram(module), DummyLM({"What is 2 + 2?": {"answer": "4"}}), dspy.ChatAdapter(),
+                       "waits", "test")
+    app = create_app(GatewayConfig(max_in_flight=1), host=host)
+    body = json.dumps({"messages": USER}).encode()
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "http_version": "1.1",
+             "headers": [(b"host", b"g"), (b"content-type", b"application/json")]}
+    sent, leave = [], asyncio.Event()
+
+    async def receive():
+        if not sent:
+            sent.append("body")
+            return {"type": "http.request", "body": body, "more_body": False}
+        await leave.wait()
+        return {"type": "http.disconnect"}
+
+    replies = []
+
+    async def send(message):
+        replies.append(message)
+
+    departing = asyncio.create_task(app(scope, receive, send))
+    await asyncio.to_thread(module.started.wait, 10)
+    leave.set()  # the client goes away while the program's thread is still working
+    await asyncio.wait_for(departing, 10)
+    assert not module.ended.is_set() and not replies  # nothing was answered; the thread runs on
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://g") as client:
+        busy = await client.post("/v1/chat/completions", json={"messages": USER})
+        assert busy.status_code == 429  # the left-behind work still holds the one slot
+        module.release.set()
+        await asyncio.to_thread(module.ended.wait, 10)
+        for _ in range(100):  # the slot comes back once the thread has ended
+            if app.in_flight == 0:
+                break
+            await asyncio.sleep(0.02)
+        module.started.clear()
+        served = await client.post("/v1/chat/completions", json={"messages": USER})
+    assert served.status_code == 200 and served.json()["choices"][0]["message"]["content"] == "4"

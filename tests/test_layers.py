@@ -6,8 +6,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mlflow_dspy"
-LAYER = {"program": 1, "lm_engine": 2, "runtime": 3, "packaging": 4, "gateway": 5, "batch": 5, "lifecycle": 5,
-         "cli": 6, "api": 6}
+LAYER = {"program": 1, "lm_engine": 2, "internals": 2, "runtime": 3, "packaging": 4, "gateway": 5, "batch": 5,
+         "lifecycle": 5, "cli": 6, "api": 6}
 
 
 def room_of(module: str) -> str | None:
@@ -57,3 +57,9 @@ def test_batch_and_eval_run_programs_without_the_http_gateway():
     for room in ("batch", "lifecycle"):
         for path in (PACKAGE / room).rglob("*.py"):
             assert not [m for m in imports(path) if room_of(m) == "gateway"], path
+
+
+def test_the_private_internals_room_imports_nothing_else_of_ours():
+    # It is the one place that leans on DSPy's and uvicorn's internals: the rooms above choose what to use.
+    for path in (PACKAGE / "internals").rglob("*.py"):
+        assert {room_of(m) for m in imports(path)} <= {None, "internals"}, path

@@ -193,7 +193,7 @@ async def test_openapi_offers_the_text_form_for_a_one_input_program(qa):
 
 async def test_openapi_made_before_the_load_is_not_kept():
     """The program loads in the background: /openapi.json documents it once it is there."""
-    from mlflow_dspy.gateway import app as gateway
+    from mlflow_dspy.gateway import openapi_docs
 
     host = ProgramHost(ChatProgram(dspy.Predict(Triage)), DummyLM(TRIAGE_ANSWERS), dspy.ChatAdapter(), "t", "t")
     asgi = create_app(GatewayConfig())
@@ -208,20 +208,20 @@ async def test_openapi_made_before_the_load_is_not_kept():
         after = (await client.get("/openapi.json")).json()
         assert after["components"]["schemas"]["PredictInputs"]["properties"]["priority"]["type"] == "integer"
         assert (await client.post("/predict", json={"ticket": TICKET, "priority": 2})).status_code == 200
-    assert gateway.PREDICT_ROUTES == ("/predict", "/predict/stream")
+    assert openapi_docs.PREDICT_ROUTES == ("/predict", "/predict/stream")
 
 
 async def test_the_inputs_model_is_built_once_per_host(triage, monkeypatch):
-    from mlflow_dspy.gateway import app as gateway
+    from mlflow_dspy.gateway import predict_service
 
     built = []
-    real = gateway.PredictShape
+    real = predict_service.PredictShape
 
     def counting(program):
         built.append(program)
         return real(program)
 
-    monkeypatch.setattr(gateway, "PredictShape", counting)
+    monkeypatch.setattr(predict_service, "PredictShape", counting)
     bodies = [{"ticket": TICKET, "priority": p} for p in (1, 2, 3)]
     responses = await asyncio.gather(*(triage.post("/predict", json=b) for b in bodies))
     assert [r.status_code for r in responses] == [200, 200, 200]

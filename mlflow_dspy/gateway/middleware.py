@@ -4,29 +4,34 @@ the cap on requests in flight, and one structured log line per request.
 Pure ASGI rather than Starlette's BaseHTTPMiddleware: it does not buffer
 streamed responses and costs little per request.
 
-It also serves the hot routes (`direct`: the chat completions and
-/invocations endpoints) itself, calling the very endpoint functions FastAPI
-has registered, without FastAPI's own middleware stack, routing and
+It also serves the routes that run a program (`direct`: chat completions,
+responses, /invocations, /predict) itself, calling the very endpoint functions
+FastAPI has registered, without FastAPI's own middleware stack, routing and
 dependency solving in between. Measured at one client, where each request
-starts with cold CPU caches, that stack cost about 0.4 ms per request.
+starts with cold CPU caches, that stack cost about 0.4 ms per request. With
+CORS on, Starlette's CORS middleware wraps this one: the dispatch is the same.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from concurrent.futures import Future
 
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 
+from mlflow_dspy.gateway.config import OPEN_ROUTES, Limits
 from mlflow_dspy.gateway.errors import GatewayError, response_for
 from mlflow_dspy.gateway.metrics import GatewayMetrics
+from mlflow_dspy.program.work import tracking_thread_work
 
 access_log = logging.getLogger("mlflow_dspy.gateway.access")
 
@@ -34,21 +39,6 @@ access_log = logging.getLogger("mlflow_dspy.gateway.access")
 MODEL_ROUTES = ("/v1/chat/completions", "/v1/responses", "/invocations", "/predict", "/predict/stream")
 # Routes the metrics name; any other path is counted as "other" (a scanner must not grow the label set).
 KNOWN_ROUTES = (*MODEL_ROUTES, "/v1/models")
-# Open without a key even when keys are set: probes (Kubernetes, load balancers, Prometheus) carry none,
-# and these answer nothing a key protects (alive, loaded and the model's name, counters).
-OPEN_ROUTES = ("/health", "/ready", "/metrics")
-
-
-@dataclass
-class Limits:
-    max_in_flight: int = 64
-    max_body_bytes: int = 1 << 20
-    retry_after_seconds: int = 1
-    body_timeout_seconds: float = 30.0
-    api_keys: tuple[str, ...] = field(default_factory=tuple)
-    open_routes: tuple[str, ...] = OPEN_ROUTES
-
-
 def _authorized(header: bytes | None, keys: tuple[str, ...]) -> bool:
     # `Bearer <key>`; the scheme's name is case-insensitive (RFC 7235 section 2.1): bearer, BEARER.
     scheme, _, offered = (header or b"").strip().partition(b" ")
@@ -103,7 +93,8 @@ def lone_surrogate(body: bytes) -> str | None:
 
 class GatewayMiddleware:
     def __init__(self, app, limits: Limits, direct: dict[tuple[str, str], Endpoint] | None = None,
-                 metrics: GatewayMetrics | None = None, labels: Callable[[], tuple[str, str]] | None = None) -> None:
+                 metrics: GatewayMetrics | None = None, labels: Callable[[], tuple[str, str]] | None = None,
+                 cors_origins: tuple[str, ...] = ()) -> None:
         self.app = app
         self.limits = limits
         self.metrics = metrics
@@ -111,8 +102,19 @@ class GatewayMiddleware:
         # (method, path) -> the endpoint as an ASGI app, served without FastAPI's stack
         self.direct = {route: _serving(endpoint) for route, endpoint in (direct or {}).items()}
         self.in_flight = 0
+        self._entry = self._serve
+        if cors_origins:
+            # Off by default: a browser page elsewhere may call the gateway only when its origin is listed.
+            # The outermost layer, so it sees every request (its errors too) and the dispatch below is the
+            # same with CORS on or off.
+            self._entry = CORSMiddleware(self._serve, allow_origins=list(cors_origins),
+                                         allow_methods=["GET", "POST"],
+                                         allow_headers=["Authorization", "Content-Type", "X-Session-Id"])
 
     async def __call__(self, scope, receive, send) -> None:
+        await self._entry(scope, receive, send)
+
+    async def _serve(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -132,7 +134,7 @@ class GatewayMiddleware:
                 message["headers"] = [*message["headers"], *extra]
             await send(message)
 
-        counted = False
+        counted, left_running = False, []
         try:
             error = self._refusal(scope, path)
             if error is None:
@@ -166,15 +168,20 @@ class GatewayMiddleware:
                 await error.response()(scope, receive, send_logged)
                 return
             app = self.direct.get((scope.get("method"), path), self.app)
-            await self._run_until_disconnect(app, scope, body, receive, send_logged, info)
-            # One turn of the loop, so the response's coalesced write (gateway/http_protocol.py) leaves before the
+            with tracking_thread_work() as left_running:
+                await self._run_until_disconnect(app, scope, body, receive, send_logged, info)
+            # One turn of the loop, so the response's coalesced write (internals/uvicorn_protocol.py) leaves before the
             # log line below is written: the client does not wait for our bookkeeping.
             await asyncio.sleep(0)
         finally:
             if counted:
-                self.in_flight -= 1
-                if self.metrics is not None:
-                    self.metrics.in_flight.dec()
+                # A program thread that a departed client (or a deadline) left running still works, on an LM
+                # call it cannot cancel: its slot is given back only when that thread ends.
+                still = [future for future in left_running if not future.done()]
+                if still:
+                    self._release_when_done(still)
+                else:
+                    self._release()
             usage = info.get("usage") or (0, 0)
             if self.metrics is not None and path not in OPEN_ROUTES:
                 first = info.get("first_token")
@@ -191,6 +198,29 @@ class GatewayMiddleware:
                 "prompt_tokens": usage[0],
                 "completion_tokens": usage[1],
             }))
+
+    def _release(self) -> None:
+        self.in_flight -= 1
+        if self.metrics is not None:
+            self.metrics.in_flight.dec()
+
+    def _release_when_done(self, futures: list[Future]) -> None:
+        """Give the slot back once every one of these threads has ended."""
+        loop = asyncio.get_running_loop()
+        remaining = [len(futures)]
+
+        def ended(_: Future) -> None:
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                self._release()
+
+        def on_loop(done: Future) -> None:
+            # Called on the thread that ran it: the count changes on the event loop's thread.
+            with contextlib.suppress(RuntimeError):  # the loop has closed: the server is gone, and its count
+                loop.call_soon_threadsafe(ended, done)
+
+        for future in futures:
+            future.add_done_callback(on_loop)
 
     @staticmethod
     async def _run_until_disconnect(app, scope, body: bytes, receive, send, info: dict) -> None:

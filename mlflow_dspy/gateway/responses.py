@@ -16,13 +16,11 @@ conversation in `input`, as it does with chat completions.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 import dspy
@@ -31,15 +29,17 @@ from pydantic_core import PydanticCustomError
 from sse_starlette.sse import EventSourceResponse
 from starlette.responses import Response
 
-from mlflow_dspy.gateway.errors import GatewayError, from_program_failure, invalid_request, parse_body
+from mlflow_dspy.gateway.chat_service import ChatService
+from mlflow_dspy.gateway.errors import GatewayError, from_program_failure, invalid_request
 from mlflow_dspy.gateway.protocol import (
     MAX_COMPLETION_TOKENS,
     NO_TOOLS,
-    FinishReason,
     OpenAIRequest,
     partial_outputs,
 )
+from mlflow_dspy.gateway.running import deadline, record_usage
 from mlflow_dspy.lm_engine.deadline import within
+from mlflow_dspy.program.chat import Conversation
 from mlflow_dspy.runtime.host import Delta, ProgramHost, Usage
 
 # -- the wire: requests -----------------------------------------------------------
@@ -358,59 +358,42 @@ def _output(reasoning: str | None, content: str, incomplete: bool) -> list[Outpu
 
 
 # -- the service ------------------------------------------------------------------
-@dataclass
-class ChatPath:
-    """What the chat route runs a conversation with, handed in by the app: the same limits, truncation and
-    error mapping for both protocols."""
-
-    # (host, messages, lm settings, timeout) -> (prediction, finish_reason), truncation as a "length" finish
-    answer: Callable[[ProgramHost, list[dict], dict, float], Awaitable[tuple[dspy.Prediction, FinishReason]]]
-    # the finish_reason of a streamed prediction
-    finish_reason: Callable[[ProgramHost, dspy.Prediction | None, dict], FinishReason]
-    # the finish_reason for a failure caused by the client's own limit, else None
-    cut_short: Callable[[BaseException, dict], FinishReason | None]
-    # the message and character limits, and the conversation's own checks (a GatewayError)
-    validate: Callable[[list[dict]], None]
-    timeout: float
-
-
 class ResponsesService:
-    def __init__(self, chat: ChatPath) -> None:
-        self.chat = chat
+    def __init__(self, chat: ChatService) -> None:
+        self.chat = chat  # the conversation's limits, truncation and errors are chat completions' own
 
-    def messages(self, body: ResponsesRequest) -> list[dict[str, Any]]:
-        """The conversation as chat messages, checked like a chat request's; errors name `input`'s items."""
+    def conversation(self, body: ResponsesRequest) -> Conversation:
+        """The conversation, checked like a chat request's; errors name `input`'s items."""
         messages, where = body.conversation_messages()
         try:
-            self.chat.validate(messages)
+            return self.chat.validate(messages)
         except GatewayError as error:
             if error.param == "messages":
                 error.message = _renamed(error.message, where)
                 error.args = (error.message,)
                 error.param = "input"
             raise
-        return messages
 
     async def create(self, host: ProgramHost, body: ResponsesRequest, info: dict) -> Response:
-        messages, settings = self.messages(body), body.lm_settings()
+        conversation, settings = self.conversation(body), body.lm_settings()
         response = ResponseObject.for_request(body, host.name)
         if body.stream:
-            return EventSourceResponse(self._stream(host, messages, settings, response, info), sep="\n", ping=15)
-        prediction, finish = await self.chat.answer(host, messages, settings, self.chat.timeout)
-        usage = Usage.of(prediction)
-        info["usage"] = (usage.prompt_tokens, usage.completion_tokens)
+            return EventSourceResponse(self._stream(host, conversation, settings, response, info), sep="\n",
+                                       ping=15)
+        prediction, finish = await self.chat.answer(host, conversation, settings)
+        usage = record_usage(info, prediction)
         incomplete = finish == "length"
         response.finish(_output(host.reasoning(prediction), host.content(prediction), incomplete), usage, incomplete)
         return Response(response.model_dump_json(), media_type="application/json")
 
-    async def _stream(self, host: ProgramHost, messages: list[dict], settings: dict, response: ResponseObject,
-                      info: dict) -> AsyncIterator[dict]:
+    async def _stream(self, host: ProgramHost, conversation: Conversation, settings: dict,
+                      response: ResponseObject, info: dict) -> AsyncIterator[dict]:
         events = _Events(response)
         yield events.send("response.created", response=response.model_dump())
         yield events.send("response.in_progress", response=response.model_dump())
         prediction, incomplete = None, False
         try:
-            async for item in within(host.stream(messages, settings), _deadline(self.chat.timeout)):
+            async for item in within(host.stream(conversation, settings), deadline(self.chat.timeout)):
                 if isinstance(item, Delta):
                     info.setdefault("first_token", time.perf_counter())
                     for event in events.delta(item.field, item.text):
@@ -436,14 +419,9 @@ class ResponsesService:
                 if text.startswith(sent) and len(text) > len(sent):
                     for event in events.delta(label, text[len(sent):]):
                         yield event
-        usage = Usage.of(prediction)
-        info["usage"] = (usage.prompt_tokens, usage.completion_tokens)
+        usage = record_usage(info, prediction)
         for event in events.finish(usage, incomplete):
             yield event
-
-
-def _deadline(seconds: float) -> float:
-    return asyncio.get_running_loop().time() + seconds
 
 
 def _renamed(message: str, where: list[str]) -> str:
@@ -545,7 +523,3 @@ class _Events:
         item = item or self.open
         return self.send(kind, item_id=item.id, output_index=self.items.index(item), content_index=0, **fields)
 
-
-def parse_request(raw: bytes) -> ResponsesRequest:
-    """One strict parse of the raw body, as the chat route's (errors name the field)."""
-    return parse_body(ResponsesRequest, raw)

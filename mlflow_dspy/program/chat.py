@@ -35,6 +35,7 @@ from pydantic import ValidationError
 
 from mlflow_dspy.program.failures import failure_of
 from mlflow_dspy.program.mapping import ChatMapping, validation_problem
+from mlflow_dspy.program.work import run_in_thread
 
 log = logging.getLogger("mlflow_dspy.program")
 
@@ -88,7 +89,13 @@ def _text(content: Any, where: str) -> str:
 
 
 def parse_conversation(messages: Any) -> Conversation:
-    """Validate OpenAI-style chat messages and split them into question, turns and system text."""
+    """Validate OpenAI-style chat messages and split them into question, turns and system text.
+
+    A Conversation is returned as it is: a server parses a request's messages once
+    and hands the program the result.
+    """
+    if isinstance(messages, Conversation):
+        return messages
     if hasattr(messages, "tolist"):  # numpy arrays from a pandas row
         messages = messages.tolist()
     if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)):
@@ -239,11 +246,11 @@ class ChatProgram(dspy.Module):
 
 async def call_async(program: dspy.Module, kwargs: dict[str, Any]) -> dspy.Prediction:
     """Run a program natively async when it can be (`Predict`, `ChainOfThought`, modules with an
-    `aforward`); a module with only a `forward` runs in DSPy's worker threads (`dspy.asyncify`),
-    with this task's settings."""
+    `aforward`); a module with only a `forward` runs on a program thread (program/work.py), with this
+    task's settings, and the work it leaves behind if the caller goes away is tracked there."""
     if hasattr(type(program), "aforward"):
         return await program.acall(**kwargs)
-    return await dspy.asyncify(program)(**kwargs)
+    return await run_in_thread(program, **kwargs)
 
 
 def _with_extra_instructions(program: dspy.Module, text: str) -> dspy.Module:

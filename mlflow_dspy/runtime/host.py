@@ -13,8 +13,9 @@ from typing import Any
 
 import dspy
 
-from mlflow_dspy.program.chat import ChatProgram, call_async
-from mlflow_dspy.runtime.fast_adapter import serving_adapter
+from mlflow_dspy.internals.dspy_chat_adapter import serving_adapter
+from mlflow_dspy.program.chat import ChatProgram, Conversation, call_async
+from mlflow_dspy.program.work import run_in_thread
 from mlflow_dspy.runtime.field_stream import FieldStream
 
 
@@ -102,7 +103,8 @@ class ProgramHost:
         with dspy.context(lm=lm, adapter=self.adapter, track_usage=True, disable_history=True):
             yield
 
-    async def answer(self, messages: list[dict], lm_settings: dict[str, Any] | None = None) -> dspy.Prediction:
+    async def answer(self, messages: list[dict] | Conversation, lm_settings: dict[str, Any] | None = None
+                     ) -> dspy.Prediction:
         with self.context(lm_settings):
             return await self.program.acall(messages=messages)
 
@@ -123,7 +125,7 @@ class ProgramHost:
         return as_text(value) if value is not None else None
 
     async def stream(
-        self, messages: list[dict], lm_settings: dict[str, Any] | None = None
+        self, messages: list[dict] | Conversation, lm_settings: dict[str, Any] | None = None
     ) -> AsyncIterator[Delta | dspy.Prediction]:
         """Yield answer and reasoning text as the LM writes it, then the final Prediction."""
         program, kwargs = self.program.prepare(messages)
@@ -151,8 +153,13 @@ class ProgramHost:
         decoder = FieldStream(list(fields))  # fresh per request: it keeps state
         # Natively async when the program can be (no thread per stream): the LM's own stream reaches
         # the client as it arrives, and a client that leaves cancels the LM call with this task.
-        streaming = dspy.streamify(program, is_async_program=hasattr(type(program), "aforward"),
-                                   include_final_prediction_in_output_stream=True)
+        if hasattr(type(program), "aforward"):
+            streaming = dspy.streamify(program, is_async_program=True, include_final_prediction_in_output_stream=True)
+        else:  # a module with only a forward: on a program thread, whose work is tracked if the client leaves
+            async def in_thread(**arguments: Any) -> dspy.Prediction:
+                return await run_in_thread(program, **arguments)
+
+            streaming = dspy.streamify(in_thread, include_final_prediction_in_output_stream=True)
         final, call_id = None, None
         # aclosing: the streamify generator is always finished in this task,
         # even when the client goes away (its task group must exit where it began).

@@ -6,7 +6,7 @@ import threading
 import pytest
 from dspy.clients import execution
 
-from mlflow_dspy.gateway.executor import INLINE, BookkeepingInlineExecutor, install
+from mlflow_dspy.internals.dspy_executor import INLINE, BookkeepingInlineExecutor, install
 
 
 def bookkeeping(name: str):

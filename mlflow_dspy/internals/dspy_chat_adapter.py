@@ -16,6 +16,8 @@ from typing import Any
 
 import dspy
 
+from mlflow_dspy.internals import speedups_enabled
+
 
 class ServingChatAdapter(dspy.ChatAdapter):
     """Used by the gateway and batch when the model runs on DSPy's default adapter."""
@@ -72,5 +74,8 @@ class ServingChatAdapter(dspy.ChatAdapter):
 
 
 def serving_adapter(adapter: Any) -> Any:
-    """The adapter to serve with: ours in place of DSPy's default, anything chosen explicitly as it is."""
-    return ServingChatAdapter() if adapter is None else adapter
+    """The adapter to serve with: ours in place of DSPy's default (DSPy's own with the speed-ups off),
+    anything chosen explicitly as it is."""
+    if adapter is not None:
+        return adapter
+    return ServingChatAdapter() if speedups_enabled() else dspy.ChatAdapter()

@@ -7,7 +7,7 @@ import dspy
 import pytest
 from dspy.utils import DummyLM
 
-from mlflow_dspy.runtime.fast_adapter import ServingChatAdapter, serving_adapter
+from mlflow_dspy.internals.dspy_chat_adapter import ServingChatAdapter, serving_adapter
 from tests.support.examples import EXAMPLE_NAMES, example_chat
 
 CONVERSATION = [

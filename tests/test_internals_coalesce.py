@@ -2,7 +2,7 @@
 
 import asyncio
 
-from mlflow_dspy.gateway.http_protocol import CoalescingTransport
+from mlflow_dspy.internals.uvicorn_protocol import CoalescingTransport
 
 
 class RecordingTransport:

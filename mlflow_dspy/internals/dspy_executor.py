@@ -23,6 +23,8 @@ import functools
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from mlflow_dspy.internals import speedups_enabled
+
 # (module, function) pairs measured cheap and non-blocking.
 INLINE = {("dspy.clients.execution", "prepare"), ("dspy.clients.execution", "_price_result")}
 
@@ -57,6 +59,10 @@ def _done_future() -> Future | asyncio.Future:
         return Future()
 
 
-def install(loop: asyncio.AbstractEventLoop | None = None) -> None:
-    """Make the running loop's default executor a `BookkeepingInlineExecutor`."""
+def install(loop: asyncio.AbstractEventLoop | None = None) -> bool:
+    """Make the running loop's default executor a `BookkeepingInlineExecutor`; with the speed-ups off,
+    leave asyncio's own. Says whether it did."""
+    if not speedups_enabled():
+        return False
     (loop or asyncio.get_running_loop()).set_default_executor(BookkeepingInlineExecutor(thread_name_prefix="asyncio"))
+    return True

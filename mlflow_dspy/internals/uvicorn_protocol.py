@@ -2,8 +2,9 @@
 section, and (a speed-up) what it writes in one turn of the event loop sent as one write.
 
 This is the one module that relies on uvicorn's internals (`HttpToolsProtocol`'s
-parser callbacks, `data_received`, `transport`); tests/test_http_protocol.py
-fails loudly if they change.
+parser callbacks, `data_received`, `transport`); tests/test_internals_uvicorn_protocol.py
+fails loudly if they change. The coalescing is a speed-up (off with
+`MLFLOW_DSPY_SPEEDUPS=0`); the header limits always apply.
 
 **Header limits.** httptools buffers a header line whole before it reports it,
 and uvicorn sets no limit: 16 connections each holding an unfinished 8 MB
@@ -26,28 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-from dataclasses import dataclass
 from typing import Any
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-LIMITS_ENV = "MLFLOW_DSPY_HEADER_LIMITS"
-
-
-@dataclass(frozen=True)
-class HeaderLimits:
-    max_header_line_bytes: int = 8 * 1024
-    max_header_bytes: int = 64 * 1024
-    header_timeout: float = 10.0
-
-    def to_env(self) -> str:
-        return json.dumps(self.__dict__)
-
-    @classmethod
-    def from_env(cls) -> HeaderLimits:
-        return cls(**json.loads(os.environ.get(LIMITS_ENV, "{}")))
+from mlflow_dspy.internals import speedups_enabled
+from mlflow_dspy.internals.header_limits import HeaderLimits
 
 
 class HeaderRefused(Exception):
@@ -190,7 +176,12 @@ class CoalescingTransport:
 
 
 class CoalescingHttpToolsProtocol(GuardedHttpToolsProtocol):
-    """Passed to uvicorn as `http=`: the guarded protocol, over a coalescing transport."""
+    """The guarded protocol, over a coalescing transport."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
+
+
+def http_protocol() -> type[GuardedHttpToolsProtocol]:
+    """What the gateway passes to uvicorn as `http=`: header limits always, coalescing with the speed-ups on."""
+    return CoalescingHttpToolsProtocol if speedups_enabled() else GuardedHttpToolsProtocol

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from mlflow_dspy.gateway import http_protocol
+from mlflow_dspy.internals import uvicorn_protocol as http_protocol
 from tests.support.processes import gateway, stub_lm
 
 # uvicorn 0.54.0's own data_received, which GuardedHttpToolsProtocol.data_received replaces (with the
@@ -32,7 +32,7 @@ def test_the_uvicorn_internals_the_protocol_relies_on_are_still_there():
         assert callable(getattr(HttpToolsProtocol, name, None)), f"uvicorn's HttpToolsProtocol lost {name}"
     assert _source_digest(HttpToolsProtocol.data_received) == KNOWN_DATA_RECEIVED, (
         "uvicorn's HttpToolsProtocol.data_received changed: compare it with "
-        "mlflow_dspy/gateway/http_protocol.py's GuardedHttpToolsProtocol.data_received, then update the digest"
+        "mlflow_dspy.internals.uvicorn_protocol.py's GuardedHttpToolsProtocol.data_received, then update the digest"
     )
 
 

@@ -1,0 +1,35 @@
+"""The one place for code that relies on private internals of DSPy and uvicorn, behind one switch.
+
+Each module here leans on something its library does not promise to keep, and
+each has a test that fails loudly, naming what changed, when it does:
+
+* `dspy_executor`: the event loop's default executor runs two of DSPy's
+  bookkeeping steps (`dspy.clients.execution.prepare`, `_price_result`) inline
+  instead of on a worker thread (tests/test_internals_dspy_executor.py);
+* `dspy_chat_adapter`: a ChatAdapter subclass that writes DSPy's very prompts
+  with less CPU, overriding its formatting methods
+  (tests/test_internals_dspy_chat_adapter.py compares every prompt);
+* `uvicorn_protocol`: uvicorn's httptools protocol with limits on the header
+  section, and a transport that sends one turn's writes as one
+  (tests/test_internals_uvicorn_protocol.py pins uvicorn's `data_received`).
+
+The speed-ups (the executor, the adapter and the coalescing transport) are on
+by default and all turned off by `MLFLOW_DSPY_SPEEDUPS=0` (the gateway's
+`--no-speedups` sets it for its workers): the server then runs DSPy's and
+uvicorn's own code paths, slower, with the same answers. The header limits are
+not a speed-up but a defence, and stay on either way.
+
+This room imports nothing of mlflow_dspy: the runtime and the gateway above it
+choose what to use through `speedups_enabled()`.
+"""
+
+from __future__ import annotations
+
+import os
+
+SPEEDUPS_ENV = "MLFLOW_DSPY_SPEEDUPS"
+
+
+def speedups_enabled() -> bool:
+    """Whether the speed-ups built on private internals are on (the default); read at each use."""
+    return os.environ.get(SPEEDUPS_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
