@@ -83,6 +83,45 @@ async def closed_loop(url: str, body: dict | list, concurrency: int, seconds: fl
 
 
 @dataclass
+class Sample:
+    """One request of `recorded_loop`: when it was sent, how long it took, how it ended, which version answered."""
+
+    sent: float  # time.perf_counter() when sent
+    latency_s: float
+    status: str  # "200", another status, or the transport failure's name
+    fingerprint: str | None  # the answer's system_fingerprint (200s only)
+
+
+async def recorded_loop(url: str, body: dict, concurrency: int, stop: asyncio.Event, samples: list[Sample],
+                        timeout: float = 60.0) -> None:
+    """Closed-loop load like `closed_loop`, until `stop` is set, each request appended to `samples` as it ends.
+
+    The caller reads `samples` while the load runs (to see which version answers) and cuts them into
+    windows by the time they were sent. The chat completion's JSON is read for its `system_fingerprint`.
+    """
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+
+        async def client_loop() -> None:
+            while not stop.is_set():
+                started = time.perf_counter()
+                fingerprint = None
+                try:
+                    async with session.post(url, json=body) as response:
+                        payload = await response.read()
+                        status = str(response.status)
+                    if status == "200":
+                        fingerprint = json.loads(payload).get("system_fingerprint")
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    status = type(exc).__name__
+                except ValueError:  # a 200 whose body is not JSON: counted as a failure
+                    status = "bad-json"
+                samples.append(Sample(started, time.perf_counter() - started, status, fingerprint))
+
+        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+
+
+@dataclass
 class StreamTiming:
     first_token_s: float  # to the first content or reasoning delta
     total_s: float

@@ -5,8 +5,14 @@ app, (c) the gateway's /v1/chat/completions and /invocations with 1 and 2
 workers. Closed-loop load at each concurrency; figures as ratios to (a) and
 to the physical limit (concurrency / LM latency). Then: the gateway's overhead
 at one client, the embedded model through the gateway against raw
-llama-cpp, `log` wall time and cold starts. Writes bench/results/latest.json
-and latest.png.
+llama-cpp, `log` wall time and cold starts. And three targets of their own, each
+a ratio or difference taken within this run: three models in one gateway against
+one (bench/multi_model.py), the champion alias moving under load
+(bench/hot_reload.py), and streaming time to first text against the LM's own
+(bench/stream_ttft.py). Writes bench/results/latest.json and latest.png.
+
+`--only multi,reload,stream` runs just those three (a few minutes); a run with
+`--only` writes bench/results/partial.json, leaving the full run's figures alone.
 """
 
 from __future__ import annotations
@@ -17,7 +23,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,26 +31,18 @@ from pathlib import Path
 import httpx
 
 from bench.embedded import RawLlama
+from bench.hot_reload import hot_reload_figures
+from bench.launch import CHAT, QUESTION, gateway_args, log_model, start
 from bench.loadgen import closed_loop, timed_stream
+from bench.multi_model import multi_model_figures
 from bench.processes import ROOT, VENV_BIN, child_env, free_port, running
 from bench.steal import measured
+from bench.stream_ttft import stream_ttft_figures
 
-QUESTION = "What is the capital of France?"
-CHAT = {"messages": [{"role": "user", "content": QUESTION}]}
 RESULTS = ROOT / "bench" / "results"
 NOISY_STEAL = 10  # percent of CPU time taken by the hypervisor: above it, a figure is flagged
-
-
-def log_model(env: dict[str, str], *extra: str) -> tuple[str, float]:
-    started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "mlflow_dspy.py", "log", "--program", "qa", "--no-eval", "--json", *extra],
-                          cwd=ROOT, env=env, capture_output=True, text=True, check=True)
-    return json.loads(proc.stdout.strip().splitlines()[-1])["model_uri"], time.perf_counter() - started
-
-
-def gateway_args(model_uri: str, *extra: str) -> list[str]:
-    return [sys.executable, "mlflow_dspy.py", "gateway", "-m", model_uri, "--no-traces", "--max-in-flight", "1024",
-            "--port", "{port}", *extra]
+SERVER_KEYS = ("a", "b", "c1", "c1i", "c2")
+SECTION_KEYS = ("multi", "reload", "stream", "embedded")
 
 
 def servers(model_uri: str) -> list[dict]:
@@ -63,14 +60,6 @@ def servers(model_uri: str) -> list[dict]:
         {"name": "gateway /v1/chat/completions, 2 workers", "key": "c2", "ready": "/ready",
          "route": "/v1/chat/completions", "body": CHAT, "args": gateway_args(model_uri, "--workers", "2")},
     ]
-
-
-def start(args: list[str], ready: str, env: dict[str, str], log: Path):
-    """`running(...)` on a fresh port; returns (context manager, base URL, start time)."""
-    port = free_port()
-    command = [part.replace("{port}", str(port)) for part in args]
-    base = f"http://127.0.0.1:{port}"
-    return running(command, base + ready, env, log, timeout=300), base, time.perf_counter()
 
 
 def load_levels(url: str, body: dict, levels: list[int], seconds: float, name: str) -> list[dict]:
@@ -137,12 +126,26 @@ def embedded_figures(env: dict[str, str], tmp: Path, runs: int = 5) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--latency", type=float, default=0.2, help="stub LM latency, seconds")
-    parser.add_argument("--seconds", type=float, default=10.0, help="load per concurrency level")
+    parser.add_argument("--seconds", type=float, default=10.0,
+                        help="load per concurrency level; also each side of the multi-model and hot-reload figures")
     parser.add_argument("--levels", default="1,16,64,256")
-    parser.add_argument("--only", default=None, help="comma-separated server keys (a,b,c1,c1i,c2)")
+    parser.add_argument("--only", default=None,
+                        help=f"comma-separated keys: servers ({','.join(SERVER_KEYS)}) and sections "
+                             f"({','.join(SECTION_KEYS)}); e.g. multi,reload,stream for the three targets alone")
     parser.add_argument("--no-embedded", action="store_true", help="skip the embedded-model figures")
+    parser.add_argument("--token-delay", type=float, default=0.02,
+                        help="the streaming section's stub: seconds between streamed chunks after the first")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results JSON (default: bench/results/latest.json; with --only, partial.json); "
+                             "the plot goes beside it")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
+    only = set(args.only.split(",")) if args.only else None
+    if only and only - {*SERVER_KEYS, *SECTION_KEYS}:
+        parser.error(f"--only: unknown keys {sorted(only - {*SERVER_KEYS, *SECTION_KEYS})}")
+
+    def wanted(key: str) -> bool:
+        return only is None or key in only
 
     results: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, "
                      f"{os.cpu_count()} cores, Python {platform.python_version()}", "lm_latency_s": args.latency,
@@ -158,7 +161,7 @@ def main() -> None:
             model_uri, log_seconds = log_model(base_env)
             results["log_wall_s"] = round(log_seconds, 1)
             for server in servers(model_uri):
-                if args.only and server["key"] not in args.only.split(","):
+                if not wanted(server["key"]):
                     continue
                 context, base, began = start(server["args"], server["ready"], base_env,
                                              tmp_path / f"{server['key']}.log")
@@ -170,16 +173,66 @@ def main() -> None:
                         entry["one_client"] = overhead_at_one_client(stub, base, 2 * args.seconds)
                         print(f"gateway overhead at one client: {entry['one_client']}", flush=True)
                 results["servers"][server["key"]] = entry
-            if not args.no_embedded:
+            if wanted("multi"):
+                results["multi_model"] = multi_model_figures(base_env, tmp_path, args.seconds)
+                print(f"multi-model: {results['multi_model']}", flush=True)
+            if wanted("reload"):
+                results["hot_reload"] = hot_reload_figures(base_env, tmp_path, args.seconds)
+                print(f"hot reload: {results['hot_reload']}", flush=True)
+            if wanted("stream"):
+                results["stream_first_text"] = stream_ttft_figures(base_env, tmp_path, model_uri, stub,
+                                                                   args.token_delay)
+                print(f"streaming time to first text: {results['stream_first_text']}", flush=True)
+            if wanted("embedded") and not args.no_embedded:
                 results["embedded"] = embedded_figures(base_env, tmp_path)
                 print(f"embedded model: {results['embedded']}", flush=True)
     results["cpu_steal_percent"] = steal["percent"]
-    report(results, args.latency)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "latest.json").write_text(json.dumps(results, indent=2))
-    plot(results, RESULTS / "latest.png")
-    print(markdown(results))
-    print(f"wrote {RESULTS / 'latest.json'} and latest.png")
+    out = args.out or RESULTS / ("partial.json" if only else "latest.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    if results["servers"]:
+        report(results, args.latency)
+    print("\n".join(targets(results)))
+    if results["servers"]:
+        plot(results, out.with_suffix(".png"))
+        print(markdown(results))
+    print(f"wrote {out}" + (f" and {out.with_suffix('.png').name}" if results["servers"] else ""))
+
+
+def _signed(ms: float | None) -> str:
+    return "n/a" if ms is None else f"{ms:+.2f} ms"
+
+
+def _verdict(section: dict) -> str:
+    return "met" if section["pass"] else "MISSED"
+
+
+def targets(results: dict) -> list[str]:
+    """One line per target section in `results` (multi-model, hot reload, streaming): figures, target, verdict."""
+    lines = []
+    if multi := results.get("multi_model"):
+        lines.append(f"multi-model, {multi['concurrency']} clients asking {multi['asked']} of {len(multi['served'])}: "
+                     f"{multi['multi']['throughput']} rps vs {multi['single']['throughput']} rps served alone = "
+                     f"{multi['ratio']}x (p99 {multi['multi']['p99_ms']} vs {multi['single']['p99_ms']} ms, errors "
+                     f"{multi['multi']['errors']}; steal {multi['cpu_steal_percent']}%). Target: {multi['target']}: "
+                     f"{_verdict(multi)}")
+    if reload := results.get("hot_reload"):
+        base, during = reload["baseline"], reload["reload"]
+        switches = ", ".join(f"{s['to']} after {s['first_answer_after_s']} s" for s in reload["switches"])
+        lines.append(f"hot reload, {reload['concurrency']} clients: {during['failed']} failed of {during['requests']} "
+                     f"in {during['windows']} reload windows ({during['seconds']} s); p99 {during['p99_ms']} vs "
+                     f"{base['p99_ms']} ms baseline = {reload['p99_ratio']}x; answers switched to {switches}; steal "
+                     f"{reload['cpu_steal_percent']}%. Target: {reload['target']}: {_verdict(reload)}")
+    if stream := results.get("stream_first_text"):
+        lines.append(f"streaming time to first text, one client: gateway p50 {stream['gateway_first_text_p50_ms']} ms"
+                     f" vs the LM's first token {stream['lm_first_token_p50_ms']} ms: "
+                     f"{_signed(stream['difference_ms'])}"
+                     f" (of which waiting for the field marker {stream['marker_wait_ms']} ms, the gateway's own "
+                     f"{stream['gateway_own_ms']} ms; chunks {stream['token_delay_s'] * 1000:g} ms apart, "
+                     f"{stream['requests_each']} calls a side, steal {stream['cpu_steal_percent']}%). "
+                     f"Target: {stream['target']}: {_verdict(stream)}; "
+                     f"{stream['own_target']}: {'met' if stream['own_pass'] else 'MISSED'}")
+    return lines
 
 
 def _reference(servers: dict) -> dict[int, float]:

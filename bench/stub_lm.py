@@ -17,12 +17,15 @@ Faults, by a marker in the question:
   [drip]     streamed one character every 0.05 s (a slow LM, for time-to-first-text tests)
 or for every request, with `POST /_mode {"mode": "fail500"}` (`"ok"` restores),
 so a test can take the LM down and bring it back. Stop the process for
-"connection refused". `--latency` adds a fixed delay to every answer.
+"connection refused". `--latency` adds a fixed delay to every answer (so a
+streamed answer's first token comes after it); `--token-delay` paces a streamed
+answer's later chunks, one every so many seconds (0, the default: all at once),
+and `POST /_pace {"token_delay": SECONDS}` changes it on a running stub.
 
 `GET /_requests` lists the last requests seen (body and Authorization header);
 `GET /_stats` counts them, and the streamed answers still being sent.
 
-Run: python -m bench.stub_lm --port N [--latency SECONDS]
+Run: python -m bench.stub_lm --port N [--latency SECONDS] [--token-delay SECONDS]
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ _OUTPUT = re.compile(r"\d+\. `(\w+)`")
 
 class State:
     latency = 0.0
+    token_delay = 0.0  # seconds between a streamed answer's chunks (after the first)
     mode = "ok"
     total = 0
     abandoned = 0  # hung requests whose caller went away
@@ -113,6 +117,8 @@ async def _stream(body: dict, content: str, fault: str | None):
                 return  # stops midway: no finish_reason, no [DONE]
             if fault in ("trickle", "drip"):
                 await asyncio.sleep(0.5 if fault == "trickle" else 0.05)
+            elif State.token_delay and i:
+                await asyncio.sleep(State.token_delay)
             yield _chunk(body, {"content": piece})
         yield _chunk(body, {}, finish="stop")
         usage = {"prompt_tokens": 10, "completion_tokens": len(pieces), "total_tokens": 10 + len(pieces)}
@@ -179,11 +185,20 @@ async def set_mode(request: Request) -> JSONResponse:
     return JSONResponse({"mode": mode})
 
 
+async def set_pace(request: Request) -> JSONResponse:
+    delay = (await request.json()).get("token_delay", 0.0)
+    if not isinstance(delay, int | float) or delay < 0:
+        return JSONResponse({"error": f"token_delay must be seconds >= 0, not {delay!r}"}, status_code=400)
+    State.token_delay = float(delay)
+    return JSONResponse({"token_delay": State.token_delay})
+
+
 app = Starlette(routes=[
     Route("/v1/chat/completions", chat, methods=["POST"]),
     Route("/_requests", requests_seen),
     Route("/_stats", stats),
     Route("/_mode", set_mode, methods=["POST"]),
+    Route("/_pace", set_pace, methods=["POST"]),
 ])
 
 
@@ -191,8 +206,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--latency", type=float, default=0.0, help="seconds to wait before every answer")
+    parser.add_argument("--token-delay", type=float, default=0.0,
+                        help="seconds between a streamed answer's chunks (after the first)")
     args = parser.parse_args()
     State.latency = args.latency
+    State.token_delay = args.token_delay
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
 
 

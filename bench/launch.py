@@ -1,0 +1,45 @@
+"""What every part of the bench starts from: the `qa` program logged, and a server started on a fresh port."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+from bench.processes import ROOT, free_port, running
+
+QUESTION = "What is the capital of France?"
+CHAT = {"messages": [{"role": "user", "content": QUESTION}]}
+
+
+def log_program(env: dict[str, str], *extra: str) -> tuple[dict, float]:
+    """`mlflow-dspy log qa --no-eval`: its JSON line (run_id, model_uri, registered_model, version) and wall time."""
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "mlflow_dspy.py", "log", "--program", "qa", "--no-eval", "--json", *extra],
+                          cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1]), time.perf_counter() - started
+
+
+def log_model(env: dict[str, str], *extra: str) -> tuple[str, float]:
+    logged, seconds = log_program(env, *extra)
+    return logged["model_uri"], seconds
+
+
+def gateway_args(model_uri: str | list[str], *extra: str) -> list[str]:
+    """The gateway's command line serving one model URI, or several (`-m` each)."""
+    uris = [model_uri] if isinstance(model_uri, str) else model_uri
+    models = [part for uri in uris for part in ("-m", uri)]
+    return [sys.executable, "mlflow_dspy.py", "gateway", *models, "--no-traces", "--max-in-flight", "1024",
+            "--port", "{port}", *extra]
+
+
+def start(args: list[str], ready: str, env: dict[str, str],
+          log: Path) -> tuple[AbstractContextManager[subprocess.Popen], str, float]:
+    """`running(...)` on a fresh port; returns (context manager, base URL, start time)."""
+    port = free_port()
+    command = [part.replace("{port}", str(port)) for part in args]
+    base = f"http://127.0.0.1:{port}"
+    return running(command, base + ready, env, log, timeout=300), base, time.perf_counter()
