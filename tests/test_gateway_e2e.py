@@ -239,7 +239,8 @@ def test_embedded_requests_leave_traces_with_token_usage(client, embedded_store)
 
     import mlflow
 
-    client.chat.completions.create(model="dspy-qa", messages=[{"role": "user", "content": "Traced question?"}])
+    reply = client.chat.completions.with_raw_response.create(
+        model="dspy-qa", messages=[{"role": "user", "content": "Traced question?"}], user="traced-user")
     mlflow.set_tracking_uri(f"sqlite:///{embedded_store / 'mlflow.db'}")
     experiment = mlflow.get_experiment_by_name("mlflow-dspy")
     for _ in range(100):
@@ -252,3 +253,8 @@ def test_embedded_requests_leave_traces_with_token_usage(client, embedded_store)
     assert traced, "no finished trace for the request"
     assert traced[0].info.token_usage["input_tokens"] > 50
     assert "CHAT_MODEL" in {span.span_type for span in traced[0].data.spans}
+    # The trace names who asked, what answered, and the request (its x-request-id).
+    tags = traced[0].info.tags
+    assert tags["mlflow_dspy.model"] == "dspy-qa" and tags["mlflow_dspy.session"] == "traced-user"
+    assert tags["mlflow_dspy.version"] == reply.parse().system_fingerprint
+    assert tags["mlflow_dspy.request_id"] == reply.headers["x-request-id"]

@@ -124,3 +124,53 @@ def test_a_split_sends_about_one_request_in_ten_to_the_challenger_and_users_stic
         session = {fingerprint(base, ASK, **{"x-session-id": "s-7"}) for _ in range(20)}
         assert len(sticky) == 1 and len(session) == 1
         assert json.loads(httpx.get(f"{base}/ready").text)["models"]
+
+
+def _traces(env: dict, filter_string: str, expected: int) -> list:
+    """The gateway's traces matching `filter_string`, once `expected` of them have been written."""
+    import mlflow
+
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    experiment = mlflow.get_experiment_by_name("mlflow-dspy")
+    for _ in range(150):
+        found = mlflow.search_traces(locations=[experiment.experiment_id], filter_string=filter_string,
+                                     return_type="list")
+        if len(found) >= expected:
+            return found
+        time.sleep(0.2)
+    return found
+
+
+def test_each_trace_is_tagged_with_the_model_version_variant_session_and_request(registry):
+    tmp, env = registry
+    with gateway(["--split", "dspy-qa=champion:90,challenger:10", "--reload-interval", "0"], tmp, **env) as base:
+        with httpx.Client(timeout=60) as http:
+            answered = {}  # request id -> (fingerprint, session)
+            index = 0
+            # 30 users, and as many more as it takes for one to land on the challenger (10%).
+            while index < 30 or "dspy-qa/2" not in {version for version, _ in answered.values()}:
+                user, index = f"user-{index}", index + 1
+                reply = http.post(f"{base}/v1/chat/completions", json={**ASK, "user": user})
+                answered[reply.headers["x-request-id"]] = (reply.json()["system_fingerprint"], user)
+                assert index < 300
+            with http.stream("POST", f"{base}/v1/chat/completions", json={**ASK, "stream": True},
+                             headers={"x-session-id": "s-stream"}) as streamed:
+                streamed.read()
+            answered[streamed.headers["x-request-id"]] = (streamed.headers["x-mlflow-dspy-model-version"], "s-stream")
+            predicted = http.post(f"{base}/predict", json={"question": "What is 2 + 2?"})
+            assert predicted.status_code == 200
+        # Read while the gateway runs: it writes its traces in the background.
+        traces = _traces(env, "tags.`mlflow_dspy.model` = 'dspy-qa'", len(answered))
+        by_request = {t.info.tags["mlflow_dspy.request_id"]: t.info.tags for t in traces}
+        assert set(answered) <= set(by_request)
+        variant_of = {"dspy-qa/1": "champion", "dspy-qa/2": "challenger"}
+        for request_id, (version, session) in answered.items():
+            tags = by_request[request_id]
+            assert tags["mlflow_dspy.version"] == version
+            assert tags["mlflow_dspy.variant"] == variant_of[version]
+            assert tags["mlflow_dspy.session"] == session
+            assert tags["mlflow_dspy.route"] == "/v1/chat/completions"
+        challengers = [r for r, (version, _) in answered.items() if version == "dspy-qa/2"]
+        searched = _traces(env, "tags.`mlflow_dspy.variant` = 'challenger'", len(challengers))
+        assert set(challengers) <= {t.info.tags["mlflow_dspy.request_id"] for t in searched}
+        assert _traces(env, "tags.`mlflow_dspy.route` = '/predict'", 1)  # /predict is traced and tagged too

@@ -42,7 +42,7 @@ from mlflow_dspy.gateway.openapi_docs import (
 from mlflow_dspy.gateway.predict_service import PredictService
 from mlflow_dspy.gateway.protocol import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList, PredictResponse
 from mlflow_dspy.gateway.responses import ResponseObject, ResponsesRequest, ResponsesService
-from mlflow_dspy.gateway.served import HostSlot, follow_aliases, make_router
+from mlflow_dspy.gateway.served import HostSlot, follow_aliases, make_router, trace_tags
 from mlflow_dspy.internals import SPEEDUPS_ENV, dspy_executor
 from mlflow_dspy.lm_engine.http1 import close_pool
 from mlflow_dspy.runtime.host import ProgramHost
@@ -86,9 +86,14 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> Gatewa
     app.state.slot = slot
 
     def program_for(request: Request, model: str | None = None, user: str | None = None) -> ProgramHost:
-        """The program a request names; a sticky `user` or x-session-id keeps a split's variant."""
+        """The program a request names; a sticky `user` or x-session-id keeps a split's variant.
+        With traces on, what its trace is tagged with goes in the request's info (`trace`)."""
         sticky = user or request.headers.get("x-session-id")
-        return slot.get(model, sticky, request.scope["mlflow_dspy"])
+        info = request.scope["mlflow_dspy"]
+        host = slot.get(model, sticky, info)
+        if config.traces:
+            info["trace"] = trace_tags(info, request.url.path, sticky)
+        return host
 
     # -- the routes that run a program (served by the middleware) ------------------------------
     @app.post("/v1/chat/completions", response_model=ChatCompletion, openapi_extra=CHAT_REQUEST_BODY,

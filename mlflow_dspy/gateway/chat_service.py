@@ -68,8 +68,8 @@ class ChatService:
                                   param="messages", code="too_many_characters")
 
     # -- running -----------------------------------------------------------------
-    async def answer(self, host: ProgramHost, conversation: Conversation, lm_settings: dict
-                     ) -> tuple[dspy.Prediction, FinishReason]:
+    async def answer(self, host: ProgramHost, conversation: Conversation, lm_settings: dict,
+                     trace: dict | None = None) -> tuple[dspy.Prediction, FinishReason]:
         """The program's prediction and OpenAI's finish_reason for it.
 
         An answer cut short by the client's own limit is what OpenAI gives then: a
@@ -78,7 +78,7 @@ class ChatService:
         """
         try:
             async with asyncio.timeout(self.timeout):
-                prediction = await host.answer(conversation, lm_settings)
+                prediction = await host.answer(conversation, lm_settings, trace)
         except GatewayError:
             raise
         except Exception as exc:
@@ -124,7 +124,7 @@ class ChatService:
         if body.stream and prompt is None:
             stream = self._stream(host, conversation, settings, include_usage, info, json_fields)
             return EventSourceResponse(stream, sep="\n", ping=15)
-        prediction, finish = await self.answer(host, conversation, settings)
+        prediction, finish = await self.answer(host, conversation, settings, info.get("trace"))
         usage = record_usage(info, prediction)
         reasoning = host.reasoning(prediction)
         if prompt is not None:
@@ -166,7 +166,7 @@ class ChatService:
         yield chunk(DeltaBody(role="assistant", content=""))
         prediction, sent = None, {"content": "", "reasoning": ""}
         try:
-            async for item in within(host.stream(conversation, lm_settings), deadline(self.timeout)):
+            async for item in within(host.stream(conversation, lm_settings, info.get("trace")), deadline(self.timeout)):
                 if isinstance(item, Delta):
                     if item.field != "content" or json_fields is None:  # a JSON answer is whole only at the end
                         yield piece(item.field, item.text)

@@ -172,3 +172,14 @@ def parse_body(model: type[Body], raw: bytes) -> Body:
         except ValidationError as exc:
             errors = exc.errors()
     raise invalid_body(errors)
+
+
+def json_object(raw: bytes, what: str = "a JSON object") -> dict:
+    """A raw body read as a JSON object; a 400 saying what it should have been."""
+    try:
+        payload = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise invalid_request("the request body is not valid JSON") from None
+    if not isinstance(payload, dict):
+        raise invalid_request(f"the request body must be {what}")
+    return payload

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from starlette.responses import JSONResponse, Response
 
 from mlflow_dspy.gateway.chat_service import ChatService
-from mlflow_dspy.gateway.errors import GatewayError, from_program_failure, invalid_body, invalid_request
+from mlflow_dspy.gateway.errors import GatewayError, from_program_failure, invalid_body, invalid_request, json_object
 from mlflow_dspy.gateway.protocol import ChatCompletionRequest
 from mlflow_dspy.gateway.running import record_usage, run_within
 from mlflow_dspy.runtime.host import ProgramHost
@@ -25,7 +25,8 @@ class InvocationsService:
         try:
             messages, settings = invocation_messages(raw, host.name)
             conversation = self.chat.validate(messages)
-            prediction = await run_within(host.answer(conversation, settings), self.chat.timeout, settings)
+            prediction = await run_within(host.answer(conversation, settings, info.get("trace")), self.chat.timeout,
+                                          settings)
         except GatewayError as error:
             return mlflow_style(error)
         except Exception as exc:
@@ -44,12 +45,7 @@ def invocation_messages(raw: bytes, served_name: str) -> tuple[list[dict], dict[
     field like /v1/chat/completions. Like the DSPy flavor, a DataFrame-shaped
     input answers its first row only.
     """
-    try:
-        payload = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise invalid_request("the request body is not valid JSON") from None
-    if not isinstance(payload, dict):
-        raise invalid_request("the request body must be a JSON object")
+    payload = json_object(raw)
     if "messages" in payload:
         if isinstance(payload["messages"], list) and all(isinstance(m, dict) for m in payload["messages"]):
             _mlflow_schema(payload["messages"])  # MLflow's own message first, as `mlflow models serve` words it

@@ -120,7 +120,7 @@ class GatewayMiddleware:
             return
         started = time.perf_counter()
         request_id = f"req-{uuid.uuid4().hex[:16]}"
-        info = {"status": 500, "usage": None}
+        info = {"status": 500, "usage": None, "request_id": request_id}
         scope["mlflow_dspy"] = info  # handlers put token usage here
         path = scope.get("path", "")
 

@@ -7,7 +7,6 @@ wrong. A program with one text input also takes the tutorial's `{"text": ...}`.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import AsyncIterator
@@ -19,7 +18,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.responses import Response
 
 from mlflow_dspy.gateway.chat_service import ChatService
-from mlflow_dspy.gateway.errors import from_program_failure, invalid_body, invalid_request
+from mlflow_dspy.gateway.errors import from_program_failure, invalid_body, invalid_request, json_object
 from mlflow_dspy.gateway.protocol import PredictResponse, PredictShape, Question
 from mlflow_dspy.gateway.running import deadline, record_usage, run_within, sse
 from mlflow_dspy.lm_engine.deadline import within
@@ -40,7 +39,7 @@ class PredictService:
 
     async def create(self, host: ProgramHost, raw: bytes, info: dict) -> Response:
         inputs = self.inputs(raw, self.shape(host))
-        prediction = await run_within(host.predict(inputs), self.chat.timeout)
+        prediction = await run_within(host.predict(inputs, info.get("trace")), self.chat.timeout)
         record_usage(info, prediction)
         body = PredictResponse(data=jsonable_encoder(prediction.toDict()))
         return Response(body.model_dump_json(), media_type="application/json")
@@ -51,7 +50,7 @@ class PredictService:
 
     async def _events(self, host: ProgramHost, inputs: dict[str, Any], info: dict) -> AsyncIterator[dict]:
         try:
-            async for item in within(host.predict_stream(inputs), deadline(self.chat.timeout)):
+            async for item in within(host.predict_stream(inputs, info.get("trace")), deadline(self.chat.timeout)):
                 if isinstance(item, Delta):
                     info.setdefault("first_token", time.perf_counter())
                     yield sse({"chunk": {"field": item.field, "text": item.text}})
@@ -64,12 +63,7 @@ class PredictService:
 
     def inputs(self, raw: bytes, shape: PredictShape) -> dict[str, Any]:
         """The program's keyword arguments from a /predict body, typed; a 400 names the field that is wrong."""
-        try:
-            payload = json.loads(raw)
-        except (ValueError, RecursionError):
-            raise invalid_request("the request body is not valid JSON") from None
-        if not isinstance(payload, dict):
-            raise invalid_request("the request body must be a JSON object of the program's input fields")
+        payload = json_object(raw, "a JSON object of the program's input fields")
         if shape.text_field and "text" in payload and shape.text_field not in payload:
             try:
                 question = Question.model_validate(payload)

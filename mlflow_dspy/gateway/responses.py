@@ -380,7 +380,7 @@ class ResponsesService:
         if body.stream:
             return EventSourceResponse(self._stream(host, conversation, settings, response, info), sep="\n",
                                        ping=15)
-        prediction, finish = await self.chat.answer(host, conversation, settings)
+        prediction, finish = await self.chat.answer(host, conversation, settings, info.get("trace"))
         usage = record_usage(info, prediction)
         incomplete = finish == "length"
         response.finish(_output(host.reasoning(prediction), host.content(prediction), incomplete), usage, incomplete)
@@ -393,7 +393,8 @@ class ResponsesService:
         yield events.send("response.in_progress", response=response.model_dump())
         prediction, incomplete = None, False
         try:
-            async for item in within(host.stream(conversation, settings), deadline(self.chat.timeout)):
+            async for item in within(host.stream(conversation, settings, info.get("trace")),
+                                    deadline(self.chat.timeout)):
                 if isinstance(item, Delta):
                     info.setdefault("first_token", time.perf_counter())
                     for event in events.delta(item.field, item.text):

@@ -149,6 +149,27 @@ def smoke_test(host: ProgramHost) -> None:
         host.program(messages=host.example)
 
 
+# A client's own session id or user is kept in a trace's tags up to this length.
+MAX_SESSION_CHARACTERS = 256
+
+
+def trace_tags(info: dict, route: str, session: str | None) -> dict:
+    """What a request's MLflow trace is tagged with (mlflow.tracing.context's arguments): the name it asked
+    for, the version that answered, the split's variant, the route, its session (or user) and request id.
+
+    Searchable, e.g. `mlflow.search_traces(filter_string="tags.`mlflow_dspy.variant` = 'challenger'")`;
+    the session is also MLflow's own (`mlflow.trace.session`), which the UI groups by.
+    """
+    tags = {"mlflow_dspy.model": info["model"], "mlflow_dspy.version": info["fingerprint"],
+            "mlflow_dspy.route": route, "mlflow_dspy.request_id": info["request_id"]}
+    if info.get("variant"):
+        tags["mlflow_dspy.variant"] = info["variant"]
+    trace: dict = {"tags": tags}
+    if session:
+        tags["mlflow_dspy.session"] = trace["session_id"] = session[:MAX_SESSION_CHARACTERS]
+    return trace
+
+
 def said_of_failed_load(exc: Exception) -> str:
     """What a client may be told of a model that failed to load: nothing, unless its files were tampered with."""
     from mlflow_dspy.packaging.integrity import IntegrityError

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
-from contextlib import aclosing, contextmanager
+from contextlib import aclosing, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,21 +96,24 @@ class ProgramHost:
 
     # -- running ---------------------------------------------------------------
     @contextmanager
-    def context(self, lm_settings: dict[str, Any] | None = None):
+    def context(self, lm_settings: dict[str, Any] | None = None, trace: dict[str, Any] | None = None):
+        """DSPy's settings for one call; with `trace`, what its MLflow trace is tagged with
+        (`mlflow.tracing.context`: its `tags`, `session_id`, ...), stored with the trace in one write."""
         lm = self.lm.copy(**lm_settings) if lm_settings else self.lm
         # No call history in a server: it would keep every conversation in
         # memory (up to 10,000 per LM) for nobody to read.
-        with dspy.context(lm=lm, adapter=self.adapter, track_usage=True, disable_history=True):
+        with dspy.context(lm=lm, adapter=self.adapter, track_usage=True, disable_history=True), \
+                (_trace_context(trace) if trace else nullcontext()):
             yield
 
-    async def answer(self, messages: list[dict] | Conversation, lm_settings: dict[str, Any] | None = None
-                     ) -> dspy.Prediction:
-        with self.context(lm_settings):
+    async def answer(self, messages: list[dict] | Conversation, lm_settings: dict[str, Any] | None = None,
+                     trace: dict[str, Any] | None = None) -> dspy.Prediction:
+        with self.context(lm_settings, trace):
             return await self.program.acall(messages=messages)
 
-    async def predict(self, inputs: dict[str, Any]) -> dspy.Prediction:
+    async def predict(self, inputs: dict[str, Any], trace: dict[str, Any] | None = None) -> dspy.Prediction:
         """The typed /predict: the inner program, called with its input fields."""
-        with self.context():
+        with self.context(None, trace):
             return await call_async(self.program.program, inputs)
 
     def content(self, prediction: dspy.Prediction) -> str:
@@ -125,29 +128,31 @@ class ProgramHost:
         return as_text(value) if value is not None else None
 
     async def stream(
-        self, messages: list[dict] | Conversation, lm_settings: dict[str, Any] | None = None
+        self, messages: list[dict] | Conversation, lm_settings: dict[str, Any] | None = None,
+        trace: dict[str, Any] | None = None,
     ) -> AsyncIterator[Delta | dspy.Prediction]:
         """Yield answer and reasoning text as the LM writes it, then the final Prediction."""
         program, kwargs = self.program.prepare(messages)
         fields = {"reasoning": "reasoning"}
         if self.program.streams_answer:
             fields[self.program.answer_fields[0]] = "content"
-        async for item in self._stream(program, kwargs, lm_settings, fields):
+        async for item in self._stream(program, kwargs, lm_settings, fields, trace):
             if isinstance(item, dspy.Prediction) and not self.program.streams_answer:
                 # Typed or composite answers are whole only at the end.
                 yield Delta("content", self.content(item))
             yield item
 
-    async def predict_stream(self, inputs: dict[str, Any]) -> AsyncIterator[Delta | dspy.Prediction]:
+    async def predict_stream(self, inputs: dict[str, Any], trace: dict[str, Any] | None = None
+                             ) -> AsyncIterator[Delta | dspy.Prediction]:
         """The tutorial's /predict/stream: every output field, by its own name."""
         program = self.program.program
         fields = {name: name for name in _target(program, self.program.answer_fields[0]).signature.output_fields}
-        async for item in self._stream(program, inputs, None, fields):
+        async for item in self._stream(program, inputs, None, fields, trace):
             yield item
 
     async def _stream(
         self, program: dspy.Module, kwargs: dict[str, Any], lm_settings: dict[str, Any] | None,
-        fields: dict[str, str],
+        fields: dict[str, str], trace: dict[str, Any] | None = None,
     ) -> AsyncIterator[Delta | dspy.Prediction]:
         target = id(_target(program, self.program.answer_fields[0]))
         decoder = FieldStream(list(fields))  # fresh per request: it keeps state
@@ -163,7 +168,7 @@ class ProgramHost:
         final, call_id = None, None
         # aclosing: the streamify generator is always finished in this task,
         # even when the client goes away (its task group must exit where it began).
-        with self.context(lm_settings):
+        with self.context(lm_settings, trace):
             async with aclosing(streaming(**kwargs)) as values:
                 async for value in values:
                     if isinstance(value, dspy.Prediction):
@@ -182,6 +187,12 @@ class ProgramHost:
                 if rest:
                     yield Delta(label, rest)
             yield final
+
+
+def _trace_context(trace: dict[str, Any]):
+    import mlflow.tracing
+
+    return mlflow.tracing.context(**trace)
 
 
 def _target(program: dspy.Module, answer_field: str) -> dspy.Predict:
