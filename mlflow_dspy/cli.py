@@ -67,6 +67,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         raise UsageProblem("gateway: give -m MODEL_URI (one or more, or --split) or --program PROGRAM, not both")
     if args.name and len(args.model_uri or []) > 1:
         raise UsageProblem("gateway: --name names one model; with several, each is served under its registry name")
+    if not 0 <= args.trace_sample <= 1:
+        raise UsageProblem(f"gateway: --trace-sample is a fraction from 0 to 1, not {args.trace_sample}")
     from mlflow_dspy.gateway.router import Split
 
     for text in args.split or []:
@@ -301,6 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="seconds a program may run before 504 (default: %(default)s)")
     gateway.add_argument("--no-traces", action="store_true",
                          help="do not record an MLflow trace per request (default: record them)")
+    gateway.add_argument("--trace-sample", type=float, default=DEFAULTS.trace_sample, metavar="RATE",
+                         help="the fraction of requests traced, 0 to 1 (default: %(default)s)")
+    gateway.add_argument("--trace-flush-timeout", type=float, default=DEFAULTS.trace_flush_timeout,
+                         help="seconds a graceful stop gives the traces still queued; what is left then is counted "
+                              "as dropped (default: %(default)s)")
     gateway.add_argument("--no-speedups", action="store_true",
                          help="run DSPy's and uvicorn's own code paths instead of the speed-ups built on their "
                               "internals (mlflow_dspy/internals; same answers, slower)")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -42,7 +43,8 @@ from mlflow_dspy.gateway.openapi_docs import (
 from mlflow_dspy.gateway.predict_service import PredictService
 from mlflow_dspy.gateway.protocol import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList, PredictResponse
 from mlflow_dspy.gateway.responses import ResponseObject, ResponsesRequest, ResponsesService
-from mlflow_dspy.gateway.served import HostSlot, follow_aliases, make_router, trace_tags
+from mlflow_dspy.gateway.served import HostSlot, follow_aliases, make_router, start_trace_export, trace_record
+from mlflow_dspy.gateway.trace_export import TraceExporter
 from mlflow_dspy.internals import SPEEDUPS_ENV, dspy_executor
 from mlflow_dspy.lm_engine.http1 import close_pool
 from mlflow_dspy.runtime.host import ProgramHost
@@ -58,6 +60,7 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> Gatewa
     if host is not None:
         router.add_host(host)
         slot.loaded = True
+    exporter: list[TraceExporter | None] = [None]  # started with the app, by its lifespan
     chat = ChatService(config)
     responses_service, invocations_service = ResponsesService(chat), InvocationsService(chat)
     predict_service = PredictService(chat)
@@ -72,12 +75,15 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> Gatewa
             slot.load_in_background(config, loaded)
             if loaded is not None:
                 await loaded  # uvicorn accepts connections only after the lifespan's start-up
+        exporter[0] = start_trace_export(config, metrics)
         reloading = None
         if config.reload_interval > 0 and any(entry.follows_alias for entry in router.entries):
             reloading = asyncio.create_task(follow_aliases(router, config.reload_interval))
         yield
         if reloading is not None:
             reloading.cancel()
+        if exporter[0] is not None:
+            await asyncio.to_thread(exporter[0].close)  # the queued traces, within --trace-flush-timeout
         await close_pool()  # the LM connection pool of this worker's loop
         worker_exited(os.getpid())  # its live gauges leave /metrics with it
 
@@ -87,13 +93,22 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> Gatewa
 
     def program_for(request: Request, model: str | None = None, user: str | None = None) -> ProgramHost:
         """The program a request names; a sticky `user` or x-session-id keeps a split's variant.
-        With traces on, what its trace is tagged with goes in the request's info (`trace`)."""
+        With traces on (and the request sampled), its trace to record goes in the request's info."""
         sticky = user or request.headers.get("x-session-id")
         info = request.scope["mlflow_dspy"]
         host = slot.get(model, sticky, info)
-        if config.traces:
-            info["trace"] = trace_tags(info, request.url.path, sticky)
+        if exporter[0] is not None:
+            if config.trace_sample >= 1 or random.random() < config.trace_sample:
+                info["trace"] = trace_record(info, request.url.path, sticky)
+                info["trace_id"] = info["trace"].request_id  # the answer's x-mlflow-trace-id header
+            else:
+                exporter[0].sampled_out()
         return host
+
+    def finished(info: dict) -> None:
+        """After the answer has left: its trace goes to the writer."""
+        if exporter[0] is not None and info.get("trace") is not None:
+            exporter[0].submit(info["trace"])
 
     # -- the routes that run a program (served by the middleware) ------------------------------
     @app.post("/v1/chat/completions", response_model=ChatCompletion, openapi_extra=CHAT_REQUEST_BODY,
@@ -128,6 +143,8 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> Gatewa
     @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
     async def prometheus_metrics() -> Response:
         """Counters in the Prometheus text format (every worker's, with several)."""
+        if exporter[0] is not None:
+            exporter[0].refresh_metrics()
         content, media_type = metrics.exposition()
         return Response(content, media_type=media_type)
 
@@ -159,7 +176,7 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> Gatewa
               ("POST", "/predict/stream"): predict_stream}
     assert {path for _, path in direct} == set(MODEL_ROUTES)
     return GatewayMiddleware(app, config.limits(), direct=direct, metrics=metrics, labels=slot.labels,
-                             cors_origins=config.cors_origins)
+                             cors_origins=config.cors_origins, finished=finished)
 
 
 def app_from_env() -> GatewayMiddleware:

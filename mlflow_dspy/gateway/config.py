@@ -52,6 +52,9 @@ class GatewayConfig:
     max_characters: int = 50_000
     request_timeout: float = 120.0
     traces: bool = True
+    trace_sample: float = 1.0  # the fraction of requests traced
+    trace_flush_timeout: float = 10.0  # seconds a graceful stop gives the queued traces
+    trace_queue: int = 2000  # traces waiting for the tracking store; past it they are dropped (and counted)
     speedups: bool = True  # the speed-ups on DSPy's and uvicorn's internals (mlflow_dspy/internals)
     cors_origins: tuple[str, ...] = ()
     api_keys: tuple[str, ...] = field(default_factory=tuple)

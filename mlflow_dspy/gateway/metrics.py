@@ -45,6 +45,9 @@ class GatewayMetrics:
                                ("model",), registry=self.registry)
         self.reload_failures = Counter("mlflow_dspy_reload_failures_total", "Model versions that failed to load "
                                        "or to answer after start-up", ("model",), registry=self.registry)
+        self.traces = Counter("mlflow_dspy_traces_total", "Request traces, by what became of them: queued for the "
+                              "tracking store, written, dropped (the queue was full, the store failed, or the "
+                              "process stopped first) or sampled out", ("outcome",), registry=self.registry)
 
     def observe(self, model: str, version: str, route: str, status: int, seconds: float,
                 first_token: float | None, usage: tuple[int, int] | None) -> None:

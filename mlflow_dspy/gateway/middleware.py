@@ -94,7 +94,7 @@ def lone_surrogate(body: bytes) -> str | None:
 class GatewayMiddleware:
     def __init__(self, app, limits: Limits, direct: dict[tuple[str, str], Endpoint] | None = None,
                  metrics: GatewayMetrics | None = None, labels: Callable[[], tuple[str, str]] | None = None,
-                 cors_origins: tuple[str, ...] = ()) -> None:
+                 cors_origins: tuple[str, ...] = (), finished: Callable[[dict], None] | None = None) -> None:
         self.app = app
         self.limits = limits
         self.metrics = metrics
@@ -102,6 +102,7 @@ class GatewayMiddleware:
         # (method, path) -> the endpoint as an ASGI app, served without FastAPI's stack
         self.direct = {route: _serving(endpoint) for route, endpoint in (direct or {}).items()}
         self.in_flight = 0
+        self.finished = finished  # called with a request's info once its answer has left (its trace goes on)
         self._entry = self._serve
         if cors_origins:
             # Off by default: a browser page elsewhere may call the gateway only when its origin is listed.
@@ -109,7 +110,9 @@ class GatewayMiddleware:
             # same with CORS on or off.
             self._entry = CORSMiddleware(self._serve, allow_origins=list(cors_origins),
                                          allow_methods=["GET", "POST"],
-                                         allow_headers=["Authorization", "Content-Type", "X-Session-Id"])
+                                         allow_headers=["Authorization", "Content-Type", "X-Session-Id"],
+                                         expose_headers=["X-Request-Id", "X-Mlflow-Trace-Id",
+                                                         "X-Mlflow-Dspy-Model-Version"])
 
     async def __call__(self, scope, receive, send) -> None:
         await self._entry(scope, receive, send)
@@ -131,6 +134,8 @@ class GatewayMiddleware:
                 extra = [(b"x-request-id", request_id.encode())]
                 if info.get("fingerprint"):  # which version gave this answer
                     extra.append((b"x-mlflow-dspy-model-version", info["fingerprint"].encode()))
+                if info.get("trace_id"):  # the MLflow trace that holds it
+                    extra.append((b"x-mlflow-trace-id", info["trace_id"].encode()))
                 message["headers"] = [*message["headers"], *extra]
             await send(message)
 
@@ -182,6 +187,8 @@ class GatewayMiddleware:
                     self._release_when_done(still)
                 else:
                     self._release()
+            if self.finished is not None:
+                self.finished(info)
             usage = info.get("usage") or (0, 0)
             if self.metrics is not None and path not in OPEN_ROUTES:
                 first = info.get("first_token")

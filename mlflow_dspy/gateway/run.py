@@ -33,6 +33,8 @@ def config_of(args: argparse.Namespace) -> GatewayConfig:
         cors_origins=tuple(args.allow_origin or ()),
         request_timeout=args.request_timeout,
         traces=not args.no_traces,
+        trace_sample=args.trace_sample,
+        trace_flush_timeout=args.trace_flush_timeout,
         speedups=not args.no_speedups,
         load_before_serving=args.workers > 1,
     )

@@ -7,12 +7,16 @@ import asyncio
 import gc
 import logging
 
+import dspy
+
 from mlflow_dspy.gateway.config import GatewayConfig
 from mlflow_dspy.gateway.errors import GatewayError
 from mlflow_dspy.gateway.metrics import GatewayMetrics
 from mlflow_dspy.gateway.router import Router, Split
+from mlflow_dspy.gateway.trace_export import TraceExporter
 from mlflow_dspy.packaging.load import host_for_model, version_of
 from mlflow_dspy.runtime.host import ProgramHost
+from mlflow_dspy.runtime.trace_record import RecordingCallback, TraceRecord
 
 log = logging.getLogger("mlflow_dspy.gateway")
 
@@ -42,25 +46,28 @@ def load_models(config: GatewayConfig, router: Router) -> None:
     for host in router.loaded():
         host.warm_up()
     if config.traces:
-        enable_tracing()
+        # On the loader thread, the one that configured DSPy: callbacks are set with dspy.configure.
+        dspy.configure(callbacks=[*dspy.settings.callbacks, RecordingCallback()])
 
 
-def enable_tracing() -> None:
-    """One MLflow trace per request (the program's spans, LM calls and token usage),
-    written to the tracking store's `mlflow-dspy` experiment."""
+def start_trace_export(config: GatewayConfig, metrics: GatewayMetrics) -> TraceExporter | None:
+    """The trace writer for the tracking store's `mlflow-dspy` experiment; None (tracing off, with a
+    warning) when traces are off or the store does not answer: traces are not worth refusing to serve for."""
+    if not config.traces:
+        return None
     import mlflow
 
-    from mlflow_dspy.packaging.log import use_tracking_store
+    from mlflow_dspy.packaging.log import EXPERIMENT_NAME, use_tracking_store
 
     try:
-        use_tracking_store()
-        # Runs in the loader thread, the one that configured DSPy: autolog
-        # installs its callback with dspy.settings.configure.
-        mlflow.dspy.autolog(log_traces=True, log_traces_from_compile=False, log_traces_from_eval=False,
-                            silent=True)
+        uri = use_tracking_store()
+        experiment_id = mlflow.get_experiment_by_name(EXPERIMENT_NAME).experiment_id
     except Exception as exc:
-        # Traces are worth having, not worth refusing to serve for.
         log.warning("tracing is off: the tracking store failed (%s)", type(exc).__name__)
+        return None
+    exporter = TraceExporter(uri, experiment_id, metrics, config.trace_queue, config.trace_flush_timeout)
+    exporter.start()
+    return exporter
 
 
 class HostSlot:
@@ -153,9 +160,9 @@ def smoke_test(host: ProgramHost) -> None:
 MAX_SESSION_CHARACTERS = 256
 
 
-def trace_tags(info: dict, route: str, session: str | None) -> dict:
-    """What a request's MLflow trace is tagged with (mlflow.tracing.context's arguments): the name it asked
-    for, the version that answered, the split's variant, the route, its session (or user) and request id.
+def trace_record(info: dict, route: str, session: str | None) -> TraceRecord:
+    """A request's trace, to be recorded, tagged with the name it asked for, the version that answered,
+    the split's variant, the route, its session (or user) and its request id.
 
     Searchable, e.g. `mlflow.search_traces(filter_string="tags.`mlflow_dspy.variant` = 'challenger'")`;
     the session is also MLflow's own (`mlflow.trace.session`), which the UI groups by.
@@ -164,10 +171,9 @@ def trace_tags(info: dict, route: str, session: str | None) -> dict:
             "mlflow_dspy.route": route, "mlflow_dspy.request_id": info["request_id"]}
     if info.get("variant"):
         tags["mlflow_dspy.variant"] = info["variant"]
-    trace: dict = {"tags": tags}
     if session:
-        tags["mlflow_dspy.session"] = trace["session_id"] = session[:MAX_SESSION_CHARACTERS]
-    return trace
+        session = tags["mlflow_dspy.session"] = session[:MAX_SESSION_CHARACTERS]
+    return TraceRecord(tags=tags, session=session)
 
 
 def said_of_failed_load(exc: Exception) -> str:

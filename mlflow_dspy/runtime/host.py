@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
-from contextlib import aclosing, contextmanager, nullcontext
+from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +17,7 @@ from mlflow_dspy.internals.dspy_chat_adapter import serving_adapter
 from mlflow_dspy.program.chat import ChatProgram, Conversation, call_async
 from mlflow_dspy.program.work import run_in_thread
 from mlflow_dspy.runtime.field_stream import FieldStream
+from mlflow_dspy.runtime.trace_record import TraceRecord, recording
 
 
 @dataclass
@@ -96,22 +97,20 @@ class ProgramHost:
 
     # -- running ---------------------------------------------------------------
     @contextmanager
-    def context(self, lm_settings: dict[str, Any] | None = None, trace: dict[str, Any] | None = None):
-        """DSPy's settings for one call; with `trace`, what its MLflow trace is tagged with
-        (`mlflow.tracing.context`: its `tags`, `session_id`, ...), stored with the trace in one write."""
+    def context(self, lm_settings: dict[str, Any] | None = None, trace: TraceRecord | None = None):
+        """DSPy's settings for one call; with `trace`, the calls are recorded into it (runtime/trace_record.py)."""
         lm = self.lm.copy(**lm_settings) if lm_settings else self.lm
         # No call history in a server: it would keep every conversation in
         # memory (up to 10,000 per LM) for nobody to read.
-        with dspy.context(lm=lm, adapter=self.adapter, track_usage=True, disable_history=True), \
-                (_trace_context(trace) if trace else nullcontext()):
+        with dspy.context(lm=lm, adapter=self.adapter, track_usage=True, disable_history=True), recording(trace):
             yield
 
     async def answer(self, messages: list[dict] | Conversation, lm_settings: dict[str, Any] | None = None,
-                     trace: dict[str, Any] | None = None) -> dspy.Prediction:
+                     trace: TraceRecord | None = None) -> dspy.Prediction:
         with self.context(lm_settings, trace):
             return await self.program.acall(messages=messages)
 
-    async def predict(self, inputs: dict[str, Any], trace: dict[str, Any] | None = None) -> dspy.Prediction:
+    async def predict(self, inputs: dict[str, Any], trace: TraceRecord | None = None) -> dspy.Prediction:
         """The typed /predict: the inner program, called with its input fields."""
         with self.context(None, trace):
             return await call_async(self.program.program, inputs)
@@ -129,7 +128,7 @@ class ProgramHost:
 
     async def stream(
         self, messages: list[dict] | Conversation, lm_settings: dict[str, Any] | None = None,
-        trace: dict[str, Any] | None = None,
+        trace: TraceRecord | None = None,
     ) -> AsyncIterator[Delta | dspy.Prediction]:
         """Yield answer and reasoning text as the LM writes it, then the final Prediction."""
         program, kwargs = self.program.prepare(messages)
@@ -142,7 +141,7 @@ class ProgramHost:
                 yield Delta("content", self.content(item))
             yield item
 
-    async def predict_stream(self, inputs: dict[str, Any], trace: dict[str, Any] | None = None
+    async def predict_stream(self, inputs: dict[str, Any], trace: TraceRecord | None = None
                              ) -> AsyncIterator[Delta | dspy.Prediction]:
         """The tutorial's /predict/stream: every output field, by its own name."""
         program = self.program.program
@@ -152,7 +151,7 @@ class ProgramHost:
 
     async def _stream(
         self, program: dspy.Module, kwargs: dict[str, Any], lm_settings: dict[str, Any] | None,
-        fields: dict[str, str], trace: dict[str, Any] | None = None,
+        fields: dict[str, str], trace: TraceRecord | None = None,
     ) -> AsyncIterator[Delta | dspy.Prediction]:
         target = id(_target(program, self.program.answer_fields[0]))
         decoder = FieldStream(list(fields))  # fresh per request: it keeps state
@@ -187,12 +186,6 @@ class ProgramHost:
                 if rest:
                     yield Delta(label, rest)
             yield final
-
-
-def _trace_context(trace: dict[str, Any]):
-    import mlflow.tracing
-
-    return mlflow.tracing.context(**trace)
 
 
 def _target(program: dspy.Module, answer_field: str) -> dspy.Predict:

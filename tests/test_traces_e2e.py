@@ -1,0 +1,54 @@
+"""Every answer names its trace, and a graceful stop leaves a trace in the store for every answered
+request not counted as dropped (a real gateway, the stub LM, a real SQLite tracking store)."""
+
+from __future__ import annotations
+
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import mlflow
+import pytest
+
+from tests.conftest import store_env
+from tests.support.processes import gateway, stub_lm
+
+pytestmark = pytest.mark.slow
+
+
+def test_answers_name_their_traces_and_a_graceful_stop_flushes_them(tmp_path):
+    with stub_lm(tmp_path) as base:
+        env = store_env(tmp_path, DSPY_LM_API_BASE=base)
+        with gateway(["--program", "qa", "--lm", "openai/stub-echo"], tmp_path, **env) as url:
+            def ask(i: int) -> tuple[str, str]:
+                body = {"model": "dspy-qa", "messages": [{"role": "user", "content": f"Question number {i}?"}]}
+                reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+                assert reply.status_code == 200, reply.text
+                return reply.headers["x-mlflow-trace-id"], f"Question number {i}?"
+
+            with ThreadPoolExecutor(16) as pool:
+                answered = dict(pool.map(ask, range(300)))
+            with httpx.Client(base_url=url, timeout=60) as client:
+                with client.stream("POST", "/v1/chat/completions", json={
+                        "messages": [{"role": "user", "content": "A streamed question?"}], "stream": True}) as s:
+                    s.read()
+                answered[s.headers["x-mlflow-trace-id"]] = "A streamed question?"
+                invoked = client.post("/invocations", json={"messages": [{"role": "user", "content": "Invoked?"}]})
+                answered[invoked.headers["x-mlflow-trace-id"]] = "Invoked?"
+                predicted = client.post("/predict", json={"question": "Predicted?"})
+                answered[predicted.headers["x-mlflow-trace-id"]] = "Predicted?"
+                assert client.get("/health").headers.get("x-mlflow-trace-id") is None  # no program, no trace
+        log = next(tmp_path.glob("gateway-*.log")).read_text()
+    # The stop (SIGTERM) flushed the queue and said what became of every trace.
+    queued, written, dropped = map(int, re.search(r"traces: (\d+) queued, (\d+) written, (\d+) dropped", log).groups())
+    assert queued == len(answered) == 303 and written + dropped == queued
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    experiment = mlflow.get_experiment_by_name("mlflow-dspy").experiment_id
+    stored = {t.info.trace_id: t for t in mlflow.search_traces(locations=[experiment], return_type="list",
+                                                               max_results=1000)}
+    missing = set(answered) - set(stored)
+    assert len(missing) <= dropped and len(stored) == written
+    for trace_id, question in list(answered.items())[::25] + list(answered.items())[-3:]:
+        if trace_id in stored:  # the trace holds that very request
+            assert question in json.dumps(mlflow.get_trace(trace_id).data.spans[0].inputs)
