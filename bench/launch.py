@@ -29,10 +29,11 @@ def log_model(env: dict[str, str], *extra: str) -> tuple[str, float]:
 
 
 def gateway_args(model_uri: str | list[str], *extra: str) -> list[str]:
-    """The gateway's command line serving one model URI, or several (`-m` each)."""
+    """The gateway's command line serving one model URI, or several (`-m` each), with its defaults
+    (traces on, as a user runs it); `extra` adds flags (`--no-traces` for the second row)."""
     uris = [model_uri] if isinstance(model_uri, str) else model_uri
     models = [part for uri in uris for part in ("-m", uri)]
-    return [sys.executable, "mlflow_dspy.py", "gateway", *models, "--no-traces", "--max-in-flight", "1024",
+    return [sys.executable, "mlflow_dspy.py", "gateway", *models, "--max-in-flight", "1024",
             "--port", "{port}", *extra]
 
 

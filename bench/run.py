@@ -38,11 +38,12 @@ from bench.multi_model import multi_model_figures
 from bench.processes import ROOT, VENV_BIN, child_env, free_port, running
 from bench.steal import measured
 from bench.stream_ttft import stream_ttft_figures
+from bench.trace_cost import trace_cost_figures
 
 RESULTS = ROOT / "bench" / "results"
 NOISY_STEAL = 10  # percent of CPU time taken by the hypervisor: above it, a figure is flagged
 SERVER_KEYS = ("a", "b", "c1", "c1i", "c2")
-SECTION_KEYS = ("multi", "reload", "stream", "embedded")
+SECTION_KEYS = ("traces", "multi", "reload", "stream", "embedded")
 
 
 def servers(model_uri: str) -> list[dict]:
@@ -173,6 +174,9 @@ def main() -> None:
                         entry["one_client"] = overhead_at_one_client(stub, base, 2 * args.seconds)
                         print(f"gateway overhead at one client: {entry['one_client']}", flush=True)
                 results["servers"][server["key"]] = entry
+            if wanted("traces"):
+                results["trace_cost"] = trace_cost_figures(base_env, tmp_path, model_uri, 2 * args.seconds)
+                print(f"what tracing costs: {results['trace_cost']}", flush=True)
             if wanted("multi"):
                 results["multi_model"] = multi_model_figures(base_env, tmp_path, args.seconds)
                 print(f"multi-model: {results['multi_model']}", flush=True)
@@ -210,6 +214,13 @@ def _verdict(section: dict) -> str:
 def targets(results: dict) -> list[str]:
     """One line per target section in `results` (multi-model, hot reload, streaming): figures, target, verdict."""
     lines = []
+    if cost := results.get("trace_cost"):
+        on, off = cost["at_64"]["on"], cost["at_64"]["off"]
+        lines.append(f"tracing, on (the default) against --no-traces: {on['throughput']} vs {off['throughput']} rps at "
+                     f"64 clients = {cost['throughput_ratio']}x (p99 {on['p99_ms']} vs {off['p99_ms']} ms); p50 at one "
+                     f"client {cost['at_1']['on']['p50_ms']} vs {cost['at_1']['off']['p50_ms']} ms "
+                     f"({_signed(cost['p50_more_ms'])}); traces {cost['traces']}; steal {cost['cpu_steal_percent']}%. "
+                     f"Target: {cost['target']}: {_verdict(cost)}")
     if multi := results.get("multi_model"):
         lines.append(f"multi-model, {multi['concurrency']} clients asking {multi['asked']} of {len(multi['served'])}: "
                      f"{multi['multi']['throughput']} rps vs {multi['single']['throughput']} rps served alone = "

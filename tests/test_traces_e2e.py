@@ -52,3 +52,43 @@ def test_answers_name_their_traces_and_a_graceful_stop_flushes_them(tmp_path):
     for trace_id, question in list(answered.items())[::25] + list(answered.items())[-3:]:
         if trace_id in stored:  # the trace holds that very request
             assert question in json.dumps(mlflow.get_trace(trace_id).data.spans[0].inputs)
+
+
+def test_feedback_is_recorded_as_assessments_on_the_answers_trace_and_bad_feedback_is_refused(tmp_path):
+    with stub_lm(tmp_path) as base:
+        env = store_env(tmp_path, DSPY_LM_API_BASE=base, GATEWAY_API_KEYS="sk-k")
+        keyed = {"Authorization": "Bearer sk-k"}
+        with gateway(["--program", "qa", "--lm", "openai/stub-echo"], tmp_path, **env) as url, \
+                httpx.Client(base_url=url, timeout=60, headers=keyed) as client:
+            reply = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Capital?"}]})
+            trace_id = reply.headers["x-mlflow-trace-id"]
+            # At once: the trace may still be queued for the writer; feedback waits for it.
+            given = client.post("/v1/feedback", json={"trace_id": trace_id, "value": False, "rationale": "wrong city",
+                                                      "expected": {"answer": "Paris"}, "source": "alice"})
+            assert given.status_code == 200, given.text
+            refusals = {
+                "value": client.post("/v1/feedback", json={"trace_id": trace_id, "value": "yes"}),
+                "colour": client.post("/v1/feedback", json={"trace_id": trace_id, "value": 1, "colour": "red"}),
+                "expected.city": client.post("/v1/feedback", json={"trace_id": trace_id, "value": True,
+                                                                   "expected": {"city": "Paris"}}),
+            }
+            unknown = client.post("/v1/feedback", json={"trace_id": "tr-" + "0" * 32, "value": True})
+            without_key = httpx.post(f"{url}/v1/feedback", json={"trace_id": trace_id, "value": True})
+    for field, refused in refusals.items():
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == field, refused.text
+    assert "not an output of this program" in refusals["expected.city"].json()["error"]["message"]
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "trace_not_found"
+    assert without_key.status_code == 401
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    assessments = {a.name: a for a in mlflow.get_trace(trace_id).info.assessments}
+    feedback, expectation = assessments["user_feedback"], assessments["expected_outputs"]
+    assert feedback.value is False and feedback.rationale == "wrong city" and feedback.source.source_id == "alice"
+    assert expectation.value == {"answer": "Paris"}
+
+
+def test_feedback_without_tracing_says_tracing_is_off(tmp_path):
+    with stub_lm(tmp_path) as base, gateway(["--program", "qa", "--lm", "openai/stub-echo"], tmp_path, "--no-traces",
+                                            DSPY_LM_API_BASE=base) as url:
+        reply = httpx.post(f"{url}/v1/feedback", json={"trace_id": "tr-1", "value": True}, timeout=30)
+    assert reply.status_code == 404 and reply.json()["error"]["code"] == "tracing_off"
+    assert "tracing is off" in reply.json()["error"]["message"]

@@ -28,13 +28,15 @@ from fastapi.responses import Response
 
 from mlflow_dspy.gateway.chat_service import ChatService
 from mlflow_dspy.gateway.config import GatewayConfig
-from mlflow_dspy.gateway.errors import install_handlers, parse_body
+from mlflow_dspy.gateway.errors import GatewayError, install_handlers, parse_body
+from mlflow_dspy.gateway.feedback_service import FeedbackService
 from mlflow_dspy.gateway.invocations_service import InvocationsService
 from mlflow_dspy.gateway.metrics import GatewayMetrics, worker_exited
 from mlflow_dspy.gateway.middleware import MODEL_ROUTES, GatewayMiddleware
 from mlflow_dspy.gateway.openapi_docs import (
     CHAT_REQUEST_BODY,
     ERROR_RESPONSES,
+    FEEDBACK_REQUEST_BODY,
     PREDICT_REQUEST_BODY,
     RESPONSES_REQUEST_BODY,
     STREAMED,
@@ -64,6 +66,7 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> Gatewa
     chat = ChatService(config)
     responses_service, invocations_service = ResponsesService(chat), InvocationsService(chat)
     predict_service = PredictService(chat)
+    feedback = FeedbackService()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -76,6 +79,7 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> Gatewa
             if loaded is not None:
                 await loaded  # uvicorn accepts connections only after the lifespan's start-up
         exporter[0] = start_trace_export(config, metrics)
+        feedback.tracing = exporter[0] is not None
         reloading = None
         if config.reload_interval > 0 and any(entry.follows_alias for entry in router.entries):
             reloading = asyncio.create_task(follow_aliases(router, config.reload_interval))
@@ -101,6 +105,7 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> Gatewa
             if config.trace_sample >= 1 or random.random() < config.trace_sample:
                 info["trace"] = trace_record(info, request.url.path, sticky)
                 info["trace_id"] = info["trace"].request_id  # the answer's x-mlflow-trace-id header
+                feedback.issue(info["trace_id"])
             else:
                 exporter[0].sampled_out()
         return host
@@ -140,6 +145,17 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> Gatewa
         return await predict_service.stream(program_for(request), await request.body(), request.scope["mlflow_dspy"])
 
     # -- the rest (served by FastAPI) ------------------------------------------------------
+    def host_named(name: str) -> ProgramHost | None:
+        try:
+            return slot.get(name)
+        except GatewayError:
+            return None
+
+    @app.post("/v1/feedback", openapi_extra=FEEDBACK_REQUEST_BODY)
+    async def give_feedback(request: Request) -> Response:
+        """A verdict on an answer (its x-mlflow-trace-id), recorded as MLflow assessments on its trace."""
+        return await feedback.create(await request.body(), host_named)
+
     @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
     async def prometheus_metrics() -> Response:
         """Counters in the Prometheus text format (every worker's, with several)."""

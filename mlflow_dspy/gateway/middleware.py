@@ -38,7 +38,7 @@ access_log = logging.getLogger("mlflow_dspy.gateway.access")
 # Routes that run the program: these count against the in-flight cap.
 MODEL_ROUTES = ("/v1/chat/completions", "/v1/responses", "/invocations", "/predict", "/predict/stream")
 # Routes the metrics name; any other path is counted as "other" (a scanner must not grow the label set).
-KNOWN_ROUTES = (*MODEL_ROUTES, "/v1/models")
+KNOWN_ROUTES = (*MODEL_ROUTES, "/v1/models", "/v1/feedback")
 def _authorized(header: bytes | None, keys: tuple[str, ...]) -> bool:
     # `Bearer <key>`; the scheme's name is case-insensitive (RFC 7235 section 2.1): bearer, BEARER.
     scheme, _, offered = (header or b"").strip().partition(b" ")

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from fastapi import FastAPI
 
+from mlflow_dspy.gateway.feedback_service import FeedbackRequest
 from mlflow_dspy.gateway.protocol import ChatCompletionRequest, ErrorResponse, PredictShape
 from mlflow_dspy.gateway.responses import ResponsesRequest
 from mlflow_dspy.runtime.host import ProgramHost
@@ -26,6 +27,8 @@ CHAT_REQUEST_BODY = {"requestBody": {"required": True, "content": {
 PREDICT_REQUEST_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"type": "object", "description": "the program's input fields, by name"}}}}}
 PREDICT_ROUTES = ("/predict", "/predict/stream")
+FEEDBACK_REQUEST_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"$ref": "#/components/schemas/FeedbackRequest"}}}}}
 RESPONSES_REQUEST_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"$ref": "#/components/schemas/ResponsesRequest"}}}}}
 STREAMED = {200: {"content": {"text/event-stream": {}}}}
@@ -48,7 +51,7 @@ def document_openapi(app: FastAPI, default_host: Callable[[], ProgramHost | None
             app.openapi_schema = None
             schema = build()
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (ChatCompletionRequest, ResponsesRequest):
+            for model in (ChatCompletionRequest, ResponsesRequest, FeedbackRequest):
                 request = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(request.pop("$defs", {}))
                 components[model.__name__] = request

@@ -1,0 +1,116 @@
+"""`POST /v1/feedback`: a user's verdict on an answer, recorded as an MLflow assessment on its trace.
+
+The answer's `x-mlflow-trace-id` header names the trace. The body:
+
+    {"trace_id": "tr-...", "value": true | false | number, "rationale": "...",
+     "expected": {"answer": "..."}, "source": "who gave it"}
+
+`value` becomes MLflow feedback named `user_feedback` (`mlflow.log_feedback`,
+from a HUMAN source), and `expected`, the outputs the answer should have had,
+an expectation named `expected_outputs` (`mlflow.log_expectation`): `traces
+export` turns both into data for the next version. `expected` names the
+program's own output fields; any other is a 400 naming it.
+
+A trace is written a moment after its answer (by the trace writer): feedback
+on one this gateway issued but has not written yet waits for it, a few
+seconds at most. An unknown trace is a 404, as is any feedback when tracing is
+off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from pydantic import Field, StrictBool, StrictFloat, StrictInt
+from starlette.responses import JSONResponse
+
+from mlflow_dspy.gateway.errors import GatewayError, invalid_request, parse_body
+from mlflow_dspy.gateway.protocol import Strict
+from mlflow_dspy.runtime.host import ProgramHost
+
+FEEDBACK_NAME = "user_feedback"
+EXPECTATION_NAME = "expected_outputs"
+ISSUED_KEPT = 100_000  # trace ids this gateway remembers issuing (to wait for one not written yet)
+WAIT_FOR_WRITE = 10.0  # seconds feedback waits for a trace issued here to be written
+
+
+class FeedbackRequest(Strict):
+    trace_id: str = Field(min_length=1, max_length=200, description="the answer's x-mlflow-trace-id header")
+    value: StrictBool | StrictInt | StrictFloat = Field(description="true or false, or a score")
+    rationale: str | None = Field(default=None, max_length=10_000)
+    expected: dict[str, object] | None = Field(default=None, description="the outputs the answer should have had")
+    source: str | None = Field(default=None, max_length=200, description="who gave it (default: api)")
+
+
+class FeedbackService:
+    def __init__(self) -> None:
+        self.issued: OrderedDict[str, None] = OrderedDict()
+        self.tracing = False  # set once the trace writer runs
+
+    def issue(self, trace_id: str) -> None:
+        """Remember a trace id an answer carried (it may not be in the store yet)."""
+        self.issued[trace_id] = None
+        if len(self.issued) > ISSUED_KEPT:
+            self.issued.popitem(last=False)
+
+    async def create(self, raw: bytes, host_named: Callable[[str], ProgramHost | None]) -> JSONResponse:
+        """Record a verdict; `host_named` finds the program a served name runs (to check `expected`'s fields)."""
+        if not self.tracing:
+            raise GatewayError(404, "tracing is off on this gateway (--no-traces, or its tracking store failed at "
+                                    "start-up): there is no trace to give feedback on", "not_found_error",
+                               param="trace_id", code="tracing_off")
+        body = parse_body(FeedbackRequest, raw)
+        trace = await asyncio.to_thread(self._trace, body.trace_id)
+        if trace is None:
+            raise GatewayError(404, f"no trace '{_shown(body.trace_id)}' in the tracking store", "not_found_error",
+                               param="trace_id", code="trace_not_found")
+        if body.expected is not None:
+            _check_expected(body.expected, host_named(trace.info.tags.get("mlflow_dspy.model", "")))
+        ids = await asyncio.to_thread(self._record, body)
+        return JSONResponse({"trace_id": body.trace_id, "assessments": ids})
+
+    def _trace(self, trace_id: str):
+        """The trace, waiting a little for one issued here and not yet written; None if there is none."""
+        import mlflow
+
+        deadline = time.monotonic() + (WAIT_FOR_WRITE if trace_id in self.issued else 0)
+        while True:
+            try:
+                trace = mlflow.get_trace(trace_id)
+            except Exception:
+                trace = None
+            if trace is not None or time.monotonic() >= deadline:
+                return trace
+            time.sleep(0.1)
+
+    @staticmethod
+    def _record(body: FeedbackRequest) -> list[str]:
+        import mlflow
+        from mlflow.entities import AssessmentSource, AssessmentSourceType
+
+        source = AssessmentSource(source_type=AssessmentSourceType.HUMAN, source_id=body.source or "api")
+        recorded = [mlflow.log_feedback(trace_id=body.trace_id, name=FEEDBACK_NAME, value=body.value,
+                                        rationale=body.rationale, source=source)]
+        if body.expected is not None:
+            recorded.append(mlflow.log_expectation(trace_id=body.trace_id, name=EXPECTATION_NAME,
+                                                   value=body.expected, source=source))
+        return [assessment.assessment_id for assessment in recorded]
+
+
+def _check_expected(expected: dict[str, object], host: ProgramHost | None) -> None:
+    if not expected:
+        raise invalid_request("'expected' is empty: give the outputs the answer should have had", param="expected")
+    if host is None:
+        return  # the version that answered is no longer served here: its fields are not known
+    outputs = [field.name for field in host.program.mapping.outputs]
+    unknown = [name for name in expected if name not in outputs]
+    if unknown:
+        raise invalid_request(f"'expected' names '{unknown[0]}', which is not an output of this program; its outputs "
+                              f"are {', '.join(outputs)}", param=f"expected.{unknown[0]}")
+
+
+def _shown(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")[:200]
