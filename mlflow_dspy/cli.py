@@ -107,6 +107,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_traces_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mlflow_dspy.lifecycle.traces_export import export_traces, parse_since
+
+    try:
+        parse_since(args.since)
+    except ValueError as exc:
+        raise UsageProblem(f"traces export: {exc}") from None
+    report = export_traces(args.name, Path(args.out), args.version, args.since, args.feedback,
+                           progress=not args.json)
+    if args.json:
+        print(json.dumps(report.as_dict()))
+    else:
+        print(f"{report.written} examples -> {report.out} (from {report.rated} rated of {report.traces} traces of "
+              f"{args.name}; {report.duplicates} duplicates, {report.without_outputs} rated down with no expected "
+              "outputs)")
+    return 0
+
+
 def cmd_promote(args: argparse.Namespace) -> int:
     from mlflow_dspy.packaging.promote import PromotionRefused, promote
 
@@ -261,6 +281,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--env-manager", default="local", choices=["local", "virtualenv", "uv", "conda"])
     serve.set_defaults(func=cmd_serve)
+
+    traces = commands.add_parser("traces", help="the gateway's traces: export the rated ones as examples")
+    traces_commands = traces.add_subparsers(dest="traces_command", required=True)
+    export = traces_commands.add_parser(
+        "export", help="rated traces as JSON Lines examples (the format --dev and --train read)")
+    export.add_argument("name", help="the registered model (dspy-qa), as the gateway served it")
+    export.add_argument("--version", default=None, help="only the traces this version answered")
+    export.add_argument("--since", default=None, help="only traces from this date or time on (ISO, UTC by default)")
+    export.add_argument("--feedback", default="any", choices=["positive", "negative", "expected", "any"],
+                        help="which rated traces: rated up, rated down, with expected outputs, or any (default)")
+    export.add_argument("--out", required=True, help="the JSON Lines file to write")
+    export.add_argument("--json", action="store_true", help="print one JSON line (counts), no progress bar")
+    export.set_defaults(func=cmd_traces_export)
 
     from mlflow_dspy.gateway.config import DEFAULTS  # light: the gateway itself is imported when it runs
 

@@ -34,7 +34,9 @@ async def test_a_run_is_recorded_as_program_and_lm_spans_with_the_usage_on_the_r
     prediction = await host.answer(ask(3), trace=record)
     assert prediction.answer == "3"
     names = [span.name for span in record.spans]
-    assert names[0] == "ChatProgram.forward" and "LM.__call__" in names
+    # The root is the program itself, with its own inputs (the chat front only maps the conversation).
+    assert names[0] == "ChainOfThought.forward" and "LM.__call__" in names
+    assert record.spans[0].inputs == {"question": "Question 3?"}
     assert not any("Adapter" in name for name in names)  # format and parse repeat the signature: left out
     by_id = {span.span_id: span for span in record.spans}
     root = record.spans[0]
@@ -56,7 +58,7 @@ async def test_concurrent_runs_each_record_into_their_own_trace(host):
 async def test_streams_are_recorded_too_and_nothing_is_recorded_without_a_trace(host):
     record = TraceRecord()
     items = [item async for item in host.stream(ask(5), trace=record)]
-    # A stream runs the program itself (the chat mapping already applied): it is the root.
+    # A stream runs the program itself (the chat mapping already applied): it is the root, as in a call.
     assert items[-1].answer == "5" and record.spans[0].name == "ChainOfThought.forward"
     assert record.spans[0].parent_id is None and record.spans[0].inputs == {"question": "Question 5?"}
     recorded = len(record.spans)
@@ -103,7 +105,7 @@ def test_the_writer_process_writes_every_queued_trace_by_the_stop(host, tmp_path
     assert {t.info.trace_id for t in traces} == {r.request_id for r in records}
     one = mlflow.get_trace(records[7].request_id)
     assert one.info.tags["mlflow_dspy.request_id"] == "req-7"
-    assert one.data.spans[0].inputs["messages"][0]["content"] == "Question 7?"
+    assert one.data.spans[0].inputs == {"question": "Question 7?"}
     assert mlflow.search_traces(locations=[experiment], return_type="list",
                                 filter_string="tags.`mlflow_dspy.request_id` = 'req-9'")[0].info.trace_id \
         == records[9].request_id

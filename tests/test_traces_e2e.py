@@ -92,3 +92,48 @@ def test_feedback_without_tracing_says_tracing_is_off(tmp_path):
         reply = httpx.post(f"{url}/v1/feedback", json={"trace_id": "tr-1", "value": True}, timeout=30)
     assert reply.status_code == 404 and reply.json()["error"]["code"] == "tracing_off"
     assert "tracing is off" in reply.json()["error"]["message"]
+
+
+def test_the_export_holds_exactly_the_rated_examples_in_the_data_format(tmp_path):
+    import subprocess
+    import sys
+
+    from mlflow_dspy.program.datasets import load_examples
+    from mlflow_dspy.program.target import open_target
+    from tests.support.processes import ROOT
+
+    questions = ["Rated up?", "Corrected?", "Rated down?", "Rated up?", "Expected only?", "Not rated?"]
+    verdicts = [{"value": True}, {"value": False, "expected": {"answer": "Fixed"}}, {"value": False},
+                {"value": 1}, {"value": True, "expected": {"answer": "Given"}}, None]
+    with stub_lm(tmp_path) as base:
+        env = store_env(tmp_path, DSPY_LM_API_BASE=base)
+        with gateway(["--program", "qa", "--lm", "openai/stub-echo"], tmp_path, **env) as url, \
+                httpx.Client(base_url=url, timeout=60) as client:
+            for question, verdict in zip(questions, verdicts, strict=True):
+                reply = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": question}]})
+                if verdict is not None:
+                    given = client.post("/v1/feedback", json={"trace_id": reply.headers["x-mlflow-trace-id"],
+                                                              **verdict})
+                    assert given.status_code == 200, given.text
+
+    def export(*options: str) -> tuple[dict, list[dict]]:
+        out = tmp_path / f"export{len(options)}{options[-1] if options else ''}.jsonl"
+        done = subprocess.run([sys.executable, "mlflow_dspy.py", "traces", "export", "dspy-qa", "--out", str(out),
+                               "--json", *options], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.strip().splitlines()[-1]), [json.loads(line) for line in out.read_text().splitlines()]
+
+    report, rows = export()
+    assert report | {"out": None} == {"out": None, "traces": 6, "rated": 5, "written": 3, "duplicates": 1,
+                                      "without_outputs": 1}
+    by_question = {row["question"]: row for row in rows}
+    assert set(by_question) == {"Rated up?", "Corrected?", "Expected only?"}
+    assert by_question["Corrected?"]["answer"] == "Fixed" and by_question["Expected only?"]["answer"] == "Given"
+    assert by_question["Rated up?"]["answer"]  # the program's own answer, rated up
+    assert "reasoning" not in by_question["Rated up?"]
+    assert {row["question"] for row in export("--feedback", "expected")[1]} == {"Corrected?", "Expected only?"}
+    assert {row["question"] for row in export("--feedback", "negative")[1]} == {"Corrected?"}
+    assert export("--since", "2999-01-01")[0]["traces"] == 0
+    # What `--dev` and `--train` read, as it is.
+    examples = load_examples(tmp_path / "export0.jsonl", open_target("qa").chat().mapping)
+    assert len(examples) == 3

@@ -83,6 +83,7 @@ class RecordingCallback(BaseCallback):
 
     def __init__(self) -> None:
         self._open: dict[str, tuple[SpanRecord, contextvars.Token]] = {}
+        self._chat_fronts: dict[str, TraceRecord | None] = {}  # ChatProgram calls: not spans of their own
 
     def _start(self, call_id: str, name: str, span_type: str, inputs: Any, **attributes: Any) -> None:
         record = _RECORD.get()
@@ -111,16 +112,25 @@ class RecordingCallback(BaseCallback):
 
     def on_module_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
         name = type(instance).__name__
+        if name == "ChatProgram":
+            # The chat front only maps a conversation onto the program's inputs: the program it runs is the
+            # root, so a trace's root holds the program's own inputs (what `traces export` reads).
+            self._chat_fronts[call_id] = _RECORD.get()
+            return
         if set(inputs) == {"args", "kwargs"} and not inputs["args"]:
             inputs = inputs["kwargs"]  # called with keywords, as programs are: their names are the inputs
         self._start(call_id, f"{name}.forward", "LLM" if name == "Predict" else "CHAIN", inputs)
 
     def on_module_end(self, call_id: str, outputs: Any | None, exception: BaseException | None = None) -> None:
-        span = self._end(call_id, outputs, exception)
-        if span is not None and span.parent_id is None and hasattr(outputs, "get_lm_usage"):
+        if call_id in self._chat_fronts:
+            record = self._chat_fronts.pop(call_id)
+            root = record.spans[0] if record is not None and record.spans else None
+        else:
+            root = self._end(call_id, outputs, exception)
+        if root is not None and root.parent_id is None and hasattr(outputs, "get_lm_usage"):
             usage = _usage(outputs.get_lm_usage())
             if usage:  # on the root: MLflow adds it up as the trace's token usage
-                span.attributes["mlflow.chat.tokenUsage"] = usage
+                root.attributes["mlflow.chat.tokenUsage"] = usage
 
     def on_lm_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
         # A key never goes in a trace, whatever a caller passed.
