@@ -121,7 +121,8 @@ def test_the_export_holds_exactly_the_rated_examples_in_the_data_format(tmp_path
         done = subprocess.run([sys.executable, "mlflow_dspy.py", "traces", "export", "dspy-qa", "--out", str(out),
                                "--json", *options], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
-        return json.loads(done.stdout.strip().splitlines()[-1]), [json.loads(line) for line in out.read_text().splitlines()]
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        return json.loads(done.stdout.strip().splitlines()[-1]), rows
 
     report, rows = export()
     assert report | {"out": None} == {"out": None, "traces": 6, "rated": 5, "written": 3, "duplicates": 1,
