@@ -127,6 +127,41 @@ def cmd_traces_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_improve(args: argparse.Namespace) -> int:
+    from mlflow_dspy.lifecycle.improve import NothingToImprove, improve
+    from mlflow_dspy.lifecycle.traces_export import parse_since
+
+    if not args.from_traces:
+        raise UsageProblem("improve: say where the data comes from: --from-traces (the gateway's rated traces)")
+    if not 0 < args.holdout < 1:
+        raise UsageProblem(f"improve: --holdout is a fraction between 0 and 1, not {args.holdout}")
+    try:
+        parse_since(args.since)
+    except ValueError as exc:
+        raise UsageProblem(f"improve: {exc}") from None
+    try:
+        done = improve(args.name, args.alias, args.optimizer, args.holdout, args.seed, args.margin, args.metric,
+                       args.version, args.since, args.feedback, args.dry_run)
+    except NothingToImprove as nothing:
+        print(f"nothing to improve: {nothing}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(done.as_dict()))
+        return 0
+    print(("dry run: " if done.dry_run else "") + done.why)
+    if done.dry_run:
+        print(f"would register a new version of {done.name}"
+              + (f" and move @{done.alias} to it" if done.promote else f", and leave @{done.alias} on version "
+                 f"{done.champion_version}"))
+    elif done.promote:
+        print(f"{done.name}@{done.alias} -> version {done.candidate_version} (was {done.champion_version}); run "
+              f"{done.run_id}")
+    else:
+        print(f"registered version {done.candidate_version}; {done.name}@{done.alias} stays on version "
+              f"{done.champion_version}; run {done.run_id}")
+    return 0
+
+
 def cmd_promote(args: argparse.Namespace) -> int:
     from mlflow_dspy.packaging.promote import PromotionRefused, promote
 
@@ -281,6 +316,27 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--env-manager", default="local", choices=["local", "virtualenv", "uv", "conda"])
     serve.set_defaults(func=cmd_serve)
+
+    improvement = commands.add_parser(
+        "improve", help="optimize the champion on its rated traces; promote the result only if it wins")
+    improvement.add_argument("name", help="the registered model (dspy-qa)")
+    improvement.add_argument("--from-traces", action="store_true", help="the data: the gateway's rated traces")
+    improvement.add_argument("--alias", default="champion", help="the alias to improve on and promote to")
+    improvement.add_argument("--optimizer", default="bootstrap", choices=["bootstrap", "mipro"])
+    improvement.add_argument("--holdout", type=float, default=0.3,
+                             help="the fraction held out to judge champion and candidate (default: %(default)s)")
+    improvement.add_argument("--seed", type=int, default=0, help="the split's shuffle (default: %(default)s)")
+    improvement.add_argument("--margin", type=float, default=0.0,
+                             help="points (of 100) the candidate must win by on the held-out set; default 0: any "
+                                  "strict improvement, a tie keeps the champion")
+    improvement.add_argument("--metric", default=None, help="module:function or file.py:function (default: the "
+                                                            "champion's)")
+    improvement.add_argument("--version", default=None, help="only traces this version answered")
+    improvement.add_argument("--since", default=None, help="only traces from this date or time on")
+    improvement.add_argument("--feedback", default="any", choices=["positive", "negative", "expected", "any"])
+    improvement.add_argument("--dry-run", action="store_true", help="say what would happen; change nothing")
+    improvement.add_argument("--json", action="store_true", help="print one JSON line")
+    improvement.set_defaults(func=cmd_improve)
 
     traces = commands.add_parser("traces", help="the gateway's traces: export the rated ones as examples")
     traces_commands = traces.add_subparsers(dest="traces_command", required=True)

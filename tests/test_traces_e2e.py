@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -138,3 +139,61 @@ def test_the_export_holds_exactly_the_rated_examples_in_the_data_format(tmp_path
     # What `--dev` and `--train` read, as it is.
     examples = load_examples(tmp_path / "export0.jsonl", open_target("qa").chat().mapping)
     assert len(examples) == 3
+
+
+def test_improve_promotes_a_candidate_that_wins_and_keeps_the_champion_otherwise(tmp_path):
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    from tests.support.processes import ROOT
+
+    def cli(*args: str) -> dict:
+        done = subprocess.run([sys.executable, "mlflow_dspy.py", *args], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    with stub_lm(tmp_path) as base:
+        env = store_env(tmp_path, DSPY_LM="openai/stub-echo", DSPY_LM_API_BASE=base, OPENAI_API_KEY="sk-stub")
+        cli("log", "qa", "--json")
+        subprocess.run([sys.executable, "mlflow_dspy.py", "promote", "--name", "dspy-qa", "--version", "1"], cwd=ROOT,
+                       env=env, check=True, capture_output=True, timeout=300)
+        with gateway(["-m", "models:/dspy-qa@champion", "--reload-interval", "0.5"], tmp_path, **env) as url, \
+                httpx.Client(base_url=url, timeout=60) as client:
+            for i in range(8):
+                reply = client.post("/v1/chat/completions",
+                                    json={"messages": [{"role": "user", "content": f"What is {i} + {i}?"}]})
+                assert client.post("/v1/feedback", json={"trace_id": reply.headers["x-mlflow-trace-id"],
+                                                         "value": True}).status_code == 200
+            registry = MlflowClient(env["MLFLOW_TRACKING_URI"])
+            mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+            runs_before = len(mlflow.search_runs(search_all_experiments=True, output_format="list"))
+
+            dry = cli("improve", "dspy-qa", "--from-traces", "--dry-run", "--json")
+            assert dry["dry_run"] and dry["examples"] == 8 and (dry["train"], dry["heldout"]) == (6, 2)
+            assert len(registry.search_model_versions("name='dspy-qa'")) == 1  # nothing registered
+            assert len(mlflow.search_runs(search_all_experiments=True, output_format="list")) == runs_before
+
+            # No score beats another by more than 100 points: the champion is certain to stay.
+            kept = cli("improve", "dspy-qa", "--from-traces", "--margin", "100", "--json")
+            assert not kept["promote"] and kept["candidate_version"] == "2" and "not more than 100" in kept["why"]
+            assert str(registry.get_model_version_by_alias("dspy-qa", "champion").version) == "1"
+            # Any candidate beats the champion by more than -101 points: certain to be promoted.
+            won = cli("improve", "dspy-qa", "--from-traces", "--margin", "-101", "--json")
+            assert won["promote"] and won["candidate_version"] == "3"
+            assert str(registry.get_model_version_by_alias("dspy-qa", "champion").version) == "3"
+            # The gateway follows the alias: the promoted version answers.
+            for _ in range(60):
+                answered = client.post("/v1/chat/completions",
+                                       json={"messages": [{"role": "user", "content": "And now?"}]})
+                if answered.json()["system_fingerprint"] == "dspy-qa/3":
+                    break
+                time.sleep(0.5)
+            assert answered.json()["system_fingerprint"] == "dspy-qa/3"
+    run = registry.get_run(won["run_id"])
+    assert run.data.tags["decision"] == "promoted" and run.data.tags["candidate_version"] == "3"
+    assert {"champion_heldout_score", "candidate_heldout_score"} <= set(run.data.metrics)
+    assert sorted(d.tags[0].value for d in run.inputs.dataset_inputs) == ["heldout", "train"]
+    assert registry.get_run(kept["run_id"]).data.tags["decision"] == "kept the champion"
