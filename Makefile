@@ -30,7 +30,7 @@ LLAMA_STAMP := $(WHEELHOUSE)/.llama-cpp-python-$(LLAMA_VERSION)-nonative
 
 RUN_ID ?= $(shell $(PYTHON) -c "import json;print(json.load(open('.last_run.json'))['run_id'])" 2>/dev/null)
 
-.PHONY: install wheels browser lock dist log model-uri serve gateway docker ui curl demo test test-fast lint bench soak clean
+.PHONY: install wheels browser lock dist log model-uri serve gateway docker ui curl demo flywheel test test-fast lint bench soak clean
 
 install: $(VENV)/.installed
 
@@ -97,6 +97,10 @@ curl:
 demo: log
 	PORT=$(PORT) RUN_ID=$$($(PYTHON) -c "import json;print(json.load(open('.last_run.json'))['run_id'])") \
 		bash scripts/demo.sh
+
+# The loop on the embedded model: serve the champion, rate its answers, improve, see who answers now.
+flywheel: install
+	$(PY) scripts/flywheel.py
 
 test: install browser
 	$(PY) -m pytest

@@ -175,6 +175,7 @@ def _record(result: Improvement, exported: Path, train: list, heldout: list, met
     """One run for the loop: its data as MLflow datasets, both scores, the decision and why."""
     import mlflow
     import pandas as pd
+    from mlflow.data.code_dataset_source import CodeDatasetSource
 
     with mlflow.start_run(run_name=f"improve-{result.name}") as run:
         mlflow.set_tags({"kind": "improve", "program": result.name, "decision": "promoted" if result.promote
@@ -187,7 +188,10 @@ def _record(result: Improvement, exported: Path, train: list, heldout: list, met
         for context, rows in (("train", train), ("heldout", heldout)):
             frame = pd.DataFrame([{key: json.dumps(value, default=str) if not isinstance(value, str) else value
                                    for key, value in example.toDict().items()} for example in rows])
-            mlflow.log_input(mlflow.data.from_pandas(frame, source=str(exported), name=f"{result.name}-{context}"),
+            # Where the rows came from: the rated traces, exported into this run's data/traces.jsonl.
+            source = CodeDatasetSource({"mlflow_dspy.source": "traces export", "model": result.name,
+                                        "file": "data/traces.jsonl"})
+            mlflow.log_input(mlflow.data.from_pandas(frame, source=source, name=f"{result.name}-{context}"),
                              context=context)
         mlflow.log_artifact(str(exported), artifact_path="data")
     return run.info.run_id
