@@ -197,3 +197,49 @@ def test_improve_promotes_a_candidate_that_wins_and_keeps_the_champion_otherwise
     assert {"champion_heldout_score", "candidate_heldout_score"} <= set(run.data.metrics)
     assert sorted(d.tags[0].value for d in run.inputs.dataset_inputs) == ["heldout", "train"]
     assert registry.get_run(kept["run_id"]).data.tags["decision"] == "kept the champion"
+
+
+def test_a_tracking_store_that_goes_down_costs_no_request(tmp_path):
+    import os
+    import signal
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.support.processes import VENV_BIN, child_env, free_port, running
+
+    port = free_port()
+    server = [os.path.join(VENV_BIN, "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 's.db'}",
+              "--default-artifact-root", str(tmp_path / "artifacts"), "--port", str(port), "--workers", "1"]
+    store = f"http://127.0.0.1:{port}"
+
+    def traces(url: str) -> dict[str, float]:
+        text = httpx.get(f"{url}/metrics", timeout=30).text
+        return {s.labels["outcome"]: s.value for f in text_string_to_metric_families(text)
+                if f.name == "mlflow_dspy_traces" for s in f.samples if s.name.endswith("_total")}
+
+    def ask(client: httpx.Client, i: int) -> int:
+        return client.post("/v1/chat/completions",
+                           json={"messages": [{"role": "user", "content": f"Question {i}?"}]}).status_code
+
+    with stub_lm(tmp_path) as base:
+        # Offline, litellm's import can hang `mlflow server` at start-up without its bundled price map (Makefile).
+        tracking = running(server, f"{store}/health", child_env(LITELLM_LOCAL_MODEL_COST_MAP="true"),
+                           tmp_path / "server.log", timeout=120)
+        with tracking as tracking_server:
+            env = {**store_env(tmp_path, DSPY_LM_API_BASE=base), "MLFLOW_TRACKING_URI": store}
+            with gateway(["--program", "qa", "--lm", "openai/stub-echo"], tmp_path, "--trace-flush-timeout", "3",
+                         **env) as url, httpx.Client(base_url=url, timeout=60) as client:
+                assert [ask(client, i) for i in range(5)] == [200] * 5
+                for _ in range(100):  # written while the store is up
+                    if traces(url).get("written", 0) >= 5:
+                        break
+                    time.sleep(0.2)
+                assert traces(url)["written"] >= 5
+                os.killpg(tracking_server.pid, signal.SIGKILL)  # the tracking store goes down
+                tracking_server.wait(10)
+                assert [ask(client, i) for i in range(5, 45)] == [200] * 40  # every request still answered
+                assert traces(url)["queued"] == 45
+        log = next(tmp_path.glob("gateway-*.log")).read_text()
+    queued, written, dropped = map(int, re.search(r"traces: (\d+) queued, (\d+) written, (\d+) dropped", log).groups())
+    assert queued == 45 and written + dropped == 45 and dropped >= 40 - 1  # what the store never took is counted
+    assert "traces dropped" in log
