@@ -243,3 +243,15 @@ def test_a_tracking_store_that_goes_down_costs_no_request(tmp_path):
     queued, written, dropped = map(int, re.search(r"traces: (\d+) queued, (\d+) written, (\d+) dropped", log).groups())
     assert queued == 45 and written + dropped == 45 and dropped >= 40 - 1  # what the store never took is counted
     assert "traces dropped" in log
+
+
+def test_a_request_refused_before_its_program_ran_names_no_trace(tmp_path):
+    with stub_lm(tmp_path) as base:
+        env = store_env(tmp_path, DSPY_LM_API_BASE=base)
+        with gateway(["--program", "qa", "--lm", "openai/stub-echo"], tmp_path, **env) as url:
+            refused = httpx.post(f"{url}/v1/chat/completions", timeout=30, json={
+                "messages": [{"role": "assistant", "content": "no user turn"}]})
+            answered = httpx.post(f"{url}/v1/chat/completions", timeout=30, json={
+                "messages": [{"role": "user", "content": "A question?"}]})
+    assert refused.status_code == 400 and "x-mlflow-trace-id" not in refused.headers
+    assert answered.status_code == 200 and answered.headers["x-mlflow-trace-id"].startswith("tr-")

@@ -134,7 +134,8 @@ class GatewayMiddleware:
                 extra = [(b"x-request-id", request_id.encode())]
                 if info.get("fingerprint"):  # which version gave this answer
                     extra.append((b"x-mlflow-dspy-model-version", info["fingerprint"].encode()))
-                if info.get("trace_id"):  # the MLflow trace that holds it
+                # The MLflow trace that holds it: an answer, or a failure the program got as far as recording.
+                if info.get("trace_id") and (message["status"] < 400 or getattr(info.get("trace"), "spans", None)):
                     extra.append((b"x-mlflow-trace-id", info["trace_id"].encode()))
                 message["headers"] = [*message["headers"], *extra]
             await send(message)
