@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -59,6 +60,7 @@ def main() -> int:
     parser.add_argument("--margin", type=float, default=0.0, help="passed to improve")
     args = parser.parse_args()
     port = args.port or free_port()
+    started = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())  # this run's traces only (UTC)
 
     print("1. log qa, scored on its dev set, and promote it to dspy-qa@champion", flush=True)
     logged = cli("log", "qa")
@@ -86,7 +88,7 @@ def main() -> int:
             for question, expected in QUESTIONS:
                 reply = ask(client, question)
                 answer = reply.json()["choices"][0]["message"]["content"]
-                right = expected.lower() in answer.lower()
+                right = re.search(rf"\b{re.escape(expected.lower())}\b", answer.lower()) is not None
                 verdict = {"value": True} if right else {"value": False, "expected": {"answer": expected},
                                                          "rationale": f"the answer is {expected}"}
                 client.post("/v1/feedback", json={"trace_id": reply.headers["x-mlflow-trace-id"],
@@ -95,7 +97,7 @@ def main() -> int:
                       flush=True)
 
             print("4. improve dspy-qa from its rated traces", flush=True)
-            done = cli("improve", "dspy-qa", "--from-traces", "--margin", str(args.margin))
+            done = cli("improve", "dspy-qa", "--from-traces", "--margin", str(args.margin), "--since", started)
             print(f"   {done['why']}", flush=True)
             print(f"   {'promoted' if done['promote'] else 'kept the champion'}: candidate version "
                   f"{done['candidate_version']}, improve run {done['run_id']}", flush=True)
@@ -114,7 +116,11 @@ def main() -> int:
             return 0 if body["system_fingerprint"] == wanted else 1
     finally:
         gateway.terminate()
-        gateway.wait(30)
+        try:
+            gateway.wait(30)
+        except subprocess.TimeoutExpired:
+            gateway.kill()
+            gateway.wait()
         log.close()
 
 

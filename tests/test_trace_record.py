@@ -13,7 +13,7 @@ from dspy.utils.exceptions import AdapterParseError
 
 from mlflow_dspy.gateway.trace_export import TraceExporter, span_dicts
 from mlflow_dspy.runtime.host import ProgramHost
-from mlflow_dspy.runtime.trace_record import RecordingCallback, TraceRecord, jsonable, recording
+from mlflow_dspy.runtime.trace_record import RECORDER, TraceRecord, jsonable, recording
 from tests.support.examples import example_chat
 
 ANSWERS = {f"Question {i}?": {"reasoning": f"because {i}", "answer": str(i)} for i in range(20)}
@@ -21,8 +21,8 @@ ANSWERS = {f"Question {i}?": {"reasoning": f"because {i}", "answer": str(i)} for
 
 @pytest.fixture
 def host():
-    with dspy.context(callbacks=[RecordingCallback()]):
-        yield ProgramHost(example_chat("qa"), DummyLM(ANSWERS), dspy.ChatAdapter(), "qa", "test")
+    # No recorder installed anywhere: a traced call adds it to its own settings.
+    return ProgramHost(example_chat("qa"), DummyLM(ANSWERS), dspy.ChatAdapter(), "qa", "test")
 
 
 def ask(i: int) -> list[dict]:
@@ -132,3 +132,26 @@ def test_the_span_dictionaries_are_what_mlflow_reads(host):
     spans = [Span.from_dict(d) for d in span_dicts(record)]
     assert {s.trace_id for s in spans} == {record.request_id}
     assert spans[0].parent_id is None and spans[0].attributes["mlflow.traceTag.mlflow_dspy.model"] == "qa"
+
+
+
+def test_no_key_an_lm_call_carries_reaches_a_trace():
+    # DSPy hands the callback an LM call's extra arguments nested under "kwargs" (inspect.getcallargs).
+    inputs = {"prompt": None, "messages": [{"role": "user", "content": "Anything?"}],
+              "kwargs": {"api_key": "sk-secret-1", "extra_headers": {"Authorization": "Bearer sk-secret-2"},
+                         "api_base": "https://user:sk-secret-3@llm.example/v1?token=sk-secret-4", "temperature": 0}}
+    record = TraceRecord()
+    with recording(record):
+        RECORDER.on_lm_start("call-1", DummyLM([]), inputs)
+        RECORDER.on_lm_end("call-1", ["an answer"])
+    recorded = str([(span.inputs, span.outputs, span.attributes) for span in record.spans])
+    assert "Anything?" in recorded and "temperature" in recorded and "llm.example" in recorded
+    assert "sk-secret" not in recorded
+
+
+def test_the_recorder_is_added_for_a_traced_call_only(host):
+    assert RECORDER not in dspy.settings.callbacks
+    with host.context(trace=TraceRecord()):
+        assert RECORDER in dspy.settings.callbacks
+    with host.context():
+        assert RECORDER not in dspy.settings.callbacks

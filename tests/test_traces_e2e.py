@@ -73,12 +73,15 @@ def test_feedback_is_recorded_as_assessments_on_the_answers_trace_and_bad_feedba
                 "expected.city": client.post("/v1/feedback", json={"trace_id": trace_id, "value": True,
                                                                    "expected": {"city": "Paris"}}),
             }
+            surrogate = client.post("/v1/feedback", headers={"content-type": "application/json"},
+                                    content=b'{"trace_id": "x", "value": true, "expected": {"\\ud800": "x"}}')
             unknown = client.post("/v1/feedback", json={"trace_id": "tr-" + "0" * 32, "value": True})
             without_key = httpx.post(f"{url}/v1/feedback", json={"trace_id": trace_id, "value": True})
     for field, refused in refusals.items():
         assert refused.status_code == 400 and refused.json()["error"]["param"] == field, refused.text
     assert "not an output of this program" in refusals["expected.city"].json()["error"]["message"]
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "trace_not_found"
+    assert surrogate.status_code == 400 and "lone surrogate" in surrogate.json()["error"]["message"]
     assert without_key.status_code == 401
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     assessments = {a.name: a for a in mlflow.get_trace(trace_id).info.assessments}

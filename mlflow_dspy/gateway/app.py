@@ -78,14 +78,18 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> Gatewa
             slot.load_in_background(config, loaded)
             if loaded is not None:
                 await loaded  # uvicorn accepts connections only after the lifespan's start-up
-        exporter[0] = start_trace_export(config, metrics)
+        # On a thread: a tracking store that is slow to answer must not keep /health from answering.
+        exporter[0] = await asyncio.to_thread(start_trace_export, config, metrics)
         feedback.tracing = exporter[0] is not None
+        counting = asyncio.create_task(_refresh_trace_counts(exporter[0])) if exporter[0] is not None else None
         reloading = None
         if config.reload_interval > 0 and any(entry.follows_alias for entry in router.entries):
             reloading = asyncio.create_task(follow_aliases(router, config.reload_interval))
         yield
         if reloading is not None:
             reloading.cancel()
+        if counting is not None:
+            counting.cancel()
         if exporter[0] is not None:
             await asyncio.to_thread(exporter[0].close)  # the queued traces, within --trace-flush-timeout
         await close_pool()  # the LM connection pool of this worker's loop
@@ -145,16 +149,21 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> Gatewa
         return await predict_service.stream(program_for(request), await request.body(), request.scope["mlflow_dspy"])
 
     # -- the rest (served by FastAPI) ------------------------------------------------------
-    def host_named(name: str) -> ProgramHost | None:
+    def host_of(tags: dict[str, str]) -> ProgramHost | None:
+        """The program a trace's answer came from: the version that answered, else the name asked for."""
+        version = tags.get("mlflow_dspy.version")
+        for host in router.loaded():
+            if host.fingerprint == version:
+                return host
         try:
-            return slot.get(name)
+            return slot.get(tags.get("mlflow_dspy.model") or "")
         except GatewayError:
             return None
 
     @app.post("/v1/feedback", openapi_extra=FEEDBACK_REQUEST_BODY)
     async def give_feedback(request: Request) -> Response:
         """A verdict on an answer (its x-mlflow-trace-id), recorded as MLflow assessments on its trace."""
-        return await feedback.create(await request.body(), host_named)
+        return await feedback.create(await request.body(), host_of)
 
     @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
     async def prometheus_metrics() -> Response:
@@ -193,6 +202,13 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> Gatewa
     assert {path for _, path in direct} == set(MODEL_ROUTES)
     return GatewayMiddleware(app, config.limits(), direct=direct, metrics=metrics, labels=slot.labels,
                              cors_origins=config.cors_origins, finished=finished)
+
+
+async def _refresh_trace_counts(exporter: TraceExporter, every: float = 5.0) -> None:
+    """Bring the writer's counts (written, failed) into /metrics and the log, whether or not anyone scrapes."""
+    while True:
+        await asyncio.sleep(every)
+        exporter.refresh_metrics()
 
 
 def app_from_env() -> GatewayMiddleware:

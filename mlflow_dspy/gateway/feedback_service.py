@@ -20,6 +20,7 @@ off.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from mlflow_dspy.runtime.host import ProgramHost
 
 FEEDBACK_NAME = "user_feedback"
 EXPECTATION_NAME = "expected_outputs"
+TRACE_ID = re.compile(r"tr-[0-9a-f]{32}")  # what the gateway's answers carry
 ISSUED_KEPT = 100_000  # trace ids this gateway remembers issuing (to wait for one not written yet)
 WAIT_FOR_WRITE = 10.0  # seconds feedback waits for a trace issued here to be written
 
@@ -56,35 +58,45 @@ class FeedbackService:
         if len(self.issued) > ISSUED_KEPT:
             self.issued.popitem(last=False)
 
-    async def create(self, raw: bytes, host_named: Callable[[str], ProgramHost | None]) -> JSONResponse:
-        """Record a verdict; `host_named` finds the program a served name runs (to check `expected`'s fields)."""
+    async def create(self, raw: bytes, host_of: Callable[[dict[str, str]], ProgramHost | None]) -> JSONResponse:
+        """Record a verdict; `host_of` finds the program that answered, from its trace's tags (to check
+        `expected`'s fields)."""
         if not self.tracing:
             raise GatewayError(404, "tracing is off on this gateway (--no-traces, or its tracking store failed at "
                                     "start-up): there is no trace to give feedback on", "not_found_error",
                                param="trace_id", code="tracing_off")
         body = parse_body(FeedbackRequest, raw)
-        trace = await asyncio.to_thread(self._trace, body.trace_id)
-        if trace is None:
-            raise GatewayError(404, f"no trace '{_shown(body.trace_id)}' in the tracking store", "not_found_error",
-                               param="trace_id", code="trace_not_found")
+        trace = await self._trace(body.trace_id)
+        # Only the traces of answers a gateway gave (their tags say so): no assessments on anything else.
+        if trace is None or "mlflow_dspy.model" not in trace.info.tags:
+            raise GatewayError(404, f"no answer's trace '{_shown(body.trace_id)}' in the tracking store",
+                               "not_found_error", param="trace_id", code="trace_not_found")
         if body.expected is not None:
-            _check_expected(body.expected, host_named(trace.info.tags.get("mlflow_dspy.model", "")))
-        ids = await asyncio.to_thread(self._record, body)
+            _check_expected(body.expected, host_of(trace.info.tags))
+        try:
+            ids = await asyncio.to_thread(self._record, body)
+        except Exception as exc:
+            raise _store_down(exc) from None
         return JSONResponse({"trace_id": body.trace_id, "assessments": ids})
 
-    def _trace(self, trace_id: str):
-        """The trace, waiting a little for one issued here and not yet written; None if there is none."""
-        import mlflow
+    async def _trace(self, trace_id: str):
+        """The trace; one of ours not written yet (an answer's trace id, as a gateway makes them, from this
+        worker or another) is waited for, a few seconds at most. None if there is none."""
+        from mlflow import MlflowClient
 
-        deadline = time.monotonic() + (WAIT_FOR_WRITE if trace_id in self.issued else 0)
+        client = MlflowClient()
+        wait = WAIT_FOR_WRITE if (trace_id in self.issued or TRACE_ID.fullmatch(trace_id)) else 0
+        deadline = time.monotonic() + wait
         while True:
             try:
-                trace = mlflow.get_trace(trace_id)
-            except Exception:
+                trace = await asyncio.to_thread(client.get_trace, trace_id)
+            except Exception as exc:
+                if getattr(exc, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
+                    raise _store_down(exc) from None  # the store failed: not the client's mistake
                 trace = None
             if trace is not None or time.monotonic() >= deadline:
                 return trace
-            time.sleep(0.1)
+            await asyncio.sleep(0.2)  # no thread held while waiting
 
     @staticmethod
     def _record(body: FeedbackRequest) -> list[str]:
@@ -98,6 +110,11 @@ class FeedbackService:
             recorded.append(mlflow.log_expectation(trace_id=body.trace_id, name=EXPECTATION_NAME,
                                                    value=body.expected, source=source))
         return [assessment.assessment_id for assessment in recorded]
+
+
+def _store_down(exc: Exception) -> GatewayError:
+    return GatewayError(503, f"the tracking store did not answer ({type(exc).__name__}); retry later",
+                        "service_unavailable", code="tracking_store_unavailable", headers={"Retry-After": "5"})
 
 
 def _check_expected(expected: dict[str, object], host: ProgramHost | None) -> None:

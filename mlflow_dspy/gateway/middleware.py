@@ -37,8 +37,10 @@ access_log = logging.getLogger("mlflow_dspy.gateway.access")
 
 # Routes that run the program: these count against the in-flight cap.
 MODEL_ROUTES = ("/v1/chat/completions", "/v1/responses", "/invocations", "/predict", "/predict/stream")
+# Routes whose JSON bodies are checked here (valid UTF-8, no lone surrogate) before any route reads them.
+BODY_ROUTES = (*MODEL_ROUTES, "/v1/feedback")
 # Routes the metrics name; any other path is counted as "other" (a scanner must not grow the label set).
-KNOWN_ROUTES = (*MODEL_ROUTES, "/v1/models", "/v1/feedback")
+KNOWN_ROUTES = (*BODY_ROUTES, "/v1/models")
 def _authorized(header: bytes | None, keys: tuple[str, ...]) -> bool:
     # `Bearer <key>`; the scheme's name is case-insensitive (RFC 7235 section 2.1): bearer, BEARER.
     scheme, _, offered = (header or b"").strip().partition(b" ")
@@ -149,10 +151,10 @@ class GatewayMiddleware:
                 body = await self._read_body(scope, receive)
                 if isinstance(body, GatewayError):
                     error = body
-            if error is None and body and path in MODEL_ROUTES and not _is_utf8(body):
+            if error is None and body and path in BODY_ROUTES and not _is_utf8(body):
                 error = GatewayError(400, "the request body is not valid UTF-8 (JSON must be UTF-8)",
                                      code="invalid_encoding")
-            if error is None and body and path in MODEL_ROUTES and (b"\\ud" in body or b"\\uD" in body):
+            if error is None and body and path in BODY_ROUTES and (b"\\ud" in body or b"\\uD" in body):
                 # A JSON escape of a lone surrogate: valid JSON, not valid text. Refused wherever it is.
                 where = lone_surrogate(body)
                 if where is not None:
@@ -180,16 +182,16 @@ class GatewayMiddleware:
             # log line below is written: the client does not wait for our bookkeeping.
             await asyncio.sleep(0)
         finally:
-            if counted:
-                # A program thread that a departed client (or a deadline) left running still works, on an LM
-                # call it cannot cancel: its slot is given back only when that thread ends.
-                still = [future for future in left_running if not future.done()]
-                if still:
-                    self._release_when_done(still)
-                else:
+            # A program thread that a departed client (or a deadline) left running still works, on an LM call it
+            # cannot cancel: its slot is given back, and its trace (still being recorded) sent on, when it ends.
+            still = [future for future in left_running if not future.done()]
+            if still:
+                self._when_done(still, counted, info)
+            else:
+                if counted:
                     self._release()
-            if self.finished is not None:
-                self.finished(info)
+                if self.finished is not None:
+                    self.finished(info)
             usage = info.get("usage") or (0, 0)
             if self.metrics is not None and path not in OPEN_ROUTES:
                 first = info.get("first_token")
@@ -212,15 +214,18 @@ class GatewayMiddleware:
         if self.metrics is not None:
             self.metrics.in_flight.dec()
 
-    def _release_when_done(self, futures: list[Future]) -> None:
-        """Give the slot back once every one of these threads has ended."""
+    def _when_done(self, futures: list[Future], counted: bool, info: dict) -> None:
+        """Once every one of these threads has ended: give the slot back (if it held one), send the trace on."""
         loop = asyncio.get_running_loop()
         remaining = [len(futures)]
 
         def ended(_: Future) -> None:
             remaining[0] -= 1
             if remaining[0] == 0:
-                self._release()
+                if counted:
+                    self._release()
+                if self.finished is not None:
+                    self.finished(info)
 
         def on_loop(done: Future) -> None:
             # Called on the thread that ran it: the count changes on the event loop's thread.

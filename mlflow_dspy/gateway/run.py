@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 
 import uvicorn
@@ -42,6 +43,17 @@ def config_of(args: argparse.Namespace) -> GatewayConfig:
 
 def run_gateway(args: argparse.Namespace) -> int:
     config = config_of(args)
+    if config.traces:
+        # Create the store's tables and the experiment once, here: several workers doing it at once race on
+        # the SQLite schema. A store that fails turns tracing off; it does not stop the gateway.
+        from mlflow_dspy.packaging.log import use_tracking_store
+
+        try:
+            use_tracking_store()
+        except Exception as exc:
+            print(f"mlflow-dspy gateway: tracing is off: the tracking store failed ({type(exc).__name__})",
+                  file=sys.stderr, flush=True)
+            config.traces = False
     # Workers are separate processes: they rebuild the app from this variable
     # (API keys stay in GATEWAY_API_KEYS and are read by each worker).
     os.environ[CONFIG_ENV] = config.to_env()
@@ -51,12 +63,6 @@ def run_gateway(args: argparse.Namespace) -> int:
     if args.workers > 1:
         # Each worker writes its metrics to files here; /metrics adds up every worker's (gateway/metrics.py).
         os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="mlflow-dspy-metrics-")
-    if config.traces:
-        # Create the store's tables and the experiment once, here: several
-        # workers doing it at once race on the SQLite schema.
-        from mlflow_dspy.packaging.log import use_tracking_store
-
-        use_tracking_store()
     from mlflow_dspy.internals.uvicorn_protocol import http_protocol
 
     uvicorn.run(

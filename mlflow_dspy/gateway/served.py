@@ -7,8 +7,6 @@ import asyncio
 import gc
 import logging
 
-import dspy
-
 from mlflow_dspy.gateway.config import GatewayConfig
 from mlflow_dspy.gateway.errors import GatewayError
 from mlflow_dspy.gateway.metrics import GatewayMetrics
@@ -16,7 +14,7 @@ from mlflow_dspy.gateway.router import Router, Split
 from mlflow_dspy.gateway.trace_export import TraceExporter
 from mlflow_dspy.packaging.load import host_for_model, version_of
 from mlflow_dspy.runtime.host import ProgramHost
-from mlflow_dspy.runtime.trace_record import RecordingCallback, TraceRecord
+from mlflow_dspy.runtime.trace_record import TraceRecord
 
 log = logging.getLogger("mlflow_dspy.gateway")
 
@@ -45,9 +43,6 @@ def load_models(config: GatewayConfig, router: Router) -> None:
     router.load_all(config.served_name)
     for host in router.loaded():
         host.warm_up()
-    if config.traces:
-        # On the loader thread, the one that configured DSPy: callbacks are set with dspy.configure.
-        dspy.configure(callbacks=[*dspy.settings.callbacks, RecordingCallback()])
 
 
 def start_trace_export(config: GatewayConfig, metrics: GatewayMetrics) -> TraceExporter | None:

@@ -29,8 +29,8 @@ from mlflow_dspy.gateway.metrics import GatewayMetrics
 from mlflow_dspy.runtime.trace_record import TraceRecord
 
 log = logging.getLogger("mlflow_dspy.gateway")
-BATCH = 50  # traces a database session writes at most
-BATCH_WAIT = 0.25  # seconds a batch waits to fill before it is written
+BATCH = 100  # traces a database session writes at most
+BATCH_WAIT = 1.0  # seconds a batch waits to fill before it is written (fewer, larger sessions cost less CPU)
 
 
 class TraceExporter:
@@ -43,7 +43,7 @@ class TraceExporter:
         self.written, self.failed = context.Value("q", 0), context.Value("q", 0)
         self.metrics = metrics
         self.flush_timeout = flush_timeout
-        self.queued = self.dropped = self._reported_written = 0
+        self.queued = self.dropped = self._reported_written = self._reported_failed = 0
         self._last_warning = 0.0
         self.process = context.Process(target=write_traces, name="mlflow-dspy-traces", daemon=True,
                                        args=(self.queue, tracking_uri, experiment_id, self.written, self.failed))
@@ -58,7 +58,10 @@ class TraceExporter:
         try:
             self.queue.put_nowait(record)
         except queue.Full:
-            self._drop(1, "the trace queue is full (the tracking store is slower than the requests)")
+            why = "the trace queue is full (the tracking store is slower than the requests)"
+            if not self.process.is_alive():
+                why = f"the trace writer has stopped (exit code {self.process.exitcode}; see the log above)"
+            self._drop(1, why)
             return False
         self.queued += 1
         self._count("queued")
@@ -73,11 +76,13 @@ class TraceExporter:
         if self.process.is_alive():
             self.process.kill()
             self.process.join(5)
-        self.refresh_metrics()
-        lost = self.queued - self.written.value
+        # What is still in the pipe is lost (and counted below): the process may exit without feeding it.
+        self.queue.cancel_join_thread()
+        self.queue.close()
+        self.refresh_metrics()  # the writer's failures are dropped traces already
+        lost = self.queued - self._reported_written - self._reported_failed
         if lost > 0:
-            self._drop(lost, f"{lost} traces were not written before the stop "
-                             f"({self.failed.value} failed in the tracking store)", always=True)
+            self._drop(lost, f"{lost} traces were still queued at the stop", always=True)
         log.info("traces: %d queued, %d written, %d dropped", self.queued, self.written.value, self.dropped)
 
     def sampled_out(self) -> None:
@@ -97,9 +102,12 @@ class TraceExporter:
 
     def refresh_metrics(self) -> None:
         """Bring the written count (kept by the writer process) into /metrics."""
-        written = self.written.value
+        written, failed = self.written.value, self.failed.value
         self._count("written", written - self._reported_written)
         self._reported_written = written
+        if failed > self._reported_failed:
+            new, self._reported_failed = failed - self._reported_failed, failed
+            self._drop(new, "the tracking store failed to take them")
 
 
 # -- the writer process ------------------------------------------------------------------------
@@ -115,6 +123,8 @@ def write_traces(inbox: Any, tracking_uri: str, experiment_id: str, written: Any
     last_error = 0.0
     while True:
         batch, done = _next_batch(inbox)
+        if done is None:  # the gateway process is gone without a word: nobody to write for
+            return
         if batch:
             try:
                 client.log_spans(experiment_id, [Span.from_dict(d) for record in batch for d in span_dicts(record)])
@@ -131,9 +141,16 @@ def write_traces(inbox: Any, tracking_uri: str, experiment_id: str, written: Any
             return
 
 
-def _next_batch(inbox: Any) -> tuple[list[TraceRecord], bool]:
-    """Up to BATCH records: the first as soon as it comes, the rest within BATCH_WAIT; True at the end."""
-    first = inbox.get()
+def _next_batch(inbox: Any) -> tuple[list[TraceRecord], bool | None]:
+    """Up to BATCH records: the first as soon as it comes, the rest within BATCH_WAIT; True at the end
+    (the None the gateway sends last), None when the gateway process died without sending it."""
+    while True:
+        try:
+            first = inbox.get(timeout=1.0)
+            break
+        except queue.Empty:
+            if not multiprocessing.parent_process().is_alive():
+                return [], None
     if first is None:
         return [], True
     batch, until = [first], time.monotonic() + BATCH_WAIT

@@ -5,8 +5,9 @@ In order:
 1. **export** the rated traces of NAME (`traces export`: inputs, and the
    expected outputs or a rated-up answer's own);
 2. **split** them into a train and a held-out set, shuffled with a fixed seed;
-3. **optimize** the champion's program (as it is: its demos included) on the
-   train split, with the optimizer `optimize` uses;
+3. **optimize** a copy of the champion's program (its instructions and
+   structure; the optimizer chooses its demos anew) on the train split, with
+   the optimizer `optimize` uses;
 4. **score** the champion and the candidate on the same held-out set, with the
    champion's LM and metric;
 5. **register** the candidate as a new version, with both scores;
@@ -80,6 +81,7 @@ def improve(name: str, alias: str = "champion", optimizer: str = "bootstrap", ho
     champion = load(f"models:/{name}@{alias}")
     with tempfile.TemporaryDirectory() as tmp:
         exported = export_traces(name, Path(tmp) / "traces.jsonl", version, since, feedback)
+        exported.written -= _keep_fitting(exported.out, champion.chat.mapping)
         if exported.written < MIN_EXAMPLES:
             raise NothingToImprove(f"{exported.written} examples from the rated traces of {name} (of "
                                    f"{exported.traces} traces); improve needs at least {MIN_EXAMPLES}: rate more "
@@ -119,6 +121,18 @@ def improve(name: str, alias: str = "champion", optimizer: str = "bootstrap", ho
             promote(name, logged.version, alias, force=True, reason=f"improve: {why}")
         result.run_id = _record(result, exported.out, train, heldout, metric_name)
     return result
+
+
+def _keep_fitting(path: Path, mapping) -> int:
+    """Drop the rows that do not fit the champion's fields (traces of an older version with other inputs);
+    returns how many were dropped."""
+    required = [field.name for field in mapping.inputs if field.required]
+    outputs = {field.name for field in mapping.outputs}
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if (row := json.loads(line)) and all(name in row for name in required)
+            and outputs & set(row)]
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    return len(lines) - len(kept)
 
 
 def split(examples: list[dspy.Example], holdout: float, seed: int) -> tuple[list, list]:

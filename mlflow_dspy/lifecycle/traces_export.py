@@ -12,12 +12,15 @@ gateway records the program itself as the root), and its outputs:
 `--feedback` keeps the traces rated that way: `positive`, `negative`,
 `expected` (with expected outputs) or `any` rating (the default). A `dspy.History`
 input is written as the `{"role", "content"}` messages the data files use.
-Identical examples are written once.
+One example is written per input: where an input was rated more than once,
+expected outputs win over an answer rated up (and a held-out example can
+never have its twin in the train set).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,6 +29,8 @@ from typing import Any
 FEEDBACK_NAME = "user_feedback"  # as the gateway's /v1/feedback records them
 EXPECTATION_NAME = "expected_outputs"
 FEEDBACK_KINDS = ("positive", "negative", "expected", "any")
+MAX_TRACES = 100_000  # read at most, newest first
+log = logging.getLogger("mlflow_dspy.lifecycle")
 
 
 @dataclass
@@ -69,11 +74,15 @@ def export_traces(name: str, out: Path, version: str | None = None, since: str |
     after = parse_since(since)
     use_tracking_store()
     experiment = mlflow.get_experiment_by_name(EXPERIMENT_NAME)
-    filters = [f"tags.`mlflow_dspy.version` = '{name}/{version}'" if version else None,
+    quoted = name.replace("'", "\\'")
+    filters = [f"tags.`mlflow_dspy.version` = '{quoted}/{version}'" if version
+               else f"tags.`mlflow_dspy.model` LIKE '{quoted}%'",  # NAME, NAME@ALIAS, NAME/VERSION (and more)
                f"trace.timestamp_ms >= {after}" if after is not None else None]
     traces = mlflow.search_traces(locations=[experiment.experiment_id], return_type="list",
-                                  filter_string=" AND ".join(f for f in filters if f) or None, max_results=100_000)
-    report, seen, rows = ExportReport(out), set(), []
+                                  filter_string=" AND ".join(f for f in filters if f), max_results=MAX_TRACES)
+    if len(traces) >= MAX_TRACES:
+        log.warning("traces export: read the newest %d traces only; narrow it with --since or --version", MAX_TRACES)
+    report, seen, rows = ExportReport(out), {}, []
     for trace in tqdm(traces, desc=f"traces of {name}", unit="trace", disable=not progress):
         if not _of_model(trace.info.tags, name):
             continue
@@ -89,13 +98,19 @@ def export_traces(name: str, out: Path, version: str | None = None, since: str |
         if not outputs:
             report.without_outputs += 1
             continue
-        row = {**{key: _data_value(value) for key, value in root.inputs.items()}, **outputs}
-        key = json.dumps(row, sort_keys=True, default=str)
+        inputs = {key: _data_value(value) for key, value in root.inputs.items()}
+        # One example per input: a held-out example must never have its twin in the train set. Where the
+        # same input was rated more than once, expected outputs (a correction) win over an answer rated up.
+        key = json.dumps(inputs, sort_keys=True, default=str)
         if key in seen:
             report.duplicates += 1
+            index, corrected = seen[key]
+            if isinstance(expected, dict) and not corrected:
+                rows[index], report.trace_ids[index] = {**inputs, **outputs}, trace.info.trace_id
+                seen[key] = (index, True)
             continue
-        seen.add(key)
-        rows.append(row)
+        seen[key] = (len(rows), isinstance(expected, dict))
+        rows.append({**inputs, **outputs})
         report.trace_ids.append(trace.info.trace_id)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows), encoding="utf-8")
@@ -104,8 +119,11 @@ def export_traces(name: str, out: Path, version: str | None = None, since: str |
 
 
 def _of_model(tags: dict[str, str], name: str) -> bool:
-    """A trace of a registered model NAME (its version tag is NAME/VERSION) or served as NAME."""
-    return tags.get("mlflow_dspy.version", "").startswith(f"{name}/") or tags.get("mlflow_dspy.model") == name
+    """A trace of registered model NAME (its version tag is NAME/VERSION), or served as NAME (a program
+    served from its code), NAME@ALIAS or NAME/VERSION."""
+    served = tags.get("mlflow_dspy.model", "")
+    return (tags.get("mlflow_dspy.version", "").startswith(f"{name}/") or served == name
+            or served.startswith((f"{name}@", f"{name}/")))
 
 
 def _ratings(assessments: list) -> tuple[Any, Any]:

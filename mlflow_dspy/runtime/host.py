@@ -17,7 +17,7 @@ from mlflow_dspy.internals.dspy_chat_adapter import serving_adapter
 from mlflow_dspy.program.chat import ChatProgram, Conversation, call_async
 from mlflow_dspy.program.work import run_in_thread
 from mlflow_dspy.runtime.field_stream import FieldStream
-from mlflow_dspy.runtime.trace_record import TraceRecord, recording
+from mlflow_dspy.runtime.trace_record import RECORDER, TraceRecord, recording
 
 
 @dataclass
@@ -100,9 +100,13 @@ class ProgramHost:
     def context(self, lm_settings: dict[str, Any] | None = None, trace: TraceRecord | None = None):
         """DSPy's settings for one call; with `trace`, the calls are recorded into it (runtime/trace_record.py)."""
         lm = self.lm.copy(**lm_settings) if lm_settings else self.lm
+        traced = {}
+        if trace is not None and RECORDER not in dspy.settings.callbacks:
+            traced["callbacks"] = [*dspy.settings.callbacks, RECORDER]
         # No call history in a server: it would keep every conversation in
         # memory (up to 10,000 per LM) for nobody to read.
-        with dspy.context(lm=lm, adapter=self.adapter, track_usage=True, disable_history=True), recording(trace):
+        with dspy.context(lm=lm, adapter=self.adapter, track_usage=True, disable_history=True, **traced), \
+                recording(trace):
             yield
 
     async def answer(self, messages: list[dict] | Conversation, lm_settings: dict[str, Any] | None = None,
@@ -155,19 +159,12 @@ class ProgramHost:
     ) -> AsyncIterator[Delta | dspy.Prediction]:
         target = id(_target(program, self.program.answer_fields[0]))
         decoder = FieldStream(list(fields))  # fresh per request: it keeps state
-        # Natively async when the program can be (no thread per stream): the LM's own stream reaches
-        # the client as it arrives, and a client that leaves cancels the LM call with this task.
-        if hasattr(type(program), "aforward"):
-            streaming = dspy.streamify(program, is_async_program=True, include_final_prediction_in_output_stream=True)
-        else:  # a module with only a forward: on a program thread, whose work is tracked if the client leaves
-            async def in_thread(**arguments: Any) -> dspy.Prediction:
-                return await run_in_thread(program, **arguments)
-
-            streaming = dspy.streamify(in_thread, include_final_prediction_in_output_stream=True)
         final, call_id = None, None
         # aclosing: the streamify generator is always finished in this task,
         # even when the client goes away (its task group must exit where it began).
         with self.context(lm_settings, trace):
+            # Made inside the context: streamify keeps the callbacks (the trace recorder) it finds.
+            streaming = _streaming(program)
             async with aclosing(streaming(**kwargs)) as values:
                 async for value in values:
                     if isinstance(value, dspy.Prediction):
@@ -186,6 +183,19 @@ class ProgramHost:
                 if rest:
                     yield Delta(label, rest)
             yield final
+
+
+def _streaming(program: dspy.Module):
+    """Natively async when the program can be (no thread per stream): the LM's own stream reaches the client
+    as it arrives, and a client that leaves cancels the LM call with this task. A module with only a forward
+    runs on a program thread, whose work is tracked if the client leaves."""
+    if hasattr(type(program), "aforward"):
+        return dspy.streamify(program, is_async_program=True, include_final_prediction_in_output_stream=True)
+
+    async def in_thread(**arguments: Any) -> dspy.Prediction:
+        return await run_in_thread(program, **arguments)
+
+    return dspy.streamify(in_thread, include_final_prediction_in_output_stream=True)
 
 
 def _target(program: dspy.Module, answer_field: str) -> dspy.Predict:

@@ -8,9 +8,10 @@ and parse steps, which repeat the signature on every call, are left out), with
 their inputs, outputs, timing, errors and the token usage, into a `TraceRecord`
 that the gateway hands to its trace writer (gateway/trace_export.py).
 
-`RecordingCallback` is a DSPy callback installed once; it records only while a
-request's `recording(record)` is active (a ContextVar, so concurrent requests,
-streams and program threads each record into their own).
+`RECORDER`, a DSPy callback, is added to the settings of a traced call only
+(ProgramHost.context), and records into that call's `recording(record)` (a
+ContextVar, so concurrent requests, streams and program threads each record
+into their own). Secret-named arguments never reach a record (`redacted`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dspy.utils.callback import BaseCallback
+
+from mlflow_dspy.lm_engine.credentials import clean_url, is_secret_name
 
 # Longer texts are cut in a trace (a trace is for reading, not an archive of every byte).
 MAX_TEXT = 20_000
@@ -90,7 +93,7 @@ class RecordingCallback(BaseCallback):
         if record is None:
             return
         span = SpanRecord(secrets.token_hex(8), _PARENT.get(), name, span_type, time.time_ns(),
-                          jsonable(inputs), attributes=attributes)
+                          jsonable(redacted(inputs)), attributes=attributes)
         record.spans.append(span)
         # DSPy calls a span's start and end in the same context: the token resets it there.
         self._open[call_id] = (span, _PARENT.set(span.span_id))
@@ -133,12 +136,29 @@ class RecordingCallback(BaseCallback):
                 root.attributes["mlflow.chat.tokenUsage"] = usage
 
     def on_lm_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
-        # A key never goes in a trace, whatever a caller passed.
-        shown = {name: value for name, value in inputs.items() if "key" not in name.lower()}
-        self._start(call_id, "LM.__call__", "CHAT_MODEL", shown, **{"mlflow.llm.model": getattr(instance, "model", "")})
+        self._start(call_id, "LM.__call__", "CHAT_MODEL", inputs,
+                    **{"mlflow.llm.model": clean_url(str(getattr(instance, "model", "")))})
 
     def on_lm_end(self, call_id: str, outputs: Any | None, exception: BaseException | None = None) -> None:
         self._end(call_id, outputs, exception)
+
+
+# The one recorder: a host adds it to a traced call's DSPy settings (dspy.context), and nowhere else.
+RECORDER = RecordingCallback()
+
+
+def redacted(value: Any, depth: int = 0) -> Any:
+    """A call's arguments as a trace may hold them: secret-named keys (api_key, token, authorization, ...)
+    dropped at any depth, and credentials taken out of URLs. A key never goes in a trace."""
+    if depth > 8:
+        return value
+    if isinstance(value, dict):
+        return {key: redacted(item, depth + 1) for key, item in value.items() if not is_secret_name(str(key))}
+    if isinstance(value, (list, tuple)):
+        return [redacted(item, depth + 1) for item in value]
+    if isinstance(value, str) and "://" in value and len(value) < 2048:
+        return clean_url(value)
+    return value
 
 
 def _usage(by_model: dict | None) -> dict[str, int]:
