@@ -47,7 +47,7 @@ from mlflow_dspy.gateway.protocol import ChatCompletion, ChatCompletionRequest, 
 from mlflow_dspy.gateway.responses import ResponseObject, ResponsesRequest, ResponsesService
 from mlflow_dspy.gateway.served import HostSlot, follow_aliases, make_router, start_trace_export, trace_record
 from mlflow_dspy.gateway.trace_export import TraceExporter
-from mlflow_dspy.internals import SPEEDUPS_ENV, dspy_executor
+from mlflow_dspy.internals import SPEEDUPS_ENV, dspy_callbacks, dspy_executor
 from mlflow_dspy.lm_engine.http1 import close_pool
 from mlflow_dspy.runtime.host import ProgramHost
 
@@ -70,8 +70,10 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> Gatewa
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        # Two thread hops per LM call fewer, unless the speed-ups are off (mlflow_dspy/internals).
+        # Two thread hops per LM call fewer, and DSPy's callback handlers (the trace recorder) remembered,
+        # unless the speed-ups are off (mlflow_dspy/internals).
         on = dspy_executor.install()
+        dspy_callbacks.install()
         log.info("speed-ups on DSPy's and uvicorn's internals: %s", "on" if on else f"off ({SPEEDUPS_ENV}=0)")
         if not slot.loaded:
             loaded = asyncio.get_running_loop().create_future() if config.load_before_serving else None

@@ -6,6 +6,9 @@ each has a test that fails loudly, naming what changed, when it does:
 * `dspy_executor`: the event loop's default executor runs two of DSPy's
   bookkeeping steps (`dspy.clients.execution.prepare`, `_price_result`) inline
   instead of on a worker thread (tests/test_internals_dspy_executor.py);
+* `dspy_callbacks`: DSPy's choice of callback handler per event (module, adapter,
+  LM) remembered per class instead of made again by isinstance checks
+  (tests/test_internals_dspy_callbacks.py pins DSPy's two functions);
 * `dspy_chat_adapter`: a ChatAdapter subclass that writes DSPy's very prompts
   with less CPU, overriding its formatting methods
   (tests/test_internals_dspy_chat_adapter.py compares every prompt);
@@ -13,7 +16,7 @@ each has a test that fails loudly, naming what changed, when it does:
   section, and a transport that sends one turn's writes as one
   (tests/test_internals_uvicorn_protocol.py pins uvicorn's `data_received`).
 
-The speed-ups (the executor, the adapter and the coalescing transport) are on
+The speed-ups (the executor, the callback handlers, the adapter and the coalescing transport) are on
 by default and all turned off by `MLFLOW_DSPY_SPEEDUPS=0` (the gateway's
 `--no-speedups` sets it for its workers): the server then runs DSPy's and
 uvicorn's own code paths, slower, with the same answers. The header limits are
