@@ -258,3 +258,19 @@ def test_a_request_refused_before_its_program_ran_names_no_trace(tmp_path):
                 "messages": [{"role": "user", "content": "A question?"}]})
     assert refused.status_code == 400 and "x-mlflow-trace-id" not in refused.headers
     assert answered.status_code == 200 and answered.headers["x-mlflow-trace-id"].startswith("tr-")
+
+
+def test_a_trace_sample_of_zero_traces_nothing_and_counts_every_request_sampled_out(tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with stub_lm(tmp_path) as base:
+        env = store_env(tmp_path, DSPY_LM_API_BASE=base)
+        with gateway(["--program", "qa", "--lm", "openai/stub-echo"], tmp_path, "--trace-sample", "0", **env) as url, \
+                httpx.Client(base_url=url, timeout=60) as client:
+            replies = [client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": f"Q{i}?"}]})
+                       for i in range(10)]
+            text = client.get("/metrics").text
+    assert all(r.status_code == 200 and "x-mlflow-trace-id" not in r.headers for r in replies)
+    outcomes = {s.labels["outcome"]: s.value for f in text_string_to_metric_families(text)
+                if f.name == "mlflow_dspy_traces" for s in f.samples if s.name.endswith("_total")}
+    assert outcomes.get("sampled_out") == 10 and not outcomes.get("queued")
