@@ -100,12 +100,13 @@ def test_ordinary_requests_keep_alive_and_large_bodies_still_pass(served):
 
 
 def test_two_authorization_headers_or_a_missing_or_doubled_host_get_400(served):
+    # Connection: close, so each exchange ends with the answer rather than the keep-alive timeout.
     double_auth = _exchange(served, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer a\r\n"
-                                    b"Authorization: Bearer b\r\n\r\n")
+                                    b"Authorization: Bearer b\r\nConnection: close\r\n\r\n")
     assert double_auth.startswith(b"HTTP/1.1 400") and b"at most one Authorization header (it has 2)" in double_auth
-    no_host = _exchange(served, b"GET /v1/models HTTP/1.1\r\n\r\n")
+    no_host = _exchange(served, b"GET /v1/models HTTP/1.1\r\nConnection: close\r\n\r\n")
     assert no_host.startswith(b"HTTP/1.1 400") and b"exactly one Host header (it has 0)" in no_host
-    two_hosts = _exchange(served, b"GET /v1/models HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+    two_hosts = _exchange(served, b"GET /v1/models HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n")
     assert two_hosts.startswith(b"HTTP/1.1 400") and b"exactly one Host header (it has 2)" in two_hosts
     assert _exchange(served, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").startswith(
         b"HTTP/1.1 200")
