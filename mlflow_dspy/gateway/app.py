@@ -111,7 +111,6 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> Gatewa
             if config.trace_sample >= 1 or random.random() < config.trace_sample:
                 info["trace"] = trace_record(info, request.url.path, sticky)
                 info["trace_id"] = info["trace"].request_id  # the answer's x-mlflow-trace-id header
-                feedback.issue(info["trace_id"])
             else:
                 exporter[0].sampled_out()
         return host

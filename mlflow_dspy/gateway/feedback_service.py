@@ -12,7 +12,7 @@ export` turns both into data for the next version. `expected` names the
 program's own output fields; any other is a 400 naming it.
 
 A trace is written a moment after its answer (by the trace writer): feedback
-on one this gateway issued but has not written yet waits for it, a few
+on an answer's trace id (any worker's) not written yet waits for it, a few
 seconds at most. An unknown trace is a 404, as is any feedback when tracing is
 off.
 """
@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 
 from pydantic import Field, StrictBool, StrictFloat, StrictInt
@@ -31,12 +30,10 @@ from starlette.responses import JSONResponse
 from mlflow_dspy.gateway.errors import GatewayError, invalid_request, parse_body
 from mlflow_dspy.gateway.protocol import Strict
 from mlflow_dspy.runtime.host import ProgramHost
+from mlflow_dspy.runtime.trace_record import EXPECTATION_NAME, FEEDBACK_NAME
 
-FEEDBACK_NAME = "user_feedback"
-EXPECTATION_NAME = "expected_outputs"
 TRACE_ID = re.compile(r"tr-[0-9a-f]{32}")  # what the gateway's answers carry
-ISSUED_KEPT = 100_000  # trace ids this gateway remembers issuing (to wait for one not written yet)
-WAIT_FOR_WRITE = 10.0  # seconds feedback waits for a trace issued here to be written
+WAIT_FOR_WRITE = 10.0  # seconds feedback waits for an answer's trace to be written
 
 
 class FeedbackRequest(Strict):
@@ -49,14 +46,7 @@ class FeedbackRequest(Strict):
 
 class FeedbackService:
     def __init__(self) -> None:
-        self.issued: OrderedDict[str, None] = OrderedDict()
         self.tracing = False  # set once the trace writer runs
-
-    def issue(self, trace_id: str) -> None:
-        """Remember a trace id an answer carried (it may not be in the store yet)."""
-        self.issued[trace_id] = None
-        if len(self.issued) > ISSUED_KEPT:
-            self.issued.popitem(last=False)
 
     async def create(self, raw: bytes, host_of: Callable[[dict[str, str]], ProgramHost | None]) -> JSONResponse:
         """Record a verdict; `host_of` finds the program that answered, from its trace's tags (to check
@@ -85,7 +75,7 @@ class FeedbackService:
         from mlflow import MlflowClient
 
         client = MlflowClient()
-        wait = WAIT_FOR_WRITE if (trace_id in self.issued or TRACE_ID.fullmatch(trace_id)) else 0
+        wait = WAIT_FOR_WRITE if TRACE_ID.fullmatch(trace_id) else 0
         deadline = time.monotonic() + wait
         while True:
             try:

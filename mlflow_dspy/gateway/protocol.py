@@ -202,6 +202,22 @@ class OpenAIRequest(Strict):
     prompt_cache_key: str | None = None
     prompt_cache_retention: str | None = None
 
+    def token_limit(self) -> int | None:
+        """The most tokens the client lets the answer have (each protocol names it its own way)."""
+        return None
+
+    def lm_settings(self) -> dict[str, Any]:
+        """Per-request LM settings, for `lm.copy(**settings)`, named as DSPy's LMs name them."""
+        settings: dict[str, Any] = {}
+        if self.temperature is not None:
+            settings["temperature"] = self.temperature
+        if self.top_p is not None:
+            settings["top_p"] = self.top_p
+        limit = self.token_limit()
+        if limit is not None:
+            settings["max_tokens"] = limit
+        return settings
+
 
 class ChatCompletionRequest(OpenAIRequest):
     messages: list[ChatMessage] = Field(min_length=1)
@@ -270,16 +286,11 @@ class ChatCompletionRequest(OpenAIRequest):
         if not tools and choice not in (None, "none", "auto"):
             raise _unsupported(f"{choice_name} {json.dumps(choice)} asks for a tool call: {NO_TOOLS}", choice_name)
 
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
     def lm_settings(self) -> dict[str, Any]:
-        """Per-request LM settings, for `lm.copy(**settings)`."""
-        settings: dict[str, Any] = {}
-        if self.temperature is not None:
-            settings["temperature"] = self.temperature
-        if self.top_p is not None:
-            settings["top_p"] = self.top_p
-        limit = self.max_completion_tokens or self.max_tokens
-        if limit is not None:
-            settings["max_tokens"] = limit
+        settings = super().lm_settings()
         if self.stop:
             settings["stop"] = self.stop
         if self.seed is not None:

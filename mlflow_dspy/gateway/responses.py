@@ -145,16 +145,8 @@ class ResponsesRequest(OpenAIRequest):
                                "text")
         return self
 
-    def lm_settings(self) -> dict[str, Any]:
-        """Per-request LM settings, named as the chat route names them."""
-        settings: dict[str, Any] = {}
-        if self.temperature is not None:
-            settings["temperature"] = self.temperature
-        if self.top_p is not None:
-            settings["top_p"] = self.top_p
-        if self.max_output_tokens is not None:
-            settings["max_tokens"] = self.max_output_tokens
-        return settings
+    def token_limit(self) -> int | None:
+        return self.max_output_tokens
 
     def conversation_messages(self) -> tuple[list[dict[str, Any]], list[str]]:
         """The chat messages `instructions` and `input` make, and where in the request each came from.

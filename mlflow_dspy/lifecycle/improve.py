@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import dspy
+from mlflow import MlflowClient
 
 from mlflow_dspy.lifecycle.models import load
 from mlflow_dspy.lifecycle.optimize import compile_program
@@ -79,6 +80,7 @@ def improve(name: str, alias: str = "champion", optimizer: str = "bootstrap", ho
             since: str | None = None, feedback: str = "any", dry_run: bool = False) -> Improvement:
     use_tracking_store()
     champion = load(f"models:/{name}@{alias}")
+    champion_tags = MlflowClient().get_model_version(name, champion.version).tags
     with tempfile.TemporaryDirectory() as tmp:
         exported = export_traces(name, Path(tmp) / "traces.jsonl", version, since, feedback)
         exported.written -= _keep_fitting(exported.out, champion.chat.mapping)
@@ -91,7 +93,7 @@ def improve(name: str, alias: str = "champion", optimizer: str = "bootstrap", ho
         except DataProblem as problem:
             raise NothingToImprove(f"the exported traces do not fit {name}'s fields: {problem}") from None
         train, heldout = split(examples, holdout, seed)
-        metric_fn, metric_name = _metric(metric, champion)
+        metric_fn, metric_name = _metric(metric or champion_tags.get("metric"))
         with dspy.context(lm=champion.lm, adapter=champion.adapter):
             candidate = compile_program(optimizer, champion.chat.program.deepcopy(), train, metric_fn)
             champion_score = evaluate(name, champion.chat.program, heldout, metric_fn, champion.lm,
@@ -105,7 +107,7 @@ def improve(name: str, alias: str = "champion", optimizer: str = "bootstrap", ho
                              champion_score, candidate_score, margin, wins, why, dry_run)
         if dry_run:
             return result
-        target = _program_target(name, champion.version)
+        target = _program_target(name, champion.version, champion_tags)
         logged = log_target(
             target, lm=champion.lm, registered_model_name=name, module=candidate, evaluate_dev=False,
             extra_tags={"optimizer": optimizer, "improved_from": str(champion.version), "heldout_score":
@@ -145,26 +147,18 @@ def split(examples: list[dspy.Example], holdout: float, seed: int) -> tuple[list
     return shuffled[cut:], shuffled[:cut]
 
 
-def _metric(reference: str | None, champion) -> tuple:
+def _metric(name: str | None) -> tuple:
     """The metric named on the command line, else the one the champion was scored with, else fields_match."""
-    from mlflow import MlflowClient
-
-    name = reference
-    if name is None and champion.registered_model:
-        name = MlflowClient().get_model_version(champion.registered_model, champion.version).tags.get("metric")
     if not name or name == DEFAULT_METRIC:
         return fields_match, DEFAULT_METRIC
     return resolve_function(name), name
 
 
-def _program_target(name: str, version: str):
+def _program_target(name: str, version: str, tags: dict[str, str]):
     """The program the champion was logged from (its code is logged with the candidate): its reference, as
     recorded, else its program name (a project's program or an example, whose reference is relative)."""
-    from mlflow import MlflowClient
-
     from mlflow_dspy.program.reference import ReferenceProblem
 
-    tags = MlflowClient().get_model_version(name, version).tags
     problem = None
     for reference in (tags.get("reference"), tags.get("program")):
         if reference:
@@ -178,8 +172,6 @@ def _program_target(name: str, version: str):
 
 def _tag_score(name: str, version: str, score: float) -> None:
     """The score promote compares: the candidate's held-out score."""
-    from mlflow import MlflowClient
-
     from mlflow_dspy.runtime.scoring import SCORE_METRIC
 
     MlflowClient().set_model_version_tag(name, version, SCORE_METRIC, f"{score:.2f}")

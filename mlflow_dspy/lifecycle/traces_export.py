@@ -26,8 +26,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-FEEDBACK_NAME = "user_feedback"  # as the gateway's /v1/feedback records them
-EXPECTATION_NAME = "expected_outputs"
+from mlflow_dspy.runtime.trace_record import EXPECTATION_NAME, FEEDBACK_NAME
+
 FEEDBACK_KINDS = ("positive", "negative", "expected", "any")
 MAX_TRACES = 100_000  # read at most, newest first
 log = logging.getLogger("mlflow_dspy.lifecycle")

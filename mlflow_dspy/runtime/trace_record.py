@@ -29,6 +29,11 @@ from dspy.utils.callback import BaseCallback
 
 from mlflow_dspy.lm_engine.credentials import clean_url, is_secret_name
 
+# The assessments a user's verdict on an answer becomes (gateway/feedback_service.py writes them,
+# lifecycle/traces_export.py reads them).
+FEEDBACK_NAME = "user_feedback"
+EXPECTATION_NAME = "expected_outputs"
+
 # Longer texts are cut in a trace (a trace is for reading, not an archive of every byte).
 MAX_TEXT = 20_000
 
