@@ -18,7 +18,7 @@ import dspy
 import jiter
 
 from mlflow_dspy.lm_engine.gguf import locate_gguf
-from mlflow_dspy.lm_engine.llama_engine import DEFAULT_CONTEXT, DEFAULT_MAX_TOKENS, LlamaCppEngine, _sampling
+from mlflow_dspy.lm_engine.llama_engine import DEFAULT_CONTEXT, DEFAULT_MAX_TOKENS, LlamaCppEngine, response_schema
 from mlflow_dspy.lm_engine.messages import chat_messages
 
 
@@ -43,6 +43,17 @@ def captured_request(question: str) -> Any:
     return _Capture.requests[-1]
 
 
+def raw_kwargs(request: Any) -> dict[str, Any]:
+    """`create_chat_completion` arguments with the sampling and grammar the engine uses for `request`."""
+    config = request.config
+    kwargs: dict[str, Any] = {"max_tokens": config.max_tokens or DEFAULT_MAX_TOKENS,
+                              "temperature": 0.0 if config.temperature is None else config.temperature}
+    schema = response_schema(request)
+    if schema is not None:
+        kwargs["response_format"] = {"type": "json_object", **({"schema": schema} if schema else {})}
+    return kwargs
+
+
 def _visible(text: str) -> bool:
     """Whether the JSON written so far holds the first character of a field's value (what a user sees first)."""
     try:
@@ -60,7 +71,7 @@ class RawLlama:
 
         request = captured_request(question)
         self.messages = chat_messages(request)
-        self.kwargs = _sampling(request, DEFAULT_MAX_TOKENS)
+        self.kwargs = raw_kwargs(request)
         self.llama = Llama(model_path=str(locate_gguf()), n_ctx=DEFAULT_CONTEXT,
                            n_threads=max(1, os.cpu_count() or 1), verbose=False)
 

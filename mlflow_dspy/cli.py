@@ -69,6 +69,11 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         raise UsageProblem("gateway: --name names one model; with several, each is served under its registry name")
     if not 0 <= args.trace_sample <= 1:
         raise UsageProblem(f"gateway: --trace-sample is a fraction from 0 to 1, not {args.trace_sample}")
+    for flag, value, least in (("--embedded-parallel", args.embedded_parallel, 1),
+                               ("--embedded-cache-mb", args.embedded_cache_mb, 0),
+                               ("--embedded-queue", args.embedded_queue, 0)):
+        if value is not None and value < least:
+            raise UsageProblem(f"gateway: {flag} must be at least {least}, not {value:g}")
     from mlflow_dspy.gateway.router import Split
 
     for text in args.split or []:
@@ -352,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=cmd_traces_export)
 
     from mlflow_dspy.gateway.config import DEFAULTS  # light: the gateway itself is imported when it runs
+    from mlflow_dspy.lm_engine.embedded_settings import DEFAULT_CACHE_MB, QUEUE_PER_SEQUENCE, default_parallel
 
     gateway = commands.add_parser("gateway", help="serve a logged model (or a program) with the OpenAI API")
     gateway.add_argument(
@@ -397,6 +403,15 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--trace-flush-timeout", type=float, default=DEFAULTS.trace_flush_timeout,
                          help="seconds a graceful stop gives the traces still queued; what is left then is counted "
                               "as dropped (default: %(default)s)")
+    gateway.add_argument("--embedded-parallel", type=int, default=None, metavar="N",
+                         help="embedded model: requests decoded together in one batch (default: two per core, "
+                              f"2 to 8; {default_parallel()} here); more wait in its queue")
+    gateway.add_argument("--embedded-cache-mb", type=float, default=None, metavar="MB",
+                         help="embedded model: memory for the saved state of programs' fixed prompt prefixes, "
+                              f"least recently used dropped first; 0 turns it off (default: {DEFAULT_CACHE_MB:g})")
+    gateway.add_argument("--embedded-queue", type=int, default=None, metavar="N",
+                         help="embedded model: requests that may wait for a free sequence; more get 429 with "
+                              f"Retry-After (default: {QUEUE_PER_SEQUENCE} per sequence)")
     gateway.add_argument("--no-speedups", action="store_true",
                          help="run DSPy's and uvicorn's own code paths instead of the speed-ups built on their "
                               "internals (mlflow_dspy/internals; same answers, slower)")

@@ -49,6 +49,7 @@ from mlflow_dspy.gateway.served import HostSlot, follow_aliases, make_router, st
 from mlflow_dspy.gateway.trace_export import TraceExporter
 from mlflow_dspy.internals import SPEEDUPS_ENV, dspy_callbacks, dspy_executor
 from mlflow_dspy.lm_engine.http1 import close_pool
+from mlflow_dspy.lm_engine.llama_engine import embedded_stats
 from mlflow_dspy.runtime.host import ProgramHost
 
 log = logging.getLogger("mlflow_dspy.gateway")
@@ -83,15 +84,14 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> Gatewa
         # On a thread: a tracking store that is slow to answer must not keep /health from answering.
         exporter[0] = await asyncio.to_thread(start_trace_export, config, metrics)
         feedback.tracing = exporter[0] is not None
-        counting = asyncio.create_task(_refresh_trace_counts(exporter[0])) if exporter[0] is not None else None
+        counting = asyncio.create_task(_refresh_counts(exporter[0], metrics))
         reloading = None
         if config.reload_interval > 0 and any(entry.follows_alias for entry in router.entries):
             reloading = asyncio.create_task(follow_aliases(router, config.reload_interval))
         yield
         if reloading is not None:
             reloading.cancel()
-        if counting is not None:
-            counting.cancel()
+        counting.cancel()
         if exporter[0] is not None:
             await asyncio.to_thread(exporter[0].close)  # the queued traces, within --trace-flush-timeout
         await close_pool()  # the LM connection pool of this worker's loop
@@ -171,6 +171,7 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> Gatewa
         """Counters in the Prometheus text format (every worker's, with several)."""
         if exporter[0] is not None:
             exporter[0].refresh_metrics()
+        metrics.refresh_embedded(embedded_stats())
         content, media_type = metrics.exposition()
         return Response(content, media_type=media_type)
 
@@ -205,11 +206,14 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> Gatewa
                              cors_origins=config.cors_origins, finished=finished)
 
 
-async def _refresh_trace_counts(exporter: TraceExporter, every: float = 5.0) -> None:
-    """Bring the writer's counts (written, failed) into /metrics and the log, whether or not anyone scrapes."""
+async def _refresh_counts(exporter: TraceExporter | None, metrics: GatewayMetrics, every: float = 5.0) -> None:
+    """Bring the trace writer's counts (written, failed) and the embedded model's figures into /metrics
+    (and the log), whether or not anyone scrapes: each worker its own."""
     while True:
         await asyncio.sleep(every)
-        exporter.refresh_metrics()
+        if exporter is not None:
+            exporter.refresh_metrics()
+        metrics.refresh_embedded(embedded_stats())
 
 
 def app_from_env() -> GatewayMiddleware:

@@ -55,6 +55,10 @@ class GatewayConfig:
     trace_sample: float = 1.0  # the fraction of requests traced
     trace_flush_timeout: float = 10.0  # seconds a graceful stop gives the queued traces
     trace_queue: int = 2000  # traces waiting for the tracking store; past it they are dropped (and counted)
+    # The embedded model (when a served program uses it): None takes lm_engine/embedded_settings' default.
+    embedded_parallel: int | None = None  # requests decoded together
+    embedded_cache_mb: float | None = None  # the prompt-prefix cache; 0 turns it off
+    embedded_queue: int | None = None  # requests that may wait for a sequence; more get 429
     speedups: bool = True  # the speed-ups on DSPy's and uvicorn's internals (mlflow_dspy/internals)
     cors_origins: tuple[str, ...] = ()
     api_keys: tuple[str, ...] = field(default_factory=tuple)

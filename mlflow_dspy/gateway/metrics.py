@@ -48,6 +48,14 @@ class GatewayMetrics:
         self.traces = Counter("mlflow_dspy_traces_total", "Request traces, by what became of them: queued for the "
                               "tracking store, written, dropped (the queue was full, the store failed, or the "
                               "process stopped first) or sampled out", ("outcome",), registry=self.registry)
+        self.prefix_cache = Counter("mlflow_dspy_embedded_prefix_cache_total", "The embedded model's prompt-prefix "
+                                    "cache: hits, misses and evictions", ("outcome",), registry=self.registry)
+        self.prefix_cache_bytes = Gauge("mlflow_dspy_embedded_prefix_cache_bytes", "Saved prefix states held",
+                                        registry=self.registry, multiprocess_mode="livesum")
+        self.sequences = Gauge("mlflow_dspy_embedded_requests", "The embedded model's requests: decoding now "
+                               "(running) or waiting for a sequence", ("state",), registry=self.registry,
+                               multiprocess_mode="livesum")
+        self._cache_reported = {"hits": 0, "misses": 0, "evictions": 0}
 
     def observe(self, model: str, version: str, route: str, status: int, seconds: float,
                 first_token: float | None, usage: tuple[int, int] | None) -> None:
@@ -59,6 +67,20 @@ class GatewayMetrics:
         if usage:
             self.prompt_tokens.labels(model, version).inc(usage[0])
             self.completion_tokens.labels(model, version).inc(usage[1])
+
+    def refresh_embedded(self, stats: dict | None) -> None:
+        """Bring the embedded model's figures (lm_engine's `embedded_stats()`) into /metrics."""
+        if not stats:
+            return
+        cache = stats["cache"]
+        for key, outcome in (("hits", "hit"), ("misses", "miss"), ("evictions", "eviction")):
+            new = cache[key] - self._cache_reported[key]
+            if new > 0:
+                self.prefix_cache.labels(outcome).inc(new)
+                self._cache_reported[key] = cache[key]
+        self.prefix_cache_bytes.set(cache["bytes"])
+        self.sequences.labels("running").set(stats["running"])
+        self.sequences.labels("waiting").set(stats["waiting"])
 
     def exposition(self) -> tuple[bytes, str]:
         """The text `/metrics` answers: this process's samples, or every worker's with several."""

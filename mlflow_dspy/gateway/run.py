@@ -13,6 +13,7 @@ from mlflow_dspy.gateway.config import CONFIG_ENV, GatewayConfig
 from mlflow_dspy.gateway.metrics import MULTIPROC_ENV
 from mlflow_dspy.internals import SPEEDUPS_ENV
 from mlflow_dspy.internals.header_limits import LIMITS_ENV
+from mlflow_dspy.lm_engine.embedded_settings import settings_environment
 
 
 def config_of(args: argparse.Namespace) -> GatewayConfig:
@@ -36,6 +37,9 @@ def config_of(args: argparse.Namespace) -> GatewayConfig:
         traces=not args.no_traces,
         trace_sample=args.trace_sample,
         trace_flush_timeout=args.trace_flush_timeout,
+        embedded_parallel=args.embedded_parallel,
+        embedded_cache_mb=args.embedded_cache_mb,
+        embedded_queue=args.embedded_queue,
         speedups=not args.no_speedups,
         load_before_serving=args.workers > 1,
     )
@@ -58,6 +62,8 @@ def run_gateway(args: argparse.Namespace) -> int:
     # (API keys stay in GATEWAY_API_KEYS and are read by each worker).
     os.environ[CONFIG_ENV] = config.to_env()
     os.environ[LIMITS_ENV] = config.header_limits().to_env()  # read by the HTTP protocol, in each worker
+    # Read where the embedded model is first used, in each worker.
+    os.environ.update(settings_environment(config.embedded_parallel, config.embedded_cache_mb, config.embedded_queue))
     if not config.speedups:
         os.environ[SPEEDUPS_ENV] = "0"  # read where each speed-up is chosen (mlflow_dspy/internals)
     if args.workers > 1:

