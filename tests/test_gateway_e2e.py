@@ -258,3 +258,53 @@ def test_embedded_requests_leave_traces_with_token_usage(client, embedded_store)
     assert tags["mlflow_dspy.model"] == "dspy-qa" and tags["mlflow_dspy.session"] == "traced-user"
     assert tags["mlflow_dspy.version"] == reply.parse().system_fingerprint
     assert tags["mlflow_dspy.request_id"] == reply.headers["x-request-id"]
+
+
+def _metric(base: str, name: str, **labels: str) -> float:
+    text = httpx.get(f"{base}/metrics", timeout=30).text
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
+
+
+def test_concurrent_streams_arrive_token_by_token_while_decoding_together(client, embedded_gateway):
+    questions = [f"Write one sentence about {topic}." for topic in ("the sea", "mountains", "the moon", "trees")]
+    hits_before = _metric(embedded_gateway, "mlflow_dspy_embedded_prefix_cache_total", outcome="hit")
+
+    def stream(question: str) -> tuple[list[float], str]:
+        arrivals, text = [], ""
+        for chunk in client.chat.completions.create(model="dspy-qa", stream=True,
+                                                    messages=[{"role": "user", "content": question}]):
+            if chunk.choices and chunk.choices[0].delta.content:
+                arrivals.append(time.perf_counter())
+                text += chunk.choices[0].delta.content
+        return arrivals, text
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(stream, questions))
+    for arrivals, text in results:
+        assert text.strip()
+        assert len(arrivals) >= 2, "field text arrives in pieces as it is decoded, not at the end"
+    # The streams overlapped: each was still arriving while another had started (decoded together,
+    # not one after another).
+    starts, ends = [r[0][0] for r in results], [r[0][-1] for r in results]
+    assert max(starts) < min(ends)
+    assert _metric(embedded_gateway, "mlflow_dspy_embedded_prefix_cache_total", outcome="hit") >= hits_before + 3
+
+
+def test_a_full_embedded_queue_answers_429_with_retry_after_and_serves_on(tmp_path):
+    with gateway(["--program", "qa"], tmp_path, "--no-traces", "--embedded-parallel", "1",
+                 "--embedded-queue", "0") as base:
+        def ask(i: int) -> httpx.Response:
+            return httpx.post(f"{base}/v1/chat/completions", timeout=120, json={
+                "model": "dspy-qa", "messages": [{"role": "user", "content": f"Write a long story number {i}."}]})
+
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(ask, range(6)))
+        statuses = sorted(a.status_code for a in answers)
+        assert set(statuses) == {200, 429}, statuses
+        refused = next(a for a in answers if a.status_code == 429)
+        assert refused.headers["retry-after"] == "1"
+        error = refused.json()["error"]
+        assert error["code"] == "model_busy" and "busy" in error["message"]
+        assert "Traceback" not in refused.text
+        assert ask(99).status_code == 200  # one at a time, it serves on

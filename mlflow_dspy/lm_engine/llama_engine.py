@@ -50,6 +50,7 @@ from dspy.lm15 import (
 from mlflow_dspy.lm_engine.embedded_settings import EmbeddedSettings
 from mlflow_dspy.lm_engine.gguf import locate_gguf
 from mlflow_dspy.lm_engine.messages import chat_messages
+from mlflow_dspy.program.failures import EMBEDDED_PROVIDER
 
 EMBEDDED_MODEL = "local/smollm2-135m-instruct"
 DEFAULT_CONTEXT = 4096  # tokens per sequence
@@ -68,7 +69,7 @@ class _Runtime:
         from mlflow_dspy.lm_engine.llama_scheduler import Scheduler
 
         self.settings = settings
-        self.model = _model()
+        self.model = embedded_model()
         shape = ContextShape(sequences=settings.parallel, tokens_per_sequence=n_ctx,
                              threads=max(1, os.cpu_count() or 1))
         self.scheduler = Scheduler(self.model, shape, settings.cache_bytes, settings.queue)
@@ -79,7 +80,8 @@ _runtimes_lock = threading.Lock()
 _models: list[Any] = []
 
 
-def _model() -> Any:
+def embedded_model() -> Any:
+    """The process's loaded GGUF (weights, vocabulary, chat template), shared by every context."""
     from mlflow_dspy.lm_engine.llama_native import NativeModel
 
     if not _models:
@@ -179,14 +181,13 @@ def _grammar(schema_json: str) -> str:
     return grammar_for_schema(json.loads(schema_json))
 
 
-def _job(runtime: _Runtime, request: Request, default_max_tokens: int, deliver: Callable[[Any], None],
-         cancel: threading.Event) -> Any:
+def scheduler_job(model: Any, request: Request, default_max_tokens: int, deliver: Callable[[Any], None],
+                  cancel: threading.Event) -> Any:
     """The request as the scheduler's job: the prompt's tokens (the system message's marked as the
     program's fixed prefix), the grammar and sampling, and the stop strings."""
     from mlflow_dspy.lm_engine.llama_native import Sampling
     from mlflow_dspy.lm_engine.llama_scheduler import Job
 
-    model = runtime.model
     messages = chat_messages(request)
     rendered = model.chat(messages=messages)
     add_bos = not rendered.added_special
@@ -222,7 +223,7 @@ def _submit(runtime: _Runtime, job: Any) -> None:
         raise ContextLengthError(str(exc)) from None
     except QueueFull as exc:
         # Not retried by DSPy (a ProviderError): the client is told to come back (429, Retry-After).
-        raise ProviderError(str(exc), provider="embedded", status=429, retry_after=QUEUE_RETRY_AFTER) from None
+        raise ProviderError(str(exc), provider=EMBEDDED_PROVIDER, status=429, retry_after=QUEUE_RETRY_AFTER) from None
 
 
 def _as_item(item: Any) -> Any:
@@ -272,7 +273,7 @@ class LlamaCppEngine:
         runtime = embedded_runtime(self.n_ctx)
         items: queue.SimpleQueue[Any] = queue.SimpleQueue()
         cancel = cancel or threading.Event()
-        _submit(runtime, _job(runtime, request, self.default_max_tokens, items.put, cancel))
+        _submit(runtime, scheduler_job(runtime.model, request, self.default_max_tokens, items.put, cancel))
         try:
             while True:
                 item = _as_item(items.get())
@@ -322,7 +323,7 @@ class AsyncLlamaCppEngine:
         def deliver(item: Any) -> None:
             loop.call_soon_threadsafe(items.put_nowait, item)  # raises once the loop is closed: cancels the job
 
-        _submit(runtime, _job(runtime, request, self.sync.default_max_tokens, deliver, cancel))
+        _submit(runtime, scheduler_job(runtime.model, request, self.sync.default_max_tokens, deliver, cancel))
         try:
             while True:
                 item = _as_item(await items.get())

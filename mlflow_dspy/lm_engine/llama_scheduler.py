@@ -164,9 +164,10 @@ class Scheduler:
         with self._cond:
             if self._closed:
                 raise RuntimeError("the embedded model has been closed")
-            if len(self._waiting) >= self.queue_limit and not self._free:
-                raise QueueFull(f"the embedded model is busy: {self.context.shape.sequences} requests are being "
-                                f"answered and {len(self._waiting)} are waiting")
+            # The free sequences take the first waiters; past them, `queue_limit` may wait.
+            if len(self._waiting) >= self.queue_limit + len(self._free):
+                raise QueueFull(f"the embedded model is busy: all {self.context.shape.sequences} of its sequences "
+                                f"are answering and {len(self._waiting)} more requests are waiting")
             self._waiting.append(job)
             self._cond.notify()
 

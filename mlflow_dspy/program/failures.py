@@ -18,6 +18,11 @@ from dspy.utils.exceptions import (
 )
 
 
+# The provider name the embedded model's engine gives its own refusals (a full queue), told apart here
+# from a remote provider's rate limit.
+EMBEDDED_PROVIDER = "embedded"
+
+
 @dataclass(frozen=True)
 class Failure:
     status: int
@@ -32,6 +37,9 @@ def failure_of(exc: BaseException) -> Failure | None:
     """The known ways a program run fails; None for anything unexpected (a bare 500 for the client)."""
     if isinstance(exc, asyncio.TimeoutError | TimeoutError | LMTimeoutError):
         return Failure(504, "the language model did not answer in time", "timeout_error", "lm_timeout")
+    if isinstance(exc, LMError) and exc.status == 429 and getattr(exc, "provider", None) == EMBEDDED_PROVIDER:
+        return Failure(429, f"{exc.message}; retry later", "rate_limit_error", "model_busy",
+                       retry_after=max(1, round(getattr(exc, "retry_after", None) or 1)))
     if isinstance(exc, LMRateLimitError) or (isinstance(exc, LMError) and exc.status == 429):
         # Retried already if the provider asked for a short wait; a long one is passed on as it came.
         return Failure(429, "the language model provider is rate limiting; retry later", "rate_limit_error",

@@ -1,0 +1,289 @@
+"""The embedded model serving many users, run for real: the prompt-prefix cache never changes an answer,
+concurrent requests decode together and answer as they would alone, a cancelled request frees its
+sequence, and the cache is bounded and keyed so a changed program never gets another's prefix."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import threading
+import time
+
+import dspy
+import pytest
+from dspy.lm15 import Config, Message, Request
+
+from mlflow_dspy.lm_engine.llama_engine import (
+    EMBEDDED_MODEL,
+    AsyncLlamaCppEngine,
+    LlamaCppEngine,
+    embedded_model,
+    scheduler_job,
+)
+from mlflow_dspy.lm_engine.llama_native import ContextShape
+from mlflow_dspy.lm_engine.llama_scheduler import Outcome, Scheduler
+from mlflow_dspy.lm_engine.prefix_cache import PrefixCache
+from mlflow_dspy.lm_engine.select import adapter_for
+from tests.support.examples import example_chat
+
+pytestmark = pytest.mark.slow
+
+# Per example program: single questions and multi-turn conversations (an earlier exchange, then a question).
+CONVERSATIONS = {
+    "qa": [["What is 2 + 2?"], ["What is the capital of France?"], ["Who wrote Hamlet?"], ["Name a primary color."],
+           ["What is 3 + 5?", "8", "And 3 + 6?"], ["What is the largest ocean?", "The Pacific.", "And the smallest?"]],
+    "assistant": [["What can you help me with?"], ["My name is Ada. Hi!"], ["Suggest a name for a cat."],
+                  ["I live in Oslo.", "Nice!", "Where do I live?"], ["I like tea.", "Noted.", "What do I like?"],
+                  ["Tell me a fun fact."]],
+    "rag": [["How long is the warranty on a Nimbus frame?"], ["How do I return a product?"],
+            ["What does shipping cost?"], ["Is there a warranty?", "Yes.", "How long is it?"],
+            ["Can I pay by card?"], ["Where are you based?", "See the site.", "Do you ship abroad?"]],
+    "classify": [["I love this phone, it works perfectly."], ["The screen broke after a day."],
+                 ["It is a phone."], ["Terrible support, never again."], ["Fine, I guess.", "Noted.", "Actually great!"],
+                 ["Best purchase this year!"]],
+}
+
+
+def _messages(turns: list[str]) -> list[dict[str, str]]:
+    roles = ["user", "assistant"]
+    return [{"role": roles[i % 2], "content": text} for i, text in enumerate(turns)]
+
+
+class _Recording(LlamaCppEngine):
+    """The embedded engine, keeping every request DSPy hands it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[Request] = []
+
+    def generate(self, request, cancel=None):
+        self.requests.append(request)
+        return super().generate(request, cancel)
+
+
+@pytest.fixture(scope="module")
+def program_requests() -> list[Request]:
+    """The LM requests the four example programs make for their conversations (captured from real runs)."""
+    engine = _Recording()
+    # A cap on answers keeps the run short; every request still carries its program's whole prompt.
+    lm = dspy.LM(EMBEDDED_MODEL, engine=engine, cache=False, max_tokens=64)
+    for name, conversations in CONVERSATIONS.items():
+        chat = example_chat(name)
+        for turns in conversations:
+            with dspy.context(lm=lm, adapter=adapter_for(lm)):
+                try:
+                    chat(messages=_messages(turns))
+                except Exception:  # noqa: S110 - an answer a program cannot parse still made its request
+                    pass
+    assert len(engine.requests) >= 20
+    return engine.requests
+
+
+def _scheduler(cache_bytes: int, sequences: int = 2, queue_limit: int = 16) -> Scheduler:
+    return Scheduler(embedded_model(), ContextShape(sequences=sequences, tokens_per_sequence=2048, threads=2),
+                     cache_bytes, queue_limit)
+
+
+def _submit(scheduler: Scheduler, request: Request, cancel: threading.Event | None = None) -> queue.SimpleQueue:
+    items: queue.SimpleQueue = queue.SimpleQueue()
+    scheduler.submit(scheduler_job(scheduler.model, request, 512, items.put, cancel or threading.Event()))
+    return items
+
+
+def _collect(items: queue.SimpleQueue) -> tuple[str, Outcome]:
+    text = ""
+    while True:
+        item = items.get(timeout=300)
+        if isinstance(item, BaseException):
+            raise item
+        if isinstance(item, Outcome):
+            return text, item
+        text += item
+
+
+def _answer(scheduler: Scheduler, request: Request) -> tuple[str, Outcome]:
+    return _collect(_submit(scheduler, request))
+
+
+def _parses_under_its_schema(request: Request, text: str, outcome: Outcome) -> bool:
+    """An answer that ended (not one cut at its token limit) is JSON with the schema's fields."""
+    if outcome.finish_reason == "length":
+        return True
+    schema = (request.config.response_format or {}).get("schema")
+    if not schema:
+        return True
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(value, dict) and set(schema.get("required", [])) <= set(value)
+
+
+def test_greedy_answers_are_identical_with_the_prefix_cache_on_and_off(program_requests):
+    multi_turn = [r for r in program_requests if len(r.messages) > 1 or "history" in (r.system or "")]
+    assert multi_turn, "the captured requests include multi-turn conversations"
+    off, on = _scheduler(cache_bytes=0), _scheduler(cache_bytes=64 << 20)
+    try:
+        without = [_answer(off, request) for request in program_requests]
+        with_cache = [_answer(on, request) for request in program_requests]
+        stats = on.stats().cache
+    finally:
+        off.close()
+        on.close()
+    assert [text for text, _ in with_cache] == [text for text, _ in without]
+    assert [o.completion_tokens for _, o in with_cache] == [o.completion_tokens for _, o in without]
+    # The cache was really used: each program's prefix evaluated once, then restored.
+    restored = sum(outcome.prefix_cached for _, outcome in with_cache)
+    assert stats["hits"] == restored >= len(program_requests) - len(CONVERSATIONS) - 2
+    assert stats["entries"] >= len(CONVERSATIONS)
+    assert all(_parses_under_its_schema(r, text, o) for r, (text, o) in zip(program_requests, with_cache, strict=True))
+    assert sum(o.finish_reason == "length" for _, o in with_cache) <= len(program_requests) // 4
+
+
+def test_concurrent_answers_are_those_given_one_at_a_time(program_requests):
+    requests = program_requests[:12]
+    scheduler = _scheduler(cache_bytes=64 << 20, sequences=4)
+    try:
+        alone = [_answer(scheduler, request) for request in requests]
+        steps_before = scheduler.stats()
+        pending = [_submit(scheduler, request) for request in requests]  # 4 decode together, 8 wait their turn
+        together = [_collect(items) for items in pending]
+        steps_after = scheduler.stats()
+    finally:
+        scheduler.close()
+    batched_rows = steps_after.rows - steps_before.rows
+    batched_steps = steps_after.steps - steps_before.steps
+    assert batched_rows / batched_steps > 2, "requests were decoded together, several per llama_decode"
+    identical = sum(a[0] == b[0] for a, b in zip(alone, together, strict=True))
+    print(f"concurrent vs one at a time: {identical} of {len(requests)} identical")
+    # Each sequence has a KV stream of its own, so no answer depends on who else is in the batch.
+    assert identical == len(requests)
+    assert all(_parses_under_its_schema(r, *answer) for r, answer in zip(requests, together, strict=True))
+
+
+def _long_request(text: str, max_tokens: int) -> Request:
+    return Request(model=EMBEDDED_MODEL, messages=(Message.user(text),),
+                   config=Config(max_tokens=max_tokens, temperature=0.0))
+
+
+def test_cancelling_mid_batch_frees_its_sequence_and_the_others_finish():
+    scheduler = _scheduler(cache_bytes=0, sequences=2, queue_limit=4)
+    try:
+        stay = _submit(scheduler, _long_request("Write a long story about the sea.", 120))
+        cancel = threading.Event()
+        leave = _submit(scheduler, _long_request("Write a long story about a mountain.", 400), cancel)
+        assert isinstance(leave.get(timeout=120), str)  # both are decoding now
+        assert isinstance(stay.get(timeout=120), str)
+        third = _submit(scheduler, _long_request("Say hello.", 8))  # no sequence free: it waits
+        time.sleep(0.3)
+        assert scheduler.stats().waiting == 1
+        cancel.set()
+        text, outcome = _collect(third)  # served in the sequence the cancelled request freed
+        assert outcome.completion_tokens > 0 and text
+        remaining, finished = _collect(stay)
+        assert finished.finish_reason == "length" and finished.completion_tokens == 120
+        stats = scheduler.stats()
+        assert stats.running == 0 and stats.waiting == 0
+    finally:
+        scheduler.close()
+
+
+def test_a_full_queue_refuses_at_once_and_serves_again_after():
+    from mlflow_dspy.lm_engine.llama_scheduler import QueueFull
+
+    scheduler = _scheduler(cache_bytes=0, sequences=1, queue_limit=1)
+    try:
+        first = _submit(scheduler, _long_request("Write a long story about the sea.", 60))
+        second = _submit(scheduler, _long_request("Say hi.", 4))  # waits
+        with pytest.raises(QueueFull, match="busy"):
+            _submit(scheduler, _long_request("Say hi.", 4))
+        assert _collect(first)[1].completion_tokens == 60
+        assert _collect(second)[1].completion_tokens > 0
+        assert _answer(scheduler, _long_request("Say hi.", 4))[1].completion_tokens > 0
+    finally:
+        scheduler.close()
+
+
+def test_a_full_queue_reaches_dspy_as_a_rate_limit_to_retry_later(monkeypatch):
+    from dspy.utils.exceptions import LMError
+
+    from mlflow_dspy.program.failures import failure_of
+
+    monkeypatch.setenv("MLFLOW_DSPY_EMBEDDED_QUEUE", "0")
+    engine = LlamaCppEngine(n_ctx=1024)  # a runtime of its own, with the setting above
+    lm = dspy.LM(EMBEDDED_MODEL, engine=engine, async_engine=AsyncLlamaCppEngine(engine), cache=False)
+    from mlflow_dspy.lm_engine.llama_engine import embedded_runtime
+
+    sequences = embedded_runtime(1024).scheduler.context.shape.sequences
+
+    async def scenario() -> BaseException:
+        busy = [asyncio.create_task(lm.acall(f"Write a long story number {i}.", max_tokens=200))
+                for i in range(sequences)]
+        await asyncio.sleep(1.0)
+        try:
+            await lm.acall("Say hi.", max_tokens=4)
+        except BaseException as exc:  # noqa: BLE001 - the refusal is what this test looks at
+            return exc
+        finally:
+            for task in busy:
+                task.cancel()
+            await asyncio.gather(*busy, return_exceptions=True)
+        raise AssertionError("a request beyond the sequences and the queue was accepted")
+
+    error = asyncio.run(scenario())
+    assert isinstance(error, LMError)
+    failure = failure_of(error)
+    assert failure is not None and failure.status == 429 and failure.retry_after == 1
+
+
+def test_eviction_keeps_the_cache_within_its_limit():
+    cache = PrefixCache(limit_bytes=250)
+    cache.put([1, 2], b"a" * 100)
+    cache.put([3, 4], b"b" * 100)
+    assert cache.get([1, 2]) == b"a" * 100  # now the most recently used
+    cache.put([5, 6], b"c" * 100)  # over the limit: the least recently used ([3, 4]) goes
+    assert [3, 4] not in cache and [1, 2] in cache and [5, 6] in cache
+    cache.put([7], b"d" * 1000)  # larger than the whole cache: never kept
+    stats = cache.stats()
+    assert stats.bytes == 200 <= cache.limit_bytes
+    assert (stats.entries, stats.evictions) == (2, 1)
+
+
+def test_a_small_cache_evicts_and_still_answers_as_without_it(program_requests):
+    by_system: dict[str, Request] = {}
+    for request in program_requests:
+        by_system.setdefault(request.system or "", request)
+    requests = list(by_system.values())[:3] * 2  # three programs, twice over
+    off = _scheduler(cache_bytes=0)
+    small = _scheduler(cache_bytes=5 << 20)  # room for about one program's prefix
+    try:
+        expected = [_answer(off, r)[0] for r in requests]
+        got = [_answer(small, r)[0] for r in requests]
+        stats = small.stats().cache
+    finally:
+        off.close()
+        small.close()
+    assert got == expected
+    assert stats["evictions"] >= 2 and stats["bytes"] <= 5 << 20 and stats["entries"] == 1
+
+
+def test_a_changed_program_never_gets_the_old_versions_prefix(program_requests):
+    original = next(r for r in program_requests if r.system)
+    changed = Request(model=original.model, system=original.system.replace("your objective is", "your goal is"),
+                      messages=original.messages, config=original.config)
+    assert changed.system != original.system
+    off, on = _scheduler(cache_bytes=0), _scheduler(cache_bytes=64 << 20)
+    try:
+        expected = [_answer(off, r)[0] for r in (original, changed)]
+        first = _answer(on, original)
+        new_version = _answer(on, changed)
+        again = _answer(on, original)
+        stats = on.stats().cache
+    finally:
+        off.close()
+        on.close()
+    assert not new_version[1].prefix_cached  # the new version's prefix is evaluated, not the old one restored
+    assert again[1].prefix_cached
+    assert [first[0], new_version[0]] == expected and again[0] == expected[0]
+    assert stats["entries"] == 2
