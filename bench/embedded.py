@@ -10,11 +10,15 @@ not to the `{` that opens it.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import dspy
+import httpx
 import jiter
 
 from mlflow_dspy.lm_engine.gguf import locate_gguf
@@ -91,3 +95,128 @@ class RawLlama:
 
     def close(self) -> None:
         self.llama.close()
+
+
+# -- the section `make bench` runs ------------------------------------------------------------------
+TARGETS = {"first_text": 0.35, "concurrent_rate": 2.0, "concurrent_p50": 2.0, "single_rate": 0.95}
+CONCURRENT = 4
+
+
+def _rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _cache_figures(base: str) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{base}/metrics", timeout=30).text
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "mlflow_dspy_embedded_prefix_cache_total":
+                values[sample.labels["outcome"]] = sample.value
+            elif sample.name == "mlflow_dspy_embedded_prefix_cache_bytes":
+                values["bytes"] = sample.value
+    hits, misses = values.get("hit", 0), values.get("miss", 0)
+    return {"hits": int(hits), "misses": int(misses), "evictions": int(values.get("eviction", 0)),
+            "hit_rate": round(hits / (hits + misses), 3) if hits + misses else 0.0,
+            "bytes": int(values.get("bytes", 0))}
+
+
+async def _together(url: str, body: dict, n: int) -> tuple[float, list]:
+    from bench.loadgen import timed_stream
+
+    began = time.perf_counter()
+    timings = await asyncio.gather(*(timed_stream(url, body) for _ in range(n)))
+    return time.perf_counter() - began, list(timings)
+
+
+def embedded_figures(env: dict[str, str], tmp: Path, runs: int = 5, rounds: int = 3) -> dict:
+    """The embedded model through the gateway (its defaults: batching and the prefix cache on) against raw
+    llama-cpp-python one request at a time (`create_chat_completion`, same prompt, grammar and sampling):
+    warm time to the first visible character and tokens/s at one request (calls interleaved, raw then
+    gateway, so both see the same machine; medians), then 4 requests at once, the prefix cache's hit rate
+    and the gateway's memory."""
+    from bench.launch import CHAT, QUESTION, gateway_args, log_model, start
+    from bench.loadgen import timed_stream
+    from bench.steal import measured
+    from mlflow_dspy.lm_engine.embedded_settings import EmbeddedSettings
+
+    embedded_env = {k: v for k, v in env.items() if k not in ("DSPY_LM", "DSPY_LM_API_BASE")}
+    model_uri, _ = log_model(embedded_env)
+    raw = RawLlama(QUESTION)
+    context, base, began = start(gateway_args(model_uri), "/ready", embedded_env, tmp / "embedded.log")
+    with context as gateway, measured() as steal:
+        cold = time.perf_counter() - began
+        rss_ready = _rss_bytes(gateway.pid)
+        url = f"{base}/v1/chat/completions"
+        asyncio.run(timed_stream(url, CHAT))  # warm both: the program's prefix is cached from here on
+        raw.run()
+        raw_runs, single_runs = [], []
+        for _ in range(runs):
+            raw_runs.append(raw.run())
+            timing = asyncio.run(timed_stream(url, CHAT))
+            single_runs.append((timing.first_token_s, timing.total_s, timing.completion_tokens))
+        concurrent = [asyncio.run(_together(url, CHAT, CONCURRENT)) for _ in range(rounds)]
+        cache = _cache_figures(base)
+        rss_end = _rss_bytes(gateway.pid)
+    raw.close()
+    settings = EmbeddedSettings.from_env()
+
+    def figures(runs_: list[tuple[float, float, int]]) -> dict:
+        return {"tokens_per_s": round(statistics.median(n / total for _, total, n in runs_), 2),
+                "first_text_s": round(statistics.median(first for first, _, _ in runs_), 3),
+                "latency_p50_s": round(statistics.median(total for _, total, _ in runs_), 3),
+                "completion_tokens": statistics.median(n for _, _, n in runs_)}
+
+    ours, theirs = figures(single_runs), figures(raw_runs)
+    # One request at a time, the engine's own rate: its tokens over the time they took (a queue's rate).
+    single_rate = sum(n for _, _, n in single_runs) / sum(total for _, total, _ in single_runs)
+    together_rate = statistics.median(sum(t.completion_tokens for t in timings) / wall for wall, timings in concurrent)
+    together_p50 = statistics.median(t.total_s for _, timings in concurrent for t in timings)
+    ratios = {
+        "first_text": round(ours["first_text_s"] / theirs["first_text_s"], 3),
+        "single_rate": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3),
+        "concurrent_rate": round(together_rate / single_rate, 3),
+        "concurrent_p50": round(together_p50 / ours["latency_p50_s"], 3),
+    }
+    passed = {"first_text": ratios["first_text"] <= TARGETS["first_text"],
+              "single_rate": ratios["single_rate"] >= TARGETS["single_rate"],
+              "concurrent_rate": ratios["concurrent_rate"] >= TARGETS["concurrent_rate"],
+              "concurrent_p50": ratios["concurrent_p50"] <= TARGETS["concurrent_p50"],
+              "memory": rss_end - rss_ready <= settings.cache_bytes}
+    return {"raw_llama_cpp": theirs, "gateway": ours, "gateway_cold_start_s": round(cold, 2), "runs": runs,
+            "concurrent": {"requests": CONCURRENT, "rounds": rounds, "tokens_per_s": round(together_rate, 2),
+                           "single_tokens_per_s": round(single_rate, 2), "latency_p50_s": round(together_p50, 3)},
+            "ratios": ratios, "targets": TARGETS, "pass": passed, "prefix_cache": cache,
+            "settings": {"parallel": settings.parallel, "cache_mb": settings.cache_mb, "queue": settings.queue},
+            "memory": {"rss_ready_mb": round(rss_ready / 2**20, 1), "rss_end_mb": round(rss_end / 2**20, 1),
+                       "growth_mb": round((rss_end - rss_ready) / 2**20, 1), "cache_limit_mb": settings.cache_mb},
+            # the earlier figures' names, kept for the README's history
+            "tokens_per_s_ratio": ratios["single_rate"], "first_token_ratio": ratios["first_text"],
+            "cpu_steal_percent": steal["percent"]}
+
+
+def embedded_target_line(e: dict) -> str:
+    r, t, p, c = e["ratios"], e["targets"], e["pass"], e["concurrent"]
+
+    def verdict(key: str) -> str:
+        return "met" if p[key] else "MISSED"
+
+    s = e['settings']
+    return (f"embedded model (gateway defaults: {s['parallel']} sequences, {s['cache_mb']:g} MB "
+            f"prefix cache) against raw llama-cpp-python: warm first visible text {e['gateway']['first_text_s']} vs "
+            f"{e['raw_llama_cpp']['first_text_s']} s = {r['first_text']}x (target <= {t['first_text']}x: "
+            f"{verdict('first_text')}); one request {e['gateway']['tokens_per_s']} vs "
+            f"{e['raw_llama_cpp']['tokens_per_s']} tokens/s = {r['single_rate']}x (target >= {t['single_rate']}x: "
+            f"{verdict('single_rate')}); {c['requests']} at once {c['tokens_per_s']} vs {c['single_tokens_per_s']} "
+            f"tokens/s one at a time = {r['concurrent_rate']}x (target >= {t['concurrent_rate']}x: "
+            f"{verdict('concurrent_rate')}), p50 {c['latency_p50_s']} vs {e['gateway']['latency_p50_s']} s = "
+            f"{r['concurrent_p50']}x (target <= {t['concurrent_p50']}x: {verdict('concurrent_p50')}); prefix cache "
+            f"hit rate {e['prefix_cache']['hit_rate']} ({e['prefix_cache']['bytes'] / 2**20:.1f} MB held); RSS "
+            f"{e['memory']['rss_ready_mb']} -> {e['memory']['rss_end_mb']} MB (+{e['memory']['growth_mb']}, limit "
+            f"{e['memory']['cache_limit_mb']:g} MB: {verdict('memory')}); steal {e['cpu_steal_percent']}%")

@@ -30,10 +30,10 @@ from pathlib import Path
 
 import httpx
 
-from bench.embedded import RawLlama
+from bench.embedded import embedded_figures, embedded_target_line
 from bench.hot_reload import hot_reload_figures
 from bench.launch import CHAT, QUESTION, gateway_args, log_model, start
-from bench.loadgen import closed_loop, timed_stream
+from bench.loadgen import closed_loop
 from bench.multi_model import multi_model_figures
 from bench.processes import ROOT, VENV_BIN, child_env, free_port, running
 from bench.steal import measured
@@ -91,37 +91,6 @@ def overhead_at_one_client(stub: str, gateway: str, seconds: float, rounds: int 
     direct_p50, gateway_p50 = round(statistics.median(direct), 2), round(statistics.median(through), 2)
     return {"direct_p50_ms": direct_p50, "gateway_p50_ms": gateway_p50, "requests_each": min(len(direct), len(through)),
             "overhead_p50_ms": round(gateway_p50 - direct_p50, 2), "cpu_steal_percent": steal["percent"]}
-
-
-def embedded_figures(env: dict[str, str], tmp: Path, runs: int = 5) -> dict:
-    """The embedded model streamed through the gateway against raw llama-cpp: same prompt, same
-    grammar, calls interleaved (raw, gateway, raw, ...) so both see the same machine; medians."""
-    embedded_env = {k: v for k, v in env.items() if k not in ("DSPY_LM", "DSPY_LM_API_BASE")}
-    model_uri, _ = log_model(embedded_env)
-    raw = RawLlama(QUESTION)
-    context, base, began = start(gateway_args(model_uri), "/ready", embedded_env, tmp / "embedded.log")
-    with context, measured() as steal:
-        cold = time.perf_counter() - began
-        url = f"{base}/v1/chat/completions"
-        asyncio.run(timed_stream(url, CHAT))  # warm both: the first call maps the model
-        raw.run()
-        raw_runs, gateway_runs = [], []
-        for _ in range(runs):
-            raw_runs.append(raw.run())
-            timing = asyncio.run(timed_stream(url, CHAT))
-            gateway_runs.append((timing.first_token_s, timing.total_s, timing.completion_tokens))
-    raw.close()
-
-    def figures(runs_: list[tuple[float, float, int]]) -> dict:
-        return {"tokens_per_s": round(statistics.median(n / total for _, total, n in runs_), 2),
-                "first_token_s": round(statistics.median(first for first, _, _ in runs_), 3),
-                "completion_tokens": statistics.median(n for _, _, n in runs_)}
-
-    ours, theirs = figures(gateway_runs), figures(raw_runs)
-    return {"raw_llama_cpp": theirs, "gateway": ours, "gateway_cold_start_s": round(cold, 2), "runs": runs,
-            "tokens_per_s_ratio": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 2),
-            "first_token_ratio": round(ours["first_token_s"] / theirs["first_token_s"], 2),
-            "cpu_steal_percent": steal["percent"]}
 
 
 def main() -> None:
@@ -243,6 +212,8 @@ def targets(results: dict) -> list[str]:
                      f"{stream['requests_each']} calls a side, steal {stream['cpu_steal_percent']}%). "
                      f"Target: {stream['target']}: {_verdict(stream)}; "
                      f"{stream['own_target']}: {'met' if stream['own_pass'] else 'MISSED'}")
+    if embedded := results.get("embedded"):
+        lines.append(embedded_target_line(embedded))
     return lines
 
 
