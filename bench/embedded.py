@@ -165,6 +165,7 @@ def embedded_figures(env: dict[str, str], tmp: Path, runs: int = 5, rounds: int 
         cache = _cache_figures(base)
         rss_end = _rss_bytes(gateway.pid)
     raw.close()
+    grammar = grammar_figures(QUESTION)
     settings = EmbeddedSettings.from_env()
 
     def figures(runs_: list[tuple[float, float, int]]) -> dict:
@@ -192,7 +193,7 @@ def embedded_figures(env: dict[str, str], tmp: Path, runs: int = 5, rounds: int 
     return {"raw_llama_cpp": theirs, "gateway": ours, "gateway_cold_start_s": round(cold, 2), "runs": runs,
             "concurrent": {"requests": CONCURRENT, "rounds": rounds, "tokens_per_s": round(together_rate, 2),
                            "single_tokens_per_s": round(single_rate, 2), "latency_p50_s": round(together_p50, 3)},
-            "ratios": ratios, "targets": TARGETS, "pass": passed, "prefix_cache": cache,
+            "ratios": ratios, "targets": TARGETS, "pass": passed, "prefix_cache": cache, "grammar": grammar,
             "settings": {"parallel": settings.parallel, "cache_mb": settings.cache_mb, "queue": settings.queue},
             "memory": {"rss_ready_mb": round(rss_ready / 2**20, 1), "rss_end_mb": round(rss_end / 2**20, 1),
                        "growth_mb": round((rss_end - rss_ready) / 2**20, 1), "cache_limit_mb": settings.cache_mb},
@@ -219,4 +220,54 @@ def embedded_target_line(e: dict) -> str:
             f"{r['concurrent_p50']}x (target <= {t['concurrent_p50']}x: {verdict('concurrent_p50')}); prefix cache "
             f"hit rate {e['prefix_cache']['hit_rate']} ({e['prefix_cache']['bytes'] / 2**20:.1f} MB held); RSS "
             f"{e['memory']['rss_ready_mb']} -> {e['memory']['rss_end_mb']} MB (+{e['memory']['growth_mb']}, limit "
-            f"{e['memory']['cache_limit_mb']:g} MB: {verdict('memory')}); steal {e['cpu_steal_percent']}%")
+            f"{e['memory']['cache_limit_mb']:g} MB: {verdict('memory')}); the grammar's share of a token's time "
+            f"{e['grammar']['grammar_share']['checked_first']} checking the sampled token first "
+            f"({e['grammar']['grammar_share']['full_grammar_pass']} with a full pass every token); "
+            f"steal {e['cpu_steal_percent']}%")
+
+
+def grammar_figures(question: str, repeats: int = 3) -> dict:
+    """How much of the time per token the grammar takes: the captured qa request decoded by one
+    sequence with the grammar filtering the whole vocabulary before every token (as `Llama` does),
+    with the sampled token checked first (the engine's way; same tokens), and with no grammar."""
+    import dataclasses
+    import queue
+    import threading
+
+    from mlflow_dspy.lm_engine.llama_engine import embedded_model, scheduler_job
+    from mlflow_dspy.lm_engine.llama_native import ContextShape
+    from mlflow_dspy.lm_engine.llama_scheduler import Outcome, Scheduler
+
+    request = captured_request(question)
+    scheduler = Scheduler(embedded_model(), ContextShape(sequences=1, tokens_per_sequence=2048,
+                                                         threads=max(1, os.cpu_count() or 1)), 64 << 20, 4)
+
+    def per_token(grammar: str) -> tuple[float, float]:
+        spent = tokens = passes = 0.0
+        for _ in range(repeats):
+            items: queue.SimpleQueue = queue.SimpleQueue()
+            job = scheduler_job(scheduler.model, request, DEFAULT_MAX_TOKENS, items.put, threading.Event())
+            if grammar == "none":
+                job.sampling = dataclasses.replace(job.sampling, grammar=None)
+            job.max_tokens = 40
+            job.sampling = dataclasses.replace(job.sampling, grammar_first=grammar == "full")
+            before = scheduler.stats()
+            scheduler.submit(job)
+            while not isinstance(items.get(timeout=300), Outcome):
+                pass
+            after = scheduler.stats()
+            spent += after.decode_seconds - before.decode_seconds
+            tokens += after.steps - before.steps
+            passes += after.grammar_passes - before.grammar_passes
+        return spent / tokens * 1000, passes / max(1.0, tokens + repeats)
+
+    try:
+        per_token("checked")  # warm: the prefix is cached for every run after this one
+        (full_ms, _), (checked_ms, checked_share), (none_ms, _) = (per_token(g) for g in ("full", "checked", "none"))
+    finally:
+        scheduler.close()
+    return {"ms_per_token": {"full_grammar_pass": round(full_ms, 2), "checked_first": round(checked_ms, 2),
+                             "no_grammar": round(none_ms, 2)},
+            "grammar_share": {"full_grammar_pass": round(max(0.0, full_ms - none_ms) / full_ms, 3),
+                              "checked_first": round(max(0.0, checked_ms - none_ms) / checked_ms, 3)},
+            "tokens_needing_the_full_pass": round(checked_share, 3)}

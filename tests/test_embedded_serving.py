@@ -287,3 +287,31 @@ def test_a_changed_program_never_gets_the_old_versions_prefix(program_requests):
     assert again[1].prefix_cached
     assert [first[0], new_version[0]] == expected and again[0] == expected[0]
     assert stats["entries"] == 2
+
+
+def test_checking_the_sampled_token_first_gives_the_tokens_of_a_full_grammar_pass(program_requests):
+    import dataclasses
+
+    scheduler = _scheduler(cache_bytes=64 << 20)
+    requests = [r for r in program_requests if r.config.response_format][:6]
+    assert len(requests) == 6
+    try:
+        checked, passes_checked = [], 0
+        full, passes_full = [], 0
+        for request in requests:
+            before = scheduler.stats().grammar_passes
+            checked.append(_answer(scheduler, request)[0])
+            passes_checked += scheduler.stats().grammar_passes - before
+            items: queue.SimpleQueue = queue.SimpleQueue()
+            job = scheduler_job(scheduler.model, request, 512, items.put, threading.Event())
+            job.sampling = dataclasses.replace(job.sampling, grammar_first=True)
+            before = scheduler.stats()
+            scheduler.submit(job)
+            full.append(_collect(items)[0])
+            after = scheduler.stats()
+            passes_full += after.grammar_passes - before.grammar_passes
+            assert after.grammar_passes - before.grammar_passes == after.tokens - before.tokens
+    finally:
+        scheduler.close()
+    assert checked == full
+    assert passes_checked < passes_full / 3  # most sampled tokens already fit the grammar

@@ -180,6 +180,9 @@ class Sampling:
     top_p: float = 0.95
     seed: int | None = None
     grammar: str | None = None  # GBNF
+    # True: the grammar filters the whole vocabulary before every token (as `Llama` does), instead of
+    # checking the sampled token first. Same tokens, slower; kept to measure and to test that.
+    grammar_first: bool = False
 
 
 def grammar_for_schema(schema: dict[str, Any] | None) -> str:
@@ -224,6 +227,7 @@ class SamplerChain:
         self._check = native.llama_token_data_array()
         self._one = native.llama_token_data()
         self._check.data = ctypes.pointer(self._one)
+        self.grammar_first = sampling.grammar_first
         self.grammar_passes = 0
 
     @staticmethod
@@ -254,6 +258,9 @@ class SamplerChain:
         return not math.isinf(self._one.logit)
 
     def sample(self, context: NativeContext, row: int) -> int:
+        if self.grammar is not None and self.grammar_first:
+            self.grammar_passes += 1
+            return native.llama_sampler_sample(self.full, context.ctx, row)
         token = native.llama_sampler_sample(self.fast, context.ctx, row)
         if self.grammar is None:
             return token
