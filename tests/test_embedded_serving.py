@@ -315,3 +315,39 @@ def test_checking_the_sampled_token_first_gives_the_tokens_of_a_full_grammar_pas
         scheduler.close()
     assert checked == full
     assert passes_checked < passes_full / 3  # most sampled tokens already fit the grammar
+
+
+def test_a_failing_batch_step_fails_its_requests_and_the_next_one_is_served(monkeypatch):
+    scheduler = _scheduler(cache_bytes=0)
+    original = Scheduler._advance
+    broken = {"once": True}
+
+    def advance(self, running, row):
+        if broken.pop("once", False):
+            raise RuntimeError("a bug in a step")
+        return original(self, running, row)
+
+    monkeypatch.setattr(Scheduler, "_advance", advance)
+    try:
+        with pytest.raises(RuntimeError, match="a bug in a step"):
+            _answer(scheduler, _long_request("Say hi.", 8))
+        text, outcome = _answer(scheduler, _long_request("Say hi.", 8))
+        assert text and outcome.completion_tokens > 0
+        assert scheduler.stats().running == 0
+    finally:
+        scheduler.close()
+
+
+def test_a_prefix_state_llama_cpp_refuses_is_evaluated_instead(program_requests):
+    request = next(r for r in program_requests if r.system)
+    off, on = _scheduler(cache_bytes=0), _scheduler(cache_bytes=64 << 20)
+    try:
+        expected = _answer(off, request)[0]
+        _answer(on, request)  # caches the prefix
+        prefix = next(iter(on.cache._states))
+        on.cache.put(prefix, b"not a state")
+        text, outcome = _answer(on, request)
+    finally:
+        off.close()
+        on.close()
+    assert text == expected and not outcome.prefix_cached

@@ -204,15 +204,24 @@ class Scheduler:
                         admitted.append(_Running(job, self._free.pop()))
             for job in dropped:
                 self._deliver(job, Outcome(prompt_tokens=len(job.prompt)))
-            if admitted:
-                self._start(admitted)
-            for running in self._running:
-                if running.job.cancel.is_set():
-                    self._finish(running, "stop")
-            self._prune()
-            if self._running:
-                self._step()
+            try:
+                self._turn(admitted)
+            except Exception as exc:  # a bug must fail its requests, not leave every caller waiting forever
+                log.exception("embedded model: the batch step failed")
+                for running in [*admitted, *self._running]:
+                    self._fail(running, exc)
+                self._prune()
         self._shutdown()
+
+    def _turn(self, admitted: list[_Running]) -> None:
+        if admitted:
+            self._start(admitted)
+        for running in self._running:
+            if running.job.cancel.is_set():
+                self._finish(running, "stop")
+        self._prune()
+        if self._running:
+            self._step()
 
     def _deliver(self, job: Job, item: Any) -> None:
         try:
@@ -256,8 +265,7 @@ class Scheduler:
             prefix = list(job.prompt[:job.prefix])
             if prefix:
                 state = self.cache.get(prefix) if self.cache.enabled else None
-                if state is not None:
-                    context.restore(seq, state)
+                if state is not None and self._restored(seq, state):
                     running.outcome.prefix_cached = True
                 else:
                     context.evaluate(prefix, 0, seq, last_logits=False)
@@ -265,6 +273,14 @@ class Scheduler:
                         self.cache.put(prefix, context.save(seq))
         except (NativeError, ValueError) as exc:
             self._fail(running, exc)
+            return False
+        return True
+
+    def _restored(self, seq: int, state: bytes) -> bool:
+        try:
+            self.context.restore(seq, state)
+        except NativeError:
+            log.warning("embedded model: a saved prefix could not be restored; evaluating it instead")
             return False
         return True
 
