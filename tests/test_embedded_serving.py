@@ -5,6 +5,7 @@ sequence, and the cache is bounded and keyed so a changed program never gets ano
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import queue
 import threading
@@ -40,8 +41,8 @@ CONVERSATIONS = {
             ["What does shipping cost?"], ["Is there a warranty?", "Yes.", "How long is it?"],
             ["Can I pay by card?"], ["Where are you based?", "See the site.", "Do you ship abroad?"]],
     "classify": [["I love this phone, it works perfectly."], ["The screen broke after a day."],
-                 ["It is a phone."], ["Terrible support, never again."], ["Fine, I guess.", "Noted.", "Actually great!"],
-                 ["Best purchase this year!"]],
+                 ["It is a phone."], ["Terrible support, never again."],
+                 ["Fine, I guess.", "Noted.", "Actually great!"], ["Best purchase this year!"]],
 }
 
 
@@ -71,11 +72,9 @@ def program_requests() -> list[Request]:
     for name, conversations in CONVERSATIONS.items():
         chat = example_chat(name)
         for turns in conversations:
-            with dspy.context(lm=lm, adapter=adapter_for(lm)):
-                try:
-                    chat(messages=_messages(turns))
-                except Exception:  # noqa: S110 - an answer a program cannot parse still made its request
-                    pass
+            # An answer a program cannot parse still made its request.
+            with dspy.context(lm=lm, adapter=adapter_for(lm)), contextlib.suppress(Exception):
+                chat(messages=_messages(turns))
     assert len(engine.requests) >= 20
     return engine.requests
 
@@ -181,7 +180,7 @@ def test_cancelling_mid_batch_frees_its_sequence_and_the_others_finish():
         cancel.set()
         text, outcome = _collect(third)  # served in the sequence the cancelled request freed
         assert outcome.completion_tokens > 0 and text
-        remaining, finished = _collect(stay)
+        _, finished = _collect(stay)
         assert finished.finish_reason == "length" and finished.completion_tokens == 120
         stats = scheduler.stats()
         assert stats.running == 0 and stats.waiting == 0
@@ -223,7 +222,7 @@ def test_a_full_queue_reaches_dspy_as_a_rate_limit_to_retry_later(monkeypatch):
         await asyncio.sleep(1.0)
         try:
             await lm.acall("Say hi.", max_tokens=4)
-        except BaseException as exc:  # noqa: BLE001 - the refusal is what this test looks at
+        except BaseException as exc:
             return exc
         finally:
             for task in busy:

@@ -226,12 +226,15 @@ def _submit(runtime: _Runtime, job: Any) -> None:
         raise ProviderError(str(exc), provider=EMBEDDED_PROVIDER, status=429, retry_after=QUEUE_RETRY_AFTER) from None
 
 
-def _as_item(item: Any) -> Any:
+def _received(item: Any) -> tuple[str | _Outcome, bool]:
+    """What the scheduler handed over, as the engine yields it, and whether it is the last; an error is raised."""
     from mlflow_dspy.lm_engine.llama_scheduler import Outcome
 
+    if isinstance(item, BaseException):
+        raise item
     if isinstance(item, Outcome):
-        return _Outcome(item.finish_reason, item.prompt_tokens, item.completion_tokens)
-    return item
+        return _Outcome(item.finish_reason, item.prompt_tokens, item.completion_tokens), True
+    return item, False
 
 
 class LlamaCppEngine:
@@ -275,13 +278,10 @@ class LlamaCppEngine:
         cancel = cancel or threading.Event()
         _submit(runtime, scheduler_job(runtime.model, request, self.default_max_tokens, items.put, cancel))
         try:
-            while True:
-                item = _as_item(items.get())
-                if isinstance(item, BaseException):
-                    raise item
+            last = False
+            while not last:
+                item, last = _received(items.get())
                 yield item
-                if isinstance(item, _Outcome):
-                    return
         finally:
             cancel.set()
 
@@ -299,9 +299,9 @@ class LlamaCppEngine:
 
 
 class AsyncLlamaCppEngine:
-    """Async counterpart: generation runs in a worker thread, events come back
-    to the event loop through a queue, and cancelling the awaiting task stops
-    the generation between tokens."""
+    """Async counterpart: the request joins the same batch, its pieces come back
+    to the event loop through a queue (no thread per request), and cancelling
+    the awaiting task takes it out of the batch at the next step."""
 
     def __init__(self, sync: LlamaCppEngine | None = None) -> None:
         self.sync = sync or LlamaCppEngine()
@@ -325,13 +325,10 @@ class AsyncLlamaCppEngine:
 
         _submit(runtime, scheduler_job(runtime.model, request, self.sync.default_max_tokens, deliver, cancel))
         try:
-            while True:
-                item = _as_item(await items.get())
-                if isinstance(item, BaseException):
-                    raise item
+            last = False
+            while not last:
+                item, last = _received(await items.get())
                 yield item
-                if isinstance(item, _Outcome):
-                    return
         finally:
             # A waiting request is dropped; a running one leaves the batch at the next step.
             cancel.set()

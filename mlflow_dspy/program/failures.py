@@ -17,7 +17,6 @@ from dspy.utils.exceptions import (
     LMTimeoutError,
 )
 
-
 # The provider name the embedded model's engine gives its own refusals (a full queue), told apart here
 # from a remote provider's rate limit.
 EMBEDDED_PROVIDER = "embedded"
