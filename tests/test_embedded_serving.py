@@ -350,3 +350,27 @@ def test_a_prefix_state_llama_cpp_refuses_is_evaluated_instead(program_requests)
         off.close()
         on.close()
     assert text == expected and not outcome.prefix_cached
+
+
+def test_greedy_answers_are_llama_cpp_pythons_own_for_the_same_prompt_and_grammar(program_requests):
+    """The engine's prompt, grammar and sampling are `Llama.create_chat_completion`'s: same tokens out."""
+    from llama_cpp import Llama
+
+    from bench.embedded import raw_kwargs
+    from mlflow_dspy.lm_engine.gguf import locate_gguf
+    from mlflow_dspy.lm_engine.messages import chat_messages
+
+    requests = [r for r in program_requests if r.config.response_format][::4][:6]
+    raw = Llama(model_path=str(locate_gguf()), n_ctx=2048, n_threads=2, verbose=False)
+    scheduler = _scheduler(cache_bytes=64 << 20)
+    try:
+        expected = []
+        for request in requests:
+            raw.reset()
+            completion = raw.create_chat_completion(messages=chat_messages(request), **raw_kwargs(request))
+            expected.append(completion["choices"][0]["message"]["content"])
+        got = [_answer(scheduler, request)[0] for request in requests]
+    finally:
+        scheduler.close()
+        raw.close()
+    assert got == expected

@@ -294,17 +294,19 @@ def test_concurrent_streams_arrive_token_by_token_while_decoding_together(client
 def test_a_full_embedded_queue_answers_429_with_retry_after_and_serves_on(tmp_path):
     with gateway(["--program", "qa"], tmp_path, "--no-traces", "--embedded-parallel", "1",
                  "--embedded-queue", "0") as base:
-        def ask(i: int) -> httpx.Response:
+        def ask(i: int, question: str = "Write a long story number {i}.") -> httpx.Response:
             return httpx.post(f"{base}/v1/chat/completions", timeout=120, json={
-                "model": "dspy-qa", "messages": [{"role": "user", "content": f"Write a long story number {i}."}]})
+                "model": "dspy-qa", "messages": [{"role": "user", "content": question.format(i=i)}]})
 
         with ThreadPoolExecutor(6) as pool:
             answers = list(pool.map(ask, range(6)))
         statuses = sorted(a.status_code for a in answers)
-        assert set(statuses) == {200, 429}, statuses
+        # Some are answered (a 512-token story may be cut and not parse: 502), the rest are refused at once.
+        assert 429 in statuses and set(statuses) <= {200, 429, 502}, statuses
+        assert statuses.count(429) < len(statuses)
         refused = next(a for a in answers if a.status_code == 429)
         assert refused.headers["retry-after"] == "1"
         error = refused.json()["error"]
         assert error["code"] == "model_busy" and "busy" in error["message"]
         assert "Traceback" not in refused.text
-        assert ask(99).status_code == 200  # one at a time, it serves on
+        assert ask(0, "What is 2 + 2?").status_code == 200  # one at a time, it serves on

@@ -205,7 +205,7 @@ def scheduler_job(model: Any, request: Request, default_max_tokens: int, deliver
         temperature=0.0 if config.temperature is None else config.temperature,
         top_p=0.95 if config.top_p is None else config.top_p,
         seed=config.seed,
-        grammar=None if schema is None else _grammar(json.dumps(schema, sort_keys=True)),
+        grammar=None if schema is None else _grammar(json.dumps(schema)),  # key order is field order
     )
     template_stops = rendered.stop if isinstance(rendered.stop, list) else [rendered.stop] if rendered.stop else []
     return Job(prompt=tokens, prefix=prefix, sampling=sampling,
