@@ -1,4 +1,4 @@
-"""A short soak in CI (90 s; `make soak` runs 10 minutes): 64 clients, good and bad
+"""A short soak in CI (50 s; `make soak` runs 10 minutes): 64 clients, good and bad
 requests and LM faults mixed; every request answered once, no unexpected 5xx, flat memory."""
 
 import pytest
@@ -9,8 +9,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_a_mixed_load_is_answered_in_full_without_stray_5xx_or_memory_growth(tmp_path):
-    report = run_soak(tmp_path, seconds=90, concurrency=64)
-    assert report.sent > 1000
+    report = run_soak(tmp_path, seconds=50, concurrency=64)
+    assert report.sent > 600
     assert report.transport_errors == 0
     assert report.answered == report.sent  # exactly one response per request
     assert report.unexpected == {}  # good: 200, bad: 400, faults: 502/504 only
