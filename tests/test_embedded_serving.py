@@ -185,8 +185,11 @@ def test_cancelling_mid_batch_frees_its_sequence_and_the_others_finish():
         time.sleep(0.3)
         assert scheduler.stats().waiting == 1
         cancel.set()
-        text, outcome = _collect(third)  # served in the sequence the cancelled request freed
+        _, left = _collect(leave)
+        assert left.completion_tokens < 400  # it stopped where it was cancelled
+        text, outcome = _collect(third)  # served in the sequence the cancelled request freed...
         assert outcome.completion_tokens > 0 and text
+        assert scheduler.stats().running == 1  # ...while the other is still decoding
         _, finished = _collect(stay)
         assert finished.finish_reason == "length" and finished.completion_tokens == 120
         stats = scheduler.stats()
@@ -237,10 +240,16 @@ def test_a_full_queue_reaches_dspy_as_a_rate_limit_to_retry_later(monkeypatch):
             await asyncio.gather(*busy, return_exceptions=True)
         raise AssertionError("a request beyond the sequences and the queue was accepted")
 
-    error = asyncio.run(scenario())
+    try:
+        error = asyncio.run(scenario())
+    finally:
+        from mlflow_dspy.lm_engine import llama_engine
+
+        llama_engine._runtimes.pop(1024).scheduler.close()  # the queue-0 runtime is this test's alone
     assert isinstance(error, LMError)
     failure = failure_of(error)
-    assert failure is not None and failure.status == 429 and failure.retry_after == 1
+    assert failure is not None and (failure.status, failure.code, failure.retry_after) == (429, "model_busy", 1)
+    assert "busy" in failure.message
 
 
 def test_eviction_keeps_the_cache_within_its_limit():
@@ -382,3 +391,64 @@ def test_greedy_answers_are_llama_cpp_pythons_own_for_the_same_prompt_and_gramma
         scheduler.close()
         raw.close()
     assert got == expected
+
+
+def test_a_waiting_request_that_is_cancelled_gives_up_its_place_in_the_queue():
+    from mlflow_dspy.lm_engine.llama_scheduler import QueueFull
+
+    scheduler = _scheduler(cache_bytes=0, sequences=1, queue_limit=1)
+    try:
+        first = _submit(scheduler, _long_request("Write a long story about the sea.", 60))
+        assert isinstance(first.get(timeout=120), str)
+        gave_up = threading.Event()
+        waiting = _submit(scheduler, _long_request("Say hi.", 4), gave_up)
+        with pytest.raises(QueueFull):
+            _submit(scheduler, _long_request("Say hi.", 4))
+        gave_up.set()  # its caller left
+        second = _submit(scheduler, _long_request("Say hi.", 4))  # takes the place
+        assert _collect(waiting)[1].completion_tokens == 0
+        assert _collect(second)[1].completion_tokens > 0
+        _collect(first)
+    finally:
+        scheduler.close()
+
+
+def test_a_long_prompt_is_evaluated_a_batch_at_a_time_while_others_stream():
+    scheduler = _scheduler(cache_bytes=0, sequences=2)
+    try:
+        streaming = _submit(scheduler, _long_request("Write a long story about the sea.", 200))
+        assert isinstance(streaming.get(timeout=120), str)
+        long_prompt = _long_request("Summarize this. " + "The tide came in and went out again. " * 180, 4)
+        arrived_before = 0
+        late = _submit(scheduler, long_prompt)
+        while not streaming.empty():  # what came before; at most one more token comes before it is admitted
+            streaming.get_nowait()
+        first_of_late = late.get(timeout=300)
+        while True:  # what the running stream got while the long prompt (several batches) was evaluated
+            try:
+                item = streaming.get_nowait()
+            except queue.Empty:
+                break
+            arrived_before += isinstance(item, str)
+        if isinstance(first_of_late, str):
+            _collect(late)
+        _collect(streaming)
+    finally:
+        scheduler.close()
+    prompt_tokens = len(embedded_model().tokenize(long_prompt.messages[0].text, False))
+    assert 2 * scheduler.context.shape.batch < prompt_tokens < scheduler.tokens_per_sequence  # three batches
+    assert arrived_before >= 2, "the running stream kept getting tokens between the long prompt's batches"
+
+
+def test_stop_strings_cut_at_the_earliest_one_and_long_tokens_keep_their_text():
+    from mlflow_dspy.lm_engine.llama_scheduler import _Text
+
+    text = _Text(("\n\n", "###"))
+    assert text.add(b"a#") + text.add(b"##\n\nb") == "a" and text.stopped
+    split = _Text(("END",))
+    assert split.add(b"hello E") + split.add(b"N") + split.add(b"D more") == "hello " and split.stopped
+    held = _Text(("END",))
+    assert held.add(b"hello E") + held.add(b"x") + held.rest() == "hello Ex"
+    model = embedded_model()
+    longest = max(range(model.n_vocab), key=lambda token: len(model.token_text(token)))
+    assert len(model.piece(longest)) > 64

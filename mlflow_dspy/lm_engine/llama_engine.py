@@ -97,10 +97,15 @@ def embedded_runtime(n_ctx: int = DEFAULT_CONTEXT) -> _Runtime:
         return _runtimes[n_ctx]
 
 
+async def embedded_runtime_async(n_ctx: int = DEFAULT_CONTEXT) -> _Runtime:
+    """`embedded_runtime` for the event loop: loading the model (and allocating its KV) happens on a thread."""
+    runtime = _runtimes.get(n_ctx)
+    return runtime if runtime is not None else await asyncio.to_thread(embedded_runtime, n_ctx)
+
+
 def embedded_stats() -> dict[str, Any] | None:
     """The running schedulers' figures (None until the embedded model has been used in this process)."""
-    with _runtimes_lock:
-        runtimes = list(_runtimes.values())
+    runtimes = list(_runtimes.values())  # not under the lock: a model being loaded must not block a scrape
     if not runtimes:
         return None
     return runtimes[0].scheduler.stats().as_dict()
@@ -110,12 +115,12 @@ def _close_runtimes() -> None:
     # At exit, while llama_cpp is still whole: left to the interpreter's teardown, the native
     # handles would be freed after llama_cpp's module globals are gone.
     with _runtimes_lock:
-        for runtime in _runtimes.values():
-            runtime.scheduler.close()
+        stopped = [runtime.scheduler.close() for runtime in _runtimes.values()]
         _runtimes.clear()
-        for model in _models:
-            model.close()
-        _models.clear()
+        if all(stopped):  # a batch thread still running keeps the weights it reads
+            for model in _models:
+                model.close()
+            _models.clear()
 
 
 atexit.register(_close_runtimes)
@@ -318,7 +323,7 @@ class AsyncLlamaCppEngine:
         loop = asyncio.get_running_loop()
         items: asyncio.Queue[Any] = asyncio.Queue()
         cancel = threading.Event()
-        runtime = embedded_runtime(self.sync.n_ctx)
+        runtime = await embedded_runtime_async(self.sync.n_ctx)
 
         def deliver(item: Any) -> None:
             loop.call_soon_threadsafe(items.put_nowait, item)  # raises once the loop is closed: cancels the job

@@ -82,6 +82,9 @@ class NativeModel:
     def piece(self, token: int) -> bytes:
         buffer = ctypes.create_string_buffer(PIECE_BUFFER)
         n = native.llama_token_to_piece(self.vocab, token, buffer, PIECE_BUFFER, 0, False)
+        if n < 0:  # a longer token (runs of spaces or symbols): -n is the size it needs
+            buffer = ctypes.create_string_buffer(-n)
+            n = native.llama_token_to_piece(self.vocab, token, buffer, -n, 0, False)
         return buffer.raw[:max(0, n)]
 
     def is_end(self, token: int) -> bool:
@@ -102,9 +105,8 @@ class ContextShape:
 
 
 class NativeContext:
-    """One llama context holding `sequences` independent KV streams (not unified:
-    a sequence's attention never spans another's cells, so what a request computes
-    does not depend on who else is in the batch)."""
+    """One llama context holding `sequences` KV streams, one per sequence (not unified: a sequence's
+    attention reads only its own cells, whoever else is in the batch)."""
 
     def __init__(self, model: NativeModel, shape: ContextShape) -> None:
         params = native.llama_context_default_params()
@@ -144,7 +146,7 @@ class NativeContext:
             raise NativeError(f"llama_decode failed with code {code}")
 
     def evaluate(self, tokens: Sequence[int], start: int, seq: int, last_logits: bool) -> None:
-        """A prompt's tokens for one sequence, in chunks of the batch size (the same cuts every time)."""
+        """A prompt's tokens for one sequence alone, in chunks of the batch size (the same cuts every time)."""
         size = self.shape.batch
         for offset in range(0, len(tokens), size):
             chunk = tokens[offset:offset + size]
