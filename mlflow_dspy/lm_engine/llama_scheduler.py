@@ -195,7 +195,7 @@ class Scheduler:
         with self._cond:
             return SchedulerStats(
                 sequences=self.context.shape.sequences, queue_limit=self.queue_limit,
-                running=len(self._running) + len(self._prefilling),
+                running=sum(not r.done for r in (*self._running, *self._prefilling)),
                 waiting=len(self._waiting), steps=self._steps, rows=self._rows, tokens=self._tokens,
                 grammar_passes=self._grammar_passes, prompt_seconds=round(self._prompt_seconds, 4),
                 decode_seconds=round(self._decode_seconds, 4), cache=self.cache.stats().as_dict())
@@ -294,9 +294,10 @@ class Scheduler:
             running.n_past += count
         done = {id(running) for _, running in ending}
         self._prefilling = [running for running in self._prefilling if id(running) not in done]
+        self._running += [running for _, running in ending]  # all in place first: a failure below fails them all
         for row, running in ending:
-            self._running.append(running)
             self._advance(running, row)
+        self._prune()  # one that ended on its first token must not reach the decode step
 
     def _prepare(self, running: _Running) -> bool:
         """A clean sequence holding the job's fixed prefix (restored from the cache when it is there)."""
@@ -327,7 +328,8 @@ class Scheduler:
         return True
 
     def _step(self) -> None:
-        batch = sorted(self._running, key=lambda running: running.seq)  # in order: one pass (see _free)
+        # In sequence order: one pass (see _free). Only the live: a finished sequence has been cleared.
+        batch = sorted((r for r in self._running if not r.done), key=lambda running: running.seq)
         began = time.perf_counter()
         try:
             self.context.decode([(r.next_token, r.n_past, r.seq, True) for r in batch])
