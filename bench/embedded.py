@@ -12,16 +12,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
+import queue
 import statistics
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import dspy
-import httpx
 import jiter
 
+from bench.launch import CHAT, QUESTION, gateway_args, log_model, scrape, start
+from bench.loadgen import timed_stream
+from bench.soak import rss_mb
+from bench.steal import measured
+from mlflow_dspy.lm_engine.embedded_settings import EmbeddedSettings
 from mlflow_dspy.lm_engine.gguf import locate_gguf
 from mlflow_dspy.lm_engine.llama_engine import DEFAULT_CONTEXT, DEFAULT_MAX_TOKENS, LlamaCppEngine, response_schema
 from mlflow_dspy.lm_engine.messages import chat_messages
@@ -104,25 +111,13 @@ TARGETS = {"first_text": 0.35, "concurrent_rate": 2.0, "concurrent_p50": 2.0, "s
 CONCURRENT = 4
 
 
-def _rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def _cache_figures(base: str) -> dict:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(f"{base}/metrics", timeout=30).text
     values: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "mlflow_dspy_embedded_prefix_cache_total":
-                values[sample.labels["outcome"]] = sample.value
-            elif sample.name == "mlflow_dspy_embedded_prefix_cache_bytes":
-                values["bytes"] = sample.value
+    for sample in scrape(base):
+        if sample.name == "mlflow_dspy_embedded_prefix_cache_total":
+            values[sample.labels["outcome"]] = sample.value
+        elif sample.name == "mlflow_dspy_embedded_prefix_cache_bytes":
+            values["bytes"] = sample.value
     hits, misses = values.get("hit", 0), values.get("miss", 0)
     return {"hits": int(hits), "misses": int(misses), "evictions": int(values.get("eviction", 0)),
             "hit_rate": round(hits / (hits + misses), 3) if hits + misses else 0.0,
@@ -130,8 +125,6 @@ def _cache_figures(base: str) -> dict:
 
 
 async def _together(url: str, body: dict, n: int) -> tuple[float, list]:
-    from bench.loadgen import timed_stream
-
     began = time.perf_counter()
     timings = await asyncio.gather(*(timed_stream(url, body) for _ in range(n)))
     return time.perf_counter() - began, list(timings)
@@ -143,18 +136,13 @@ def embedded_figures(env: dict[str, str], tmp: Path, runs: int = 5, rounds: int 
     warm time to the first visible character and tokens/s at one request (calls interleaved, raw then
     gateway, so both see the same machine; medians), then 4 requests at once, the prefix cache's hit rate
     and the gateway's memory."""
-    from bench.launch import CHAT, QUESTION, gateway_args, log_model, start
-    from bench.loadgen import timed_stream
-    from bench.steal import measured
-    from mlflow_dspy.lm_engine.embedded_settings import EmbeddedSettings
-
     embedded_env = {k: v for k, v in env.items() if k not in ("DSPY_LM", "DSPY_LM_API_BASE")}
     model_uri, _ = log_model(embedded_env)
     raw = RawLlama(QUESTION)
     context, base, began = start(gateway_args(model_uri), "/ready", embedded_env, tmp / "embedded.log")
     with context as gateway, measured() as steal:
         cold = time.perf_counter() - began
-        rss_ready = _rss_bytes(gateway.pid)
+        rss_ready = rss_mb(gateway.pid, children=False)  # the gateway alone, not its trace writer
         url = f"{base}/v1/chat/completions"
         asyncio.run(timed_stream(url, CHAT))  # warm both: the program's prefix is cached from here on
         raw.run()
@@ -165,7 +153,7 @@ def embedded_figures(env: dict[str, str], tmp: Path, runs: int = 5, rounds: int 
             single_runs.append((timing.first_token_s, timing.total_s, timing.completion_tokens))
         concurrent = [asyncio.run(_together(url, CHAT, CONCURRENT)) for _ in range(rounds)]
         cache = _cache_figures(base)
-        rss_end = _rss_bytes(gateway.pid)
+        rss_end = rss_mb(gateway.pid, children=False)
     raw.close()
     grammar = grammar_figures(QUESTION)
     settings = EmbeddedSettings.from_env()
@@ -191,14 +179,14 @@ def embedded_figures(env: dict[str, str], tmp: Path, runs: int = 5, rounds: int 
               "single_rate": ratios["single_rate"] >= TARGETS["single_rate"],
               "concurrent_rate": ratios["concurrent_rate"] >= TARGETS["concurrent_rate"],
               "concurrent_p50": ratios["concurrent_p50"] <= TARGETS["concurrent_p50"],
-              "memory": rss_end - rss_ready <= settings.cache_bytes}
+              "memory": rss_end - rss_ready <= settings.cache_mb}
     return {"raw_llama_cpp": theirs, "gateway": ours, "gateway_cold_start_s": round(cold, 2), "runs": runs,
             "concurrent": {"requests": CONCURRENT, "rounds": rounds, "tokens_per_s": round(together_rate, 2),
                            "single_tokens_per_s": round(single_rate, 2), "latency_p50_s": round(together_p50, 3)},
             "ratios": ratios, "targets": TARGETS, "pass": passed, "prefix_cache": cache, "grammar": grammar,
             "settings": {"parallel": settings.parallel, "cache_mb": settings.cache_mb, "queue": settings.queue},
-            "memory": {"rss_ready_mb": round(rss_ready / 2**20, 1), "rss_end_mb": round(rss_end / 2**20, 1),
-                       "growth_mb": round((rss_end - rss_ready) / 2**20, 1), "cache_limit_mb": settings.cache_mb},
+            "memory": {"rss_ready_mb": round(rss_ready, 1), "rss_end_mb": round(rss_end, 1),
+                       "growth_mb": round(rss_end - rss_ready, 1), "cache_limit_mb": settings.cache_mb},
             # the earlier figures' names, kept for the README's history
             "tokens_per_s_ratio": ratios["single_rate"], "first_token_ratio": ratios["first_text"],
             "cpu_steal_percent": steal["percent"]}
@@ -232,10 +220,6 @@ def grammar_figures(question: str, repeats: int = 3) -> dict:
     """How much of the time per token the grammar takes: the captured qa request decoded by one
     sequence with the grammar filtering the whole vocabulary before every token (as `Llama` does),
     with the sampled token checked first (the engine's way; same tokens), and with no grammar."""
-    import dataclasses
-    import queue
-    import threading
-
     from mlflow_dspy.lm_engine.llama_engine import embedded_model, scheduler_job
     from mlflow_dspy.lm_engine.llama_native import ContextShape
     from mlflow_dspy.lm_engine.llama_scheduler import Outcome, Scheduler

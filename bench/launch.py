@@ -9,6 +9,9 @@ import time
 from contextlib import AbstractContextManager
 from pathlib import Path
 
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
 from bench.processes import ROOT, free_port, running
 
 QUESTION = "What is the capital of France?"
@@ -44,3 +47,9 @@ def start(args: list[str], ready: str, env: dict[str, str],
     command = [part.replace("{port}", str(port)) for part in args]
     base = f"http://127.0.0.1:{port}"
     return running(command, base + ready, env, log, timeout=300), base, time.perf_counter()
+
+
+def scrape(base: str) -> list:
+    """Every sample a server's `/metrics` shows now (prometheus_client's `Sample`: name, labels, value)."""
+    text = httpx.get(f"{base}/metrics", timeout=30).text
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]

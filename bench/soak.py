@@ -62,10 +62,10 @@ class SoakReport:
         return {**asdict(self), "unexpected_5xx": self.unexpected_5xx, "memory_growth": round(self.memory_growth, 4)}
 
 
-def rss_mb(pid: int) -> float:
-    """Resident memory of `pid` and its children (uvicorn workers), MiB, from /proc."""
+def rss_mb(pid: int, children: bool = True) -> float:
+    """Resident memory of `pid` and (unless told not to) its children (uvicorn workers), MiB, from /proc."""
     total = 0.0
-    for proc in [pid, *_children(pid)]:
+    for proc in [pid, *(_children(pid) if children else [])]:
         try:
             for line in Path(f"/proc/{proc}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):

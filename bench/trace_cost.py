@@ -12,10 +12,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import httpx
-from prometheus_client.parser import text_string_to_metric_families
-
-from bench.launch import CHAT, gateway_args, start
+from bench.launch import CHAT, gateway_args, scrape, start
 from bench.loadgen import LoadResult, closed_loop
 from bench.multi_model import WARMUP_S, _combined
 from bench.steal import measured
@@ -25,14 +22,8 @@ TARGET_P50_MS = 1.0
 
 
 def _trace_outcomes(base: str) -> dict[str, int]:
-    text = httpx.get(f"{base}/metrics", timeout=30).text
-    outcomes: dict[str, int] = {}
-    for family in text_string_to_metric_families(text):
-        if family.name == "mlflow_dspy_traces":
-            for sample in family.samples:
-                if sample.name.endswith("_total"):
-                    outcomes[sample.labels["outcome"]] = int(sample.value)
-    return outcomes
+    return {sample.labels["outcome"]: int(sample.value) for sample in scrape(base)
+            if sample.name == "mlflow_dspy_traces_total"}
 
 
 def trace_cost_figures(env: dict[str, str], tmp: Path, model_uri: str, seconds: float, rounds: int = 4) -> dict:

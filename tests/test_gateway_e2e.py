@@ -209,11 +209,7 @@ def test_several_workers_serve_from_the_first_ready(stub_env, tmp_path):
         assert statuses == [200] * 40
         # /metrics, whichever worker answers it, counts the requests every worker answered.
         for _ in range(4):
-            text = httpx.get(f"{base}/metrics", timeout=10).text
-            answered = sum(sample.value for family in text_string_to_metric_families(text)
-                           for sample in family.samples if sample.name == "mlflow_dspy_requests_total"
-                           and sample.labels["route"] == "/v1/chat/completions")
-            assert answered == 40
+            assert _metric(base, "mlflow_dspy_requests_total", route="/v1/chat/completions") == 40
 
 
 @pytest.mark.parametrize("reference", ["models:/dspy-qa/1", "models:/dspy-qa@champion"])

@@ -29,7 +29,6 @@ import queue
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from dspy.clients.engines.base import validate_request
@@ -62,13 +61,12 @@ QUEUE_RETRY_AFTER = 1  # seconds a refused caller is asked to wait
 
 
 class _Runtime:
-    """The model and its scheduler for one sequence size, with the settings it was built with."""
+    """The model and its scheduler for one sequence size."""
 
     def __init__(self, n_ctx: int, settings: EmbeddedSettings) -> None:
         from mlflow_dspy.lm_engine.llama_native import ContextShape
         from mlflow_dspy.lm_engine.llama_scheduler import Scheduler
 
-        self.settings = settings
         self.model = embedded_model()
         shape = ContextShape(sequences=settings.parallel, tokens_per_sequence=n_ctx,
                              threads=max(1, os.cpu_count() or 1))
@@ -126,30 +124,21 @@ def _close_runtimes() -> None:
 atexit.register(_close_runtimes)
 
 
-@dataclass
-class _Outcome:
-    finish_reason: str = "stop"
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-    def usage(self) -> Usage:
-        return Usage(
-            input_tokens=self.prompt_tokens,
-            output_tokens=self.completion_tokens,
-            total_tokens=self.prompt_tokens + self.completion_tokens,
-        )
+def _usage(outcome: Any) -> Usage:
+    """DSPy's usage for the scheduler's `Outcome` of a generation."""
+    return Usage(input_tokens=outcome.prompt_tokens, output_tokens=outcome.completion_tokens,
+                 total_tokens=outcome.prompt_tokens + outcome.completion_tokens)
 
 
-def _response(items: list[str | _Outcome]) -> Response:
-    """Assemble generated pieces and their closing `_Outcome` into one Response."""
-    outcome = items[-1] if items and isinstance(items[-1], _Outcome) else _Outcome()
-    text = "".join(item for item in items if isinstance(item, str))
+def _response(items: list[Any]) -> Response:
+    """Assemble generated pieces and their closing `Outcome` into one Response."""
+    *pieces, outcome = items
     return Response(
         id=_generation_id(),
         model=EMBEDDED_MODEL,
-        message=Message.assistant([TextPart(text)]),
+        message=Message.assistant([TextPart("".join(pieces))]),
         finish_reason=outcome.finish_reason,
-        usage=outcome.usage(),
+        usage=_usage(outcome),
     )
 
 
@@ -158,10 +147,10 @@ def _generation_id() -> str:
     return f"llama-{uuid.uuid4().hex[:16]}"
 
 
-def _event(item: str | _Outcome) -> StreamDeltaEvent | StreamEndEvent:
-    if isinstance(item, _Outcome):
-        return StreamEndEvent(finish_reason=item.finish_reason, usage=item.usage())
-    return StreamDeltaEvent(delta=TextDelta(text=item))
+def _event(item: Any) -> StreamDeltaEvent | StreamEndEvent:
+    if isinstance(item, str):
+        return StreamDeltaEvent(delta=TextDelta(text=item))
+    return StreamEndEvent(finish_reason=item.finish_reason, usage=_usage(item))
 
 
 def response_schema(request: Request) -> dict[str, Any] | None:
@@ -186,6 +175,14 @@ def _grammar(schema_json: str) -> str:
     return grammar_for_schema(json.loads(schema_json))
 
 
+@functools.lru_cache(maxsize=128)
+def _system_head(model: Any, system: str, add_bos: bool) -> tuple[str, tuple[int, ...]]:
+    """A system message as the template renders it alone, and its tokens: the same for every request
+    to a program, so worked out once."""
+    head = model.chat_head(messages=[{"role": "system", "content": system}]).prompt
+    return head, tuple(model.tokenize(head, add_bos))
+
+
 def scheduler_job(model: Any, request: Request, default_max_tokens: int, deliver: Callable[[Any], None],
                   cancel: threading.Event) -> Any:
     """The request as the scheduler's job: the prompt's tokens (the system message's marked as the
@@ -199,11 +196,10 @@ def scheduler_job(model: Any, request: Request, default_max_tokens: int, deliver
     tokens = model.tokenize(rendered.prompt, add_bos)
     prefix = 0
     if len(messages) > 1 and messages[0]["role"] == "system":
-        head = model.chat_head(messages=messages[:1]).prompt
-        if rendered.prompt.startswith(head):
-            head_tokens = model.tokenize(head, add_bos)
-            if 0 < len(head_tokens) < len(tokens) and tokens[:len(head_tokens)] == head_tokens:
-                prefix = len(head_tokens)
+        head, head_tokens = _system_head(model, messages[0]["content"], add_bos)
+        if rendered.prompt.startswith(head) and 0 < len(head_tokens) < len(tokens) \
+                and tuple(tokens[:len(head_tokens)]) == head_tokens:
+            prefix = len(head_tokens)
     config = request.config
     schema = response_schema(request)
     sampling = Sampling(
@@ -231,15 +227,12 @@ def _submit(runtime: _Runtime, job: Any) -> None:
         raise ProviderError(str(exc), provider=EMBEDDED_PROVIDER, status=429, retry_after=QUEUE_RETRY_AFTER) from None
 
 
-def _received(item: Any) -> tuple[str | _Outcome, bool]:
-    """What the scheduler handed over, as the engine yields it, and whether it is the last; an error is raised."""
-    from mlflow_dspy.lm_engine.llama_scheduler import Outcome
-
+def _received(item: Any) -> tuple[Any, bool]:
+    """What the scheduler handed over (text, or the closing `Outcome`) and whether it is the last;
+    an error is raised."""
     if isinstance(item, BaseException):
         raise item
-    if isinstance(item, Outcome):
-        return _Outcome(item.finish_reason, item.prompt_tokens, item.completion_tokens), True
-    return item, False
+    return item, not isinstance(item, str)
 
 
 class LlamaCppEngine:
@@ -271,8 +264,8 @@ class LlamaCppEngine:
         self.__init__(**state)
 
     # -- generation ---------------------------------------------------------
-    def generate(self, request: Request, cancel: threading.Event | None = None) -> Iterator[str | _Outcome]:
-        """Yield text pieces as they are sampled, then one `_Outcome`.
+    def generate(self, request: Request, cancel: threading.Event | None = None) -> Iterator[Any]:
+        """Yield text pieces as they are sampled, then the scheduler's `Outcome`.
 
         The request joins the shared batch; `cancel` (or closing this
         generator) frees its sequence at the next step.
@@ -318,7 +311,7 @@ class AsyncLlamaCppEngine:
     def load_state(cls, state: dict[str, Any]) -> AsyncLlamaCppEngine:
         return cls(LlamaCppEngine.load_state(state))
 
-    async def _items(self, request: Request) -> AsyncIterator[str | _Outcome]:
+    async def _items(self, request: Request) -> AsyncIterator[Any]:
         validate_request(request)
         loop = asyncio.get_running_loop()
         items: asyncio.Queue[Any] = asyncio.Queue()

@@ -177,10 +177,7 @@ class Scheduler:
             with self._cond:
                 if self._closed:
                     raise RuntimeError("the embedded model has been closed")
-                # Callers that left while waiting hold no place in the line.
-                if any(waiting.cancel.is_set() for waiting in self._waiting):
-                    dropped = [waiting for waiting in self._waiting if waiting.cancel.is_set()]
-                    self._waiting = deque(waiting for waiting in self._waiting if not waiting.cancel.is_set())
+                dropped = self._drop_cancelled_waiters()
                 # The free sequences take the first waiters; past them, `queue_limit` may wait.
                 if len(self._waiting) >= self.queue_limit + len(self._free):
                     raise QueueFull(f"the embedded model is busy: all {self.context.shape.sequences} of its "
@@ -188,8 +185,18 @@ class Scheduler:
                 self._waiting.append(job)
                 self._cond.notify()
         finally:
-            for left in dropped:
-                self._deliver(left, Outcome(prompt_tokens=len(left.prompt)))
+            self._deliver_dropped(dropped)
+
+    def _drop_cancelled_waiters(self) -> list[Job]:
+        """Take the waiters whose callers left out of the line (they hold no place in it); under the lock."""
+        dropped = [job for job in self._waiting if job.cancel.is_set()]
+        if dropped:
+            self._waiting = deque(job for job in self._waiting if not job.cancel.is_set())
+        return dropped
+
+    def _deliver_dropped(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            self._deliver(job, Outcome(prompt_tokens=len(job.prompt)))
 
     def stats(self) -> SchedulerStats:
         with self._cond:
@@ -220,15 +227,11 @@ class Scheduler:
                     self._cond.wait()
                 if self._closed:
                     break
-                admitted, dropped = [], []
+                dropped = self._drop_cancelled_waiters()
+                admitted = []
                 while self._waiting and self._free:
-                    job = self._waiting.popleft()
-                    if job.cancel.is_set():
-                        dropped.append(job)
-                    else:
-                        admitted.append(_Running(job, heapq.heappop(self._free)))
-            for job in dropped:
-                self._deliver(job, Outcome(prompt_tokens=len(job.prompt)))
+                    admitted.append(_Running(self._waiting.popleft(), heapq.heappop(self._free)))
+            self._deliver_dropped(dropped)
             try:
                 self._turn(admitted)
             except Exception as exc:  # a bug must fail its requests, not leave every caller waiting forever
@@ -292,8 +295,7 @@ class Scheduler:
             self._prompt_seconds += time.perf_counter() - began
         for running, count in taken:
             running.n_past += count
-        done = {id(running) for _, running in ending}
-        self._prefilling = [running for running in self._prefilling if id(running) not in done]
+        self._prefilling = [running for running in self._prefilling if running.n_past < len(running.job.prompt)]
         self._running += [running for _, running in ending]  # all in place first: a failure below fails them all
         for row, running in ending:
             self._advance(running, row)
@@ -335,7 +337,7 @@ class Scheduler:
             self.context.decode([(r.next_token, r.n_past, r.seq, True) for r in batch])
         except NativeError as exc:
             log.warning("embedded model: a decode step failed (%s); its %d requests fail", exc, len(batch))
-            for running in list(batch):
+            for running in batch:
                 self._fail(running, exc)
             self._prune()
             return

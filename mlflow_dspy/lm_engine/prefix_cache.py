@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass
@@ -80,6 +80,4 @@ class PrefixCache:
 
     def stats(self) -> CacheStats:
         with self._lock:
-            return CacheStats(hits=self._stats.hits, misses=self._stats.misses, evictions=self._stats.evictions,
-                              stored=self._stats.stored, bytes=self._bytes, entries=len(self._states),
-                              limit_bytes=self.limit_bytes)
+            return replace(self._stats, bytes=self._bytes, entries=len(self._states))
