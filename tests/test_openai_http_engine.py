@@ -10,12 +10,12 @@ import pytest
 from dspy import lm15
 from dspy.utils.exceptions import LMProviderError, LMRateLimitError, LMServerError
 
-from mlflow_dspy.lm_engine.http1 import close_pool
 from mlflow_dspy.lm_engine.openai_http import (
     MAX_RETRY_WAIT,
     AsyncOpenAIHTTPEngine,
     OpenAIHTTPEngine,
     _StreamParser,
+    close_connections,
     error_for,
     response_from,
     retry_after,
@@ -45,7 +45,7 @@ def test_sync_and_async_calls_reach_the_server_with_the_key_from_the_environment
             with dspy.context(lm=lm):
                 return await dspy.Predict("question -> answer").acall(question="async?")
         finally:
-            await close_pool()
+            await close_connections()
 
     assert asyncio.run(acall()).answer == "answer: async?"
     seen = httpx.get(stub.replace("/v1", "/_requests")).json()[-2:]

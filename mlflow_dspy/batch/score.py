@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from mlflow_dspy.batch.io import messages_of
-from mlflow_dspy.lm_engine.http1 import close_pool
+from mlflow_dspy.lm_engine.openai_http import close_connections
 from mlflow_dspy.runtime.host import ProgramHost
 
 RESULT_COLUMNS = ("row_id", "answer", "prediction", "error")
@@ -48,4 +48,4 @@ async def score_rows(
     try:
         return list(await asyncio.gather(*(bounded(row_id, row) for row_id, row in rows)))
     finally:
-        await close_pool()  # this loop ends with the batch: leave no open LM connections
+        await close_connections()  # this loop ends with the batch: leave no open LM connections

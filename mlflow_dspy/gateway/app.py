@@ -48,8 +48,8 @@ from mlflow_dspy.gateway.responses import ResponseObject, ResponsesRequest, Resp
 from mlflow_dspy.gateway.served import HostSlot, follow_aliases, make_router, start_trace_export, trace_record
 from mlflow_dspy.gateway.trace_export import TraceExporter
 from mlflow_dspy.internals import SPEEDUPS_ENV, dspy_callbacks, dspy_executor
-from mlflow_dspy.lm_engine.http1 import close_pool
 from mlflow_dspy.lm_engine.llama_engine import embedded_stats
+from mlflow_dspy.lm_engine.openai_http import close_connections
 from mlflow_dspy.runtime.host import ProgramHost
 
 log = logging.getLogger("mlflow_dspy.gateway")
@@ -94,7 +94,7 @@ def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> Gatewa
         counting.cancel()
         if exporter[0] is not None:
             await asyncio.to_thread(exporter[0].close)  # the queued traces, within --trace-flush-timeout
-        await close_pool()  # the LM connection pool of this worker's loop
+        await close_connections()  # the LM connection pool of this worker's loop
         worker_exited(os.getpid())  # its live gauges leave /metrics with it
 
     app = FastAPI(title="mlflow-dspy gateway", version="1", lifespan=lifespan, responses=ERROR_RESPONSES)

@@ -350,7 +350,12 @@ class AsyncOpenAIHTTPEngine(_Settings):
         yield parser.end()
 
     async def aclose(self) -> None:
-        await http1.close_pool()
+        await close_connections()
+
+
+async def close_connections() -> None:
+    """Close the pooled LM connections of the running event loop (a server's worker, a batch) as it ends."""
+    await http1.close_pool()
 
 
 async def _body(response: http1.Response) -> bytes:
