@@ -10,6 +10,8 @@ import argparse
 import json
 import sys
 
+from mlflow_dspy.program.problems import UserProblem
+
 PROGRAM_HELP = "an example (qa, ...), a program in your pyproject.toml, package.module:attr or file.py:attr"
 
 
@@ -419,24 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class UsageProblem(ValueError):
-    pass
-
-
-def _user_problems() -> tuple[type[BaseException], ...]:
-    """Errors in what the user gave (a reference, a file, a pin): one line, exit 2, no traceback."""
-    from mlflow_dspy.gateway.router import RouterProblem
-    from mlflow_dspy.lifecycle.starter import StarterProblem
-    from mlflow_dspy.packaging.load import OutdatedModel
-    from mlflow_dspy.packaging.requirements import RequirementsProblem
-    from mlflow_dspy.packaging.uris import ModelUriProblem
-    from mlflow_dspy.program.datasets import DataProblem
-    from mlflow_dspy.program.mapping import MappingProblem
-    from mlflow_dspy.program.project import ProjectProblem
-    from mlflow_dspy.program.reference import ReferenceProblem
-
-    return (UsageProblem, RouterProblem, ReferenceProblem, ProjectProblem, MappingProblem, DataProblem,
-            RequirementsProblem, ModelUriProblem, OutdatedModel, StarterProblem)
+class UsageProblem(UserProblem):
+    """A command line that asks for something impossible (a missing or contradictory option)."""
 
 
 def _not_found(exc: Exception) -> bool:
@@ -457,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, IntegrityError):
             print(f"refused: {exc}", file=sys.stderr)
             return 3
-        if isinstance(exc, _user_problems()) or _not_found(exc):
+        if isinstance(exc, UserProblem) or _not_found(exc):
             print(f"mlflow-dspy {args.command}: {getattr(exc, 'message', None) or exc}", file=sys.stderr)
             return 2
         if isinstance(exc, ImportError) and getattr(args, "command", "") in ("log", "eval", "optimize", "gateway"):

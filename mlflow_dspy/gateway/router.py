@@ -33,13 +33,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from mlflow_dspy.packaging.uris import ModelUri, parse_model_uri
+from mlflow_dspy.program.problems import UserProblem
 from mlflow_dspy.runtime.host import ProgramHost
 
 log = logging.getLogger("mlflow_dspy.gateway")
 CHAMPION = "champion"
 
 
-class RouterProblem(ValueError):
+class RouterProblem(UserProblem):
     """A gateway set-up that cannot serve (a bad --split, a name served twice); said at start-up."""
 
 

@@ -11,6 +11,8 @@ import json
 import re
 from pathlib import Path
 
+from mlflow_dspy.program.problems import UserProblem
+
 PROGRAM = '''"""{name}: a starter DSPy program. Change it, then `mlflow-dspy log {name}`."""
 
 import dspy
@@ -77,7 +79,7 @@ TRAIN = [
 ]
 
 
-class StarterProblem(ValueError):
+class StarterProblem(UserProblem):
     pass
 
 

@@ -14,6 +14,7 @@ from mlflow_dspy.packaging.integrity import download_verified
 from mlflow_dspy.packaging.paths import tracking_uri
 from mlflow_dspy.packaging.uris import ModelUriProblem, parse_model_uri
 from mlflow_dspy.program.chat import ChatProgram
+from mlflow_dspy.program.problems import UserProblem
 from mlflow_dspy.runtime.host import ProgramHost
 
 # Written into every logged model's MLmodel metadata. Models logged before the
@@ -23,7 +24,7 @@ FORMAT_KEY = "mlflow_dspy_format"
 FORMAT = 2
 
 
-class OutdatedModel(ValueError):
+class OutdatedModel(UserProblem):
     pass
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from packaging.requirements import InvalidRequirement, Requirement
 
 from mlflow_dspy.packaging.paths import REQUIREMENTS_FILE
+from mlflow_dspy.program.problems import UserProblem
 
 
 def pinned_requirements(path: Path = REQUIREMENTS_FILE) -> list[str]:
@@ -23,7 +24,7 @@ def pinned_requirements(path: Path = REQUIREMENTS_FILE) -> list[str]:
     return pins
 
 
-class RequirementsProblem(ValueError):
+class RequirementsProblem(UserProblem):
     """A user's requirements file that cannot join the runtime's pins; the message names both pins."""
 
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from mlflow_dspy.program.problems import UserProblem
+
 USAGE = "runs:/<run id>/model, models:/<name>/<version> or models:/<name>@<alias>"
 
 
-class ModelUriProblem(ValueError):
+class ModelUriProblem(UserProblem):
     pass
 
 

@@ -19,9 +19,10 @@ from pydantic import ValidationError
 
 from mlflow_dspy.program.chat import history_entries
 from mlflow_dspy.program.mapping import ChatMapping, Field, fields_model, validation_problem
+from mlflow_dspy.program.problems import UserProblem
 
 
-class DataProblem(ValueError):
+class DataProblem(UserProblem):
     """A data file that cannot be used; the message names the file and the line."""
 
 

@@ -35,11 +35,13 @@ from typing import Any
 import dspy
 import pydantic
 
+from mlflow_dspy.program.problems import UserProblem
+
 CONTEXT_NAMES = ("context", "system")
 NOT_AN_ANSWER = ("reasoning",)
 
 
-class MappingProblem(TypeError):
+class MappingProblem(UserProblem, TypeError):
     """A program that cannot be served as chat; the message names the fields."""
 
 

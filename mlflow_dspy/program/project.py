@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from mlflow_dspy.program.problems import UserProblem
 from mlflow_dspy.program.reference import ReferenceProblem, split_reference
 
 TABLE = "mlflow-dspy"
@@ -54,7 +55,7 @@ KEYS = {
 PATH_KEYS = ("dev", "train", "requirements")
 
 
-class ProjectProblem(ValueError):
+class ProjectProblem(UserProblem):
     """A project file that cannot be read as it stands; the message names the file and the key."""
 
 

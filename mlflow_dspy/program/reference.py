@@ -23,8 +23,10 @@ from typing import Any
 
 import dspy
 
+from mlflow_dspy.program.problems import UserProblem
 
-class ReferenceProblem(ValueError):
+
+class ReferenceProblem(UserProblem):
     """A reference that names nothing usable; the message is one line for the user."""
 
 
