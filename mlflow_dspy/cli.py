@@ -63,31 +63,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
-    from mlflow_dspy.gateway.run import run_gateway
+    from mlflow_dspy.gateway.config import GatewayConfig
+    from mlflow_dspy.gateway.server import run_gateway
 
-    if bool(args.model_uri or args.split) == bool(args.program):
-        raise UsageProblem("gateway: give -m MODEL_URI (one or more, or --split) or --program PROGRAM, not both")
-    if args.name and len(args.model_uri or []) > 1:
-        raise UsageProblem("gateway: --name names one model; with several, each is served under its registry name")
-    if not 0 <= args.trace_sample <= 1:
-        raise UsageProblem(f"gateway: --trace-sample is a fraction from 0 to 1, not {args.trace_sample}")
-    for flag, value, least in (("--embedded-parallel", args.embedded_parallel, 1),
-                               ("--embedded-cache-mb", args.embedded_cache_mb, 0),
-                               ("--embedded-queue", args.embedded_queue, 0)):
-        if value is not None and value < least:
-            raise UsageProblem(f"gateway: {flag} must be at least {least}, not {value:g}")
+    # Each setting from its flag, else its environment variable, else its default, checked against its range.
+    config = GatewayConfig.resolve(vars(args))
+    config.check()
     from mlflow_dspy.gateway.router import Split
 
-    for text in args.split or []:
+    for text in config.splits:
         Split.parse(text)  # a malformed split is one line here
-    for uri in args.model_uri or []:
+    for uri in config.model_uris:
         _check_model_uri(uri)  # a mistyped name or version is one line here, not a failed load
-    if args.program:
+    if config.program:
         from mlflow_dspy.program.project import resolve_target
         from mlflow_dspy.program.target import open_target
 
-        open_target(resolve_target(args.program))  # a bad reference is one line here, not a failed start-up
-    return run_gateway(args)
+        open_target(resolve_target(config.program))  # a bad reference is one line here, not a failed start-up
+    return run_gateway(config)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -258,6 +251,25 @@ def _chat_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--answer-field", default=None, help="the output a chat answer shows")
 
 
+def _gateway_arguments(command: argparse.ArgumentParser) -> None:
+    """The gateway's flags, one per setting of its table (gateway/config.py); a flag not given is None, so
+    that its environment variable, else its default, applies."""
+    from mlflow_dspy.gateway.config import SETTINGS  # light: the gateway itself is imported when it runs
+
+    kinds = {"int": int, "float": float, "str": str}
+    for setting in SETTINGS:
+        if not setting.flags:
+            continue  # the API keys: from the environment only, never on a command line
+        options: dict = {"dest": setting.name, "default": None, "help": setting.describe().replace("%", "%%")}
+        if setting.kind == "switch":
+            options.update(action="store_const", const=not setting.default)
+        elif setting.kind == "list":
+            options.update(action="append", metavar=setting.metavar)
+        else:
+            options.update(type=kinds[setting.kind], metavar=setting.metavar)
+        command.add_argument(*setting.flags, **options)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlflow-dspy", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -358,65 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--json", action="store_true", help="print one JSON line (counts), no progress bar")
     export.set_defaults(func=cmd_traces_export)
 
-    from mlflow_dspy.gateway.config import DEFAULTS  # light: the gateway itself is imported when it runs
-    from mlflow_dspy.lm_engine.embedded_settings import DEFAULT_CACHE_MB, QUEUE_PER_SEQUENCE, default_parallel
-
-    gateway = commands.add_parser("gateway", help="serve a logged model (or a program) with the OpenAI API")
-    gateway.add_argument(
-        "-m", "--model-uri", action="append", metavar="URI",
-        help="runs:/<id>/model, models:/<name>/<version> or models:/<name>@<alias>; repeat it to serve several "
-             "(models:/NAME@champion also answers as NAME)",
-    )
-    gateway.add_argument("--split", action="append", metavar="NAME=ALIAS:WEIGHT,ALIAS:WEIGHT",
-                         help="send requests for NAME to its aliases by weight, e.g. triage=champion:90,challenger:10 "
-                              "(a request's user or x-session-id always gets the same alias; repeatable)")
-    gateway.add_argument("--reload-interval", type=float, default=DEFAULTS.reload_interval,
-                         help="seconds between looks at the registry's aliases; a moved alias loads in the "
-                              "background and takes over once it answers (default: %(default)s; 0: off)")
-    gateway.add_argument("--program", help="serve a program straight from its code: " + PROGRAM_HELP)
-    gateway.add_argument("--lm", default=None, help="with --program: the LM (default: $DSPY_LM, else embedded)")
-    gateway.add_argument("--name", default=None, help="with one model: the name clients send and /v1/models lists")
-    gateway.add_argument("--host", default="127.0.0.1")
-    gateway.add_argument("--port", type=int, default=8000)
-    gateway.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default: 1)")
-    gateway.add_argument("--max-in-flight", type=int, default=DEFAULTS.max_in_flight,
-                         help="requests running at once per worker; more get 429 (default: %(default)s)")
-    gateway.add_argument("--max-body-bytes", type=int, default=DEFAULTS.max_body_bytes,
-                         help="larger bodies get 413 (default: %(default)s bytes)")
-    gateway.add_argument("--max-header-bytes", type=int, default=DEFAULTS.max_header_bytes,
-                         help="a larger header section gets 431 (default: %(default)s bytes)")
-    gateway.add_argument("--max-header-line-bytes", type=int, default=DEFAULTS.max_header_line_bytes,
-                         help="a longer header line gets 431 (default: %(default)s bytes)")
-    gateway.add_argument("--header-timeout", type=float, default=DEFAULTS.header_timeout,
-                         help="seconds a request's headers may take to arrive before the connection closes "
-                              "(default: %(default)s)")
-    gateway.add_argument("--max-messages", type=int, default=DEFAULTS.max_messages,
-                         help="more messages get 400 (default: %(default)s)")
-    gateway.add_argument("--max-characters", type=int, default=DEFAULTS.max_characters,
-                         help="more characters of message text get 400 (default: %(default)s)")
-    gateway.add_argument("--allow-origin", action="append", metavar="ORIGIN",
-                         help="let browser pages from ORIGIN call the gateway (CORS; off by default; repeatable)")
-    gateway.add_argument("--request-timeout", type=float, default=DEFAULTS.request_timeout,
-                         help="seconds a program may run before 504 (default: %(default)s)")
-    gateway.add_argument("--no-traces", action="store_true",
-                         help="do not record an MLflow trace per request (default: record them)")
-    gateway.add_argument("--trace-sample", type=float, default=DEFAULTS.trace_sample, metavar="RATE",
-                         help="the fraction of requests traced, 0 to 1 (default: %(default)s)")
-    gateway.add_argument("--trace-flush-timeout", type=float, default=DEFAULTS.trace_flush_timeout,
-                         help="seconds a graceful stop gives the traces still queued; what is left then is counted "
-                              "as dropped (default: %(default)s)")
-    gateway.add_argument("--embedded-parallel", type=int, default=None, metavar="N",
-                         help="embedded model: requests decoded together in one batch (default: two per core, "
-                              f"2 to 8; {default_parallel()} here); more wait in its queue")
-    gateway.add_argument("--embedded-cache-mb", type=float, default=None, metavar="MB",
-                         help="embedded model: memory for the saved state of programs' fixed prompt prefixes, "
-                              f"least recently used dropped first; 0 turns it off (default: {DEFAULT_CACHE_MB:g})")
-    gateway.add_argument("--embedded-queue", type=int, default=None, metavar="N",
-                         help="embedded model: requests that may wait for a free sequence; more get 429 with "
-                              f"Retry-After (default: {QUEUE_PER_SEQUENCE} per sequence)")
-    gateway.add_argument("--no-speedups", action="store_true",
-                         help="run DSPy's and uvicorn's own code paths instead of the speed-ups built on their "
-                              "internals (mlflow_dspy/internals; same answers, slower)")
+    gateway = commands.add_parser(
+        "gateway", help="serve a logged model (or a program) with the OpenAI API",
+        epilog="Every flag has an environment variable, named in its help: MLFLOW_DSPY_ and the flag in capitals, "
+               "dashes as underscores (a --no-X switch: MLFLOW_DSPY_X=0). A flag wins over its variable. "
+               "API keys come only from GATEWAY_API_KEYS.")
+    _gateway_arguments(gateway)
     gateway.set_defaults(func=cmd_gateway)
     return parser
 

@@ -78,7 +78,7 @@ def test_gateway_image_installs_this_project_and_runs_its_command(tmp_path):
                            "sys.argv = ['mlflow-dspy', 'gateway', '--help']; sys.exit(cli.main())"],
                           cwd=elsewhere, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    gateway_modules = "mlflow_dspy.gateway.app, mlflow_dspy.gateway.run, mlflow_dspy.runtime.host"
+    gateway_modules = "mlflow_dspy.gateway.app, mlflow_dspy.gateway.server, mlflow_dspy.runtime.host"
     imports = subprocess.run([sys.executable, "-E", "-s", "-c", prelude + f"import mlflow_dspy, {gateway_modules}; "
                               "print(mlflow_dspy.__file__)"], cwd=elsewhere, capture_output=True, text=True)
     assert imports.returncode == 0, imports.stderr

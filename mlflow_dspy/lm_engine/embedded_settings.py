@@ -1,7 +1,9 @@
 """The embedded model's serving settings, and the environment that carries them to every process.
 
 Read once per process, when the embedded model is first used. Light on
-purpose (no DSPy, no llama.cpp): the command line reads its defaults here.
+purpose (no DSPy, no llama.cpp): each is also one of the gateway's settings
+(mlflow_dspy/gateway/config.py declares its flag and help, and takes its
+variable, default and least value from here).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 PARALLEL_ENV = "MLFLOW_DSPY_EMBEDDED_PARALLEL"
 CACHE_MB_ENV = "MLFLOW_DSPY_EMBEDDED_CACHE_MB"
 QUEUE_ENV = "MLFLOW_DSPY_EMBEDDED_QUEUE"
+LEAST = {PARALLEL_ENV: 1, CACHE_MB_ENV: 0, QUEUE_ENV: 0}  # the smallest value each may take
 DEFAULT_CACHE_MB = 64.0
 QUEUE_PER_SEQUENCE = 8  # requests that may wait, per sequence, unless set
 
@@ -31,16 +34,16 @@ class EmbeddedSettings:
 
     @classmethod
     def from_env(cls) -> EmbeddedSettings:
-        parallel = _number(PARALLEL_ENV, default_parallel(), int, 1)
-        return cls(parallel=parallel, cache_mb=_number(CACHE_MB_ENV, DEFAULT_CACHE_MB, float, 0),
-                   queue=_number(QUEUE_ENV, QUEUE_PER_SEQUENCE * parallel, int, 0))
+        parallel = _number(PARALLEL_ENV, default_parallel(), int)
+        return cls(parallel=parallel, cache_mb=_number(CACHE_MB_ENV, DEFAULT_CACHE_MB, float),
+                   queue=_number(QUEUE_ENV, QUEUE_PER_SEQUENCE * parallel, int))
 
     @property
     def cache_bytes(self) -> int:
         return int(self.cache_mb * (1 << 20))
 
 
-def _number(name: str, default: Any, kind: Callable[[str], Any], least: float) -> Any:
+def _number(name: str, default: Any, kind: Callable[[str], Any]) -> Any:
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
@@ -48,19 +51,6 @@ def _number(name: str, default: Any, kind: Callable[[str], Any], least: float) -
         value = kind(raw)
     except ValueError:
         raise ValueError(f"{name} must be a number, not {raw!r}") from None
-    if value < least:
-        raise ValueError(f"{name} must be at least {least:g}, not {raw}")
+    if value < LEAST[name]:
+        raise ValueError(f"{name} must be at least {LEAST[name]:g}, not {raw}")
     return value
-
-
-def settings_environment(parallel: int | None = None, cache_mb: float | None = None,
-                         queue: int | None = None) -> dict[str, str]:
-    """The variables that give every process serving the embedded model these settings (None: the default)."""
-    env = {}
-    if parallel is not None:
-        env[PARALLEL_ENV] = str(parallel)
-    if cache_mb is not None:
-        env[CACHE_MB_ENV] = f"{cache_mb:g}"
-    if queue is not None:
-        env[QUEUE_ENV] = str(queue)
-    return env

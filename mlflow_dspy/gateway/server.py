@@ -1,0 +1,48 @@
+"""Start the gateway: uvicorn, with one worker process or several, each building the app from the environment."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+
+import uvicorn
+
+from mlflow_dspy.gateway.config import GatewayConfig
+from mlflow_dspy.gateway.metrics import MULTIPROC_ENV
+
+
+def run_gateway(config: GatewayConfig) -> int:
+    """Serve `config` until stopped (SIGTERM, Ctrl-C); its settings reach every worker as their variables."""
+    if config.traces:
+        # Create the store's tables and the experiment once, here: several workers doing it at once race on
+        # the SQLite schema. A store that fails turns tracing off; it does not stop the gateway.
+        from mlflow_dspy.packaging.log import use_tracking_store
+
+        try:
+            use_tracking_store()
+        except Exception as exc:
+            print(f"mlflow-dspy gateway: tracing is off: the tracking store failed ({type(exc).__name__})",
+                  file=sys.stderr, flush=True)
+            config.traces = False
+    # Workers are separate processes: each rebuilds this configuration from these variables
+    # (GatewayConfig.from_env), and the embedded model, the header limits and the speed-ups' switch read
+    # theirs where they are used. API keys stay in GATEWAY_API_KEYS, read by each worker.
+    os.environ.update(config.environment())
+    if config.workers > 1:
+        # Each worker writes its metrics to files here; /metrics adds up every worker's (gateway/metrics.py).
+        os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="mlflow-dspy-metrics-")
+    from mlflow_dspy.internals.uvicorn_protocol import http_protocol
+
+    uvicorn.run(
+        "mlflow_dspy.gateway.app:app_from_env",
+        factory=True,
+        host=config.host,
+        port=config.port,
+        workers=config.workers,
+        http=http_protocol(),  # header limits; with the speed-ups, a response's headers and body in one write
+        log_level="warning",
+        access_log=False,  # the gateway writes its own structured line per request
+        timeout_graceful_shutdown=10,
+    )
+    return 0
