@@ -164,6 +164,8 @@ def test_naming_what_to_serve_on_the_command_line_sets_the_environments_choice_a
     ([], {"MLFLOW_DSPY_EMBEDDED_QUEUE": "-2"}, "$MLFLOW_DSPY_EMBEDDED_QUEUE must be at least 0, not -2"),
     ([], {"MLFLOW_DSPY_MAX_IN_FLIGHT": "lots"}, "MLFLOW_DSPY_MAX_IN_FLIGHT must be a whole number, not 'lots'"),
     ([], {"MLFLOW_DSPY_TRACES": "maybe"}, "MLFLOW_DSPY_TRACES is 1 or 0 (on or off), not 'maybe'"),
+    (["--request-timeout", "nan"], {}, "--request-timeout must be a finite number, not nan"),
+    ([], {"MLFLOW_DSPY_PORT": "70000"}, "$MLFLOW_DSPY_PORT must be from 0 to 65535, not 70000"),
     (["-m", "models:/a/1"], {"MLFLOW_DSPY_PROGRAM": ""}, None),  # an empty variable is no variable
     (["-m", "models:/a/1", "--program", "qa"], {}, "or --program PROGRAM, not both"),
     ([], {"MLFLOW_DSPY_MODEL_URI": "models:/a/1", "MLFLOW_DSPY_PROGRAM": "qa"}, "or --program PROGRAM, not both"),

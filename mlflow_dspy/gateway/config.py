@@ -20,6 +20,7 @@ name, its type (the annotation) and its default. From that one table:
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import typing
@@ -107,12 +108,16 @@ class Setting:
 
     def check(self, value: Any, source: str) -> None:
         """A value out of this setting's range, from `source` (a flag or a variable), is a SettingProblem."""
-        if value is None or (self.least is None and self.most is None):
+        if not isinstance(value, int | float) or isinstance(value, bool):
             return
+        if not math.isfinite(value):
+            raise SettingProblem(f"{source} must be a finite number, not {value}")
         if self.least is not None and self.most is not None and not self.least <= value <= self.most:
             raise SettingProblem(f"{source} must be from {self.least:g} to {self.most:g}, not {value:g}")
         if self.least is not None and value < self.least:
             raise SettingProblem(f"{source} must be at least {self.least:g}, not {value:g}")
+        if self.most is not None and value > self.most:
+            raise SettingProblem(f"{source} must be at most {self.most:g}, not {value:g}")
 
     def describe(self) -> str:
         """The help the command line shows: what it does, its default and its variable."""
