@@ -223,7 +223,7 @@ def test_a_header_with_a_line_break_is_refused_before_anything_is_sent():
         run(main())
 
 
-def _self_signed() -> tuple[str, str]:
+def self_signed() -> tuple[str, str]:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -244,7 +244,7 @@ def _self_signed() -> tuple[str, str]:
 
 
 def test_https_verifies_the_server_certificate(tmp_path, monkeypatch):
-    cert, key = _self_signed()
+    cert, key = self_signed()
     (tmp_path / "cert.pem").write_text(cert)
     (tmp_path / "key.pem").write_text(key)
     server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -261,3 +261,22 @@ def test_https_verifies_the_server_certificate(tmp_path, monkeypatch):
     trusting = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
     monkeypatch.setattr(http1, "_tls", lambda: trusting)
     assert run(call()) == b"secret"
+
+
+def test_https_trusts_the_ca_in_ssl_cert_file_as_httpx_does(tmp_path, monkeypatch):
+    cert, key = self_signed()
+    (tmp_path / "cert.pem").write_text(cert)
+    (tmp_path / "key.pem").write_text(key)
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "cert.pem"))
+    http1._tls.cache_clear()  # the context is made once per process; here, once more with the variable set
+
+    async def call():
+        async with Server(echo_forever, server_tls) as server:
+            return await (await http1.pool().request("POST", server.url("https", "localhost"), {}, b"ok")).read()
+
+    try:
+        assert run(call()) == b"ok"
+    finally:
+        http1._tls.cache_clear()

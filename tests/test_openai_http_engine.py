@@ -10,8 +10,10 @@ import pytest
 from dspy import lm15
 from dspy.utils.exceptions import LMProviderError, LMRateLimitError, LMServerError
 
+from mlflow_dspy.lm_engine import http1, openai_http
 from mlflow_dspy.lm_engine.openai_http import (
     MAX_RETRY_WAIT,
+    TRANSPORT_ENV,
     AsyncOpenAIHTTPEngine,
     OpenAIHTTPEngine,
     _StreamParser,
@@ -128,7 +130,9 @@ def test_a_stream_that_stops_before_finishing_raises_instead_of_ending_quietly()
     assert parser.end().finish_reason == "stop"
 
 
-def test_streaming_from_the_server_yields_the_text_and_usage(stub):
+@pytest.mark.parametrize("transport", ["", "httpx"])  # "": http1, the default without a proxy
+def test_streaming_from_the_server_yields_the_text_and_usage(stub, monkeypatch, transport):
+    monkeypatch.setenv(TRANSPORT_ENV, transport)
     engine = AsyncOpenAIHTTPEngine("openai/stub", stub)
     request = lm15.Request(model="openai/stub", messages=(lm15.Message.user("[[ ## question ## ]]\nhi"),))
 
@@ -149,3 +153,23 @@ def test_sync_engine_maps_a_cut_connection_to_a_transport_error(stub):
     request = lm15.Request(model="openai/stub", messages=(lm15.Message.user("[[ ## question ## ]]\n[cut]"),))
     with pytest.raises(lm15.TransportError):
         engine.complete(request)
+
+
+@pytest.mark.parametrize("engine", ["sync", "async http1", "async httpx"])
+def test_an_answer_larger_than_the_cap_is_refused_as_a_transport_error(stub, monkeypatch, engine):
+    monkeypatch.setattr(openai_http, "MAX_BODY_BYTES", 100)
+    monkeypatch.setattr(http1, "MAX_BODY_BYTES", 100)
+    monkeypatch.setenv(TRANSPORT_ENV, "httpx" if engine == "async httpx" else "")
+    request = lm15.Request(model="openai/stub", messages=(lm15.Message.user("[[ ## question ## ]]\nlong?"),))
+    with pytest.raises(lm15.TransportError, match="larger than 100 bytes"):
+        if engine == "sync":
+            OpenAIHTTPEngine("openai/stub", stub).complete(request)
+        else:
+            async def call():
+                engine_ = AsyncOpenAIHTTPEngine("openai/stub", stub)
+                try:
+                    return await engine_.complete(request)
+                finally:
+                    await engine_.aclose()
+
+            asyncio.run(call())

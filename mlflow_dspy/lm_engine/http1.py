@@ -11,8 +11,10 @@ request, so the difference is paid on every answer.
 What it does: POST (or any method) with a body, keep-alive reuse, TLS,
 Content-Length, chunked and close-delimited bodies, a cap on body size, and a
 connect timeout. What it leaves out on purpose: redirects, proxies, cookies,
-compression (it never asks for it). Cancelling the awaiting task closes the
-connection, so the server sees the caller leave.
+compression (it never asks for it). A call that a proxy variable applies to
+never reaches it: the engine (lm_engine/openai_http.py) sends those through
+httpx, which costs more per call (figures there). Cancelling the awaiting
+task closes the connection, so the server sees the caller leave.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from functools import lru_cache
 from urllib.parse import urlsplit
 
 import httptools
+import httpx
 
 MAX_BODY_BYTES = 32 << 20  # an LM answer is kilobytes; anything near this is not one
 MAX_IDLE_PER_HOST = 256
@@ -51,12 +54,9 @@ def _target(url: str) -> tuple[tuple[str, str, int], bytes, bytes]:
 
 @lru_cache(maxsize=1)
 def _tls() -> ssl.SSLContext:
-    try:
-        import certifi  # the CA bundle the OpenAI SDK trusts, when installed
-
-        return ssl.create_default_context(cafile=certifi.where())
-    except ImportError:
-        return ssl.create_default_context()
+    """httpx's default: certifi's CA bundle, or SSL_CERT_FILE / SSL_CERT_DIR when set, so that the engines'
+    two transports (this one and httpx, which carries proxied calls and the sync engine's) trust the same CAs."""
+    return httpx.create_ssl_context()
 
 
 class Response:
