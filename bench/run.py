@@ -33,6 +33,7 @@ import httpx
 from bench.embedded import embedded_figures, embedded_target_line
 from bench.hot_reload import hot_reload_figures
 from bench.launch import CHAT, QUESTION, gateway_args, log_model, start
+from bench.lm_transport import lm_transport_figures, transport_line
 from bench.loadgen import closed_loop
 from bench.multi_model import multi_model_figures
 from bench.processes import ROOT, VENV_BIN, child_env, free_port, running
@@ -43,7 +44,7 @@ from bench.trace_cost import trace_cost_figures
 RESULTS = ROOT / "bench" / "results"
 NOISY_STEAL = 10  # percent of CPU time taken by the hypervisor: above it, a figure is flagged
 SERVER_KEYS = ("a", "b", "c1", "c1i", "c2")
-SECTION_KEYS = ("traces", "multi", "reload", "stream", "embedded")
+SECTION_KEYS = ("traces", "transport", "multi", "reload", "stream", "embedded")
 
 
 def servers(model_uri: str) -> list[dict]:
@@ -146,6 +147,9 @@ def main() -> None:
             if wanted("traces"):
                 results["trace_cost"] = trace_cost_figures(base_env, tmp_path, model_uri, 2 * args.seconds)
                 print(f"what tracing costs: {results['trace_cost']}", flush=True)
+            if wanted("transport"):
+                results["lm_transport"] = lm_transport_figures(base_env, tmp_path, model_uri, stub, args.seconds)
+                print(f"LM transport: {results['lm_transport']}", flush=True)
             if wanted("multi"):
                 results["multi_model"] = multi_model_figures(base_env, tmp_path, args.seconds)
                 print(f"multi-model: {results['multi_model']}", flush=True)
@@ -190,6 +194,8 @@ def targets(results: dict) -> list[str]:
                      f"client {cost['at_1']['on']['p50_ms']} vs {cost['at_1']['off']['p50_ms']} ms "
                      f"({_signed(cost['p50_more_ms'])}); traces {cost['traces']}; steal {cost['cpu_steal_percent']}%. "
                      f"Target: {cost['target']}: {_verdict(cost)}")
+    if transport := results.get("lm_transport"):
+        lines.append(transport_line(transport))
     if multi := results.get("multi_model"):
         lines.append(f"multi-model, {multi['concurrency']} clients asking {multi['asked']} of {len(multi['served'])}: "
                      f"{multi['multi']['throughput']} rps vs {multi['single']['throughput']} rps served alone = "
