@@ -269,12 +269,9 @@ async def test_an_answer_cut_short_by_max_tokens_is_a_200_with_finish_reason_len
 
 
 async def test_a_slow_upload_gets_408_and_holds_no_slot():
-    from mlflow_dspy.gateway.middleware import GatewayMiddleware, Limits
-
-    async def app(scope, receive, send):  # never reached
-        raise AssertionError("the app ran")
-
-    middleware = GatewayMiddleware(app, Limits(max_in_flight=1, body_timeout_seconds=0.2))
+    gateway = create_app(GatewayConfig(max_in_flight=1), host=ProgramHost(
+        example_chat("qa"), DummyLM(ANSWERS), dspy.ChatAdapter(), "qa", "test"))
+    gateway.limits.body_timeout_seconds = 0.2
     sent = []
 
     async def receive():
@@ -285,19 +282,27 @@ async def test_a_slow_upload_gets_408_and_holds_no_slot():
 
     scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions",
              "headers": [(b"content-type", b"application/json")]}
-    await middleware(scope, receive, send)
+    await gateway(scope, receive, send)
     assert sent[0]["status"] == 408
-    assert middleware.in_flight == 0
+    assert gateway.in_flight.count == 0
 
 
 async def test_a_body_cut_by_a_disconnect_is_not_passed_on():
-    from mlflow_dspy.gateway.middleware import GatewayMiddleware, Limits
-
     reached = []
 
-    async def app(scope, receive, send):
-        reached.append(True)
+    class Program(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.answer = dspy.Predict("question -> answer")
 
+        def forward(self, question: str):
+            reached.append(True)
+            return self.answer(question=question)
+
+    from mlflow_dspy.program.chat import ChatProgram
+
+    gateway = create_app(GatewayConfig(), host=ProgramHost(ChatProgram(Program()), DummyLM(ANSWERS),
+                                                           dspy.ChatAdapter(), "qa", "test"))
     messages = iter([{"type": "http.request", "body": b'{"messa', "more_body": True}, {"type": "http.disconnect"}])
 
     async def receive():
@@ -308,8 +313,8 @@ async def test_a_body_cut_by_a_disconnect_is_not_passed_on():
     async def send(message):
         sent.append(message)
 
-    await GatewayMiddleware(app, Limits())({"type": "http", "method": "POST", "path": "/invocations",
-                                            "headers": [(b"content-type", b"application/json")]}, receive, send)
+    await gateway({"type": "http", "method": "POST", "path": "/invocations",
+                   "headers": [(b"content-type", b"application/json")]}, receive, send)
     assert not reached and sent[0]["status"] == 400
 
 
@@ -447,15 +452,15 @@ async def test_start_up_waits_for_the_model_only_when_several_workers_share_the_
         monkeypatch, before_serving):
     import threading
 
-    import mlflow_dspy.gateway.served
+    from mlflow_dspy.gateway.served_models import ServedModels
 
     release = threading.Event()
 
-    def slow_load(config, router):
+    def slow_load(models):
         release.wait(30)
-        router.add_host(ProgramHost(example_chat("qa"), DummyLM(ANSWERS), dspy.ChatAdapter(), "qa", "test"))
+        models.router.add_host(ProgramHost(example_chat("qa"), DummyLM(ANSWERS), dspy.ChatAdapter(), "qa", "test"))
 
-    monkeypatch.setattr(mlflow_dspy.gateway.served, "load_models", slow_load)
+    monkeypatch.setattr(ServedModels, "load", slow_load)
     app = create_app(GatewayConfig(program="qa", traces=False, load_before_serving=before_serving))
     inbox, outbox, task = await _start_lifespan(app)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://g") as client:
@@ -480,12 +485,12 @@ async def test_start_up_waits_for_the_model_only_when_several_workers_share_the_
 
 
 async def test_a_model_that_fails_to_load_before_serving_still_lets_the_worker_answer_503(monkeypatch):
-    import mlflow_dspy.gateway.served
+    from mlflow_dspy.gateway.served_models import ServedModels
 
-    def broken_load(config, router):
+    def broken_load(models):
         raise OSError("no such model")
 
-    monkeypatch.setattr(mlflow_dspy.gateway.served, "load_models", broken_load)
+    monkeypatch.setattr(ServedModels, "load", broken_load)
     app = create_app(GatewayConfig(program="qa", traces=False, load_before_serving=True))
     inbox, outbox, task = await _start_lifespan(app)
     assert (await asyncio.wait_for(outbox.get(), 10))["type"] == "lifespan.startup.complete"
@@ -504,18 +509,15 @@ async def test_a_model_that_fails_to_load_before_serving_still_lets_the_worker_a
     ("/invocations", {"messages": USER}),
 ])
 async def test_a_requests_messages_are_parsed_into_a_conversation_once(client, monkeypatch, route, body):
-    import mlflow_dspy.gateway.chat_service
-    import mlflow_dspy.program.chat as chat
+    from mlflow_dspy.program.chat import Conversation
 
-    real, parsed = chat.parse_conversation, []
+    real, parsed = Conversation.of.__func__, []
 
-    def counting(messages):
-        if not isinstance(messages, chat.Conversation):  # handing on the parsed one is not parsing
-            parsed.append(messages)
-        return real(messages)
+    def counting(cls, messages, collection="messages"):
+        parsed.append(messages)
+        return real(cls, messages, collection)
 
-    monkeypatch.setattr(chat, "parse_conversation", counting)
-    monkeypatch.setattr(mlflow_dspy.gateway.chat_service, "parse_conversation", counting)
+    monkeypatch.setattr(Conversation, "of", classmethod(counting))
     response = await client.post(route, json=body)
     assert response.status_code == 200, response.text
     assert "4" in response.text
@@ -573,7 +575,7 @@ async def test_work_a_departed_client_left_on_a_thread_holds_its_in_flight_slot_
         module.release.set()
         await asyncio.to_thread(module.ended.wait, 10)
         for _ in range(100):  # the slot comes back once the thread has ended
-            if app.in_flight == 0:
+            if app.in_flight.count == 0:
                 break
             await asyncio.sleep(0.02)
         module.started.clear()

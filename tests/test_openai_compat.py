@@ -14,7 +14,7 @@ from dspy.lm15 import Message, Response, TextPart, Usage
 from dspy.utils.dummies import DummyLM
 
 from mlflow_dspy.gateway.app import GatewayConfig, create_app
-from mlflow_dspy.gateway.protocol import IGNORED_FIELDS, IGNORED_MESSAGE_FIELDS, ChatCompletionRequest
+from mlflow_dspy.gateway.chat.wire import IGNORED_FIELDS, IGNORED_MESSAGE_FIELDS, ChatCompletionRequest
 from mlflow_dspy.program.chat import ChatProgram
 from mlflow_dspy.runtime.host import ProgramHost
 from tests.support.examples import example_chat
@@ -79,7 +79,7 @@ async def test_an_openai_sdk_message_dump_is_accepted_as_the_next_turn(client):
 
 
 def test_every_documented_message_field_is_a_field_of_a_message():
-    from mlflow_dspy.gateway.protocol import ChatMessage
+    from mlflow_dspy.gateway.chat.wire import ChatMessage
 
     assert set(IGNORED_MESSAGE_FIELDS) <= set(ChatMessage.model_fields)
 
@@ -338,7 +338,8 @@ async def test_a_dspy_client_with_other_field_names_gets_the_programs_answer(cli
 
 
 def test_only_a_dspy_adapters_prompt_is_read_as_one():
-    from mlflow_dspy.gateway.protocol import ChatMessage, adapter_prompt
+    from mlflow_dspy.gateway.chat.wire import ChatMessage
+    from mlflow_dspy.gateway.dspy_client import adapter_prompt
 
     def read(messages):
         return adapter_prompt([ChatMessage(**m) for m in messages])

@@ -193,26 +193,25 @@ async def test_openapi_offers_the_text_form_for_a_one_input_program(qa):
 
 async def test_openapi_made_before_the_load_is_not_kept():
     """The program loads in the background: /openapi.json documents it once it is there."""
-    from mlflow_dspy.gateway import openapi_docs
+    from mlflow_dspy.gateway import openapi
 
     host = ProgramHost(ChatProgram(dspy.Predict(Triage)), DummyLM(TRIAGE_ANSWERS), dspy.ChatAdapter(), "t", "t")
     asgi = create_app(GatewayConfig())
-    fastapi_app = asgi.app
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=asgi), base_url="http://gateway") as client:
         before = (await client.get("/openapi.json")).json()
         body = before["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"]
         assert body["type"] == "object"  # any object, until the program is known
         assert (await client.post("/predict", json={"ticket": TICKET, "priority": 2})).status_code == 503
-        fastapi_app.state.slot.router.add_host(host)  # what the loader thread does
-        fastapi_app.state.slot.loaded = True
+        asgi.models.router.add_host(host)  # what the loader thread does
+        asgi.models.loaded = True
         after = (await client.get("/openapi.json")).json()
         assert after["components"]["schemas"]["PredictInputs"]["properties"]["priority"]["type"] == "integer"
         assert (await client.post("/predict", json={"ticket": TICKET, "priority": 2})).status_code == 200
-    assert openapi_docs.PREDICT_ROUTES == ("/predict", "/predict/stream")
+    assert openapi.PREDICT_ROUTES == ("/predict", "/predict/stream")
 
 
 async def test_the_inputs_model_is_built_once_per_host(triage, monkeypatch):
-    from mlflow_dspy.gateway import predict_service
+    from mlflow_dspy.gateway.predict import service as predict_service
 
     built = []
     real = predict_service.PredictShape

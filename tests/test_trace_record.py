@@ -11,7 +11,7 @@ import pytest
 from dspy.utils.dummies import DummyLM
 from dspy.utils.exceptions import AdapterParseError
 
-from mlflow_dspy.gateway.trace_export import TraceExporter, span_dicts
+from mlflow_dspy.gateway.trace_writer import TraceExporter
 from mlflow_dspy.runtime.host import ProgramHost
 from mlflow_dspy.runtime.trace_record import RECORDER, TraceRecord, jsonable, recording
 from tests.support.examples import example_chat
@@ -123,16 +123,6 @@ def test_a_full_queue_or_a_failing_store_drops_traces_and_counts_them(host, tmp_
     assert all(broken.submit(r) for r in records)
     broken.close()
     assert broken.written.value == 0 and broken.dropped == 6
-
-
-def test_the_span_dictionaries_are_what_mlflow_reads(host):
-    from mlflow.entities import Span
-
-    record = asyncio.run(_recorded(host, 1))[0]
-    spans = [Span.from_dict(d) for d in span_dicts(record)]
-    assert {s.trace_id for s in spans} == {record.request_id}
-    assert spans[0].parent_id is None and spans[0].attributes["mlflow.traceTag.mlflow_dspy.model"] == "qa"
-
 
 
 def test_no_key_an_lm_call_carries_reaches_a_trace():

@@ -1,222 +1,339 @@
-"""The gateway's app: thin routes over the protocol services, behind one middleware.
+"""The gateway: one object that holds what serves (the models, their traces and metrics, the protocols) and
+the road every request takes, layer by layer.
 
-Each route reads the raw body, picks the program the request names (served.HostSlot
-over the router) and hands both to its protocol's service, which returns a
-response or a stream (as vLLM's `OpenAIServingChat`):
+    the request ─ Gateway.serve ─ context.RequestContext.begin      (its id, the headers that name the answer)
+                   ├─ admission.check_headers                      (Host, the key, JSON, the declared length)
+                   ├─ admission.read_body                          (a deadline, a size, valid text)
+                   ├─ admission.InFlight.take                      (the cap on programs running at once)
+                   └─ Gateway.dispatch ─ the route                 (a client that leaves cancels it)
+                        └─ Gateway.program_for                     (the model's lookup, the trace)
+                             └─ chat/, responses/, predict/, invocations/: a parsed request and the program in,
+                                a response out, from the one run of runtime/run.py
+    then Gateway.finished: the slot back, the trace to its writer, the metrics, one log line.
 
-- /v1/chat/completions: chat_service.ChatService;
-- /v1/responses: responses.ResponsesService (the Responses API);
-- /invocations: invocations_service.InvocationsService (what `mlflow models serve` answers);
-- /predict and /predict/stream: predict_service.PredictService (the program's own fields);
-- /v1/models, /health, /ready and /metrics answer here.
-
-There is one dispatch path: the middleware (middleware.py) serves every route
-that runs a program itself, whether CORS is on or off (CORS, when on, wraps it
-as its outermost layer); FastAPI serves the rest, and documents them all.
+The routes are FastAPI's, typed (their bodies documented in /openapi.json from the
+models themselves). With the speed-ups on (the default), the five that run a program
+are served straight from their endpoint functions (`Gateway._direct`): the body
+parsed by the same pydantic model, without FastAPI's middleware stack, routing and
+dependency solving, which cost about 0.23 ms of CPU a request here (README,
+Benchmark). The answers are the same either way (tests/test_gateway_app.py sends one
+corpus both ways); `--no-speedups` routes them through FastAPI.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
-import random
+import time
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
+from pydantic import BaseModel
+from starlette.middleware.cors import CORSMiddleware
 
-from mlflow_dspy.gateway.chat_service import ChatService
-from mlflow_dspy.gateway.config import GatewayConfig
-from mlflow_dspy.gateway.errors import GatewayError, install_handlers, parse_body
-from mlflow_dspy.gateway.feedback_service import FeedbackService
-from mlflow_dspy.gateway.invocations_service import InvocationsService
+from mlflow_dspy.gateway import admission, openapi
+from mlflow_dspy.gateway.admission import PROGRAM_ROUTES, InFlight
+from mlflow_dspy.gateway.chat.service import ChatService, ConversationLimits
+from mlflow_dspy.gateway.chat.wire import ChatCompletion, ChatCompletionRequest
+from mlflow_dspy.gateway.config import OPEN_ROUTES, GatewayConfig
+from mlflow_dspy.gateway.context import RequestContext
+from mlflow_dspy.gateway.errors import GatewayError, install_handlers, parse_body, response_for
+from mlflow_dspy.gateway.feedback import FeedbackRequest, FeedbackService
+from mlflow_dspy.gateway.invocations.service import InvocationsService
 from mlflow_dspy.gateway.metrics import GatewayMetrics, worker_exited
-from mlflow_dspy.gateway.middleware import MODEL_ROUTES, GatewayMiddleware
-from mlflow_dspy.gateway.openapi_docs import (
-    CHAT_REQUEST_BODY,
-    ERROR_RESPONSES,
-    FEEDBACK_REQUEST_BODY,
-    PREDICT_REQUEST_BODY,
-    RESPONSES_REQUEST_BODY,
-    STREAMED,
-    document_openapi,
-)
-from mlflow_dspy.gateway.predict_service import PredictService
-from mlflow_dspy.gateway.protocol import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList, PredictResponse
-from mlflow_dspy.gateway.responses import ResponseObject, ResponsesRequest, ResponsesService
-from mlflow_dspy.gateway.served import HostSlot, follow_aliases, make_router, start_trace_export, trace_record
-from mlflow_dspy.gateway.trace_export import TraceExporter
-from mlflow_dspy.internals import SPEEDUPS_ENV, dspy_callbacks, dspy_executor
+from mlflow_dspy.gateway.openai_wire import ModelCard, ModelList
+from mlflow_dspy.gateway.predict.service import PredictService
+from mlflow_dspy.gateway.predict.shape import PredictResponse
+from mlflow_dspy.gateway.responses.service import ResponsesService
+from mlflow_dspy.gateway.responses.wire import ResponseObject, ResponsesRequest
+from mlflow_dspy.gateway.served_models import ServedModels
+from mlflow_dspy.gateway.tracing import Tracing
+from mlflow_dspy.internals import SPEEDUPS_ENV, dspy_callbacks, dspy_executor, speedups_enabled
 from mlflow_dspy.lm_engine.llama_engine import embedded_stats
 from mlflow_dspy.lm_engine.openai_http import close_connections
+from mlflow_dspy.program.work import tracking_thread_work
 from mlflow_dspy.runtime.host import ProgramHost
 
 log = logging.getLogger("mlflow_dspy.gateway")
+access_log = logging.getLogger("mlflow_dspy.gateway.access")
+# Routes the metrics name; any other path is counted as "other" (a scanner must not grow the label set).
+KNOWN_ROUTES = (*admission.BODY_ROUTES, "/v1/models")
+
+Endpoint = Callable[..., Awaitable[Response]]
 
 
-def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> GatewayMiddleware:
-    """The gateway for `config`; with `host`, serving that program at once (tests, embedding)."""
-    metrics = GatewayMetrics()
-    router = make_router(config, metrics)
-    slot = HostSlot(router)
-    if host is not None:
-        router.add_host(host)
-        slot.loaded = True
-    exporter: list[TraceExporter | None] = [None]  # started with the app, by its lifespan
-    chat = ChatService(config)
-    responses_service, invocations_service = ResponsesService(chat), InvocationsService(chat)
-    predict_service = PredictService(chat)
-    feedback = FeedbackService()
+async def context(request: Request) -> RequestContext:
+    """The request's context (a FastAPI dependency)."""
+    return RequestContext.of(request)
 
+
+async def raw_body(request: Request) -> bytes:
+    """The request's body as it came (a FastAPI dependency, for routes that read it themselves)."""
+    return await request.body()
+
+
+Context = Annotated[RequestContext, Depends(context)]
+RawBody = Annotated[bytes, Depends(raw_body)]
+
+
+class Gateway:
+    """The gateway for one configuration: an ASGI app."""
+
+    def __init__(self, config: GatewayConfig, host: ProgramHost | None = None) -> None:
+        self.config = config
+        self.limits = config.limits()
+        self.metrics = GatewayMetrics()
+        self.models = ServedModels(config, self.metrics, host)
+        self.tracing = Tracing(config, self.metrics)
+        self.in_flight = InFlight(self.limits, self.metrics)
+        conversation_limits = ConversationLimits(config.max_messages, config.max_characters)
+        self.chat = ChatService(conversation_limits)
+        self.responses = ResponsesService(conversation_limits)
+        self.predict = PredictService(conversation_limits)
+        self.invocations = InvocationsService(conversation_limits)
+        self.feedback = FeedbackService()
+        self.app = FastAPI(title="mlflow-dspy gateway", version="1", lifespan=self.lifespan,
+                           responses=openapi.ERROR_RESPONSES)
+        install_handlers(self.app)
+        self.app.state.gateway = self
+        # (method, path) -> (endpoint, its body's model or None for the raw body): served by `dispatch`.
+        self.direct: dict[tuple[str, str], tuple[Endpoint, type[BaseModel] | None]] = {}
+        self._routes()
+        openapi.document_predict(self.app, lambda: self.models.default, self.predict.shape)
+        self._entry = self.serve
+        if config.cors_origins:
+            # Off by default: a browser page elsewhere may call the gateway only when its origin is listed. The
+            # outermost layer, so it sees every request (its errors too); the road below is the same either way.
+            self._entry = CORSMiddleware(self.serve, allow_origins=list(config.cors_origins),
+                                         allow_methods=["GET", "POST"],
+                                         allow_headers=["Authorization", "Content-Type", "X-Session-Id"],
+                                         expose_headers=["X-Request-Id", "X-Mlflow-Trace-Id",
+                                                         "X-Mlflow-Dspy-Model-Version"])
+
+    async def __call__(self, scope, receive, send) -> None:
+        await self._entry(scope, receive, send)
+
+    # -- the road ------------------------------------------------------------------------
+    async def serve(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)  # the lifespan
+            return
+        ctx = RequestContext.begin(scope, self.config.request_timeout)
+        send = ctx.stamped(send)
+        try:
+            admission.check_headers(scope, ctx.headers, self.limits)
+            # The body first, under a deadline: a slow upload must not sit on a slot meant for running programs.
+            body = await admission.read_body(scope, receive, self.limits)
+            if ctx.path in PROGRAM_ROUTES:
+                self.in_flight.take()
+                ctx.holds_slot = True
+            with tracking_thread_work() as ctx.threads:
+                await self.dispatch(ctx, scope, body, receive, send)
+            # One turn of the loop, so the response's coalesced write (internals/uvicorn_protocol.py) leaves before
+            # the bookkeeping below: the client does not wait for it.
+            await asyncio.sleep(0)
+        except GatewayError as error:
+            await error.response()(scope, receive, send)
+        finally:
+            self.finished(ctx)
+
+    async def dispatch(self, ctx: RequestContext, scope, body: bytes, receive, send) -> None:
+        """Run the route in this task; if the client goes away first, cancel it, and with it the LM call."""
+        gone = asyncio.Event()
+        task = asyncio.current_task()
+        state = {"finished": False, "left": False}
+
+        async def send_tracked(message) -> None:
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                state["finished"] = True  # after this the server reports "disconnect" to everyone
+
+        async def watch() -> None:
+            # The body is already read: the next message from the client can only be its disconnect.
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+            if not state["finished"]:
+                state["left"] = True
+                task.cancel()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            route = self.direct.get((ctx.method, ctx.path))
+            if route is None:
+                await self.app(scope, _replay(body, gone), send_tracked)
+            else:
+                await self._direct(ctx, route, body, scope, _replay(body, gone), send_tracked)
+        except asyncio.CancelledError:
+            if not state["left"]:
+                raise  # cancelled from elsewhere (server shutdown): not ours to swallow
+        finally:
+            watcher.cancel()
+        if state["left"]:  # whether the route stopped at the cancellation or ended anyway
+            task.uncancel()
+            ctx.status = 499  # client closed request (nginx's convention), for the log line
+
+    @staticmethod
+    async def _direct(ctx: RequestContext, route: tuple[Endpoint, type[BaseModel] | None], body: bytes,
+                      scope, receive, send) -> None:
+        """A program route served from its endpoint: the body parsed as FastAPI would, errors answered as its
+        handlers would."""
+        endpoint, model = route
+        try:
+            response = await endpoint(parse_body(model, body) if model is not None else body, ctx)
+        except Exception as exc:
+            response = response_for(exc)
+        await response(scope, receive, send)
+
+    def program_for(self, ctx: RequestContext, model: str | None = None, user: str | None = None) -> ProgramHost:
+        """The program a request names (a sticky `user` or x-session-id keeps a split's variant), and whether
+        its run is traced."""
+        sticky = user or ctx.session
+        host, name, variant = self.models.get(model, sticky)
+        ctx.served_by(host, name, variant)
+        self.tracing.begin(ctx, sticky)
+        return host
+
+    def finished(self, ctx: RequestContext) -> None:
+        """Once the answer has left: the slot back and the trace to its writer (when every program thread the
+        request left has ended: abandoned work cannot pile up beyond the cap), the metrics, the log line."""
+        def done() -> None:
+            if ctx.holds_slot:
+                self.in_flight.release()
+            self.tracing.finished(ctx)
+
+        running = [future for future in ctx.threads if not future.done()]
+        if running:
+            admission.when_done(running, done)
+        else:
+            done()
+        seconds = time.perf_counter() - ctx.started
+        if ctx.path not in OPEN_ROUTES:
+            model, version = (ctx.model, ctx.version) if ctx.model is not None else self.models.labels()
+            self.metrics.observe(model, version, ctx.path if ctx.path in KNOWN_ROUTES else "other", ctx.status,
+                                 seconds, ctx.first_text, ctx.usage)
+        prompt, completion = ctx.usage or (0, 0)
+        access_log.info(json.dumps({"request_id": ctx.request_id, "method": ctx.method, "route": ctx.path,
+                                    "status": ctx.status, "latency_ms": round(seconds * 1000, 2),
+                                    "prompt_tokens": prompt, "completion_tokens": completion}))
+
+    # -- the routes ----------------------------------------------------------------------
+    def _program_route(self, path: str, endpoint: Endpoint, body: type[BaseModel] | None, **documented: Any) -> None:
+        """A route that runs a program: FastAPI's (documented from its signature), served directly (`_direct`)
+        unless the speed-ups are off."""
+        self.app.add_api_route(path, endpoint, methods=["POST"], **documented)
+        if speedups_enabled():
+            self.direct[("POST", path)] = (endpoint, body)
+
+    def _routes(self) -> None:
+        app = self.app
+
+        async def chat_completions(body: ChatCompletionRequest, ctx: Context) -> Response:
+            return await self.chat.create(ctx, self.program_for(ctx, body.model, body.user), body)
+
+        async def responses(body: ResponsesRequest, ctx: Context) -> Response:
+            return await self.responses.create(ctx, self.program_for(ctx, body.model, body.user), body)
+
+        async def invocations(raw: RawBody, ctx: Context) -> Response:
+            return await self.invocations.create(ctx, self.program_for(ctx), raw)
+
+        async def predict(raw: RawBody, ctx: Context) -> Response:
+            return await self.predict.create(ctx, self.program_for(ctx), raw)
+
+        async def predict_stream(raw: RawBody, ctx: Context) -> Response:
+            return await self.predict.create(ctx, self.program_for(ctx), raw, stream=True)
+
+        self._program_route("/v1/chat/completions", chat_completions, ChatCompletionRequest,
+                            response_model=ChatCompletion, responses=openapi.STREAMED)
+        self._program_route("/v1/responses", responses, ResponsesRequest, response_model=ResponseObject,
+                            responses=openapi.STREAMED)
+        # Documented with the chat request's schema (the other MLflow input shapes are accepted too).
+        self._program_route("/invocations", invocations, None, response_model=ChatCompletion,
+                            openapi_extra=openapi.INVOCATIONS_BODY)
+        # /openapi.json documents the program's own fields once it is loaded (openapi.py).
+        self._program_route("/predict", predict, None, response_model=PredictResponse,
+                            openapi_extra=openapi.PREDICT_BODY)
+        self._program_route("/predict/stream", predict_stream, None, openapi_extra=openapi.PREDICT_BODY,
+                            responses=openapi.STREAMED)
+
+        @app.post("/v1/feedback")
+        async def give_feedback(body: FeedbackRequest) -> Response:
+            """A verdict on an answer (its x-mlflow-trace-id), recorded as MLflow assessments on its trace."""
+            return await self.feedback.create(body, self.models.of_version)
+
+        @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+        async def prometheus_metrics() -> Response:
+            """Counters in the Prometheus text format (every worker's, with several)."""
+            self.tracing.refresh_metrics()
+            self.metrics.refresh_embedded(embedded_stats())
+            content, media_type = self.metrics.exposition()
+            return Response(content, media_type=media_type)
+
+        @app.get("/health")
+        async def health() -> dict:
+            return {"status": "ok"}
+
+        @app.get("/ready")
+        async def ready() -> dict:
+            return self.models.ready()
+
+        @app.get("/v1/models")
+        async def models() -> ModelList:
+            self.models.get()
+            return ModelList(data=[ModelCard(id=name, created=self.models.host(name).created)
+                                   for name in self.models.router.names()])
+
+        # `:path`: a served name may hold a slash (models:/NAME/VERSION is served as NAME/VERSION).
+        @app.get("/v1/models/{model_id:path}")
+        async def model_card(model_id: str) -> ModelCard:
+            return ModelCard(id=model_id, created=self.models.host(model_id).created)
+
+    # -- start and stop ------------------------------------------------------------------
     @asynccontextmanager
-    async def lifespan(_: FastAPI):
+    async def lifespan(self, _: FastAPI):
         # Two thread hops per LM call fewer, and DSPy's callback handlers (the trace recorder) remembered,
         # unless the speed-ups are off (mlflow_dspy/internals).
         on = dspy_executor.install()
         dspy_callbacks.install()
         log.info("speed-ups on DSPy's and uvicorn's internals: %s", "on" if on else f"off ({SPEEDUPS_ENV}=0)")
-        if not slot.loaded:
-            loaded = asyncio.get_running_loop().create_future() if config.load_before_serving else None
-            slot.load_in_background(config, loaded)
+        if not self.models.loaded:
+            loaded = asyncio.get_running_loop().create_future() if self.config.load_before_serving else None
+            self.models.load_in_background(loaded)
             if loaded is not None:
                 await loaded  # uvicorn accepts connections only after the lifespan's start-up
         # On a thread: a tracking store that is slow to answer must not keep /health from answering.
-        exporter[0] = await asyncio.to_thread(start_trace_export, config, metrics)
-        feedback.tracing = exporter[0] is not None
-        counting = asyncio.create_task(_refresh_counts(exporter[0], metrics))
-        reloading = None
-        if config.reload_interval > 0 and any(entry.follows_alias for entry in router.entries):
-            reloading = asyncio.create_task(follow_aliases(router, config.reload_interval))
+        await asyncio.to_thread(self.tracing.start)
+        self.feedback.tracing = self.tracing.on
+        counting = asyncio.create_task(self._refresh_counts())
+        following = asyncio.create_task(self.models.follow_aliases()) if self.models.follows_aliases else None
         yield
-        if reloading is not None:
-            reloading.cancel()
+        if following is not None:
+            following.cancel()
         counting.cancel()
-        if exporter[0] is not None:
-            await asyncio.to_thread(exporter[0].close)  # the queued traces, within --trace-flush-timeout
-        await close_connections()  # the LM connection pool of this worker's loop
+        await asyncio.to_thread(self.tracing.close)  # the queued traces, within --trace-flush-timeout
+        await close_connections()  # the LM connections of this worker's loop
         worker_exited(os.getpid())  # its live gauges leave /metrics with it
 
-    app = FastAPI(title="mlflow-dspy gateway", version="1", lifespan=lifespan, responses=ERROR_RESPONSES)
-    install_handlers(app)
-    app.state.slot = slot
-
-    def program_for(request: Request, model: str | None = None, user: str | None = None) -> ProgramHost:
-        """The program a request names; a sticky `user` or x-session-id keeps a split's variant.
-        With traces on (and the request sampled), its trace to record goes in the request's info."""
-        sticky = user or request.headers.get("x-session-id")
-        info = request.scope["mlflow_dspy"]
-        host = slot.get(model, sticky, info)
-        if exporter[0] is not None:
-            if config.trace_sample >= 1 or random.random() < config.trace_sample:
-                info["trace"] = trace_record(info, request.url.path, sticky)
-                info["trace_id"] = info["trace"].request_id  # the answer's x-mlflow-trace-id header
-            else:
-                exporter[0].sampled_out()
-        return host
-
-    def finished(info: dict) -> None:
-        """After the answer has left: its trace goes to the writer."""
-        if exporter[0] is not None and info.get("trace") is not None:
-            exporter[0].submit(info["trace"])
-
-    # -- the routes that run a program (served by the middleware) ------------------------------
-    @app.post("/v1/chat/completions", response_model=ChatCompletion, openapi_extra=CHAT_REQUEST_BODY,
-              responses=STREAMED)
-    async def chat_completions(request: Request) -> Response:
-        body = parse_body(ChatCompletionRequest, await request.body())
-        return await chat.create(program_for(request, body.model, body.user), body, request.scope["mlflow_dspy"])
-
-    @app.post("/v1/responses", response_model=ResponseObject, openapi_extra=RESPONSES_REQUEST_BODY,
-              responses=STREAMED)
-    async def responses(request: Request) -> Response:
-        body = parse_body(ResponsesRequest, await request.body())
-        return await responses_service.create(program_for(request, body.model, body.user), body,
-                                              request.scope["mlflow_dspy"])
-
-    # Documented with the chat request's schema (the other MLflow input shapes are accepted too).
-    @app.post("/invocations", response_model=ChatCompletion, openapi_extra=CHAT_REQUEST_BODY)
-    async def invocations(request: Request) -> Response:
-        return await invocations_service.create(program_for(request), await request.body(),
-                                                request.scope["mlflow_dspy"])
-
-    # /openapi.json documents the program's own fields once it is loaded (openapi_docs.py).
-    @app.post("/predict", response_model=PredictResponse, openapi_extra=PREDICT_REQUEST_BODY)
-    async def predict(request: Request) -> Response:
-        return await predict_service.create(program_for(request), await request.body(), request.scope["mlflow_dspy"])
-
-    @app.post("/predict/stream", openapi_extra=PREDICT_REQUEST_BODY, responses=STREAMED)
-    async def predict_stream(request: Request) -> Response:
-        return await predict_service.stream(program_for(request), await request.body(), request.scope["mlflow_dspy"])
-
-    # -- the rest (served by FastAPI) ------------------------------------------------------
-    def host_of(tags: dict[str, str]) -> ProgramHost | None:
-        """The program a trace's answer came from: the version that answered, else the name asked for."""
-        version = tags.get("mlflow_dspy.version")
-        for host in router.loaded():
-            if host.fingerprint == version:
-                return host
-        try:
-            return slot.get(tags.get("mlflow_dspy.model") or "")
-        except GatewayError:
-            return None
-
-    @app.post("/v1/feedback", openapi_extra=FEEDBACK_REQUEST_BODY)
-    async def give_feedback(request: Request) -> Response:
-        """A verdict on an answer (its x-mlflow-trace-id), recorded as MLflow assessments on its trace."""
-        return await feedback.create(await request.body(), host_of)
-
-    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
-    async def prometheus_metrics() -> Response:
-        """Counters in the Prometheus text format (every worker's, with several)."""
-        if exporter[0] is not None:
-            exporter[0].refresh_metrics()
-        metrics.refresh_embedded(embedded_stats())
-        content, media_type = metrics.exposition()
-        return Response(content, media_type=media_type)
-
-    @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok"}
-
-    @app.get("/ready")
-    async def ready() -> dict:
-        current = slot.get()
-        answer = {"status": "ready", "model": current.name, "models": router.names()}
-        if router.failures():  # a version that failed to load or answer; the one before it still serves
-            answer["failures"] = router.failures()
-        return answer
-
-    @app.get("/v1/models")
-    async def models() -> ModelList:
-        slot.get()
-        return ModelList(data=[ModelCard(id=name, created=slot.get(name).created) for name in router.names()])
-
-    # `:path`: a served name may hold a slash (models:/NAME/VERSION is served as NAME/VERSION).
-    @app.get("/v1/models/{model_id:path}")
-    async def model_card(model_id: str) -> ModelCard:
-        return ModelCard(id=model_id, created=slot.get(model_id).created)
-
-    document_openapi(app, lambda: slot.host, predict_service.shape)
-    direct = {("POST", "/v1/chat/completions"): chat_completions, ("POST", "/v1/responses"): responses,
-              ("POST", "/invocations"): invocations, ("POST", "/predict"): predict,
-              ("POST", "/predict/stream"): predict_stream}
-    assert {path for _, path in direct} == set(MODEL_ROUTES)
-    return GatewayMiddleware(app, config.limits(), direct=direct, metrics=metrics, labels=slot.labels,
-                             cors_origins=config.cors_origins, finished=finished)
+    async def _refresh_counts(self, every: float = 5.0) -> None:
+        """Bring the trace writer's counts (written, failed) and the embedded model's figures into /metrics
+        (and the log), whether or not anyone scrapes: each worker its own."""
+        while True:
+            await asyncio.sleep(every)
+            self.tracing.refresh_metrics()
+            self.metrics.refresh_embedded(embedded_stats())
 
 
-async def _refresh_counts(exporter: TraceExporter | None, metrics: GatewayMetrics, every: float = 5.0) -> None:
-    """Bring the trace writer's counts (written, failed) and the embedded model's figures into /metrics
-    (and the log), whether or not anyone scrapes: each worker its own."""
-    while True:
-        await asyncio.sleep(every)
-        if exporter is not None:
-            exporter.refresh_metrics()
-        metrics.refresh_embedded(embedded_stats())
+def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> Gateway:
+    """The gateway for `config`; with `host`, serving that program at once (tests, embedding)."""
+    return Gateway(config, host)
 
 
-def app_from_env() -> GatewayMiddleware:
+def app_from_env() -> Gateway:
     """Factory for uvicorn workers: the configuration arrives through the environment."""
     _configure_logging()
     return create_app(GatewayConfig.from_env())
@@ -232,3 +349,19 @@ def _configure_logging() -> None:
         logger.propagate = False
         if not logger.handlers:
             logger.addHandler(handler)
+
+
+def _replay(body: bytes, gone: asyncio.Event):
+    """A `receive` that hands the route the body already read, then reports the client's disconnect when the
+    watcher sees it (a streaming response waits for it)."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    return replay

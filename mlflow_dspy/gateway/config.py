@@ -279,7 +279,7 @@ class GatewayConfig:
         return list(self.model_uris)
 
     def limits(self) -> Limits:
-        """What the middleware enforces before a request reaches a route."""
+        """What admission.py enforces before a request reaches a route."""
         return Limits(max_in_flight=self.max_in_flight, max_body_bytes=self.max_body_bytes, api_keys=self.api_keys)
 
     def header_limits(self) -> HeaderLimits:
@@ -316,7 +316,7 @@ DEFAULTS = GatewayConfig()
 
 @dataclass
 class Limits:
-    """What the middleware enforces before a request reaches a route."""
+    """What admission.py enforces before a request reaches a route."""
 
     max_in_flight: int = DEFAULTS.max_in_flight
     max_body_bytes: int = DEFAULTS.max_body_bytes

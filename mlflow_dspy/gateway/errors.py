@@ -1,8 +1,8 @@
 """Every failure becomes an OpenAI error object with the right status.
 
 No exception text that could carry a stack trace, a file path or a key reaches
-a body: client errors echo what the client sent wrong, LM failures say which
-kind of failure it was, and anything unexpected is a bare 500.
+a body: client errors echo what the client sent wrong, a failed run says which
+kind of failure it was (runtime/run.py), and anything unexpected is a bare 500.
 """
 
 from __future__ import annotations
@@ -12,18 +12,27 @@ import logging
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
-from dspy.utils.exceptions import AdapterParseError
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mlflow_dspy.gateway.protocol import ErrorBody, ErrorResponse, Unsupported
-from mlflow_dspy.program.chat import ChatInputError
-from mlflow_dspy.program.failures import failure_of
+from mlflow_dspy.program.failures import Failure
+from mlflow_dspy.runtime.run import failure
 
 log = logging.getLogger("mlflow_dspy.gateway")
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
 
 
 class GatewayError(Exception):
@@ -51,31 +60,20 @@ class GatewayError(Exception):
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
+    @classmethod
+    def of(cls, failure: Failure) -> GatewayError:
+        """A failed run (runtime/run.py) as the error the client gets."""
+        headers = {"Retry-After": str(failure.retry_after)} if failure.retry_after else None
+        return cls(failure.status, failure.message, failure.kind, failure.param, failure.code, headers)
+
 
 def invalid_request(message: str, param: str | None = None, code: str | None = None) -> GatewayError:
     return GatewayError(400, message, param=param, code=code)
 
 
-def from_program_failure(exc: BaseException, lm_settings: dict | None = None) -> GatewayError:
-    """Map what running a program raised to a status and an error the client can act on.
-
-    `lm_settings` are the request's own LM settings: when the client limited
-    the answer (max_tokens, stop) and the outputs then failed to parse, the
-    limit is the cause and the client's to change.
-    """
-    limits = {k: v for k, v in (lm_settings or {}).items() if k in ("max_tokens", "stop")}
-    if isinstance(exc, AdapterParseError) and limits:
-        shown = ", ".join(f"{k}={v!r}" for k, v in limits.items())
-        return invalid_request(f"the answer was cut short ({shown}) before the program's outputs were complete; "
-                               "allow a longer answer", param=next(iter(limits)), code="answer_truncated")
-    if isinstance(exc, ChatInputError):
-        return invalid_request(exc.message, param="messages", code="invalid_messages")
-    failure = failure_of(exc)
-    if failure is not None:
-        headers = {"Retry-After": str(failure.retry_after)} if failure.retry_after else None
-        return GatewayError(failure.status, failure.message, failure.kind, failure.param, failure.code, headers)
-    log.error("unexpected failure while answering", exc_info=exc)
-    return GatewayError(500, "internal error", "server_error", code="internal_error")
+def unsupported_parameter(message: str, param: str) -> GatewayError:
+    """A request that this program cannot honour, found once the program is known: a 400 naming `param`."""
+    return invalid_request(message, param=param, code="unsupported_parameter")
 
 
 def validation_message(errors: Sequence[Any]) -> tuple[str, str | None]:
@@ -92,10 +90,16 @@ def validation_message(errors: Sequence[Any]) -> tuple[str, str | None]:
     if first.get("type") == "extra_forbidden":
         return f"unknown field '{param}'", param
     if first.get("type") == "missing":
+        if param is None:  # the body itself (FastAPI's word for an empty one)
+            return "the request body is not valid JSON", None
         return f"'{param}' is required", param
-    reason = first.get("msg", "is invalid")
+    # JSON's names for JSON's types, whether pydantic read the JSON itself or the objects json.loads made.
+    reason = _JSON_WORDS.get(first.get("type")) or first.get("msg", "is invalid")
     return (f"'{param}': {reason}" if param else f"request body: {reason}"), param
 
+
+_JSON_WORDS = {"list_type": "Input should be a valid array", "dict_type": "Input should be an object",
+               "model_type": "Input should be an object", "model_attributes_type": "Input should be an object"}
 
 # Union members and validators that pydantic names in an error's location; not fields.
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "literal", "json-or-python"}
@@ -127,18 +131,16 @@ def response_for(exc: Exception) -> JSONResponse:
     """The error response for anything an endpoint raised."""
     if isinstance(exc, GatewayError):
         return exc.response()
-    if isinstance(exc, Unsupported):
-        return invalid_request(exc.message, param=exc.param, code="unsupported_parameter").response()
     if isinstance(exc, RequestValidationError):
         return invalid_body(exc.errors()).response()
-    return from_program_failure(exc).response()
+    return GatewayError.of(failure(exc)).response()
 
 
 def install_handlers(app) -> None:
     async def _respond(_: Request, exc: Exception) -> JSONResponse:
         return response_for(exc)
 
-    for kind in (GatewayError, Unsupported, RequestValidationError, Exception):
+    for kind in (GatewayError, RequestValidationError, Exception):
         app.add_exception_handler(kind, _respond)
 
     @app.exception_handler(StarletteHTTPException)

@@ -1,4 +1,4 @@
-"""The one place for code that relies on private internals of DSPy and uvicorn, behind one switch.
+"""The one place for code that relies on private internals of DSPy, MLflow and uvicorn.
 
 Each module here leans on something its library does not promise to keep, and
 each has a test that fails loudly, naming what changed, when it does:
@@ -14,13 +14,19 @@ each has a test that fails loudly, naming what changed, when it does:
   (tests/test_internals_dspy_chat_adapter.py compares every prompt);
 * `uvicorn_protocol`: uvicorn's httptools protocol with limits on the header
   section, and a transport that sends one turn's writes as one
-  (tests/test_internals_uvicorn_protocol.py pins uvicorn's `data_received`).
+  (tests/test_internals_uvicorn_protocol.py pins uvicorn's `data_received`);
+* `dspy_stream`: what a raw LM chunk from `dspy.streamify` holds (its text, the
+  predictor and the LM call it belongs to) (tests/test_internals_dspy_stream.py);
+* `mlflow_traces`: recorded traces written the way MLflow's own exporter writes
+  them (`TracingClient.log_spans`, `Span.from_dict`'s format, the attribute keys
+  MLflow reads a trace from) (tests/test_internals_mlflow_traces.py).
 
 The speed-ups (the executor, the callback handlers, the adapter and the coalescing transport) are on
 by default and all turned off by `MLFLOW_DSPY_SPEEDUPS=0` (the gateway's
 `--no-speedups` sets it for its workers): the server then runs DSPy's and
-uvicorn's own code paths, slower, with the same answers. The header limits are
-not a speed-up but a defence, and stay on either way.
+uvicorn's own code paths (and FastAPI's routing for the program routes,
+gateway/app.py), slower, with the same answers. The header limits, the stream
+chunks and the trace writing are not speed-ups, and stay on either way.
 
 This room imports nothing of mlflow_dspy: the runtime and the gateway above it
 choose what to use through `speedups_enabled()`.

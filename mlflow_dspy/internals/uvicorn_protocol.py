@@ -45,7 +45,7 @@ class HeaderRefused(Exception):
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's protocol with a size cap and a deadline on every request's header section."""
 
-    limits: HeaderLimits | None = None  # read once per process from LIMITS_ENV (workers are processes)
+    limits: HeaderLimits | None = None  # read once per process from its variables (header_limits.py)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if GuardedHttpToolsProtocol.limits is None:

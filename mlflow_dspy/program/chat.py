@@ -61,6 +61,59 @@ class Conversation:
     question: str
     turns: list[dict[str, str]] = field(default_factory=list)  # earlier user/assistant turns, in order
     system: list[str] = field(default_factory=list)
+    characters: int = 0  # of text in every message, as sent (the parts of one message not joined yet)
+
+    @classmethod
+    def of(cls, messages: Sequence[Message], collection: str = "messages") -> Conversation:
+        """The conversation some messages hold, checked once: known roles, text content, a user message
+        to answer, and nothing after it but system messages. A ChatInputError names the message (`where`)."""
+        if not messages:
+            raise ChatInputError(f"{collection} must not be empty")
+        parsed: list[tuple[str, str]] = []
+        characters = 0
+        for message in messages:
+            if message.role not in KNOWN_ROLES:
+                raise ChatInputError(f"{message.where}.role {message.role!r} is not supported; use one of "
+                                     f"{', '.join(KNOWN_ROLES)}")
+            if message.content is None:
+                raise ChatInputError(f"{message.content_where} is missing")
+            texts = _texts(message.content, message.content_where)
+            characters += sum(len(text) for text in texts)
+            parsed.append((message.role, "\n".join(texts)))
+
+        user_indexes = [i for i, (role, _) in enumerate(parsed) if role == "user"]
+        if not user_indexes:
+            raise ChatInputError(f"{collection} has no user message to answer")
+        last_user = user_indexes[-1]
+        if not parsed[last_user][1].strip():
+            raise ChatInputError(f"{messages[last_user].content_where} is empty: there is no question to answer")
+        trailing = [i for i, (role, _) in enumerate(parsed) if i > last_user and role == "assistant"]
+        if trailing:
+            raise ChatInputError(
+                f"{messages[trailing[0]].where} is an assistant message after the last user message; "
+                "the conversation must end with the user turn to answer"
+            )
+        return cls(
+            question=parsed[last_user][1],
+            turns=[{"role": r, "content": c} for r, c in parsed[:last_user] if r in TURN_ROLES],
+            system=[c for r, c in parsed if r in SYSTEM_ROLES],
+            characters=characters,
+        )
+
+
+@dataclass(frozen=True)
+class Message:
+    """One message of a conversation as a client sent it, and where in the request it was
+    (`messages[3]`, `input[2]`, `instructions`) for the errors that name it."""
+
+    role: Any
+    content: Any  # a string, a list of {"type": "text"} parts, or None when missing
+    where: str
+    content_at: str | None = None  # where its text was, when not `<where>.content`
+
+    @property
+    def content_where(self) -> str:
+        return self.content_at or f"{self.where}.content"
 
 
 def _valid_text(text: str, where: str) -> str:
@@ -71,9 +124,10 @@ def _valid_text(text: str, where: str) -> str:
     return text
 
 
-def _text(content: Any, where: str) -> str:
+def _texts(content: Any, where: str) -> list[str]:
+    """A message's text: the string, or the text of each of its parts."""
     if isinstance(content, str):
-        return _valid_text(content, where)
+        return [_valid_text(content, where)]
     if isinstance(content, Sequence) and not isinstance(content, (bytes, bytearray)):
         if not content:
             raise ChatInputError(f"{where} is an empty list of parts")
@@ -84,55 +138,24 @@ def _text(content: Any, where: str) -> str:
                 shown = kind if isinstance(kind, str) else type(part).__name__
                 raise ChatInputError(f"{where}[{i}] is a '{shown}' part; only text content is supported")
             texts.append(_valid_text(part["text"], f"{where}[{i}].text"))
-        return "\n".join(texts)
+        return texts
     raise ChatInputError(f"{where} must be a string or a list of text parts, got {type(content).__name__}")
 
 
 def parse_conversation(messages: Any) -> Conversation:
-    """Validate OpenAI-style chat messages and split them into question, turns and system text.
-
-    A Conversation is returned as it is: a server parses a request's messages once
-    and hands the program the result.
-    """
+    """OpenAI-style chat messages (dicts, as `mlflow models serve` and batch files give them) as a
+    Conversation; a Conversation is returned as it is (a server parses a request's messages once)."""
     if isinstance(messages, Conversation):
         return messages
     if hasattr(messages, "tolist"):  # numpy arrays from a pandas row
         messages = messages.tolist()
     if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)):
         raise ChatInputError(f"messages must be a list of messages, got {type(messages).__name__}")
-    if not messages:
-        raise ChatInputError("messages must not be empty")
-
-    parsed: list[tuple[str, str]] = []
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
             raise ChatInputError(f"messages[{i}] must be an object with 'role' and 'content'")
-        role = message.get("role")
-        if role not in KNOWN_ROLES:
-            raise ChatInputError(
-                f"messages[{i}].role {role!r} is not supported; use one of {', '.join(KNOWN_ROLES)}"
-            )
-        if "content" not in message or message["content"] is None:
-            raise ChatInputError(f"messages[{i}].content is missing")
-        parsed.append((role, _text(message["content"], f"messages[{i}].content")))
-
-    user_indexes = [i for i, (role, _) in enumerate(parsed) if role == "user"]
-    if not user_indexes:
-        raise ChatInputError("messages has no user message to answer")
-    last_user = user_indexes[-1]
-    if not parsed[last_user][1].strip():
-        raise ChatInputError(f"messages[{last_user}].content is empty: there is no question to answer")
-    trailing = [i for i, (role, _) in enumerate(parsed) if i > last_user and role == "assistant"]
-    if trailing:
-        raise ChatInputError(
-            f"messages[{trailing[0]}] is an assistant message after the last user message; "
-            "the conversation must end with the user turn to answer"
-        )
-    return Conversation(
-        question=parsed[last_user][1],
-        turns=[{"role": r, "content": c} for r, c in parsed[:last_user] if r in TURN_ROLES],
-        system=[c for r, c in parsed if r in SYSTEM_ROLES],
-    )
+    return Conversation.of([Message(m.get("role"), m.get("content"), f"messages[{i}]")
+                            for i, m in enumerate(messages)])
 
 
 def history_entries(turns: list[dict[str, str]], question_field: str, answer_field: str) -> list[dict[str, str]]:

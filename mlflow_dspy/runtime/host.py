@@ -1,6 +1,7 @@
 """Load a chat program once, then run it per request: natively async, with
 per-request LM settings in a `dspy.context` (never `dspy.configure` in a
-handler), usage summed over every LM call, and token streaming."""
+handler), and token streaming. What a request's run adds around it (its
+deadline, an answer cut short, its usage) is `runtime/run.py`'s."""
 
 from __future__ import annotations
 
@@ -8,43 +9,16 @@ import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing, contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import dspy
 
 from mlflow_dspy.internals.dspy_chat_adapter import serving_adapter
+from mlflow_dspy.internals.dspy_stream import chunk_call, chunk_predictor, chunk_text
 from mlflow_dspy.program.chat import ChatProgram, Conversation, call_async
 from mlflow_dspy.program.work import run_in_thread
 from mlflow_dspy.runtime.field_stream import FieldStream
 from mlflow_dspy.runtime.trace_record import RECORDER, TraceRecord, recording
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-    @classmethod
-    def of(cls, prediction: dspy.Prediction | None) -> Usage:
-        usage = cls()
-        by_model = prediction.get_lm_usage() if prediction is not None else None
-        for counts in (by_model or {}).values():
-            usage.prompt_tokens += int(counts.get("prompt_tokens") or 0)
-            usage.completion_tokens += int(counts.get("completion_tokens") or 0)
-        return usage
-
-
-@dataclass
-class Delta:
-    """A piece of streamed text: `field` is "content" (the answer) or "reasoning"."""
-
-    field: str
-    text: str
 
 
 def as_text(value: Any) -> str:
@@ -133,8 +107,9 @@ class ProgramHost:
     async def stream(
         self, messages: list[dict] | Conversation, lm_settings: dict[str, Any] | None = None,
         trace: TraceRecord | None = None,
-    ) -> AsyncIterator[Delta | dspy.Prediction]:
-        """Yield answer and reasoning text as the LM writes it, then the final Prediction."""
+    ) -> AsyncIterator[tuple[str, str] | dspy.Prediction]:
+        """Yield ("content" | "reasoning", text) as the LM writes the answer and the reasoning, then the final
+        Prediction."""
         program, kwargs = self.program.prepare(messages)
         fields = {"reasoning": "reasoning"}
         if self.program.streams_answer:
@@ -142,12 +117,12 @@ class ProgramHost:
         async for item in self._stream(program, kwargs, lm_settings, fields, trace):
             if isinstance(item, dspy.Prediction) and not self.program.streams_answer:
                 # Typed or composite answers are whole only at the end.
-                yield Delta("content", self.content(item))
+                yield "content", self.content(item)
             yield item
 
     async def predict_stream(self, inputs: dict[str, Any], trace: TraceRecord | None = None
-                             ) -> AsyncIterator[Delta | dspy.Prediction]:
-        """The tutorial's /predict/stream: every output field, by its own name."""
+                             ) -> AsyncIterator[tuple[str, str] | dspy.Prediction]:
+        """The tutorial's /predict/stream: (output field, text) for every output field, then the Prediction."""
         program = self.program.program
         fields = {name: name for name in _target(program, self.program.answer_fields[0]).signature.output_fields}
         async for item in self._stream(program, inputs, None, fields, trace):
@@ -156,7 +131,7 @@ class ProgramHost:
     async def _stream(
         self, program: dspy.Module, kwargs: dict[str, Any], lm_settings: dict[str, Any] | None,
         fields: dict[str, str], trace: TraceRecord | None = None,
-    ) -> AsyncIterator[Delta | dspy.Prediction]:
+    ) -> AsyncIterator[tuple[str, str] | dspy.Prediction]:
         target = id(_target(program, self.program.answer_fields[0]))
         decoder = FieldStream(list(fields))  # fresh per request: it keeps state
         final, call_id = None, None
@@ -170,18 +145,18 @@ class ProgramHost:
                     if isinstance(value, dspy.Prediction):
                         final = value
                         continue
-                    text = _chunk_text(value)
-                    if text and getattr(value, "predict_id", target) == target:
-                        if getattr(value, "id", None) != call_id:
-                            call_id = getattr(value, "id", None)
+                    text = chunk_text(value)
+                    if text and chunk_predictor(value, target) == target:
+                        if chunk_call(value) != call_id:
+                            call_id = chunk_call(value)
                             decoder.new_call()
                         for field, delta in decoder.feed(text):
-                            yield Delta(fields[field], delta)
+                            yield fields[field], delta
         if final is not None:
             for field, label in fields.items():
                 rest = decoder.finish(field, as_text(final.get(field, "")))
                 if rest:
-                    yield Delta(label, rest)
+                    yield label, rest
             yield final
 
 
@@ -202,10 +177,3 @@ def _target(program: dspy.Module, answer_field: str) -> dspy.Predict:
     """The predictor that writes the answer: its tokens are the ones streamed."""
     writers = [p for p in program.predictors() if answer_field in p.signature.output_fields]
     return (writers or program.predictors())[-1]
-
-
-def _chunk_text(value: Any) -> str | None:
-    try:
-        return value.choices[0].delta.content
-    except (AttributeError, IndexError, KeyError, TypeError):
-        return None

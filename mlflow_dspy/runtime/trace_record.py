@@ -6,7 +6,7 @@ way cost 65% of the gateway's throughput. This records the same story as plain
 data instead: one span per module call and per LM call (the adapter's format
 and parse steps, which repeat the signature on every call, are left out), with
 their inputs, outputs, timing, errors and the token usage, into a `TraceRecord`
-that the gateway hands to its trace writer (gateway/trace_export.py).
+that the gateway hands to its trace writer (gateway/trace_writer.py).
 
 `RECORDER`, a DSPy callback, is added to the settings of a traced call only
 (ProgramHost.context), and records into that call's `recording(record)` (a
@@ -27,9 +27,10 @@ from typing import Any
 
 from dspy.utils.callback import BaseCallback
 
+from mlflow_dspy.internals.mlflow_traces import LM_MODEL, TOKEN_USAGE
 from mlflow_dspy.lm_engine.credentials import clean_url, is_secret_name
 
-# The assessments a user's verdict on an answer becomes (gateway/feedback_service.py writes them,
+# The assessments a user's verdict on an answer becomes (gateway/feedback.py writes them,
 # lifecycle/traces_export.py reads them).
 FEEDBACK_NAME = "user_feedback"
 EXPECTATION_NAME = "expected_outputs"
@@ -138,11 +139,11 @@ class RecordingCallback(BaseCallback):
         if root is not None and root.parent_id is None and hasattr(outputs, "get_lm_usage"):
             usage = _usage(outputs.get_lm_usage())
             if usage:  # on the root: MLflow adds it up as the trace's token usage
-                root.attributes["mlflow.chat.tokenUsage"] = usage
+                root.attributes[TOKEN_USAGE] = usage
 
     def on_lm_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
         self._start(call_id, "LM.__call__", "CHAT_MODEL", inputs,
-                    **{"mlflow.llm.model": clean_url(str(getattr(instance, "model", "")))})
+                    **{LM_MODEL: clean_url(str(getattr(instance, "model", "")))})
 
     def on_lm_end(self, call_id: str, outputs: Any | None, exception: BaseException | None = None) -> None:
         self._end(call_id, outputs, exception)

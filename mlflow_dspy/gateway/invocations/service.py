@@ -1,5 +1,6 @@
 """`/invocations`: what `mlflow models serve` answers for a DSPy chat model, byte for byte, in every
-input format it takes, with its error keys beside the OpenAI error object."""
+input format it takes, with its error keys beside the OpenAI error object. The messages are read into
+one `Conversation` and the request's run (runtime/run.py) collected; its errors are never raised."""
 
 from __future__ import annotations
 
@@ -9,31 +10,37 @@ from typing import Any
 from pydantic import ValidationError
 from starlette.responses import JSONResponse, Response
 
-from mlflow_dspy.gateway.chat_service import ChatService
-from mlflow_dspy.gateway.errors import GatewayError, from_program_failure, invalid_body, invalid_request, json_object
-from mlflow_dspy.gateway.protocol import ChatCompletionRequest
-from mlflow_dspy.gateway.running import record_usage, run_within
+from mlflow_dspy.gateway.chat.service import ConversationLimits
+from mlflow_dspy.gateway.chat.wire import ChatCompletionRequest
+from mlflow_dspy.gateway.context import RequestContext
+from mlflow_dspy.gateway.errors import GatewayError, invalid_body, invalid_request, json_object
+from mlflow_dspy.program.chat import parse_conversation
 from mlflow_dspy.runtime.host import ProgramHost
+from mlflow_dspy.runtime.run import Failed, failure, truncated
 
 
 class InvocationsService:
-    def __init__(self, chat: ChatService) -> None:
-        self.chat = chat
+    def __init__(self, limits: ConversationLimits) -> None:
+        self.limits = limits  # the chat routes' own
 
-    async def create(self, host: ProgramHost, raw: bytes, info: dict) -> Response:
+    async def create(self, ctx: RequestContext, host: ProgramHost, raw: bytes) -> Response:
         """The DSPy flavor's answer for a raw /invocations body; errors in MLflow's shape, never raised."""
         try:
             messages, settings = invocation_messages(raw, host.name)
-            conversation = self.chat.validate(messages)
-            prediction = await run_within(host.answer(conversation, settings, info.get("trace")), self.chat.timeout,
-                                          settings)
+            self.limits.check_count(len(messages))
+            conversation = parse_conversation(messages)
+            self.limits.check_characters(conversation.characters)
         except GatewayError as error:
             return mlflow_style(error)
         except Exception as exc:
-            return mlflow_style(from_program_failure(exc))
-        record_usage(info, prediction)
+            return mlflow_style(GatewayError.of(failure(exc)))
+        outcome = await ctx.start_run(host, conversation, lm_settings=settings).outcome()
+        if isinstance(outcome, Failed):
+            return mlflow_style(GatewayError.of(outcome.failure))
+        if outcome.cut_short:  # the DSPy flavor has no way to say "cut short": the client allows a longer answer
+            return mlflow_style(GatewayError.of(truncated(settings)))
         # Byte for byte what the DSPy flavor's chat wrapper returns through `mlflow models serve`.
-        message = {"role": "assistant", "content": json.dumps(prediction.toDict())}
+        message = {"role": "assistant", "content": json.dumps(outcome.prediction.toDict())}
         payload = {"choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}
         return Response(json.dumps(payload), media_type="application/json")
 

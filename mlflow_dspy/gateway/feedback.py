@@ -27,8 +27,8 @@ from collections.abc import Callable
 from pydantic import Field, StrictBool, StrictFloat, StrictInt
 from starlette.responses import JSONResponse
 
-from mlflow_dspy.gateway.errors import GatewayError, invalid_request, parse_body
-from mlflow_dspy.gateway.protocol import Strict
+from mlflow_dspy.gateway.errors import GatewayError, invalid_request
+from mlflow_dspy.gateway.openai_wire import Strict, shown
 from mlflow_dspy.runtime.host import ProgramHost
 from mlflow_dspy.runtime.trace_record import EXPECTATION_NAME, FEEDBACK_NAME
 
@@ -48,21 +48,22 @@ class FeedbackService:
     def __init__(self) -> None:
         self.tracing = False  # set once the trace writer runs
 
-    async def create(self, raw: bytes, host_of: Callable[[dict[str, str]], ProgramHost | None]) -> JSONResponse:
-        """Record a verdict; `host_of` finds the program that answered, from its trace's tags (to check
-        `expected`'s fields)."""
+    async def create(self, body: FeedbackRequest,
+                     host_of: Callable[[str | None, str | None], ProgramHost | None]) -> JSONResponse:
+        """Record a verdict; `host_of(version, name)` finds the program that answered, from its trace's tags (to
+        check `expected`'s fields)."""
         if not self.tracing:
             raise GatewayError(404, "tracing is off on this gateway (--no-traces, or its tracking store failed at "
                                     "start-up): there is no trace to give feedback on", "not_found_error",
                                param="trace_id", code="tracing_off")
-        body = parse_body(FeedbackRequest, raw)
         trace = await self._trace(body.trace_id)
         # Only the traces of answers a gateway gave (their tags say so): no assessments on anything else.
         if trace is None or "mlflow_dspy.model" not in trace.info.tags:
-            raise GatewayError(404, f"no answer's trace '{_shown(body.trace_id)}' in the tracking store",
+            raise GatewayError(404, f"no answer's trace '{shown(body.trace_id, 200)}' in the tracking store",
                                "not_found_error", param="trace_id", code="trace_not_found")
         if body.expected is not None:
-            _check_expected(body.expected, host_of(trace.info.tags))
+            tags = trace.info.tags
+            _check_expected(body.expected, host_of(tags.get("mlflow_dspy.version"), tags.get("mlflow_dspy.model")))
         try:
             ids = await asyncio.to_thread(self._record, body)
         except Exception as exc:
@@ -117,7 +118,3 @@ def _check_expected(expected: dict[str, object], host: ProgramHost | None) -> No
     if unknown:
         raise invalid_request(f"'expected' names '{unknown[0]}', which is not an output of this program; its outputs "
                               f"are {', '.join(outputs)}", param=f"expected.{unknown[0]}")
-
-
-def _shown(text: str) -> str:
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")[:200]

@@ -1,0 +1,1 @@
+"""`/invocations`: what `mlflow models serve` answers, in every input format it takes."""

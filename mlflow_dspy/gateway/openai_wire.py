@@ -1,0 +1,79 @@
+"""What the OpenAI-shaped routes share on the wire: strict request models, the fields both the chat and the
+Responses requests take, the model list, and how a field that cannot be honoured is refused.
+
+Requests are validated strictly, as OpenAI does: an unknown field or a value out of range is a 400 that
+names the field, rather than a silently ignored setting. Fields that OpenAI accepts and that cannot change
+a DSPy program's answer are accepted and ignored (each protocol lists them); fields that would change the
+answer and cannot be honoured are refused with a 400 that says why (`unsupported`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
+
+MAX_COMPLETION_TOKENS = 8192
+NO_TOOLS = "this model is a DSPy program: it answers in text and never calls tools"
+
+
+class Strict(BaseModel):
+    # No unknown fields, and no coercion: "yes" is not a boolean, "0.5" is not a number (as with OpenAI).
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+def unsupported(message: str, param: str) -> PydanticCustomError:
+    """A validation error said as it is (see errors.validation_message): a field the gateway cannot honour."""
+    return PydanticCustomError("not_supported", "{message}", {"message": message, "param": param})
+
+
+class OpenAIRequest(Strict):
+    """What the chat and the Responses requests both take: the model, sampling, streaming, and the
+    client-side fields OpenAI accepts that cannot change a DSPy program's answer (accepted and ignored)."""
+
+    model: str | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    stream: bool = False
+    user: str | None = None
+    safety_identifier: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+
+    def token_limit(self) -> int | None:
+        """The most tokens the client lets the answer have (each protocol names it its own way)."""
+        return None
+
+    def lm_settings(self) -> dict[str, Any]:
+        """Per-request LM settings, for `lm.copy(**settings)`, named as DSPy's LMs name them."""
+        settings: dict[str, Any] = {}
+        if self.temperature is not None:
+            settings["temperature"] = self.temperature
+        if self.top_p is not None:
+            settings["top_p"] = self.top_p
+        limit = self.token_limit()
+        if limit is not None:
+            settings["max_tokens"] = limit
+        return settings
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "mlflow-dspy"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def shown(text: str, limit: int | None = None) -> str:
+    """Client text as it may be echoed in an error: a lone surrogate is shown escaped, not raised."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if limit is None else text[:limit]
