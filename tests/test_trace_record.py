@@ -11,7 +11,7 @@ import pytest
 from dspy.utils.dummies import DummyLM
 from dspy.utils.exceptions import AdapterParseError
 
-from mlflow_dspy.gateway.trace_writer import TraceExporter
+from mlflow_dspy.gateway.tracing import TraceExporter
 from mlflow_dspy.runtime.host import ProgramHost
 from mlflow_dspy.runtime.trace_record import RECORDER, TraceRecord, jsonable, recording
 from tests.support.examples import example_chat

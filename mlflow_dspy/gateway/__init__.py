@@ -9,7 +9,7 @@ The road of a request is drawn in app.py. The rooms:
   (runtime/run.py): `chat/`, `responses/`, `predict/`, `invocations/`; `dspy_client`: DSPy's own
   adapter prompts recognised; `openai_wire`: what the OpenAI-shaped routes share;
 - `served_models` and `router`: the programs served and the registry's names, aliases and splits;
-- `tracing` and `trace_writer`: which requests are traced, and the process that stores their traces;
+- `tracing`: which requests are traced, and the process that stores their traces;
   `feedback`: verdicts on answers; `metrics`: /metrics; `openapi`: /openapi.json beyond the signatures;
 - `config`: every setting, declared once; `server`: uvicorn, with one worker or several.
 """

@@ -29,11 +29,11 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from starlette.middleware.cors import CORSMiddleware
 
 from mlflow_dspy.gateway import admission, openapi
@@ -42,7 +42,7 @@ from mlflow_dspy.gateway.chat.service import ChatService, ConversationLimits
 from mlflow_dspy.gateway.chat.wire import ChatCompletion, ChatCompletionRequest
 from mlflow_dspy.gateway.config import OPEN_ROUTES, GatewayConfig
 from mlflow_dspy.gateway.context import RequestContext
-from mlflow_dspy.gateway.errors import GatewayError, install_handlers, parse_body, response_for
+from mlflow_dspy.gateway.errors import GatewayError, install_handlers, invalid_body, invalid_request, response_for
 from mlflow_dspy.gateway.feedback import FeedbackRequest, FeedbackService
 from mlflow_dspy.gateway.invocations.service import InvocationsService
 from mlflow_dspy.gateway.metrics import GatewayMetrics, worker_exited
@@ -326,6 +326,32 @@ class Gateway:
             await asyncio.sleep(every)
             self.tracing.refresh_metrics()
             self.metrics.refresh_embedded(embedded_stats())
+
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def parse_body(model: type[Body], raw: bytes) -> Body:
+    """One strict parse of a raw JSON body; on failure, the errors Python's JSON reader leads to.
+
+    pydantic's JSON parser refuses a few inputs Python's `json` reads (NaN, a lone
+    surrogate escape) as invalid JSON; re-reading them with `json` names the field
+    or the text that is wrong, as the rest of the gateway does.
+    """
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        errors = exc.errors()
+    if errors and errors[0].get("type") == "json_invalid":
+        try:
+            payload = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise invalid_request("the request body is not valid JSON") from None
+        try:
+            return model.model_validate(payload)
+        except ValidationError as exc:
+            errors = exc.errors()
+    raise invalid_body(errors)
 
 
 def create_app(config: GatewayConfig, host: ProgramHost | None = None) -> Gateway:

@@ -33,6 +33,7 @@ class RequestContext:
     path: str
     headers: dict[bytes, bytes]
     timeout: float  # seconds a run may take (the gateway's --request-timeout)
+    session: str | None = None  # the client's x-session-id header: a split's sticky key, the trace's session
     request_id: str = field(default_factory=lambda: f"req-{uuid.uuid4().hex[:16]}")
     started: float = field(default_factory=time.perf_counter)
     status: int = 500  # the answer's, once it starts
@@ -49,7 +50,10 @@ class RequestContext:
     @classmethod
     def begin(cls, scope: dict[str, Any], timeout: float) -> RequestContext:
         """The context of a request that just arrived, kept in its scope."""
-        ctx = cls(scope.get("method", ""), scope.get("path", ""), dict(scope.get("headers") or ()), timeout)
+        headers = dict(scope.get("headers") or ())
+        session = headers.get(b"x-session-id")
+        ctx = cls(scope.get("method", ""), scope.get("path", ""), headers, timeout,
+                  session.decode("latin-1") if session is not None else None)
         scope[CONTEXT_KEY] = ctx
         return ctx
 
@@ -60,12 +64,6 @@ class RequestContext:
     # -- filled in as the request goes ---------------------------------------------
     def served_by(self, host: ProgramHost, name: str, variant: str | None) -> None:
         self.model, self.version, self.fingerprint, self.variant = name, host.version, host.fingerprint, variant
-
-    @property
-    def session(self) -> str | None:
-        """The client's `x-session-id` header (a sticky key for splits, and the trace's session)."""
-        value = self.headers.get(b"x-session-id")
-        return value.decode("latin-1") if value is not None else None
 
     def start_run(self, host: ProgramHost, call: Conversation | dict[str, Any], *, stream: bool = False,
                   lm_settings: dict[str, Any] | None = None) -> Run:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mlflow_dspy.program.failures import Failure
@@ -148,32 +148,6 @@ def install_handlers(app) -> None:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         message = "not found" if exc.status_code == 404 else str(exc.detail)
         return GatewayError(exc.status_code, message, kind).response()
-
-
-Body = TypeVar("Body", bound=BaseModel)
-
-
-def parse_body(model: type[Body], raw: bytes) -> Body:
-    """One strict parse of a raw JSON body; on failure, the errors Python's JSON reader leads to.
-
-    pydantic's JSON parser refuses a few inputs Python's `json` reads (NaN, a lone
-    surrogate escape) as invalid JSON; re-reading them with `json` names the field
-    or the text that is wrong, as the rest of the gateway does.
-    """
-    try:
-        return model.model_validate_json(raw)
-    except ValidationError as exc:
-        errors = exc.errors()
-    if errors and errors[0].get("type") == "json_invalid":
-        try:
-            payload = json.loads(raw)
-        except (ValueError, RecursionError):
-            raise invalid_request("the request body is not valid JSON") from None
-        try:
-            return model.model_validate(payload)
-        except ValidationError as exc:
-            errors = exc.errors()
-    raise invalid_body(errors)
 
 
 def json_object(raw: bytes, what: str = "a JSON object") -> dict:

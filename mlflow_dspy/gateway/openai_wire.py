@@ -1,5 +1,5 @@
-"""What the OpenAI-shaped routes share on the wire: strict request models, the fields both the chat and the
-Responses requests take, the model list, and how a field that cannot be honoured is refused.
+"""What the OpenAI-shaped routes share on the wire: strict request models, the model list, how a field that
+cannot be honoured is refused, and how client text is echoed in an error.
 
 Requests are validated strictly, as OpenAI does: an unknown field or a value out of range is a 400 that
 names the field, rather than a silently ignored setting. Fields that OpenAI accepts and that cannot change
@@ -9,9 +9,9 @@ answer and cannot be honoured are refused with a 400 that says why (`unsupported
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 from pydantic_core import PydanticCustomError
 
 MAX_COMPLETION_TOKENS = 8192
@@ -26,39 +26,6 @@ class Strict(BaseModel):
 def unsupported(message: str, param: str) -> PydanticCustomError:
     """A validation error said as it is (see errors.validation_message): a field the gateway cannot honour."""
     return PydanticCustomError("not_supported", "{message}", {"message": message, "param": param})
-
-
-class OpenAIRequest(Strict):
-    """What the chat and the Responses requests both take: the model, sampling, streaming, and the
-    client-side fields OpenAI accepts that cannot change a DSPy program's answer (accepted and ignored)."""
-
-    model: str | None = None
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    stream: bool = False
-    user: str | None = None
-    safety_identifier: str | None = None
-    metadata: dict[str, str] | None = None
-    store: bool | None = None
-    service_tier: str | None = None
-    prompt_cache_key: str | None = None
-    prompt_cache_retention: str | None = None
-
-    def token_limit(self) -> int | None:
-        """The most tokens the client lets the answer have (each protocol names it its own way)."""
-        return None
-
-    def lm_settings(self) -> dict[str, Any]:
-        """Per-request LM settings, for `lm.copy(**settings)`, named as DSPy's LMs name them."""
-        settings: dict[str, Any] = {}
-        if self.temperature is not None:
-            settings["temperature"] = self.temperature
-        if self.top_p is not None:
-            settings["top_p"] = self.top_p
-        limit = self.token_limit()
-        if limit is not None:
-            settings["max_tokens"] = limit
-        return settings
 
 
 class ModelCard(BaseModel):

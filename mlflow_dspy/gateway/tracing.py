@@ -1,18 +1,39 @@
-"""Tracing, per request: whether a request is traced (`--trace-sample`), its trace's tags, and, once its
-answer has left, its trace handed to the writer process (trace_writer.py)."""
+"""The gateway's traces: which requests are traced (`--trace-sample`) and their tags (`Tracing`), and the
+writer process that stores them (`TraceExporter`), so that tracing costs the requests almost nothing.
+
+- **Off the request path.** A request's trace is queued (a bounded queue) when its answer has been
+  sent. A separate process, at the lowest CPU priority, writes the queued traces in batches, one
+  database session per batch (measured here: 3.6 ms of CPU a trace in batches of 50, against 186 ms
+  for one alone), the way MLflow's own exporter writes spans (internals/mlflow_traces.py).
+- **Traces are dropped, never requests.** A full queue drops the trace; a store that fails drops the
+  batch. Every trace is counted in `/metrics` (`mlflow_dspy_traces_total{outcome}`: queued, written,
+  dropped, sampled_out) and drops are logged.
+- **A graceful stop flushes.** At shutdown the writer is given `flush_timeout` seconds to write what
+  is queued; what is left then is counted as dropped and logged.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import multiprocessing
+import os
+import queue
 import random
+import signal
+import time
+from typing import Any
 
 from mlflow_dspy.gateway.config import GatewayConfig
 from mlflow_dspy.gateway.context import RequestContext
 from mlflow_dspy.gateway.metrics import GatewayMetrics
-from mlflow_dspy.gateway.trace_writer import TraceExporter
+from mlflow_dspy.internals.mlflow_traces import trace_store
 from mlflow_dspy.runtime.trace_record import TraceRecord
 
 log = logging.getLogger("mlflow_dspy.gateway")
+BATCH = 100  # traces a database session writes at most
+BATCH_WAIT = 1.0  # seconds a batch waits to fill before it is written (fewer, larger sessions cost less CPU)
+
 
 # A client's own session id or user is kept in a trace's tags up to this length.
 MAX_SESSION_CHARACTERS = 256
@@ -89,3 +110,132 @@ def trace_record(ctx: RequestContext, session: str | None) -> TraceRecord:
     if session:
         session = tags["mlflow_dspy.session"] = session[:MAX_SESSION_CHARACTERS]
     return TraceRecord(tags=tags, session=session)
+
+
+class TraceExporter:
+    """Queues recorded traces for the writer process, counting what becomes of each."""
+
+    def __init__(self, tracking_uri: str, experiment_id: str, metrics: GatewayMetrics | None = None,
+                 queue_size: int = 2000, flush_timeout: float = 10.0) -> None:
+        context = multiprocessing.get_context("spawn")  # no fork of a process with threads and a loop
+        self.queue = context.Queue(maxsize=queue_size)
+        self.written, self.failed = context.Value("q", 0), context.Value("q", 0)
+        self.metrics = metrics
+        self.flush_timeout = flush_timeout
+        self.queued = self.dropped = self._reported_written = self._reported_failed = 0
+        self._last_warning = 0.0
+        self.process = context.Process(target=write_traces, name="mlflow-dspy-traces", daemon=True,
+                                       args=(self.queue, tracking_uri, experiment_id, self.written, self.failed))
+
+    def start(self) -> None:
+        self.process.start()
+
+    def submit(self, record: TraceRecord) -> bool:
+        """Queue a finished request's trace; False (and counted) when the queue is full."""
+        if not record.spans:
+            return False  # the program never ran (refused before it started): nothing to trace
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            why = "the trace queue is full (the tracking store is slower than the requests)"
+            if not self.process.is_alive():
+                why = f"the trace writer has stopped (exit code {self.process.exitcode}; see the log above)"
+            self._drop(1, why)
+            return False
+        self.queued += 1
+        self._count("queued")
+        return True
+
+    def close(self) -> None:
+        """Flush: give the writer `flush_timeout` seconds for what is queued, then count what is left."""
+        deadline = time.monotonic() + self.flush_timeout
+        with contextlib.suppress(queue.Full):
+            self.queue.put(None, timeout=self.flush_timeout)  # the writer stops after what is before it
+        self.process.join(max(0.0, deadline - time.monotonic()))
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(5)
+        # What is still in the pipe is lost (and counted below): the process may exit without feeding it.
+        self.queue.cancel_join_thread()
+        self.queue.close()
+        self.refresh_metrics()  # the writer's failures are dropped traces already
+        lost = self.queued - self._reported_written - self._reported_failed
+        if lost > 0:
+            self._drop(lost, f"{lost} traces were still queued at the stop", always=True)
+        log.info("traces: %d queued, %d written, %d dropped", self.queued, self.written.value, self.dropped)
+
+    def sampled_out(self) -> None:
+        self._count("sampled_out")
+
+    def _drop(self, count: int, why: str, always: bool = False) -> None:
+        self.dropped += count
+        self._count("dropped", count)
+        now = time.monotonic()
+        if always or now - self._last_warning > 10:  # at most one line every 10 s under pressure
+            self._last_warning = now
+            log.warning("traces dropped (%d so far): %s", self.dropped, why)
+
+    def _count(self, outcome: str, amount: int = 1) -> None:
+        if self.metrics is not None and amount:
+            self.metrics.traces.labels(outcome).inc(amount)
+
+    def refresh_metrics(self) -> None:
+        """Bring the written count (kept by the writer process) into /metrics."""
+        written, failed = self.written.value, self.failed.value
+        self._count("written", written - self._reported_written)
+        self._reported_written = written
+        if failed > self._reported_failed:
+            new, self._reported_failed = failed - self._reported_failed, failed
+            self._drop(new, "the tracking store failed to take them")
+
+
+# -- the writer process ------------------------------------------------------------------------
+def write_traces(inbox: Any, tracking_uri: str, experiment_id: str, written: Any, failed: Any) -> None:
+    """The writer process's main: batches from `inbox` to the store until the None that ends them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C stops the gateway, which then flushes us
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.nice(19)  # the requests come first: under load, traces wait (and, past the queue, are dropped)
+    store = trace_store(tracking_uri)
+    last_error = 0.0
+    while True:
+        batch, done = _next_batch(inbox)
+        if done is None:  # the gateway process is gone without a word: nobody to write for
+            return
+        if batch:
+            try:
+                store(experiment_id, batch)
+                with written.get_lock():
+                    written.value += len(batch)
+            except Exception as exc:
+                with failed.get_lock():
+                    failed.value += len(batch)
+                if time.monotonic() - last_error > 10:
+                    last_error = time.monotonic()
+                    print(f"mlflow-dspy traces: the tracking store failed ({type(exc).__name__}); "
+                          f"{failed.value} traces dropped so far", flush=True)
+        if done:
+            return
+
+
+def _next_batch(inbox: Any) -> tuple[list[TraceRecord], bool | None]:
+    """Up to BATCH records: the first as soon as it comes, the rest within BATCH_WAIT; True at the end
+    (the None the gateway sends last), None when the gateway process died without sending it."""
+    while True:
+        try:
+            first = inbox.get(timeout=1.0)
+            break
+        except queue.Empty:
+            if not multiprocessing.parent_process().is_alive():
+                return [], None
+    if first is None:
+        return [], True
+    batch, until = [first], time.monotonic() + BATCH_WAIT
+    while len(batch) < BATCH:
+        try:
+            item = inbox.get(timeout=max(0.0, until - time.monotonic()))
+        except queue.Empty:
+            break
+        if item is None:
+            return batch, True
+        batch.append(item)
+    return batch, False

@@ -2,7 +2,7 @@
 promise to keep.
 
 The gateway records a request's trace as plain data (runtime/trace_record.py) and
-a writer process stores it (gateway/trace_writer.py). Storing leans on:
+a writer process stores it (gateway/tracing.py). Storing leans on:
 
 * `mlflow.tracing.client.TracingClient.log_spans(location, spans)`: how MLflow's
   own exporter writes spans to a tracking store; not public API;

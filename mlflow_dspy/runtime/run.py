@@ -134,8 +134,10 @@ class Run:
 
     async def outcome(self) -> Finished | Failed:
         """The run collected: its Finished or Failed (a streamed run's Deltas are dropped)."""
+        if not self.stream:
+            return await self._whole()
         last: Finished | Failed | None = None
-        async for event in self.events():
+        async for event in self._streamed():
             if not isinstance(event, Delta):
                 last = event
         assert last is not None

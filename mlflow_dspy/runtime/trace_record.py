@@ -6,7 +6,7 @@ way cost 65% of the gateway's throughput. This records the same story as plain
 data instead: one span per module call and per LM call (the adapter's format
 and parse steps, which repeat the signature on every call, are left out), with
 their inputs, outputs, timing, errors and the token usage, into a `TraceRecord`
-that the gateway hands to its trace writer (gateway/trace_writer.py).
+that the gateway hands to its trace writer (gateway/tracing.py).
 
 `RECORDER`, a DSPy callback, is added to the settings of a traced call only
 (ProgramHost.context), and records into that call's `recording(record)` (a
@@ -143,7 +143,7 @@ class RecordingCallback(BaseCallback):
 
     def on_lm_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
         self._start(call_id, "LM.__call__", "CHAT_MODEL", inputs,
-                    **{LM_MODEL: clean_url(str(getattr(instance, "model", "")))})
+                    **{LM_MODEL: redacted(str(getattr(instance, "model", "")))})
 
     def on_lm_end(self, call_id: str, outputs: Any | None, exception: BaseException | None = None) -> None:
         self._end(call_id, outputs, exception)

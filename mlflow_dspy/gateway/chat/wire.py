@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from mlflow_dspy.gateway.errors import unsupported_parameter
-from mlflow_dspy.gateway.openai_wire import MAX_COMPLETION_TOKENS, NO_TOOLS, OpenAIRequest, Strict, unsupported
+from mlflow_dspy.gateway.openai_wire import MAX_COMPLETION_TOKENS, NO_TOOLS, Strict, unsupported
 from mlflow_dspy.program.chat import Conversation, Message
 from mlflow_dspy.runtime.run import FinishReason, Usage
 
@@ -81,6 +81,40 @@ IGNORED_MESSAGE_FIELDS: dict[str, str] = {
     "audio": "null only",
     "annotations": "OpenAI's URL citations",
 }
+
+
+class OpenAIRequest(Strict):
+    """What the chat and the Responses requests both take: the model, sampling, streaming, and the
+    client-side fields OpenAI accepts that cannot change a DSPy program's answer (accepted and ignored)."""
+
+    model: str | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    stream: bool = False
+    user: str | None = None
+    safety_identifier: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+
+    def token_limit(self) -> int | None:
+        """The most tokens the client lets the answer have (each protocol names it its own way)."""
+        return None
+
+    def lm_settings(self) -> dict[str, Any]:
+        """Per-request LM settings, for `lm.copy(**settings)`, named as DSPy's LMs name them."""
+        settings: dict[str, Any] = {}
+        if self.temperature is not None:
+            settings["temperature"] = self.temperature
+        if self.top_p is not None:
+            settings["top_p"] = self.top_p
+        limit = self.token_limit()
+        if limit is not None:
+            settings["max_tokens"] = limit
+        return settings
+
 
 
 class ChatMessage(Strict):

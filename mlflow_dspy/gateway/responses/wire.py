@@ -24,8 +24,9 @@ from pydantic import (
     model_validator,
 )
 
+from mlflow_dspy.gateway.chat.wire import OpenAIRequest
 from mlflow_dspy.gateway.errors import invalid_request
-from mlflow_dspy.gateway.openai_wire import MAX_COMPLETION_TOKENS, NO_TOOLS, OpenAIRequest, shown, unsupported
+from mlflow_dspy.gateway.openai_wire import MAX_COMPLETION_TOKENS, NO_TOOLS, shown, unsupported
 from mlflow_dspy.program.chat import Message
 from mlflow_dspy.runtime.run import Usage
 
@@ -367,12 +368,3 @@ class ResponseObject(BaseModel):
         self.status = "incomplete" if incomplete else "completed"
         self.incomplete_details = IncompleteDetails() if incomplete else None
         self.completed_at = None if incomplete else int(time.time())
-
-
-def _output(reasoning: str | None, content: str, incomplete: bool) -> list[OutputMessage | ReasoningItem]:
-    status: Status = "incomplete" if incomplete else "completed"
-    items: list[OutputMessage | ReasoningItem] = []
-    if reasoning:
-        items.append(ReasoningItem(content=[ReasoningText(text=reasoning)]))
-    items.append(OutputMessage(status=status, content=[OutputText(text=content)]))
-    return items
