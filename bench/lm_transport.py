@@ -14,62 +14,21 @@ direct p50. The gateway process's own CPU per answered request (its threads' on-
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import time
 from pathlib import Path
 
 import httpx
 
-from bench.launch import CHAT, gateway_args, scrape, start
-from bench.loadgen import LoadResult, closed_loop
-from bench.multi_model import WARMUP_S, _combined
+from bench.ab import alternating, row_line
+from bench.launch import CHAT, gateway_args, start
+from bench.loadgen import closed_loop
+from bench.multi_model import WARMUP_S
 from bench.steal import measured
 from mlflow_dspy.lm_engine.openai_http import TRANSPORT_ENV
 
 SIDES = ("http1", "httpx")
 TRANSPORT_VALUE = {"http1": "", "httpx": "httpx"}  # TRANSPORT_ENV's value for each side ("": the default)
 PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
-DRAIN_LIMIT_S = 60.0
-
-
-def cpu_seconds(pid: int) -> float:
-    """On-CPU time of every live thread of `pid` so far (nanosecond counters in /proc/PID/task/*/schedstat)."""
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        # A thread that ended between the listing and the read is skipped.
-        with contextlib.suppress(FileNotFoundError, ProcessLookupError, IndexError, ValueError):
-            total += int((task / "schedstat").read_text().split()[0])
-    return total / 1e9
-
-
-def _pending_traces(base: str) -> int:
-    counts = {sample.labels["outcome"]: sample.value for sample in scrape(base)
-              if sample.name == "mlflow_dspy_traces_total"}
-    return int(counts.get("queued", 0) - counts.get("written", 0))
-
-
-def _drain(bases: list[str]) -> None:
-    """Wait (at most DRAIN_LIMIT_S) until the gateways' trace writers have written what was queued."""
-    deadline = time.monotonic() + DRAIN_LIMIT_S
-    while time.monotonic() < deadline and any(_pending_traces(base) > 0 for base in bases):
-        time.sleep(0.5)
-
-
-def _block(url: str, body: dict, concurrency: int, seconds: float,
-           pid: int | None) -> tuple[LoadResult, float | None]:
-    """One block of load, and the CPU seconds `pid` spent meanwhile (None without a process to watch)."""
-    before = cpu_seconds(pid) if pid else None
-    result = asyncio.run(closed_loop(url, body, concurrency, seconds))
-    return result, (cpu_seconds(pid) - before if pid and before is not None else None)
-
-
-def _side_figure(blocks: list[tuple[LoadResult, float | None]]) -> dict:
-    figure = _combined([result for result, _ in blocks])
-    cpu = [seconds for _, seconds in blocks if seconds is not None]
-    figure["cpu_ms_per_request"] = round(1000 * sum(cpu) / figure["requests"], 3) if cpu and figure["requests"] \
-        else None
-    return figure
 
 
 def lm_transport_figures(env: dict[str, str], tmp: Path, model_uri: str, stub: str, seconds: float,
@@ -94,15 +53,10 @@ def lm_transport_figures(env: dict[str, str], tmp: Path, model_uri: str, stub: s
             for level in levels:
                 sides = (*SIDES, "direct") if level == 1 else SIDES
                 span = 2 * seconds if level == 1 else seconds
-                blocks: dict[str, list] = {side: [] for side in sides}
-                with measured() as level_steal:
-                    for i in range(rounds):
-                        order = sides if i % 2 == 0 else tuple(reversed(sides))
-                        for side in order:
-                            _drain(list(bases.values()))
-                            blocks[side].append(_block(urls[side], sent if side == "direct" else CHAT, level,
-                                                       span / rounds, pids.get(side)))
-                row = {side: _side_figure(side_blocks) for side, side_blocks in blocks.items()}
+                row = alternating({side: urls[side] for side in sides},
+                                  {side: sent if side == "direct" else CHAT for side in sides}, pids,
+                                  list(bases.values()), level, span, rounds,
+                                  lambda i, s=sides: list(s if i % 2 == 0 else reversed(s)))
                 if "direct" in row:
                     for side in SIDES:
                         row[side]["overhead_p50_ms"] = round(row[side]["p50_ms"] - row["direct"]["p50_ms"], 2)
@@ -114,12 +68,8 @@ def lm_transport_figures(env: dict[str, str], tmp: Path, model_uri: str, stub: s
                     "cpu_more_ms_per_request": (round(b["cpu_ms_per_request"] - a["cpu_ms_per_request"], 3)
                                                 if a["cpu_ms_per_request"] and b["cpu_ms_per_request"] else None),
                 }
-                row["cpu_steal_percent"] = level_steal["percent"]
                 figures["levels"][str(level)] = row
-                print(f"LM transport, {level} clients: " + "; ".join(
-                    f"{side} {row[side]['throughput']} rps p50 {row[side]['p50_ms']} p99 {row[side]['p99_ms']} ms "
-                    f"cpu {row[side]['cpu_ms_per_request']} ms/req" for side in SIDES)
-                    + f"; steal {level_steal['percent']}%", flush=True)
+                print(row_line("LM transport", level, row, SIDES), flush=True)
     figures["cpu_steal_percent"] = steal["percent"]
     figures["load_average"] = os.getloadavg()[0]
     return figures

@@ -37,6 +37,7 @@ from bench.lm_transport import lm_transport_figures, transport_line
 from bench.loadgen import closed_loop
 from bench.multi_model import multi_model_figures
 from bench.processes import ROOT, VENV_BIN, child_env, free_port, running
+from bench.road_ab import BASELINE, road_ab_figures, road_ab_line
 from bench.steal import measured
 from bench.stream_ttft import stream_ttft_figures
 from bench.trace_cost import trace_cost_figures
@@ -44,7 +45,7 @@ from bench.trace_cost import trace_cost_figures
 RESULTS = ROOT / "bench" / "results"
 NOISY_STEAL = 10  # percent of CPU time taken by the hypervisor: above it, a figure is flagged
 SERVER_KEYS = ("a", "b", "c1", "c1i", "c2")
-SECTION_KEYS = ("traces", "transport", "multi", "reload", "stream", "embedded")
+SECTION_KEYS = ("traces", "transport", "road", "multi", "reload", "stream", "embedded")
 
 
 def servers(model_uri: str) -> list[dict]:
@@ -104,6 +105,9 @@ def main() -> None:
                         help=f"comma-separated keys: servers ({','.join(SERVER_KEYS)}) and sections "
                              f"({','.join(SECTION_KEYS)}); e.g. multi,reload,stream for the three targets alone")
     parser.add_argument("--no-embedded", action="store_true", help="skip the embedded-model figures")
+    parser.add_argument("--baseline", default=BASELINE,
+                        help="the git ref the `road` section runs as `before` (default: %(default)s, the tree "
+                             "before issue 21's refactor)")
     parser.add_argument("--token-delay", type=float, default=0.02,
                         help="the streaming section's stub: seconds between streamed chunks after the first")
     parser.add_argument("--out", type=Path, default=None,
@@ -147,6 +151,9 @@ def main() -> None:
             if wanted("traces"):
                 results["trace_cost"] = trace_cost_figures(base_env, tmp_path, model_uri, 2 * args.seconds)
                 print(f"what tracing costs: {results['trace_cost']}", flush=True)
+            if wanted("road"):
+                results["road_ab"] = road_ab_figures(base_env, tmp_path, args.seconds, args.baseline)
+                print(f"one road, before and after: {results['road_ab']}", flush=True)
             if wanted("transport"):
                 results["lm_transport"] = lm_transport_figures(base_env, tmp_path, model_uri, stub, args.seconds)
                 print(f"LM transport: {results['lm_transport']}", flush=True)
@@ -194,6 +201,8 @@ def targets(results: dict) -> list[str]:
                      f"client {cost['at_1']['on']['p50_ms']} vs {cost['at_1']['off']['p50_ms']} ms "
                      f"({_signed(cost['p50_more_ms'])}); traces {cost['traces']}; steal {cost['cpu_steal_percent']}%. "
                      f"Target: {cost['target']}: {_verdict(cost)}")
+    if road := results.get("road_ab"):
+        lines.append(road_ab_line(road))
     if transport := results.get("lm_transport"):
         lines.append(transport_line(transport))
     if multi := results.get("multi_model"):
