@@ -1,4 +1,4 @@
-"""The one place for code that relies on private internals of DSPy, MLflow and uvicorn.
+"""The one place for code that relies on private internals of DSPy, MLflow, httpx and uvicorn.
 
 Each module here leans on something its library does not promise to keep, and
 each has a test that fails loudly, naming what changed, when it does:
@@ -19,14 +19,17 @@ each has a test that fails loudly, naming what changed, when it does:
   predictor and the LM call it belongs to) (tests/test_internals_dspy_stream.py);
 * `mlflow_traces`: recorded traces written the way MLflow's own exporter writes
   them (`TracingClient.log_spans`, `Span.from_dict`'s format, the attribute keys
-  MLflow reads a trace from) (tests/test_internals_mlflow_traces.py).
+  MLflow reads a trace from) (tests/test_internals_mlflow_traces.py);
+* `httpx_proxy`: whether httpx would send a request through a proxy (the gateway's
+  LM calls take httpx only then) (tests/test_internals_httpx_proxy.py).
 
 The speed-ups (the executor, the callback handlers, the adapter and the coalescing transport) are on
 by default and all turned off by `MLFLOW_DSPY_SPEEDUPS=0` (the gateway's
 `--no-speedups` sets it for its workers): the server then runs DSPy's and
 uvicorn's own code paths (and FastAPI's routing for the program routes,
 gateway/app.py), slower, with the same answers. The header limits, the stream
-chunks and the trace writing are not speed-ups, and stay on either way.
+chunks, the trace writing and the proxy question are not speed-ups, and stay on
+either way.
 
 This room imports nothing of mlflow_dspy: the runtime and the gateway above it
 choose what to use through `speedups_enabled()`.

@@ -64,6 +64,7 @@ from dspy.lm15 import (
     Usage,
 )
 
+from mlflow_dspy.internals.httpx_proxy import proxy_applies
 from mlflow_dspy.lm_engine import http1
 from mlflow_dspy.lm_engine.credentials import clean_url
 from mlflow_dspy.lm_engine.deadline import within
@@ -463,7 +464,7 @@ class _LoopState:
             return False
         known = self.proxied.get(url)
         if known is None:
-            known = self.proxied[url] = _proxy_applies(self.httpx_client(), url)
+            known = self.proxied[url] = proxy_applies(self.httpx_client(), url)
         return known
 
 
@@ -474,14 +475,6 @@ def _async_client() -> httpx.AsyncClient:
     return httpx.AsyncClient(timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT),  # the engine keeps the deadline
                              limits=httpx.Limits(max_connections=None,
                                                  max_keepalive_connections=http1.MAX_IDLE_PER_HOST))
-
-
-def _proxy_applies(client: httpx.AsyncClient | httpx.Client, url: str) -> bool:
-    """Whether `client` (made with trust_env, httpx's default) sends a request for `url` through a proxy."""
-    try:
-        return client._transport_for_url(httpx.URL(url)) is not client._transport
-    except AttributeError:  # an httpx without this (private) method: let httpx carry the call, proxy or not
-        return True
 
 
 async def _send(url: str, headers: dict[str, str], body: bytes) -> _Answer:
