@@ -270,10 +270,7 @@ def _gateway_arguments(command: argparse.ArgumentParser) -> None:
         command.add_argument(*setting.flags, **options)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlflow-dspy", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def _log_command(commands) -> None:
     log = commands.add_parser("log", help="log a program as an MLflow model and register a version")
     _program_arguments(log)
     _chat_arguments(log)
@@ -286,12 +283,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="end stdout with one JSON line: run_id, model_uri, registered_model, version, dev_score")
     log.set_defaults(func=cmd_log)
 
+
+def _eval_command(commands) -> None:
     evaluation = commands.add_parser("eval", help="score a logged model (or a program) on a dev set")
     _program_arguments(evaluation)
     evaluation.add_argument("-m", "--model-uri", default=None, help="evaluate this logged model (with its own LM)")
     evaluation.add_argument("--json", action="store_true", help="print one JSON line (dev_score, ...)")
     evaluation.set_defaults(func=cmd_eval)
 
+
+def _optimize_command(commands) -> None:
     optimization = commands.add_parser("optimize", help="compile a program with a DSPy optimizer; log a new version")
     _program_arguments(optimization, data=("train", "dev"))
     _chat_arguments(optimization)
@@ -301,10 +302,14 @@ def build_parser() -> argparse.ArgumentParser:
     optimization.add_argument("--json", action="store_true", help="print one JSON line")
     optimization.set_defaults(func=cmd_optimize)
 
+
+def _init_command(commands) -> None:
     init = commands.add_parser("init", help="write a starter project (a program, data, a metric) that logs as is")
     init.add_argument("dir", nargs="?", default=".", help="the project folder (default: here)")
     init.set_defaults(func=cmd_init)
 
+
+def _promote_command(commands) -> None:
     promotion = commands.add_parser("promote", help="point an alias at a version that scores at least as well")
     promotion.add_argument("--name", required=True, help="registered model name, e.g. dspy-qa")
     promotion.add_argument("--version", required=True)
@@ -313,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     promotion.add_argument("--reason", default=None, help="why, recorded on the version")
     promotion.set_defaults(func=cmd_promote)
 
+
+def _batch_command(commands) -> None:
     batch = commands.add_parser("batch", help="score a file of chats or questions with a logged model")
     batch.add_argument("-m", "--model-uri", required=True)
     batch.add_argument("--input", required=True, help="parquet, csv or jsonl: a 'messages' or 'question' column")
@@ -323,12 +330,16 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--json", action="store_true", help="print one JSON line")
     batch.set_defaults(func=cmd_batch)
 
+
+def _docker_command(commands) -> None:
     docker = commands.add_parser("docker", help="Dockerfiles for a logged model and the gateway; build if possible")
     docker.add_argument("-m", "--model-uri", required=True)
     docker.add_argument("--out", default="build/docker", help="where the model's Dockerfile and files go")
     docker.add_argument("--tag", default="dspy-model", help="image tag for the model image")
     docker.set_defaults(func=cmd_docker)
 
+
+def _serve_command(commands) -> None:
     serve = commands.add_parser("serve", help="`mlflow models serve` a logged model after checking its SHA-256")
     serve.add_argument("-m", "--model-uri", required=True)
     serve.add_argument("-p", "--port", type=int, default=6000)
@@ -336,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--env-manager", default="local", choices=["local", "virtualenv", "uv", "conda"])
     serve.set_defaults(func=cmd_serve)
 
+
+def _improve_command(commands) -> None:
     improvement = commands.add_parser(
         "improve", help="optimize the champion on its rated traces; promote the result only if it wins")
     improvement.add_argument("name", help="the registered model (dspy-qa)")
@@ -357,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     improvement.add_argument("--json", action="store_true", help="print one JSON line")
     improvement.set_defaults(func=cmd_improve)
 
+
+def _traces_command(commands) -> None:
     traces = commands.add_parser("traces", help="the gateway's traces: export the rated ones as examples")
     traces_commands = traces.add_subparsers(dest="traces_command", required=True)
     export = traces_commands.add_parser(
@@ -370,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--json", action="store_true", help="print one JSON line (counts), no progress bar")
     export.set_defaults(func=cmd_traces_export)
 
+
+def _gateway_command(commands) -> None:
     gateway = commands.add_parser(
         "gateway", help="serve a logged model (or a program) with the OpenAI API",
         epilog="Every flag has an environment variable, named in its help: MLFLOW_DSPY_ and the flag in capitals, "
@@ -377,6 +394,20 @@ def build_parser() -> argparse.ArgumentParser:
                "API keys come only from GATEWAY_API_KEYS.")
     _gateway_arguments(gateway)
     gateway.set_defaults(func=cmd_gateway)
+
+
+# Each command's parser, in the order --help lists them.
+COMMANDS = (
+    _log_command, _eval_command, _optimize_command, _init_command, _promote_command, _batch_command, _docker_command,
+    _serve_command, _improve_command, _traces_command, _gateway_command,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlflow-dspy", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(commands)
     return parser
 
 

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import dspy
 import mlflow
@@ -21,8 +22,9 @@ from mlflow_dspy.packaging.load import FORMAT, FORMAT_KEY
 from mlflow_dspy.packaging.paths import EXPERIMENT_NAME, PACKAGE_DIR, artifacts_location, tracking_uri
 from mlflow_dspy.packaging.redact import scrub_program, scrub_settings
 from mlflow_dspy.packaging.requirements import model_requirements
+from mlflow_dspy.program.chat import ChatProgram
 from mlflow_dspy.program.target import Target
-from mlflow_dspy.runtime.scoring import SCORE_METRIC, evaluate
+from mlflow_dspy.runtime.scoring import SCORE_METRIC, EvalReport, evaluate
 
 MODEL_NAME = "model"  # the tutorial's runs:/<id>/model
 # Never copied with a user's package or the runtime: caches, VCS, environments, data.
@@ -140,6 +142,23 @@ def _log_program_state(module: dspy.Module) -> None:
         mlflow.log_artifact(str(path))
 
 
+@dataclass
+class _Plan:
+    """What a log writes, all of it worked out (and the user's input checked) before any MLflow run exists."""
+
+    chat: ChatProgram  # scrubbed: no credentials
+    lm: dspy.BaseLM
+    adapter: Any
+    registered_model_name: str
+    requirements: list[str]
+    example: str
+    report: EvalReport | None
+    description: str
+    tags: dict[str, str]
+    params: dict[str, str]
+    metadata: dict[str, Any]
+
+
 def log_target(
     target: Target,
     lm: dspy.BaseLM | None = None,
@@ -160,6 +179,26 @@ def log_target(
     Everything that can fail on the user's input (data rows, metric, pins) is
     checked before any MLflow run is created.
     """
+    plan = _plan(target, lm, registered_model_name, module, evaluate_dev, extra_tags, note)
+    run_id, info = _log_run(target, plan, extra_metrics)
+    version = str(info.registered_model_version) if info.registered_model_version is not None else None
+    if version is not None:
+        client = MlflowClient()
+        client.update_model_version(plan.registered_model_name, version, description=plan.description)
+        for key, value in plan.tags.items():
+            client.set_model_version_tag(plan.registered_model_name, version, key, value)
+    return LoggedModel(
+        run_id=run_id,
+        model_uri=f"runs:/{run_id}/{MODEL_NAME}",
+        registered_model=plan.registered_model_name if version is not None else None,
+        version=version,
+        dev_score=plan.report.score if plan.report else None,
+    )
+
+
+def _plan(target: Target, lm: dspy.BaseLM | None, registered_model_name: str | None, module: dspy.Module | None,
+          evaluate_dev: bool, extra_tags: dict[str, str] | None, note: str | None) -> _Plan:
+    """Everything a log writes; the user's input (data rows, metric, pins) checked, the dev set scored."""
     lm = lm or dspy.settings.lm or build_lm(target.config.lm)
     adapter = dspy.settings.adapter or adapter_for(lm)
     lm_model = getattr(lm, "model", type(lm).__name__)
@@ -168,10 +207,8 @@ def log_target(
     requirements = model_requirements(target.config.requirements)
     metric, metric_name = target.metric()
     dev = target.examples("dev") if evaluate_dev and target.config.dev is not None else None
-    example_text = target.input_example()
+    example = target.input_example()
     report = evaluate(target.name, module, dev, metric, lm, adapter, target.data_hash()) if dev else None
-    chat = scrub_program(target.chat(module))  # what is pickled and saved: no credentials
-    description = describe(target, lm_model, note)
     tags = {
         "program": target.name,
         "reference": target.config.reference,
@@ -184,30 +221,39 @@ def log_target(
         SCORE_METRIC: f"{report.score:.2f}" if report else "not evaluated",
         **(extra_tags or {}),
     }
-    metadata = {"program": target.name, "lm": lm_model, "registered_model": registered_model_name,
-                FORMAT_KEY: FORMAT, "chat_mapping": target.mapping.describe()}
+    return _Plan(
+        chat=scrub_program(target.chat(module)), lm=lm, adapter=adapter,
+        registered_model_name=registered_model_name, requirements=requirements, example=example, report=report,
+        description=describe(target, lm_model, note), tags=tags,
+        params={"program": target.name, "lm": lm_model, "metric": metric_name},
+        metadata={"program": target.name, "lm": lm_model, "registered_model": registered_model_name,
+                  FORMAT_KEY: FORMAT, "chat_mapping": target.mapping.describe()})
 
+
+def _log_run(target: Target, plan: _Plan, extra_metrics: dict[str, float] | None) -> tuple[str, Any]:
+    """The MLflow run: tags, params, the dev table, the program's state, the model (registered) and its copy
+    under the run's artifacts, and its digest. Its id and the logged model's info."""
     use_tracking_store()
-    with mlflow.start_run(run_name=target.name, description=description) as run:
-        mlflow.set_tags(tags)
-        mlflow.log_params({"program": target.name, "lm": lm_model, "metric": metric_name})
+    with mlflow.start_run(run_name=target.name, description=plan.description) as run:
+        mlflow.set_tags(plan.tags)
+        mlflow.log_params(plan.params)
         if extra_metrics:
             mlflow.log_metrics(extra_metrics)
-        if report:
-            mlflow.log_metric(SCORE_METRIC, report.score)
-            mlflow.log_table(report.table(), artifact_file="eval/dev_results.json")
-        _log_program_state(chat.program)
+        if plan.report:
+            mlflow.log_metric(SCORE_METRIC, plan.report.score)
+            mlflow.log_table(plan.report.table(), artifact_file="eval/dev_results.json")
+        _log_program_state(plan.chat.program)
         _log_json("chat_mapping.json", target.mapping.describe())
-        with staged_code(target) as code_paths, dspy.context(**scrub_settings(lm, adapter)):
+        with staged_code(target) as code_paths, dspy.context(**scrub_settings(plan.lm, plan.adapter)):
             info = mlflow.dspy.log_model(
-                chat,
+                plan.chat,
                 name=MODEL_NAME,
                 task="llm/v1/chat",
-                input_example={"messages": [{"role": "user", "content": example_text}]},
+                input_example={"messages": [{"role": "user", "content": plan.example}]},
                 code_paths=code_paths,
-                pip_requirements=requirements,
-                registered_model_name=registered_model_name,
-                metadata=metadata,
+                pip_requirements=plan.requirements,
+                registered_model_name=plan.registered_model_name,
+                metadata=plan.metadata,
             )
         # MLflow 3 keeps a logged model apart from its run; a copy under the
         # run's own artifacts puts MLmodel, the pins and the pickle where the
@@ -215,19 +261,7 @@ def log_target(
         local = mlflow.artifacts.download_artifacts(info.model_uri)
         mlflow.log_artifacts(local, artifact_path=MODEL_NAME)
         # Checked before every unpickling (packaging/integrity.py).
-        tags[DIGEST_TAG] = digest(local)
-        mlflow.set_tag(DIGEST_TAG, tags[DIGEST_TAG])
-        mlflow.set_logged_model_tags(info.model_id, {DIGEST_TAG: tags[DIGEST_TAG]})
-    version = str(info.registered_model_version) if info.registered_model_version is not None else None
-    if version is not None:
-        client = MlflowClient()
-        client.update_model_version(registered_model_name, version, description=description)
-        for key, value in tags.items():
-            client.set_model_version_tag(registered_model_name, version, key, value)
-    return LoggedModel(
-        run_id=run.info.run_id,
-        model_uri=f"runs:/{run.info.run_id}/{MODEL_NAME}",
-        registered_model=registered_model_name if version is not None else None,
-        version=version,
-        dev_score=report.score if report else None,
-    )
+        plan.tags[DIGEST_TAG] = digest(local)
+        mlflow.set_tag(DIGEST_TAG, plan.tags[DIGEST_TAG])
+        mlflow.set_logged_model_tags(info.model_id, {DIGEST_TAG: plan.tags[DIGEST_TAG]})
+    return run.info.run_id, info
