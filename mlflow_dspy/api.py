@@ -55,7 +55,8 @@ def log_program(
         config = resolve_target(program).with_options(**options)
         target = open_target(replace(config, name=name) if name else config)
     else:
-        config = ProgramConfig(name=name or kebab_case(type(program).__name__), reference=f"<{type(program).__name__}>")
+        config = ProgramConfig(name=name or kebab_case(type(program).__name__), reference=f"<{type(program).__name__}>",
+                               home=type(program).__module__.split(".")[0])
         config = config.with_options(**options)
         mapping = ChatMapping.of(program, config.question_field, config.context_field, config.answer_field)
         target = Target(config, program, _source_of_object(program), mapping)

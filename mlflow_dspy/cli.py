@@ -7,6 +7,7 @@ Heavy imports (dspy, mlflow) happen inside the commands so `--help` is instant.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -37,14 +38,15 @@ def cmd_log(args: argparse.Namespace) -> int:
     lm = configure_dspy(config.lm)
     logged = log_target(target, lm=lm, registered_model_name=args.name, evaluate_dev=not args.no_eval)
     if args.json:
-        print(json.dumps(logged.as_dict()), flush=True)
+        _json_line(args, logged.as_dict())
     else:
         print(f"run_id:    {logged.run_id}")
         print(f"model_uri: {logged.model_uri}")
         if logged.version:
             print(f"registered {logged.registered_model} version {logged.version}")
         if logged.dev_score is not None:
-            print(f"dev score: {logged.dev_score:.1f}")
+            failed = f" ({logged.dev_failed} examples failed and scored 0)" if logged.dev_failed else ""
+            print(f"dev score: {logged.dev_score:.1f}{failed}")
         print(f"serve it:  mlflow models serve -m {logged.model_uri} -p 6000 --env-manager local")
     return 0
 
@@ -101,9 +103,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         report, run_id = evaluate_program(_config(args))
     result = {"program": report.program, "dev_score": round(report.score, 2), "examples": len(report.rows),
-              "run_id": run_id, "dataset_hash": report.dataset_hash}
-    print(json.dumps(result) if args.json else f"{report.program}: dev score {report.score:.1f} "
-          f"on {len(report.rows)} examples (run {run_id})")
+              "failed": report.failed, "run_id": run_id, "dataset_hash": report.dataset_hash}
+    failed = f", {report.failed} failed and scored 0" if report.failed else ""
+    if args.json:
+        _json_line(args, result)
+    else:
+        print(f"{report.program}: dev score {report.score:.1f} on {len(report.rows)} examples{failed} (run {run_id})")
     return 0
 
 
@@ -119,7 +124,7 @@ def cmd_traces_export(args: argparse.Namespace) -> int:
     report = export_traces(args.name, Path(args.out), args.version, args.since, args.feedback,
                            progress=not args.json)
     if args.json:
-        print(json.dumps(report.as_dict()))
+        _json_line(args, report.as_dict())
     else:
         print(f"{report.written} examples -> {report.out} (from {report.rated} rated of {report.traces} traces of "
               f"{args.name}; {report.duplicates} duplicates, {report.without_outputs} rated down with no expected "
@@ -146,7 +151,7 @@ def cmd_improve(args: argparse.Namespace) -> int:
         print(f"nothing to improve: {nothing}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(done.as_dict()))
+        _json_line(args, done.as_dict())
         return 0
     print(("dry run: " if done.dry_run else "") + done.why)
     if done.dry_run:
@@ -181,9 +186,11 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     config = _config(args)
     logged, before = optimize(config, args.optimizer, args.name)
     result = {**logged.as_dict(), "dev_score_before": round(before, 2)}
-    print(json.dumps(result) if args.json else
-          f"{config.name}: dev score {before:.1f} -> {logged.dev_score:.1f}; "
-          f"registered {logged.registered_model} version {logged.version} ({logged.model_uri})")
+    if args.json:
+        _json_line(args, result)
+    else:
+        print(f"{config.name}: dev score {before:.1f} -> {logged.dev_score:.1f}; "
+              f"registered {logged.registered_model} version {logged.version} ({logged.model_uri})")
     return 0
 
 
@@ -207,9 +214,11 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
     report = run_batch(args.model_uri, Path(args.input), Path(args.output), args.engine, args.concurrency,
                        args.master)
-    print(json.dumps(report.__dict__) if args.json else
-          f"{report.rows} rows -> {report.output}: computed {report.computed}, skipped {report.skipped} "
-          f"already done, {report.failed} failed (see the error column)")
+    if args.json:
+        _json_line(args, report.__dict__)
+    else:
+        print(f"{report.rows} rows -> {report.output}: computed {report.computed}, skipped {report.skipped} "
+              f"already done, {report.failed} failed (see the error column)")
     return 0
 
 
@@ -422,10 +431,18 @@ def _not_found(exc: Exception) -> bool:
     return isinstance(exc, MlflowException) and exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
 
 
+def _json_line(args: argparse.Namespace, payload: dict) -> None:
+    """A command's one JSON line, on the real stdout (everything else a --json command writes goes to stderr)."""
+    print(json.dumps(payload), file=args.stdout, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.stdout = sys.stdout
     try:
-        return args.func(args)
+        # With --json, stdout is the JSON line alone: progress bars and libraries' prints go to stderr.
+        with contextlib.redirect_stdout(sys.stderr) if getattr(args, "json", False) else contextlib.nullcontext():
+            return args.func(args)
     except Exception as exc:
         from mlflow_dspy.packaging.integrity import IntegrityError
 

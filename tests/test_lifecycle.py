@@ -61,7 +61,7 @@ def test_eval_logs_a_metric_and_a_table(store):
     assert run.data.metrics["dev_score"] == pytest.approx(report.score)
     assert run.data.tags["dataset_hash"] == report.dataset_hash
     table = json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/eval/dev_results.json"))
-    assert table["columns"] == ["inputs", "expected", "outputs", "score"]
+    assert table["columns"] == ["inputs", "expected", "outputs", "score", "error"]
     assert len(table["data"]) == 8
 
 

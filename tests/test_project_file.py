@@ -85,7 +85,7 @@ def test_project_table_reads_every_key_with_paths_relative_to_the_file(tmp_path,
         registered_name="support-triage", dev=base / "data/dev.jsonl", train=base / "data/train.jsonl",
         metric="support_desk.metrics:exact", lm="openai/gpt-4o-mini", question_field="ticket",
         context_field="policy", answer_field="category", requirements=base / "requirements.txt",
-        description="Routes support tickets.", example="My invoice is wrong", origin=str(path),
+        description="Routes support tickets.", example="My invoice is wrong", origin=str(path), home="desk",
     )
     assert config.model_name == "support-triage"
 

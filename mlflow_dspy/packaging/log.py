@@ -43,19 +43,28 @@ class LoggedModel:
     registered_model: str | None
     version: str | None
     dev_score: float | None = None
+    dev_failed: int | None = None  # dev examples whose run failed (each scored 0)
 
     def as_dict(self) -> dict[str, str | float | None]:
         return asdict(self)
 
 
+# What this tool writes into a project (its default tracking store): not the user's changes.
+TOOL_OUTPUTS = ("mlflow.db", "mlartifacts", "mlruns")
+
+
 def git_commit(folder: Path) -> str:
-    """The commit of the user's project (`-dirty` with uncommitted changes), or "unknown"."""
+    """The commit of the user's project (`-dirty` with uncommitted changes, the tool's own store aside), or
+    "unknown"."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, check=True, timeout=10
         )
+        outside_store = [f":(exclude,glob)**/{name}" for name in TOOL_OUTPUTS] + \
+            [f":(exclude,glob)**/{name}/**" for name in TOOL_OUTPUTS]
         dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=folder, capture_output=True, text=True, timeout=10
+            ["git", "status", "--porcelain", "--", ".", *outside_store], cwd=folder, capture_output=True, text=True,
+            timeout=10,
         ).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
@@ -193,6 +202,7 @@ def log_target(
         registered_model=plan.registered_model_name if version is not None else None,
         version=version,
         dev_score=plan.report.score if plan.report else None,
+        dev_failed=plan.report.failed if plan.report else None,
     )
 
 

@@ -244,7 +244,7 @@ class ChatProgram(dspy.Module):
             kwargs[mapping.history_field] = dspy.History(
                 messages=history_entries(conversation.turns, question, mapping.answer_fields[0])
             )
-        program = self.program
+        program = self.for_call()
         if conversation.system:
             system = "\n\n".join(conversation.system)
             if mapping.context_field:
@@ -252,6 +252,16 @@ class ChatProgram(dspy.Module):
             else:
                 program = _with_extra_instructions(program, system)
         return program, kwargs
+
+    def for_call(self) -> dspy.Module:
+        """The program one call runs: the shared one, or a copy of it when one of its modules keeps state
+        between calls. DSPy's BestOfN and Refine count their failures down in `fail_count` on the module
+        itself, so on a shared program every failed attempt would make every later request fail sooner."""
+        stateful = self.__dict__.get("_stateful")
+        if stateful is None:
+            stateful = self.__dict__["_stateful"] = any(
+                hasattr(module, "fail_count") for _, module in [("", self.program), *self.program.named_sub_modules()])
+        return self.program.deepcopy() if stateful else self.program
 
     def forward(self, messages: Any) -> dspy.Prediction:
         program, kwargs = self.prepare(messages)

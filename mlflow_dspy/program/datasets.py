@@ -48,10 +48,10 @@ def load_examples(path: Path, mapping: ChatMapping) -> list[dspy.Example]:
         if not isinstance(row, dict):
             raise DataProblem(f"{where}: a row must be a JSON object keyed by field names")
         extra_history = None
-        if history is not None:
-            if history not in row:
-                raise DataProblem(f"{where}: the field {history!r} is missing")
+        if history is not None and history in row:
             extra_history = _history(row.pop(history), where, mapping)
+        elif history is not None and mapping.input(history).required:
+            raise DataProblem(f"{where}: the field {history!r} is missing")
         try:
             checked = model.model_validate(row)
         except ValidationError as exc:

@@ -27,6 +27,7 @@ served model never works it out again from a later version of the code.
 from __future__ import annotations
 
 import inspect
+import types
 import typing
 from dataclasses import dataclass
 from functools import cached_property
@@ -130,6 +131,15 @@ def output_fields(program: dspy.Module) -> list[Field]:
             if name not in NOT_AN_ANSWER]
 
 
+def is_history(annotation: Any) -> bool:
+    """`dspy.History`, or `dspy.History | None` (an optional history, as tutorials often write it)."""
+    if annotation is dspy.History:
+        return True
+    members = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    return origin in (typing.Union, types.UnionType) and members == [dspy.History]
+
+
 def _fillable(field: Field) -> bool:
     try:
         pydantic.TypeAdapter(field.annotation).json_schema()
@@ -166,7 +176,7 @@ class ChatMapping:
         if answer_field is not None and answer_field not in [f.name for f in outputs]:
             raise MappingProblem(f"the answer field {answer_field!r} is not an output of the program; its "
                                  f"outputs: {', '.join(f.name for f in outputs) or 'none'}")
-        histories = [f.name for f in inputs if f.annotation is dspy.History]
+        histories = [f.name for f in inputs if is_history(f.annotation)]
         if len(histories) > 1:
             raise MappingProblem(f"a chat has one history, but the program has {len(histories)} history inputs: "
                                  f"{', '.join(histories)}")

@@ -28,6 +28,7 @@ relative to the project file):
 
 from __future__ import annotations
 
+import functools
 import re
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -78,11 +79,18 @@ class ProgramConfig:
     description: str | None = None
     example: str | None = None
     origin: str = "reference"  # "reference", the project file's path, or "example"
+    home: str = ""  # where the program comes from (its top package, or its project): names it apart, if need be
 
     @property
     def model_name(self) -> str:
-        """The registered model's name: the configured one, else dspy-<name>."""
-        return self.registered_name or f"dspy-{self.name}"
+        """The registered model's name: the configured one, else dspy-<name>. A user's program whose name is
+        a bundled example's is never registered under that example's name: dspy-<home>-<name> instead."""
+        if self.registered_name:
+            return self.registered_name
+        home = kebab_case(self.home).strip("-")
+        if self.origin != "example" and self.name in example_names() and home:
+            return f"dspy-{home}-{self.name}"
+        return f"dspy-{self.name}"
 
     def with_options(self, **options: Any) -> ProgramConfig:
         """This config with the command line's options on top (None leaves a value as it is)."""
@@ -94,7 +102,16 @@ class ProgramConfig:
 
 
 def kebab_case(text: str) -> str:
-    return re.sub(r"(?<!^)(?=[A-Z])", "-", text).replace("_", "-").lower()
+    """`ChatWithHistory` -> chat-with-history; acronyms stay whole: `RAG` -> rag, `HTTPServer` -> http-server."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "-", text).replace("_", "-").lower()
+
+
+def home_of_reference(reference: str) -> str:
+    """The top package of `pkg.module:attr`, or the folder of `file.py:attr`."""
+    target, _ = split_reference(reference)
+    if target.endswith(".py"):
+        return Path(target).resolve().parent.name
+    return target.split(".")[0]
 
 
 def name_of_reference(reference: str) -> str:
@@ -129,6 +146,12 @@ def _read(path: Path) -> dict[str, Any]:
         raise ProjectProblem(f"{path}: not valid TOML: {exc}") from None
 
 
+def _project_name(path: Path) -> str:
+    """A project's own name: its [project] name, else its folder's."""
+    name = _read(path).get("project", {}).get("name")
+    return name if isinstance(name, str) and name else path.parent.name
+
+
 def read_project(path: Path, origin: str | None = None) -> dict[str, ProgramConfig]:
     """The programs a project file declares, by name."""
     table = _read(path).get("tool", {}).get(TABLE, {})
@@ -155,7 +178,8 @@ def read_project(path: Path, origin: str | None = None) -> dict[str, ProgramConf
             if not isinstance(value, str):
                 raise ProjectProblem(f"{where}: {key!r} must be a string, got {type(value).__name__}")
             values[KEYS[key]] = (base / value).resolve() if key in PATH_KEYS else value
-        configs[name] = ProgramConfig(name=name, base_dir=base, origin=origin or str(path), **values)
+        configs[name] = ProgramConfig(name=name, base_dir=base, origin=origin or str(path),
+                                      home=_project_name(path), **values)
     return configs
 
 
@@ -170,11 +194,18 @@ def examples() -> dict[str, ProgramConfig]:
     return read_project(examples_dir() / "pyproject.toml", origin="example")
 
 
+@functools.cache
+def example_names() -> frozenset[str]:
+    """The bundled examples' names (each registers as dspy-<name>)."""
+    return frozenset(examples())
+
+
 def resolve_target(target: str, start: Path | None = None) -> ProgramConfig:
     """The program `target` names: a reference, a project program, or an example."""
     if ":" in target:
         split_reference(target)  # a malformed reference is named as one
-        return ProgramConfig(name=name_of_reference(target), reference=target, base_dir=(start or Path.cwd()))
+        return ProgramConfig(name=name_of_reference(target), reference=target, base_dir=(start or Path.cwd()),
+                             home=home_of_reference(target))
     project = find_project_file(start)
     declared = read_project(project) if project else {}
     if target in declared:

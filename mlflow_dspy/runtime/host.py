@@ -16,7 +16,6 @@ import dspy
 from mlflow_dspy.internals.dspy_chat_adapter import serving_adapter
 from mlflow_dspy.internals.dspy_stream import chunk_call, chunk_predictor, chunk_text
 from mlflow_dspy.program.chat import ChatProgram, Conversation, call_async
-from mlflow_dspy.program.work import run_in_thread
 from mlflow_dspy.runtime.field_stream import FieldStream
 from mlflow_dspy.runtime.trace_record import RECORDER, TraceRecord, recording
 
@@ -86,12 +85,12 @@ class ProgramHost:
     async def answer(self, messages: list[dict] | Conversation, lm_settings: dict[str, Any] | None = None,
                      trace: TraceRecord | None = None) -> dspy.Prediction:
         with self.context(lm_settings, trace):
-            return await self.program.acall(messages=messages)
+            return answered(await self.program.acall(messages=messages), trace)
 
     async def predict(self, inputs: dict[str, Any], trace: TraceRecord | None = None) -> dspy.Prediction:
         """The typed /predict: the inner program, called with its input fields."""
         with self.context(None, trace):
-            return await call_async(self.program.program, inputs)
+            return answered(await call_async(self.program.for_call(), inputs), trace)
 
     def content(self, prediction: dspy.Prediction) -> str:
         """The chat answer: one answer field as its text, several as one JSON object."""
@@ -123,7 +122,7 @@ class ProgramHost:
     async def predict_stream(self, inputs: dict[str, Any], trace: TraceRecord | None = None
                              ) -> AsyncIterator[tuple[str, str] | dspy.Prediction]:
         """The tutorial's /predict/stream: (output field, text) for every output field, then the Prediction."""
-        program = self.program.program
+        program = self.program.for_call()
         fields = {name: name for name in _target(program, self.program.answer_fields[0]).signature.output_fields}
         async for item in self._stream(program, inputs, None, fields, trace):
             yield item
@@ -139,7 +138,7 @@ class ProgramHost:
         # even when the client goes away (its task group must exit where it began).
         with self.context(lm_settings, trace):
             # Made inside the context: streamify keeps the callbacks (the trace recorder) it finds.
-            streaming = _streaming(program)
+            streaming = _streaming(program, trace)
             async with aclosing(streaming(**kwargs)) as values:
                 async for value in values:
                     if isinstance(value, dspy.Prediction):
@@ -160,17 +159,31 @@ class ProgramHost:
             yield final
 
 
-def _streaming(program: dspy.Module):
+def _streaming(program: dspy.Module, trace: TraceRecord | None):
     """Natively async when the program can be (no thread per stream): the LM's own stream reaches the client
     as it arrives, and a client that leaves cancels the LM call with this task. A module with only a forward
-    runs on a program thread, whose work is tracked if the client leaves."""
-    if hasattr(type(program), "aforward"):
-        return dspy.streamify(program, is_async_program=True, include_final_prediction_in_output_stream=True)
+    runs on a program thread, whose work is tracked if the client leaves. Either way, what it returns must be
+    a prediction: `dspy.streamify` would wait for one forever."""
 
-    async def in_thread(**arguments: Any) -> dspy.Prediction:
-        return await run_in_thread(program, **arguments)
+    async def checked(**arguments: Any) -> dspy.Prediction:
+        return answered(await call_async(program, arguments), trace)
 
-    return dspy.streamify(in_thread, include_final_prediction_in_output_stream=True)
+    return dspy.streamify(checked, include_final_prediction_in_output_stream=True)
+
+
+class NoPrediction(RuntimeError):
+    """A program that returned something other than a prediction: BestOfN and Refine return None when every
+    attempt failed."""
+
+
+def answered(result: Any, trace: TraceRecord | None = None) -> dspy.Prediction:
+    """The program's prediction; NoPrediction, naming the last failure the trace saw, when there is none."""
+    if isinstance(result, dspy.Prediction):
+        return result
+    failed = [span for span in (trace.spans if trace is not None else []) if span.error]
+    why = f"; the last attempt failed with {failed[-1].error}" if failed else ""
+    raise NoPrediction(f"the program returned {type(result).__name__} instead of a prediction (BestOfN and Refine "
+                       f"do when every attempt failed){why}")
 
 
 def _target(program: dspy.Module, answer_field: str) -> dspy.Predict:

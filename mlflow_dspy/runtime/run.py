@@ -33,7 +33,7 @@ from mlflow_dspy.lm_engine.deadline import within
 from mlflow_dspy.program.chat import ChatInputError, Conversation
 from mlflow_dspy.program.failures import Failure, failure_of
 from mlflow_dspy.runtime.field_stream import FieldStream
-from mlflow_dspy.runtime.host import ProgramHost
+from mlflow_dspy.runtime.host import NoPrediction, ProgramHost
 from mlflow_dspy.runtime.trace_record import TraceRecord
 
 log = logging.getLogger("mlflow_dspy.runtime")
@@ -87,14 +87,20 @@ Event = Delta | Finished | Failed
 
 
 def failure(exc: BaseException) -> Failure:
-    """What a failed run means to a client; anything unexpected is a bare 500, its details in the log."""
+    """What a failed run means to a client; anything unexpected is a bare 500, its details in the log. A
+    failure on the server's or the LM's side is logged with its cause."""
     if isinstance(exc, ChatInputError):
         return Failure(400, exc.message, "invalid_request_error", "invalid_messages", param="messages")
-    known = failure_of(exc)
-    if known is not None:
-        return known
-    log.error("unexpected failure while answering", exc_info=exc)
-    return Failure(500, "internal error", "server_error", "internal_error")
+    if isinstance(exc, NoPrediction):
+        known = Failure(502, str(exc), "upstream_error", "no_prediction")
+    else:
+        known = failure_of(exc)
+    if known is None:
+        log.error("unexpected failure while answering", exc_info=exc)
+        return Failure(500, "internal error", "server_error", "internal_error")
+    if known.status >= 500:
+        log.warning("a run failed (%s %s): %s: %s", known.status, known.code, type(exc).__name__, str(exc)[:500])
+    return known
 
 
 def truncated(lm_settings: dict[str, Any]) -> Failure:
