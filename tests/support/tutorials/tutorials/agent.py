@@ -11,7 +11,7 @@ def calculator(expression: str) -> str:
     if not set(expression) <= allowed:
         return "only numbers and + - * / ( ) are allowed"
     try:
-        return str(eval(expression, {"__builtins__": {}}))  # noqa: S307 - digits and operators only
+        return str(eval(expression, {"__builtins__": {}}))  # digits and operators only: checked above
     except Exception as exc:
         return f"error: {type(exc).__name__}"
 
