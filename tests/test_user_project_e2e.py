@@ -76,7 +76,7 @@ def logged(venv, workspace) -> dict:
 
 
 def test_log_ships_the_users_package_and_only_it(logged, workspace):
-    assert set(logged) == {"run_id", "model_uri", "registered_model", "version", "dev_score"}
+    assert set(logged) == {"run_id", "model_uri", "registered_model", "version", "dev_score", "dev_failed"}
     assert logged["registered_model"] == "dspy-triage" and logged["version"] == "1"
     assert 0 <= logged["dev_score"] <= 100
     run_dir = next(workspace["store"].rglob(f"{logged['run_id']}/artifacts"))
