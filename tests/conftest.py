@@ -1,33 +1,209 @@
-"""Shared fixtures: a private tracking store per test session, the CLI as users run it."""
+"""What the suite shares, and its markers.
+
+Processes one session shares (each started on first use, stopped at the end):
+
+- `stub`: the stub LM (bench/stub_lm.py), answering at once; faults are chosen per request by a marker in the
+  question ([fail500], [sleep], [drip], ...). Everyone shares its counters: read them before and after, and
+  select its requests by time or by a question of the test's own (tests.support.processes.stub_requests).
+- `slow_stub`: a second stub that answers every request after 0.2 s, for tests that need requests to overlap
+  (a batch killed midway, ...): the stub has no per-request latency marker, and its latency is fixed at start.
+- `shared_gateway`: `gateway --program qa` on `stub` (traces off, a 10 s request timeout, a 3 s header
+  timeout), for tests whose subject is the process: HTTP/1.1 over TCP, header limits, real streams, clients
+  that need a URL. `keyed_gateway`: the same with GATEWAY_API_KEYS. `workers_gateway`: two workers
+  configured by their environment alone.
+- `registry`: a tracking store where `qa` was logged three times through the CLI on the stub (versions 1-3,
+  champion -> 1, challenger -> 2), read-only: a test that changes a registry takes `registry.copy(tmp_path)`.
+  It is checked unchanged at the end of the session.
+- `embedded_store`, `embedded_qa`: `qa` logged through the CLI with the embedded model.
+- `installed`: a fresh virtualenv with the wheel of this checkout installed.
+
+In process: tests.support.inprocess (the gateway app over ASGI, on the stub or any host).
+
+Markers (declared in pyproject.toml). `pytest_collection_modifyitems` below sets them from what a test uses,
+and a guard makes `unit` true:
+
+- `e2e`: starts real processes (the stub, a gateway, `mlflow models serve`, the CLI, a trace writer, Spark, a
+  child Python), or uses a fixture that did. Set for every test of a fixture above, and for every test of a
+  module that imports a process helper (tests.support.processes, tests.support.cli's subprocess runners,
+  `subprocess`) unless the test says `unit` itself.
+- `embedded`: runs the embedded SmolLM2 model (in this process or a child).
+- `install`: builds a wheel or a virtualenv (also `e2e`).
+- `unit`: everything else: in this process, no embedded model. The guard fails a `unit` test that starts a
+  process (but `git`, which logging a model runs for its git_commit tag) or loads the embedded model.
+- `slow`: every test that is not `unit` (so `-m "not slow"` is `-m unit`); a test may set it itself to stay
+  out of `make test-fast`.
+"""
 
 from __future__ import annotations
 
-import json
+import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.support.processes import ROOT, child_env
+from tests.support import cli as cli_support
+from tests.support import processes
+from tests.support.cli import run_cli, run_log_cli, store_env
+from tests.support.processes import Served, gateway_process, stub_lm
+from tests.support.registry import Registry
+
+__all__ = ["run_log_cli", "store_env"]  # still importable from here
+
+STUB_KEY = "sk-stub-test-key-91ac"
+LOG_KEY = "sk-planted-at-log-time-7f3a9c"  # the registry's log-time key: it must reach no file of the store
+
+PROCESS_FIXTURES = {"stub", "slow_stub", "stub_env", "shared_gateway", "keyed_gateway", "workers_gateway",
+                    "registry", "embedded_qa", "installed"}
+EMBEDDED_FIXTURES = {"embedded_qa"}
+INSTALL_FIXTURES = {"installed"}
+# A module holding one of these starts processes: its tests are e2e unless marked unit.
+PROCESS_HELPERS = (subprocess, processes.stub_lm, processes.gateway, processes.gateway_process,
+                   processes.mlflow_serve, processes.running, cli_support.run_cli, cli_support.run_log_cli)
+KINDS = ("e2e", "embedded", "install")
 
 
-def run_log_cli(*args: str, env: dict[str, str]) -> dict:
-    """`python mlflow_dspy.py log ... --json` as a subprocess; returns its last stdout line, parsed."""
-    proc = subprocess.run(
-        [sys.executable, "mlflow_dspy.py", "log", *args, "--json"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+# -- markers -------------------------------------------------------------------------------------------------
+def _starts_processes(module) -> bool:
+    return any(value is helper for value in vars(module).values() for helper in PROCESS_HELPERS)
 
 
-def store_env(store: Path, **extra: str) -> dict[str, str]:
-    env = child_env(MLFLOW_TRACKING_URI=f"sqlite:///{store / 'mlflow.db'}", **extra)
-    for name in ("DSPY_LM", "DSPY_LM_API_BASE", "OPENAI_API_KEY"):
-        if name not in extra:
-            env.pop(name, None)
-    return env
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if used & EMBEDDED_FIXTURES:
+            item.add_marker("embedded")
+        if used & INSTALL_FIXTURES or item.get_closest_marker("install"):
+            item.add_marker("install")
+            item.add_marker("e2e")
+        if used & PROCESS_FIXTURES:
+            item.add_marker("e2e")
+        claims_unit = item.get_closest_marker("unit") is not None
+        kinds = [kind for kind in KINDS if item.get_closest_marker(kind)]
+        if claims_unit and kinds:
+            raise pytest.UsageError(f"{item.nodeid} is marked unit and {', '.join(kinds)}: it is one or the other")
+        if not claims_unit and not kinds:
+            module = getattr(item, "module", None)
+            if module is not None and _starts_processes(module):
+                item.add_marker("e2e")
+            elif not item.get_closest_marker("slow"):
+                item.add_marker("unit")
+        if item.get_closest_marker("unit") is None:
+            item.add_marker("slow")
+
+
+@pytest.fixture(autouse=True)
+def _unit_stays_in_process(request, monkeypatch):
+    """A `unit` test that starts a process or loads the embedded model fails (even if the code under test
+    swallowed the refusal)."""
+    if request.node.get_closest_marker("unit") is None:
+        yield
+        return
+    import multiprocessing.process
+
+    import llama_cpp
+
+    from mlflow_dspy.lm_engine import llama_native
+
+    broken: list[str] = []
+
+    def refuse(what: str):
+        def refused(*args, **kwargs):
+            broken.append(what)
+            raise AssertionError(f"a test marked unit {what}")
+
+        return refused
+
+    execute_child = subprocess.Popen._execute_child
+
+    def child(self, args, *rest, **kwargs):
+        # The one child a unit test may start: `git`, which logging asks for its git_commit tag.
+        if (args[0] if isinstance(args, list | tuple) else str(args).split()[0]) == "git":
+            return execute_child(self, args, *rest, **kwargs)
+        return refuse(f"started a process ({args!r:.80})")()
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", child)
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse("started a process"))
+    monkeypatch.setattr(os, "fork", refuse("forked"))
+    monkeypatch.setattr(os, "posix_spawn", refuse("started a process"))
+    monkeypatch.setattr(llama_native.NativeModel, "__init__", refuse("loaded the embedded model"))
+    monkeypatch.setattr(llama_cpp.Llama, "__init__", refuse("loaded the embedded model"))
+    yield
+    if broken:
+        pytest.fail(f"{request.node.nodeid} is marked unit but {broken[0]}: mark it e2e or embedded "
+                    "(tests/conftest.py says which)", pytrace=False)
+
+
+# -- processes the session shares ------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def stub(tmp_path_factory) -> str:
+    """The stub LM's OpenAI base URL (…/v1)."""
+    with stub_lm(tmp_path_factory.mktemp("stub")) as base:
+        yield base
+
+
+@pytest.fixture(scope="session")
+def slow_stub(tmp_path_factory) -> str:
+    """A stub LM that answers every request after 0.2 s (…/v1)."""
+    with stub_lm(tmp_path_factory.mktemp("slow_stub"), latency=0.2) as base:
+        yield base
+
+
+@pytest.fixture(scope="session")
+def stub_env(stub) -> dict[str, str]:
+    """What a process serving a program on the stub needs in its environment."""
+    return {"DSPY_LM_API_BASE": stub, "OPENAI_API_KEY": STUB_KEY}
+
+
+SHARED_TARGET = ["--program", "qa", "--lm", "openai/stub-echo", "--no-traces", "--request-timeout", "10"]
+
+
+@pytest.fixture(scope="session")
+def shared_gateway(stub_env, tmp_path_factory) -> Served:
+    """`gateway --program qa` on the stub: answers are `<field>: <question>`; [sleep] gets 504 after 10 s."""
+    with gateway_process(SHARED_TARGET, tmp_path_factory.mktemp("shared_gateway"), "--header-timeout", "3",
+                         **stub_env) as served:
+        yield served
+
+
+@pytest.fixture(scope="session")
+def keyed_gateway(stub_env, tmp_path_factory) -> Served:
+    """The same gateway with two API keys (key-alpha, key-beta)."""
+    with gateway_process(SHARED_TARGET, tmp_path_factory.mktemp("keyed_gateway"),
+                         GATEWAY_API_KEYS="key-alpha,key-beta", **stub_env) as served:
+        yield served
+
+
+WORKERS_ENV = {"MLFLOW_DSPY_PROGRAM": "qa", "MLFLOW_DSPY_LM": "openai/stub-echo", "MLFLOW_DSPY_TRACES": "0",
+               "MLFLOW_DSPY_WORKERS": "2", "MLFLOW_DSPY_MAX_MESSAGES": "1",
+               "MLFLOW_DSPY_MAX_HEADER_LINE_BYTES": "2000"}
+
+
+@pytest.fixture(scope="session")
+def workers_gateway(stub_env, tmp_path_factory) -> Served:
+    """`mlflow-dspy gateway` with no flag but the port, as Kubernetes runs it: two workers, each rebuilding its
+    configuration from the variables (WORKERS_ENV: at most 1 message, header lines of at most 2000 bytes)."""
+    with gateway_process([], tmp_path_factory.mktemp("workers_gateway"), **WORKERS_ENV, **stub_env) as served:
+        yield served
+
+
+@pytest.fixture(scope="session")
+def registry(stub, tmp_path_factory) -> Registry:
+    """qa logged three times through the CLI on the stub (LOG_KEY planted in the log's environment), version 1
+    the champion and 2 the challenger. Read it; change a copy."""
+    shared = Registry(tmp_path_factory.mktemp("registry"))
+    env = shared.env(DSPY_LM="openai/stub-echo", DSPY_LM_API_BASE=stub, OPENAI_API_KEY=LOG_KEY)
+    for _ in range(3):
+        logged = run_cli("log", "qa", "--json", env=env, timeout=600)
+        shared.logged.append(cli_support.last_json(logged))
+        shared.log_output.append(logged.stdout + logged.stderr)
+    for version, alias in ((1, "champion"), (2, "challenger")):
+        promoted = cli_support.cli_in_process("promote", "--name", "dspy-qa", "--version", str(version),
+                                              "--alias", alias, env=env)
+        assert promoted.code == 0, promoted.err[-2000:]
+    before = shared.fingerprint()
+    yield shared
+    assert shared.fingerprint() == before, "a test changed the shared registry: it must work on registry.copy()"
 
 
 @pytest.fixture(scope="session")
@@ -39,3 +215,11 @@ def embedded_store(tmp_path_factory) -> Path:
 def embedded_qa(embedded_store) -> dict:
     """The qa program logged with the embedded model, through the CLI."""
     return run_log_cli("--program", "qa", env=store_env(embedded_store))
+
+
+@pytest.fixture(scope="session")
+def installed(tmp_path_factory) -> Path:
+    """A fresh virtualenv with mlflow-dspy installed from a wheel of this checkout (minutes)."""
+    from tests.support.venv import installed_venv
+
+    return installed_venv(tmp_path_factory)

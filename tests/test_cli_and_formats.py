@@ -10,6 +10,8 @@ from mlflow_dspy import cli
 from mlflow_dspy.packaging import load
 from mlflow_dspy.program.chat import ChatProgram
 
+PINS = ["dspy==3.4.1"]  # given, so MLflow does not start a Python to infer them
+
 
 @pytest.mark.parametrize(("argv", "expected"), [
     (["log", "nowhere/agent.py:build"], "file not found"),
@@ -39,7 +41,8 @@ def test_a_bad_dev_row_is_named_by_line_before_any_run(capsys, tmp_path, monkeyp
 def test_a_model_logged_before_the_namespace_move_is_refused_with_what_to_do(tmp_path, monkeypatch):
     old = tmp_path / "old"
     mlflow.dspy.save_model(ChatProgram(dspy.Predict("question -> answer")), str(old), task="llm/v1/chat",
-                           metadata={"program": "qa"})  # no format key: an mlflow-dspy 0.1 model
+                           metadata={"program": "qa"},  # no format key: an mlflow-dspy 0.1 model
+                           pip_requirements=PINS)
     monkeypatch.setattr(load, "download_verified", lambda uri: str(old))
     with pytest.raises(load.OutdatedModel, match="log the program again"):
         load.load_chat_model("runs:/0123/model")
@@ -48,7 +51,7 @@ def test_a_model_logged_before_the_namespace_move_is_refused_with_what_to_do(tmp
 def test_a_model_of_the_current_format_loads(tmp_path, monkeypatch):
     current = tmp_path / "current"
     mlflow.dspy.save_model(ChatProgram(dspy.Predict("question -> answer")), str(current), task="llm/v1/chat",
-                           metadata={"program": "qa", load.FORMAT_KEY: load.FORMAT})
+                           metadata={"program": "qa", load.FORMAT_KEY: load.FORMAT}, pip_requirements=PINS)
     monkeypatch.setattr(load, "download_verified", lambda uri: str(current))
     program, metadata = load.load_chat_model("runs:/0123/model")
     assert isinstance(program, ChatProgram) and program.mapping.question_field == "question"

@@ -1,11 +1,14 @@
 """The embedded model serving many users, run for real: the prompt-prefix cache never changes an answer,
 concurrent requests decode together and answer as they would alone, a cancelled request frees its
-sequence, and the cache is bounded and keyed so a changed program never gets another's prefix."""
+sequence, and the cache is bounded and keyed so a changed program never gets another's prefix.
+
+The programs' prompts are replayed from tests/data/embedded_requests.json (captured once from real runs;
+tests/test_embedded_requests.py checks they are still what DSPy writes). Every test here runs the model but
+the cache's eviction."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 import queue
@@ -26,58 +29,14 @@ from mlflow_dspy.lm_engine.llama_engine import (
 from mlflow_dspy.lm_engine.llama_native import ContextShape
 from mlflow_dspy.lm_engine.llama_scheduler import Outcome, Scheduler
 from mlflow_dspy.lm_engine.prefix_cache import PrefixCache
-from mlflow_dspy.lm_engine.select import adapter_for
-from tests.support.examples import example_chat
-
-pytestmark = pytest.mark.slow
-
-# Per example program: single questions and multi-turn conversations (an earlier exchange, then a question).
-CONVERSATIONS = {
-    "qa": [["What is 2 + 2?"], ["What is the capital of France?"], ["Who wrote Hamlet?"], ["Name a primary color."],
-           ["What is 3 + 5?", "8", "And 3 + 6?"], ["What is the largest ocean?", "The Pacific.", "And the smallest?"]],
-    "assistant": [["What can you help me with?"], ["My name is Ada. Hi!"], ["Suggest a name for a cat."],
-                  ["I live in Oslo.", "Nice!", "Where do I live?"], ["I like tea.", "Noted.", "What do I like?"],
-                  ["Tell me a fun fact."]],
-    "rag": [["How long is the warranty on a Nimbus frame?"], ["How do I return a product?"],
-            ["What does shipping cost?"], ["Is there a warranty?", "Yes.", "How long is it?"],
-            ["Can I pay by card?"], ["Where are you based?", "See the site.", "Do you ship abroad?"]],
-    "classify": [["I love this phone, it works perfectly."], ["The screen broke after a day."],
-                 ["It is a phone."], ["Terrible support, never again."],
-                 ["Fine, I guess.", "Noted.", "Actually great!"], ["Best purchase this year!"]],
-}
-
-
-def _messages(turns: list[str]) -> list[dict[str, str]]:
-    roles = ["user", "assistant"]
-    return [{"role": roles[i % 2], "content": text} for i, text in enumerate(turns)]
-
-
-class _Recording(LlamaCppEngine):
-    """The embedded engine, keeping every request DSPy hands it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.requests: list[Request] = []
-
-    def generate(self, request, cancel=None):
-        self.requests.append(request)
-        return super().generate(request, cancel)
+from tests.support import embedded_requests
 
 
 @pytest.fixture(scope="module")
 def program_requests() -> list[Request]:
-    """The LM requests the four example programs make for their conversations (captured from real runs)."""
-    engine = _Recording()
-    # A cap on answers keeps the run short; every request still carries its program's whole prompt.
-    lm = dspy.LM(EMBEDDED_MODEL, engine=engine, cache=False, max_tokens=64)
-    for name, conversations in CONVERSATIONS.items():
-        chat = example_chat(name)
-        for turns in conversations:
-            # An answer a program cannot parse still made its request.
-            with dspy.context(lm=lm, adapter=adapter_for(lm)), contextlib.suppress(Exception):
-                chat(messages=_messages(turns))
-    assert len(engine.requests) >= 20
-    return engine.requests
+    """The LM requests the four example programs make for their 24 conversations (multi-turn included), as
+    the embedded engine received them in a real run: captured once (tests/support/embedded_requests.py)."""
+    return embedded_requests.requests()
 
 
 def _scheduler(cache_bytes: int, sequences: int = 2, queue_limit: int = 16) -> Scheduler:
@@ -127,6 +86,7 @@ def _parses_under_its_schema(request: Request, text: str, outcome: Outcome) -> b
     return isinstance(value, dict) and set(schema.get("required", [])) <= set(value)
 
 
+@pytest.mark.embedded
 def test_greedy_answers_are_identical_with_the_prefix_cache_on_and_off(program_requests):
     multi_turn = [r for r in program_requests if len(r.messages) > 1 or "history" in (r.system or "")]
     assert multi_turn, "the captured requests include multi-turn conversations"
@@ -142,12 +102,13 @@ def test_greedy_answers_are_identical_with_the_prefix_cache_on_and_off(program_r
     assert [o.completion_tokens for _, o in with_cache] == [o.completion_tokens for _, o in without]
     # The cache was really used: each program's prefix evaluated once, then restored.
     restored = sum(outcome.prefix_cached for _, outcome in with_cache)
-    assert stats["hits"] == restored >= len(program_requests) - len(CONVERSATIONS) - 2
-    assert stats["entries"] >= len(CONVERSATIONS)
+    assert stats["hits"] == restored >= len(program_requests) - len(embedded_requests.CONVERSATIONS) - 2
+    assert stats["entries"] >= len(embedded_requests.CONVERSATIONS)
     assert all(_parses_under_its_schema(r, text, o) for r, (text, o) in zip(program_requests, with_cache, strict=True))
     assert sum(o.finish_reason == "length" for _, o in with_cache) <= len(program_requests) // 4
 
 
+@pytest.mark.embedded
 def test_concurrent_answers_are_those_given_one_at_a_time(program_requests):
     requests = program_requests[:12]
     scheduler = _scheduler(cache_bytes=64 << 20, sequences=4)
@@ -174,6 +135,7 @@ def _long_request(text: str, max_tokens: int) -> Request:
                    config=Config(max_tokens=max_tokens, temperature=0.0))
 
 
+@pytest.mark.embedded
 def test_cancelling_mid_batch_frees_its_sequence_and_the_others_finish():
     scheduler = _scheduler(cache_bytes=0, sequences=2, queue_limit=4)
     try:
@@ -199,6 +161,7 @@ def test_cancelling_mid_batch_frees_its_sequence_and_the_others_finish():
         scheduler.close()
 
 
+@pytest.mark.embedded
 def test_a_full_queue_refuses_at_once_and_serves_again_after():
     from mlflow_dspy.lm_engine.llama_scheduler import QueueFull
 
@@ -215,6 +178,7 @@ def test_a_full_queue_refuses_at_once_and_serves_again_after():
         scheduler.close()
 
 
+@pytest.mark.embedded
 def test_a_full_queue_reaches_dspy_as_a_rate_limit_to_retry_later(monkeypatch):
     from dspy.utils.exceptions import LMError
 
@@ -266,6 +230,7 @@ def test_eviction_keeps_the_cache_within_its_limit():
     assert (stats.entries, stats.evictions) == (2, 1)
 
 
+@pytest.mark.embedded
 def test_a_small_cache_evicts_and_still_answers_as_without_it(program_requests):
     by_system: dict[str, Request] = {}
     for request in program_requests:
@@ -284,6 +249,7 @@ def test_a_small_cache_evicts_and_still_answers_as_without_it(program_requests):
     assert stats["evictions"] >= 2 and stats["bytes"] <= 5 << 20 and stats["entries"] == 1
 
 
+@pytest.mark.embedded
 def test_a_changed_program_never_gets_the_old_versions_prefix(program_requests):
     original = next(r for r in program_requests if r.system)
     changed = Request(model=original.model, system=original.system.replace("your objective is", "your goal is"),
@@ -305,6 +271,7 @@ def test_a_changed_program_never_gets_the_old_versions_prefix(program_requests):
     assert stats["entries"] == 2
 
 
+@pytest.mark.embedded
 def test_checking_the_sampled_token_first_gives_the_tokens_of_a_full_grammar_pass(program_requests):
     import dataclasses
 
@@ -334,6 +301,7 @@ def test_checking_the_sampled_token_first_gives_the_tokens_of_a_full_grammar_pas
     assert passes_checked < passes_full / 3  # most sampled tokens already fit the grammar
 
 
+@pytest.mark.embedded
 def test_a_failing_batch_step_fails_its_requests_and_the_next_one_is_served(monkeypatch):
     scheduler = _scheduler(cache_bytes=0)
     original = Scheduler._advance
@@ -355,6 +323,7 @@ def test_a_failing_batch_step_fails_its_requests_and_the_next_one_is_served(monk
         scheduler.close()
 
 
+@pytest.mark.embedded
 def test_a_prefix_state_llama_cpp_refuses_is_evaluated_instead(program_requests):
     request = next(r for r in program_requests if r.system)
     off, on = _scheduler(cache_bytes=0), _scheduler(cache_bytes=64 << 20)
@@ -370,6 +339,7 @@ def test_a_prefix_state_llama_cpp_refuses_is_evaluated_instead(program_requests)
     assert text == expected and not outcome.prefix_cached
 
 
+@pytest.mark.embedded
 def test_greedy_answers_are_llama_cpp_pythons_own_for_the_same_prompt_and_grammar(program_requests):
     """The engine's prompt, grammar and sampling are `Llama.create_chat_completion`'s: same tokens out."""
     from llama_cpp import Llama
@@ -394,6 +364,7 @@ def test_greedy_answers_are_llama_cpp_pythons_own_for_the_same_prompt_and_gramma
     assert got == expected
 
 
+@pytest.mark.embedded
 def test_a_waiting_request_that_is_cancelled_gives_up_its_place_in_the_queue():
     from mlflow_dspy.lm_engine.llama_scheduler import QueueFull
 
@@ -414,6 +385,7 @@ def test_a_waiting_request_that_is_cancelled_gives_up_its_place_in_the_queue():
         scheduler.close()
 
 
+@pytest.mark.embedded
 def test_a_long_prompt_is_evaluated_a_batch_at_a_time_while_others_stream():
     scheduler = _scheduler(cache_bytes=0, sequences=2)
     try:
@@ -443,6 +415,7 @@ def test_a_long_prompt_is_evaluated_a_batch_at_a_time_while_others_stream():
     assert arrived_before >= batches - 1, "the running stream kept getting tokens between the long prompt's batches"
 
 
+@pytest.mark.embedded
 def test_a_request_that_ends_on_its_first_token_leaves_the_others_decoding():
     scheduler = _scheduler(cache_bytes=0, sequences=2)
     try:
@@ -457,6 +430,7 @@ def test_a_request_that_ends_on_its_first_token_leaves_the_others_decoding():
         scheduler.close()
 
 
+@pytest.mark.embedded
 def test_stop_strings_cut_at_the_earliest_one_and_long_tokens_keep_their_text():
     from mlflow_dspy.lm_engine.llama_scheduler import _Text
 

@@ -37,6 +37,7 @@ def test_gguf_is_found_inside_the_installed_wheel():
     assert path.stat().st_size > 50_000_000
 
 
+@pytest.mark.embedded
 def test_schema_constrained_output_is_json_of_that_schema(engine):
     import json
 
@@ -51,6 +52,7 @@ def test_schema_constrained_output_is_json_of_that_schema(engine):
     assert response.usage.total_tokens == response.usage.input_tokens + response.usage.output_tokens
 
 
+@pytest.mark.embedded
 def test_stream_yields_tokens_that_join_to_the_complete_answer(engine):
     req = request("Name three colors.", max_tokens=40, temperature=0.0)
     events = list(engine.stream(req))
@@ -62,12 +64,14 @@ def test_stream_yields_tokens_that_join_to_the_complete_answer(engine):
     assert events[-1].usage.output_tokens == len(deltas)
 
 
+@pytest.mark.embedded
 def test_max_tokens_is_honoured_and_reported_as_length(engine):
     response = engine.complete(request("Write a long story about a dragon.", max_tokens=5))
     assert response.usage.output_tokens <= 5
     assert response.finish_reason == "length"
 
 
+@pytest.mark.embedded
 def test_chain_of_thought_answers_through_dspy_with_the_json_adapter():
     lm = build_lm()
     assert lm.supports_response_schema
@@ -79,6 +83,7 @@ def test_chain_of_thought_answers_through_dspy_with_the_json_adapter():
     assert lm.history[-1]["usage"]["prompt_tokens"] > 50
 
 
+@pytest.mark.embedded
 def test_concurrent_calls_are_serialized_and_all_answered(engine):
     results: list[str] = []
     errors: list[BaseException] = []
@@ -98,6 +103,7 @@ def test_concurrent_calls_are_serialized_and_all_answered(engine):
     assert len(results) == 6
 
 
+@pytest.mark.embedded
 async def test_async_engine_streams_and_completes(engine):
     async_engine = AsyncLlamaCppEngine(engine)
     req = request("Name a fruit.", max_tokens=12)
@@ -106,6 +112,7 @@ async def test_async_engine_streams_and_completes(engine):
     assert deltas and "".join(deltas) == response.message.parts[0].text
 
 
+@pytest.mark.embedded
 async def test_cancelling_an_async_call_frees_the_model(engine):
     async_engine = AsyncLlamaCppEngine(engine)
     task = asyncio.create_task(async_engine.complete(request("Write a very long essay.", max_tokens=400)))
@@ -118,6 +125,7 @@ async def test_cancelling_an_async_call_frees_the_model(engine):
     assert response.usage.output_tokens <= 4
 
 
+@pytest.mark.embedded
 def test_lm_pickles_without_handle_lock_or_model_path():
     lm = build_lm()
     with dspy.context(lm=lm, adapter=adapter_for(lm)):
@@ -139,6 +147,7 @@ def test_lm_state_round_trips_through_dspy_save_format():
     assert restored.model == EMBEDDED_MODEL
 
 
+@pytest.mark.embedded
 def test_same_request_same_answer_at_temperature_zero(engine):
     req = request("Write one sentence about the sea.", max_tokens=60, temperature=0.0)
     other = request("What is 2 + 2?", max_tokens=10, temperature=0.0)
@@ -147,6 +156,7 @@ def test_same_request_same_answer_at_temperature_zero(engine):
     assert [engine.complete(req).message.parts[0].text for _ in range(2)] == [first, first]
 
 
+@pytest.mark.embedded
 async def test_queued_generations_do_not_hold_the_event_loops_threads(engine):
     async_engine = AsyncLlamaCppEngine(engine)
     await async_engine.complete(request("Say hi.", max_tokens=2))  # the model and its batch thread are up
@@ -162,6 +172,7 @@ async def test_queued_generations_do_not_hold_the_event_loops_threads(engine):
     await asyncio.gather(*tasks)
 
 
+@pytest.mark.embedded
 def test_a_prompt_longer_than_the_context_is_a_context_window_error():
     from dspy.utils.exceptions import ContextWindowExceededError
 
@@ -170,6 +181,8 @@ def test_a_prompt_longer_than_the_context_is_a_context_window_error():
         lm("word " * 400)
 
 
+@pytest.mark.e2e  # a child Python loads the model and exits
+@pytest.mark.embedded
 def test_the_model_is_freed_at_exit_while_llama_cpp_is_still_whole():
     # Left to the interpreter's teardown, Llama.__del__ ran after llama_cpp's globals were gone and
     # printed "TypeError: 'NoneType' object is not callable" at the end of every `make test`.
