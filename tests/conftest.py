@@ -24,8 +24,8 @@ and a guard makes `unit` true:
 
 - `e2e`: starts real processes (the stub, a gateway, `mlflow models serve`, the CLI, a trace writer, Spark, a
   child Python), or uses a fixture that did. Set for every test of a fixture above, and for every test of a
-  module that imports a process helper (tests.support.processes, tests.support.cli's subprocess runners,
-  `subprocess`) unless the test says `unit` itself.
+  module that imports a process helper (tests.support.processes' starters and child_env, tests.support.cli's
+  subprocess runners, `subprocess`) unless the test says `unit` itself.
 - `embedded`: runs the embedded SmolLM2 model (in this process or a child).
 - `install`: builds a wheel or a virtualenv (also `e2e`).
 - `unit`: everything else: in this process, no embedded model. The guard fails a `unit` test that starts a
@@ -59,7 +59,8 @@ EMBEDDED_FIXTURES = {"embedded_qa"}
 INSTALL_FIXTURES = {"installed"}
 # A module holding one of these starts processes: its tests are e2e unless marked unit.
 PROCESS_HELPERS = (subprocess, processes.stub_lm, processes.gateway, processes.gateway_process,
-                   processes.mlflow_serve, processes.running, cli_support.run_cli, cli_support.run_log_cli)
+                   processes.mlflow_serve, processes.running, processes.child_env, cli_support.run_cli,
+                   cli_support.run_log_cli)
 KINDS = ("e2e", "embedded", "install")
 
 

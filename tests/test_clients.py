@@ -1,6 +1,7 @@
-"""Real OpenAI clients, unchanged, against a real gateway process (`--program qa` on the stub LM):
-the official openai SDK, LangChain's ChatOpenAI, litellm, and DSPy itself as a client. And the
-Kubernetes probes of deploy/k8s against a gateway whose API keys are set."""
+"""Real OpenAI clients, unchanged: the official openai SDK, LangChain's ChatOpenAI and litellm against the
+gateway app in process (`--program qa` on the stub LM, each SDK given an HTTP client that talks to the app,
+as each allows); DSPy itself as a client (it takes a URL, not an HTTP client) against the shared gateway
+process; and the Kubernetes probes of deploy/k8s against a gateway process whose API keys are set."""
 
 from __future__ import annotations
 
@@ -12,11 +13,10 @@ import openai
 import pytest
 import yaml
 
-from tests.support.processes import ROOT, gateway, stub_lm
+from tests.support.inprocess import BASE, gateway_app, sync_client
+from tests.support.processes import ROOT, stub_stats
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "true")  # litellm: no price map from the internet
-
-pytestmark = pytest.mark.slow
 
 MODEL = "dspy-qa"
 QUESTION = "What is 2 + 2?"
@@ -24,30 +24,19 @@ ECHO = f"answer: {QUESTION}"  # the stub LM answers each output field with `<fie
 
 
 @pytest.fixture(scope="module")
-def stub(tmp_path_factory):
-    with stub_lm(tmp_path_factory.mktemp("stub")) as base:
-        yield base
+def http(stub):
+    """An httpx.Client whose requests the gateway app answers in this process."""
+    with sync_client(gateway_app(stub)) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")
-def stub_env(stub):
-    return {"DSPY_LM_API_BASE": stub, "OPENAI_API_KEY": "sk-stub-test-key-91ac"}
-
-
-@pytest.fixture(scope="module")
-def base(stub_env, tmp_path_factory):
-    with gateway(["--program", "qa", "--lm", "openai/stub-echo", "--no-traces"], tmp_path_factory.mktemp("gw"),
-                 **stub_env) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def client(base):
-    return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+def client(http):
+    return openai.OpenAI(base_url=f"{BASE}/v1", api_key="unused", max_retries=0, http_client=http)
 
 
 def lm_calls(stub: str) -> int:
-    return httpx.get(stub.removesuffix("/v1") + "/_stats").json()["total"]
+    return stub_stats(stub)["total"]
 
 
 # -- the official openai SDK ---------------------------------------------------------------
@@ -128,11 +117,11 @@ def test_openai_structured_output_with_the_programs_outputs(client):
 
 
 # -- LangChain ---------------------------------------------------------------------------------
-def test_langchain_chat_openai_invoke_stream_batch(base):
+def test_langchain_chat_openai_invoke_stream_batch(http):
     from langchain_core.messages import HumanMessage
     from langchain_openai import ChatOpenAI
 
-    chat = ChatOpenAI(model=MODEL, base_url=f"{base}/v1", api_key="unused", max_retries=0)
+    chat = ChatOpenAI(model=MODEL, base_url=f"{BASE}/v1", api_key="unused", max_retries=0, http_client=http)
     reply = chat.invoke(QUESTION)
     assert reply.content == ECHO
     assert reply.response_metadata["finish_reason"] == "stop"
@@ -141,34 +130,37 @@ def test_langchain_chat_openai_invoke_stream_batch(base):
     # The conversation continued with LangChain's own AIMessage.
     follow = chat.invoke([HumanMessage(QUESTION), reply, HumanMessage("And 3 + 3?")])
     assert follow.content == "answer: And 3 + 3?"
-    usage_stream = ChatOpenAI(model=MODEL, base_url=f"{base}/v1", api_key="unused", stream_usage=True)
+    usage_stream = ChatOpenAI(model=MODEL, base_url=f"{BASE}/v1", api_key="unused", stream_usage=True,
+                              http_client=http)
     assert any(c.usage_metadata for c in usage_stream.stream(QUESTION))
 
 
-def test_langchain_stream_text_is_the_answer(base):
+def test_langchain_stream_text_is_the_answer(http):
     from langchain_openai import ChatOpenAI
 
-    chat = ChatOpenAI(model=MODEL, base_url=f"{base}/v1", api_key="unused", max_retries=0)
+    chat = ChatOpenAI(model=MODEL, base_url=f"{BASE}/v1", api_key="unused", max_retries=0, http_client=http)
     assert "".join(chunk.content for chunk in chat.stream(QUESTION)) == ECHO
 
 
 # -- litellm -----------------------------------------------------------------------------------
-def test_litellm_completion(base):
+def test_litellm_completion(client):
     import litellm
 
-    response = litellm.completion(model=f"openai/{MODEL}", api_base=f"{base}/v1", api_key="unused",
+    # litellm's openai route, on an OpenAI client of ours (its `client=`): what it sends and reads is its own.
+    response = litellm.completion(model=f"openai/{MODEL}", api_base=f"{BASE}/v1", api_key="unused", client=client,
                                   messages=[{"role": "user", "content": QUESTION}])
     assert response.choices[0].message.content == ECHO
-    chunks = litellm.completion(model=f"openai/{MODEL}", api_base=f"{base}/v1", api_key="unused", stream=True,
-                                messages=[{"role": "user", "content": QUESTION}])
+    chunks = litellm.completion(model=f"openai/{MODEL}", api_base=f"{BASE}/v1", api_key="unused", stream=True,
+                                client=client, messages=[{"role": "user", "content": QUESTION}])
     assert "".join(c.choices[0].delta.content or "" for c in chunks)== ECHO
 
 
-# -- DSPy as a client --------------------------------------------------------------------------
+# -- DSPy as a client (over TCP: dspy.LM takes a URL) ------------------------------------------
 @pytest.mark.parametrize("adapter", [None, dspy.JSONAdapter()], ids=["default-adapter", "json-adapter"])
 @pytest.mark.parametrize("module", [dspy.Predict, dspy.ChainOfThought], ids=["predict", "cot"])
-def test_dspy_program_with_the_gateway_as_its_lm(base, stub, module, adapter):
-    lm = dspy.LM(f"openai/{MODEL}", api_base=f"{base}/v1", api_key="unused", cache=False, num_retries=0)
+def test_dspy_program_with_the_gateway_as_its_lm(shared_gateway, stub, module, adapter):
+    lm = dspy.LM(f"openai/{MODEL}", api_base=f"{shared_gateway.url}/v1", api_key="unused", cache=False,
+                 num_retries=0)
     before = lm_calls(stub)
     with dspy.context(lm=lm, adapter=adapter):
         prediction = module("question -> answer")(question=QUESTION)
@@ -180,8 +172,8 @@ def test_dspy_program_with_the_gateway_as_its_lm(base, stub, module, adapter):
     assert lm_calls(stub) - before == 1
 
 
-def test_dspy_lm_called_directly_gets_the_chat_answer(base):
-    lm = dspy.LM(f"openai/{MODEL}", api_base=f"{base}/v1", api_key="unused", cache=False)
+def test_dspy_lm_called_directly_gets_the_chat_answer(shared_gateway):
+    lm = dspy.LM(f"openai/{MODEL}", api_base=f"{shared_gateway.url}/v1", api_key="unused", cache=False)
     [output] = lm(messages=[{"role": "user", "content": QUESTION}])
     assert output["text"] == ECHO and output["reasoning_content"] == f"reasoning: {QUESTION}"
 
@@ -199,15 +191,14 @@ def probe_paths() -> set[str]:
     return paths
 
 
-def test_the_manifests_probes_answer_without_a_key_when_keys_are_set(stub_env, tmp_path):
+def test_the_manifests_probes_answer_without_a_key_when_keys_are_set(keyed_gateway):
     paths = probe_paths()
     assert {"/health", "/ready"} <= paths
-    env = {**stub_env, "GATEWAY_API_KEYS": "key-alpha,key-beta"}
-    with gateway(["--program", "qa", "--lm", "openai/stub-echo", "--no-traces"], tmp_path, **env) as url:
-        for path in sorted(paths):
-            assert httpx.get(url + path, timeout=30).status_code == 200, path  # as the kubelet asks: no key
-        assert httpx.get(f"{url}/v1/models", timeout=30).status_code == 401
-        keyed = openai.OpenAI(base_url=f"{url}/v1", api_key="key-beta", max_retries=0)
-        assert keyed.models.retrieve(MODEL).id == MODEL
-        lower = httpx.get(f"{url}/v1/models", headers={"Authorization": "bearer key-alpha"}, timeout=30)
-        assert lower.status_code == 200
+    url = keyed_gateway.url  # GATEWAY_API_KEYS=key-alpha,key-beta
+    for path in sorted(paths):
+        assert httpx.get(url + path, timeout=30).status_code == 200, path  # as the kubelet asks: no key
+    assert httpx.get(f"{url}/v1/models", timeout=30).status_code == 401
+    keyed = openai.OpenAI(base_url=f"{url}/v1", api_key="key-beta", max_retries=0)
+    assert keyed.models.retrieve(MODEL).id == MODEL
+    lower = httpx.get(f"{url}/v1/models", headers={"Authorization": "bearer key-alpha"}, timeout=30)
+    assert lower.status_code == 200

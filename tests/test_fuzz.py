@@ -1,7 +1,11 @@
-"""Property-based fuzzing of the gateway's OpenAPI schema (schemathesis), bounded in count and time.
+"""Property-based fuzzing of the gateway's OpenAPI schema (schemathesis), bounded in count.
 
 Every generated request, valid or not, must get a documented status that is
 not a 5xx, and every error must be an OpenAI error object without a trace.
+The gateway app runs in process (schemathesis `from_asgi`), its LM the stub LM
+through the gateway's own HTTP engine: the subject is what it answers, not the
+process (HTTP/1.1 and the header limits are tested against a real uvicorn in
+test_internals_uvicorn_protocol.py and test_malformed_corpus.py).
 """
 
 from __future__ import annotations
@@ -15,20 +19,17 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error, status_code_conformance
 
-from tests.support.processes import gateway, stub_lm
+from tests.support.inprocess import gateway_app
 
 # A source path (/…/x.py) is a leak; a client's own text echoed back (model '.py') is not.
 LEAKS = re.compile(r"Traceback|File \"|/[\w.-]+\.py\b|site-packages")
-EXAMPLES = 40  # per operation: bounded in count (and, through the stub, in time)
+EXAMPLES = 40  # per operation: bounded in count
 
 
 @pytest.fixture(scope="module")
-def api_schema(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("fuzz")
-    with stub_lm(tmp) as stub, gateway(["--program", "qa", "--lm", "openai/stub"], tmp, "--no-traces",
-                                       "--request-timeout", "20", DSPY_LM_API_BASE=stub,
-                                       OPENAI_API_KEY="sk-test") as base:
-        yield schemathesis.openapi.from_url(f"{base}/openapi.json")
+def api_schema(stub):
+    app = gateway_app(stub, program="qa", request_timeout=20)
+    return schemathesis.openapi.from_asgi("/openapi.json", app)
 
 
 def errors_are_openai_objects_without_traces(response) -> None:
@@ -39,7 +40,7 @@ def errors_are_openai_objects_without_traces(response) -> None:
 
 
 def test_fuzzed_requests_get_documented_non_5xx_answers(api_schema):
-    # Driven through hypothesis directly: the schema exists only once the gateway runs.
+    # Driven through hypothesis directly, one operation and generation mode at a time.
     operations = [result.ok() for result in api_schema.get_all_operations()]
     assert len(operations) >= 6
     for operation, mode in itertools.product(operations, (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)):
@@ -49,7 +50,7 @@ def test_fuzzed_requests_get_documented_non_5xx_answers(api_schema):
         @settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
         @given(case=operation.as_strategy(generation_mode=mode))
         def call(case) -> None:
-            response = case.call(timeout=30)
+            response = case.call()
             case.validate_response(response, checks=[not_a_server_error, status_code_conformance])
             errors_are_openai_objects_without_traces(response)
 

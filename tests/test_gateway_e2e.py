@@ -1,12 +1,12 @@
 """The gateway as users run it: `mlflow_dspy.py gateway` (a real uvicorn
 subprocess), called with the official openai SDK and with DSPy, serving the
-real embedded model and, for deterministic checks, a stub LM server."""
+real embedded model and, for deterministic checks, the stub LM (the shared gateway
+processes, and the app in process where the subject is what it answers)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,10 +16,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import run_log_cli, store_env
-from tests.support.processes import child_env, free_port, gateway, mlflow_serve, running, stub_lm
-
-pytestmark = pytest.mark.slow
+from tests.support.cli import store_env
+from tests.support.processes import gateway, mlflow_serve
 
 QUESTION = "Write one sentence about the sea."
 
@@ -106,128 +104,82 @@ def test_tutorial_predict_stream_sends_field_chunks_then_the_prediction(embedded
 
 # -- deterministic checks against the stub LM --------------------------------------
 @pytest.fixture(scope="module")
-def stub(tmp_path_factory):
-    with stub_lm(tmp_path_factory.mktemp("stub"), latency=0.2) as base:
-        yield base
+def registry_gateway(registry, stub_env, tmp_path_factory) -> str:
+    """A gateway process serving the shared registry's version 1 by number and by alias (traces off: the
+    registry is read-only). A process: loading a logged model configures DSPy from the loading thread, which
+    a test process can do once at most."""
+    with gateway(["-m", "models:/dspy-qa/1", "-m", "models:/dspy-qa@champion", "--no-traces"],
+                 tmp_path_factory.mktemp("registry_gateway"), **registry.env(**stub_env)) as url:
+        yield url
 
 
-@pytest.fixture(scope="module")
-def stub_env(stub):
-    return {"DSPY_LM_API_BASE": stub, "OPENAI_API_KEY": "sk-stub-test-key-91ac"}
-
-
-def test_invocations_equal_mlflow_models_serve_for_the_same_model(stub, stub_env, tmp_path):
-    env = store_env(tmp_path, DSPY_LM="openai/stub-echo", **stub_env)
-    logged = run_log_cli("--program", "qa", env=env)
+def test_invocations_equal_mlflow_models_serve_for_the_same_model(registry, registry_gateway, stub_env, tmp_path):
     body = {"messages": [{"role": "user", "content": "first?"}, {"role": "assistant", "content": "x"},
                          {"role": "user", "content": "What is the capital of Peru?"}]}
-    serve_env = store_env(tmp_path, **stub_env)
-    with mlflow_serve(logged["model_uri"], tmp_path, **serve_env) as mlflow_base:
+    with mlflow_serve("models:/dspy-qa/1", tmp_path, **registry.env(**stub_env)) as mlflow_base:
         reference = httpx.post(f"{mlflow_base}/invocations", json=body, timeout=60)
-    with gateway(["-m", logged["model_uri"]], tmp_path, **serve_env) as base:
-        ours = httpx.post(f"{base}/invocations", json=body, timeout=60)
-        chat = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60).json()
+    ours = httpx.post(f"{registry_gateway}/invocations", json=body, timeout=60)  # the first model it serves
+    chat = httpx.post(f"{registry_gateway}/v1/chat/completions", json={**body, "model": "dspy-qa/1"}, timeout=60)
     assert reference.status_code == ours.status_code == 200
     assert ours.json() == reference.json()
     # Multi-turn: the last user turn is the one answered.
-    assert chat["choices"][0]["message"]["content"] == "answer: What is the capital of Peru?"
+    assert chat.json()["choices"][0]["message"]["content"] == "answer: What is the capital of Peru?"
 
 
-def test_concurrent_requests_all_succeed_and_the_cap_answers_429(stub_env, tmp_path):
-    target = ["--program", "qa", "--lm", "openai/stub-echo"]
+def test_thirty_two_concurrent_requests_over_tcp_all_succeed(shared_gateway):
+    # The cap's 429s (and Retry-After, and serving on after) are pinned in process:
+    # test_gateway_app.py::test_requests_over_the_in_flight_cap_get_429_with_retry_after.
     body = {"messages": [{"role": "user", "content": "Q?"}]}
-
-    def fire(base: str, count: int) -> list[httpx.Response]:
-        with httpx.Client(timeout=60) as http, ThreadPoolExecutor(count) as pool:
-            return list(pool.map(lambda _: http.post(f"{base}/v1/chat/completions", json=body), range(count)))
-
-    with gateway(target, tmp_path, **stub_env) as base:
-        responses = fire(base, 32)
-        assert [r.status_code for r in responses] == [200] * 32
-        assert {r.json()["choices"][0]["message"]["content"] for r in responses} == {"answer: Q?"}
-
-    with gateway(target, tmp_path, "--max-in-flight", "4", **stub_env) as base:
-        statuses = [r.status_code for r in fire(base, 16)]
-        assert set(statuses) == {200, 429} and statuses.count(200) >= 4
-        assert httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60).status_code == 200
+    with httpx.Client(timeout=60) as http, ThreadPoolExecutor(32) as pool:
+        responses = list(pool.map(lambda _: http.post(f"{shared_gateway.url}/v1/chat/completions", json=body),
+                                  range(32)))
+    assert [r.status_code for r in responses] == [200] * 32
+    assert {r.json()["choices"][0]["message"]["content"] for r in responses} == {"answer: Q?"}
 
 
-def test_lm_failure_is_502_timeout_is_504_and_the_server_keeps_serving(stub_env, tmp_path):
-    target = ["--program", "qa", "--lm", "openai/stub-echo", "--request-timeout", "10"]  # > the 7 s of retries
-    with gateway(target, tmp_path, **stub_env) as base:
-        def ask(text: str) -> httpx.Response:
-            return httpx.post(f"{base}/v1/chat/completions", json={"messages": [{"role": "user", "content": text}]},
-                              timeout=120)
-
-        failed = ask("[fail500] please")
-        assert failed.status_code == 502 and failed.json()["error"]["type"] == "upstream_error"
-        slow = ask("[sleep] please")
-        assert slow.status_code == 504 and slow.json()["error"]["code"] == "lm_timeout"
-        for response in (failed, slow):
-            assert "Traceback" not in response.text and "sk-stub" not in response.text
-        assert ask("fine?").status_code == 200
-
-
-def test_auth_with_gateway_api_keys(stub_env, tmp_path):
-    env = {**stub_env, "GATEWAY_API_KEYS": "key-alpha,key-beta"}
-    with gateway(["--program", "qa", "--lm", "openai/stub-echo"], tmp_path, **env) as base:
-        good = openai.OpenAI(base_url=f"{base}/v1", api_key="key-beta")
-        assert good.chat.completions.create(model="dspy-qa", messages=[{"role": "user", "content": "hi"}]).choices
-        with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=f"{base}/v1", api_key="key-gamma").models.list()
-        assert httpx.get(f"{base}/v1/models").status_code == 401
-        assert httpx.get(f"{base}/health").status_code == 200
-        log_file = next(tmp_path.glob("gateway-*.log"))
-        for _ in range(50):  # the line is written just after the response is sent
-            log = log_file.read_text()
-            lines = [json.loads(line) for line in log.splitlines() if line.startswith('{"request_id"')]
-            if any(line["route"] == "/health" for line in lines):
-                break
-            time.sleep(0.1)
+def test_auth_with_gateway_api_keys(keyed_gateway):
+    base = keyed_gateway.url  # GATEWAY_API_KEYS=key-alpha,key-beta
+    good = openai.OpenAI(base_url=f"{base}/v1", api_key="key-beta")
+    assert good.chat.completions.create(model="dspy-qa", messages=[{"role": "user", "content": "hi"}]).choices
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{base}/v1", api_key="key-gamma").models.list()
+    assert httpx.get(f"{base}/v1/models").status_code == 401
+    assert httpx.get(f"{base}/health").status_code == 200
+    lines = keyed_gateway.log_lines(until="/health")  # the line is written just after the response is sent
     assert {"/v1/chat/completions", "/v1/models", "/health"} <= {line["route"] for line in lines}
     assert any(line["prompt_tokens"] > 0 for line in lines)
+    log = keyed_gateway.log_text()
     assert "key-alpha" not in log and "key-beta" not in log and "sk-stub" not in log
 
 
-def test_several_workers_serve_from_the_first_ready(stub_env, tmp_path):
+def test_several_workers_serve_from_the_first_ready(workers_gateway):
     # Each worker loads its own model. A worker must not accept connections before its model is
     # loaded: once /ready says 200, every request answers, whichever worker the kernel hands it to.
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    args = [sys.executable, "mlflow_dspy.py", "gateway", "--program", "qa", "--lm", "openai/stub-echo",
-            "--port", str(port), "--workers", "2"]
-    with running(args, f"{base}/ready", child_env(**stub_env), tmp_path / "workers.log") as proc:
-        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-        assert len(children) >= 2
-        body = {"messages": [{"role": "user", "content": "hi"}]}
+    base = workers_gateway.url
+    children = subprocess.run(["pgrep", "-P", str(workers_gateway.pid)], capture_output=True, text=True)
+    assert len(children.stdout.split()) >= 2
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    before = _metric(base, "mlflow_dspy_requests_total", route="/v1/chat/completions")
 
-        def one(_: int) -> int:  # a fresh connection each, so the kernel spreads them over the workers
-            return httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60).status_code
+    def one(_: int) -> int:  # a fresh connection each, so the kernel spreads them over the workers
+        return httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60).status_code
 
-        with ThreadPoolExecutor(4) as pool:
-            statuses = list(pool.map(one, range(40)))
-        assert statuses == [200] * 40
-        # /metrics, whichever worker answers it, counts the requests every worker answered.
-        for _ in range(4):
-            assert _metric(base, "mlflow_dspy_requests_total", route="/v1/chat/completions") == 40
+    with ThreadPoolExecutor(4) as pool:
+        statuses = list(pool.map(one, range(40)))
+    assert statuses == [200] * 40
+    # /metrics, whichever worker answers it, counts the requests every worker answered.
+    for _ in range(4):
+        assert _metric(base, "mlflow_dspy_requests_total", route="/v1/chat/completions") == before + 40
 
 
-@pytest.mark.parametrize("reference", ["models:/dspy-qa/1", "models:/dspy-qa@champion"])
-def test_registered_versions_and_aliases_are_served(embedded_qa, embedded_store, tmp_path, reference):
-    from mlflow import MlflowClient
-
-    MlflowClient(f"sqlite:///{embedded_store / 'mlflow.db'}").set_registered_model_alias(
-        "dspy-qa", "champion", embedded_qa["version"]
-    )
-    # Named as the registry names them: NAME/VERSION; NAME@ALIAS, and plain NAME for the champion.
-    names = {"models:/dspy-qa/1": ["dspy-qa/1"], "models:/dspy-qa@champion": ["dspy-qa@champion", "dspy-qa"]}
-    with gateway(["-m", reference], tmp_path, **store_env(embedded_store)) as base:
-        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
-        assert [m.id for m in client.models.list()] == names[reference]
-        reply = client.chat.completions.create(model=names[reference][-1],
-                                               messages=[{"role": "user", "content": "Hi?"}])
-        assert reply.choices[0].message.content.strip()
-        assert reply.system_fingerprint == f"dspy-qa/{embedded_qa['version']}"
+def test_registered_versions_and_aliases_are_served(registry_gateway):
+    # Named as the registry names them: NAME/VERSION; NAME@ALIAS, and plain NAME for the champion (version 1).
+    client = openai.OpenAI(base_url=f"{registry_gateway}/v1", api_key="unused")
+    assert [m.id for m in client.models.list()] == ["dspy-qa/1", "dspy-qa@champion", "dspy-qa"]
+    for name in ("dspy-qa/1", "dspy-qa@champion", "dspy-qa"):
+        reply = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Hi?"}])
+        assert reply.choices[0].message.content == "answer: Hi?"
+        assert reply.system_fingerprint == "dspy-qa/1"
 
 
 def test_embedded_requests_leave_traces_with_token_usage(client, embedded_store):
@@ -287,6 +239,7 @@ def test_concurrent_streams_arrive_token_by_token_while_decoding_together(client
     assert _metric(embedded_gateway, "mlflow_dspy_embedded_prefix_cache_total", outcome="hit") >= hits_before + 3
 
 
+@pytest.mark.embedded
 def test_a_full_embedded_queue_answers_429_with_retry_after_and_serves_on(tmp_path):
     with gateway(["--program", "qa"], tmp_path, "--no-traces", "--embedded-parallel", "1",
                  "--embedded-queue", "0") as base:

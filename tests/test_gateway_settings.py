@@ -15,7 +15,6 @@ from mlflow_dspy import cli
 from mlflow_dspy.gateway.config import API_KEYS_ENV, BY_NAME, DEFAULTS, SETTINGS, GatewayConfig, Setting, env_name
 from mlflow_dspy.internals.header_limits import HeaderLimits
 from mlflow_dspy.lm_engine.embedded_settings import EmbeddedSettings
-from tests.support.processes import gateway
 
 WITH_FLAGS = [s for s in SETTINGS if s.flags]
 
@@ -187,19 +186,17 @@ def test_a_setting_out_of_its_rules_is_one_line_and_exit_2(argv, env, expected, 
     assert err.startswith("mlflow-dspy gateway: ") and expected in err and err.count("\n") == 1
 
 
-def test_a_gateway_configured_by_its_environment_alone(tmp_path):
+def test_a_gateway_configured_by_its_environment_alone(workers_gateway):
     """Kubernetes-style: `mlflow-dspy gateway` with no flag but the port; two worker processes, each
-    rebuilding its configuration (and the HTTP protocol's header limits) from the variables."""
-    env = {"MLFLOW_DSPY_PROGRAM": "qa", "MLFLOW_DSPY_LM": "openai/never-called", "MLFLOW_DSPY_TRACES": "0",
-           "MLFLOW_DSPY_WORKERS": "2", "MLFLOW_DSPY_MAX_MESSAGES": "1",
-           "MLFLOW_DSPY_MAX_HEADER_LINE_BYTES": "2000"}
+    rebuilding its configuration (and the HTTP protocol's header limits) from the variables (conftest's
+    WORKERS_ENV: MLFLOW_DSPY_WORKERS=2, MLFLOW_DSPY_MAX_MESSAGES=1, MLFLOW_DSPY_MAX_HEADER_LINE_BYTES=2000)."""
+    base = workers_gateway.url
     two = {"model": "dspy-qa", "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}
-    with gateway([], tmp_path, **env) as base:
-        # Each request on a connection of its own, so that both workers (one socket) may take some; a refused
-        # header closes its connection anyway.
-        statuses = {httpx.post(f"{base}/v1/chat/completions", json=two, timeout=30).status_code for _ in range(6)}
-        long_header = {httpx.get(f"{base}/health", headers={"X-Long": "a" * 3000}).status_code for _ in range(4)}
-        models = httpx.get(f"{base}/v1/models").json()
+    # Each request on a connection of its own, so that both workers (one socket) may take some; a refused
+    # header closes its connection anyway.
+    statuses = {httpx.post(f"{base}/v1/chat/completions", json=two, timeout=30).status_code for _ in range(6)}
+    long_header = {httpx.get(f"{base}/health", headers={"X-Long": "a" * 3000}).status_code for _ in range(4)}
+    models = httpx.get(f"{base}/v1/models").json()
     assert statuses == {400}  # over MLFLOW_DSPY_MAX_MESSAGES=1
     assert long_header == {431}  # over MLFLOW_DSPY_MAX_HEADER_LINE_BYTES=2000 (the default is 8 KiB)
     assert [m["id"] for m in models["data"]] == ["dspy-qa"]

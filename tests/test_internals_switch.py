@@ -12,7 +12,8 @@ import pytest
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from mlflow_dspy.internals import SPEEDUPS_ENV, dspy_chat_adapter, dspy_executor, speedups_enabled, uvicorn_protocol
-from tests.support.processes import gateway, stub_lm
+from tests.conftest import SHARED_TARGET
+from tests.support.processes import gateway_process
 
 
 @pytest.mark.parametrize("value", ["0", "false", "off", "no", " OFF "])
@@ -58,17 +59,14 @@ def _answers(url: str) -> tuple[dict, str]:
     return whole["choices"][0]["message"], text
 
 
-def test_a_gateway_with_no_speedups_answers_as_one_with_them(tmp_path):
-    with stub_lm(tmp_path) as base:
-        target = ["--program", "qa", "--lm", "openai/stub-echo"]
-        with gateway(target, tmp_path, "--no-traces", DSPY_LM_API_BASE=base) as fast:
-            fast_answers = _answers(fast)
-        with gateway(target, tmp_path, "--no-traces", "--no-speedups", DSPY_LM_API_BASE=base) as plain:
-            plain_answers = _answers(plain)
-            # The limits are no speed-up: still on.
-            too_big = httpx.get(plain + "/health", headers={"X-Big": "a" * 9000})
-    logs = "\n".join(path.read_text() for path in sorted(tmp_path.glob("gateway-*.log")))
-    assert "speed-ups on DSPy's and uvicorn's internals: on" in logs
-    assert f"speed-ups on DSPy's and uvicorn's internals: off ({SPEEDUPS_ENV}=0)" in logs
+def test_a_gateway_with_no_speedups_answers_as_one_with_them(shared_gateway, stub_env, tmp_path):
+    # Real processes: the speed-ups include uvicorn's protocol. The shared gateway has them on.
+    fast_answers = _answers(shared_gateway.url)
+    with gateway_process(SHARED_TARGET, tmp_path, "--no-speedups", **stub_env) as plain:
+        plain_answers = _answers(plain.url)
+        # The limits are no speed-up: still on.
+        too_big = httpx.get(plain.url + "/health", headers={"X-Big": "a" * 9000})
+    assert "speed-ups on DSPy's and uvicorn's internals: on" in shared_gateway.log_text()
+    assert f"speed-ups on DSPy's and uvicorn's internals: off ({SPEEDUPS_ENV}=0)" in plain.log_text()
     assert fast_answers == plain_answers and plain_answers[1] == plain_answers[0]["content"]
     assert too_big.status_code == 431

@@ -1,20 +1,22 @@
 """LM faults through the gateway: the right status, an OpenAI error object, bounded retries
-with backoff, cancellation when the client leaves, error events in streams, recovery."""
+with backoff, cancellation when the client leaves, error events in streams, recovery. Through the shared
+gateway process (`--request-timeout 10`) on the shared stub LM, whose faults come from markers in the
+question; the LM starting late, with the gateway app in process."""
 
 from __future__ import annotations
 
 import itertools
 import json
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
-from tests.support.processes import child_env, free_port, gateway, running, stub_lm
+from tests.conftest import STUB_KEY
+from tests.support.inprocess import asgi_client, gateway_app
+from tests.support.processes import free_port, stub_lm, stub_mode, stub_requests, stub_stats
 
-TIMEOUT = "10"  # the gateway's --request-timeout for these tests, seconds
 RETRIES = 3  # lm_engine.select.RETRIES
 
 
@@ -37,25 +39,19 @@ def stream_events(base: str, question: str) -> list:
 
 def attempts(stub: str, marker: str) -> list[float]:
     """When the stub was asked the question carrying `marker`, oldest first."""
-    seen = httpx.get(stub.replace("/v1", "/_requests")).json()
-    return [r["t"] for r in seen if marker in json.dumps(r["body"])]
+    return [r["t"] for r in stub_requests(stub) if marker in json.dumps(r["body"])]
 
 
 @pytest.fixture(scope="module")
-def rig(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("faults")
-    with stub_lm(tmp) as stub:
-        env = {"DSPY_LM_API_BASE": stub, "OPENAI_API_KEY": "sk-test"}
-        with gateway(["--program", "qa", "--lm", "openai/stub"], tmp, "--no-traces", "--request-timeout", TIMEOUT,
-                     **env) as base:
-            yield stub, base
+def rig(stub, shared_gateway):
+    return stub, shared_gateway.url
 
 
 def assert_error(response: httpx.Response, status: int, code: str) -> dict:
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["code"] == code and error["message"] and error["type"]
-    assert "Traceback" not in response.text
+    assert "Traceback" not in response.text and STUB_KEY not in response.text  # nor the LM's key
     return error
 
 
@@ -96,16 +92,16 @@ def test_a_rate_limit_with_a_short_retry_after_is_waited_for_then_reported(rig):
 
 def test_a_client_that_leaves_cancels_the_lm_call_in_flight(rig):
     stub, base = rig
-    before = httpx.get(stub.replace("/v1", "/_stats")).json()["abandoned"]
+    before = stub_stats(stub)["abandoned"]
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{base}/v1/chat/completions", timeout=1.5,
                    json={"messages": [{"role": "user", "content": "[sleep] I will not wait"}]})
     for _ in range(50):  # the stub notices within ~0.1 s of the gateway closing the LM connection
-        if httpx.get(stub.replace("/v1", "/_stats")).json()["abandoned"] > before:
+        if stub_stats(stub)["abandoned"] > before:
             break
         httpx.get(f"{base}/health")
         time.sleep(0.2)
-    assert httpx.get(stub.replace("/v1", "/_stats")).json()["abandoned"] == before + 1
+    assert stub_stats(stub)["abandoned"] == before + 1
     assert chat(base, "after the leaver").status_code == 200
 
 
@@ -123,20 +119,16 @@ def test_a_stream_that_fails_midway_ends_with_an_error_event_not_a_silent_cut(ri
 
 def test_when_the_lm_comes_back_the_gateway_serves_again_without_a_restart(rig):
     stub, base = rig
-    httpx.post(stub.replace("/v1", "/_mode"), json={"mode": "fail500"})
-    try:
+    with stub_mode(stub, "fail500"):
         assert_error(chat(base, "while down"), 502, "lm_error")
-    finally:
-        httpx.post(stub.replace("/v1", "/_mode"), json={"mode": "ok"})
     assert chat(base, "back up").json()["choices"][0]["message"]["content"] == "answer: back up"
 
 
-def test_connection_refused_is_a_502_and_the_lm_starting_later_is_picked_up(tmp_path):
+async def test_connection_refused_is_a_502_and_the_lm_starting_later_is_picked_up(tmp_path):
     port = free_port()  # nothing listens here yet
-    lm_base = f"http://127.0.0.1:{port}/v1"
-    with gateway(["--program", "qa", "--lm", "openai/stub"], tmp_path, "--no-traces", "--request-timeout", "30",
-                 DSPY_LM_API_BASE=lm_base, OPENAI_API_KEY="sk-test") as base:
-        assert_error(chat(base, "anyone?"), 502, "lm_error")
-        args = [sys.executable, "-m", "bench.stub_lm", "--port", str(port)]
-        with running(args, f"http://127.0.0.1:{port}/_stats", child_env(), tmp_path / "late_stub.log"):
-            assert chat(base, "now?").status_code == 200
+    async with asgi_client(gateway_app(f"http://127.0.0.1:{port}/v1", request_timeout=30)) as client:
+        down = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "anyone?"}]})
+        assert_error(down, 502, "lm_error")
+        with stub_lm(tmp_path, port=port):
+            now = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "now?"}]})
+            assert now.status_code == 200

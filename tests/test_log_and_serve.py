@@ -1,5 +1,5 @@
-"""End to end with the real embedded model: `log` through the CLI, then
-`mlflow models serve` as a subprocess answering the tutorial's curl."""
+"""End to end with the real embedded model: `log` through the CLI (conftest's embedded_qa), then the version
+promoted and `mlflow models serve` as a subprocess answering the tutorial's curl."""
 
 from __future__ import annotations
 
@@ -7,14 +7,11 @@ import json
 from pathlib import Path
 
 import httpx
-import pytest
 from mlflow import MlflowClient
 
 from mlflow_dspy.packaging.requirements import pinned_requirements
-from tests.conftest import store_env
+from tests.support.cli import cli_in_process, store_env
 from tests.support.processes import ROOT, mlflow_serve
-
-pytestmark = pytest.mark.slow
 
 TUTORIAL_BODY = {"messages": [{"content": "what is 2 + 2?", "role": "user"}]}
 
@@ -71,8 +68,17 @@ def test_artifact_holds_code_pins_and_no_model_path(embedded_qa, embedded_store)
     assert example["messages"][0]["role"] == "user"
 
 
-def test_tutorial_curl_is_answered_by_mlflow_models_serve(embedded_qa, embedded_store, tmp_path):
-    with mlflow_serve(embedded_qa["model_uri"], tmp_path, **store_env(embedded_store)) as base:
+def test_the_champion_answers_the_tutorials_curl_from_mlflow_models_serve(embedded_qa, embedded_store, tmp_path):
+    """`promote` points @champion at the logged version, and `mlflow models serve -m models:/dspy-qa@champion`
+    answers the tutorial's curl in its shape, refuses a bad conversation with a 400 and serves again. (A
+    `runs:/` URI, as `log` prints it, is served by mlflow models serve in test_malformed_corpus.py and
+    test_other_lm_and_secrets.py.)"""
+    env = store_env(embedded_store)
+    promoted = cli_in_process("promote", "--name", "dspy-qa", "--version", embedded_qa["version"], "--force",
+                              "--reason", "serve test", env=env)
+    assert promoted.code == 0, promoted.err[-2000:]
+    assert f"dspy-qa@champion -> version {embedded_qa['version']}" in promoted.out
+    with mlflow_serve("models:/dspy-qa@champion", tmp_path, **env) as base:
         response = httpx.post(f"{base}/invocations", json=TUTORIAL_BODY, timeout=120)
         assert response.status_code == 200, response.text
         [choice] = response.json()["choices"]

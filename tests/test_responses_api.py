@@ -15,7 +15,6 @@ from dspy.utils.dummies import DummyLM
 from mlflow_dspy.gateway.app import GatewayConfig, create_app
 from mlflow_dspy.runtime.host import ProgramHost
 from tests.support.examples import example_chat
-from tests.support.processes import gateway, stub_lm
 
 ANSWERS = {
     "What is 2 + 2?": {"reasoning": "two and two", "answer": "4"},
@@ -274,24 +273,22 @@ async def test_the_openapi_document_describes_the_route(client):
     assert {"400", "404", "502"} <= set(operation["responses"])
 
 
-@pytest.mark.slow
-def test_the_official_sdk_against_a_real_gateway(tmp_path):
-    with stub_lm(tmp_path) as stub, gateway(["--program", "qa", "--lm", "openai/stub-echo"], tmp_path,
-                                            "--no-traces", DSPY_LM_API_BASE=stub, OPENAI_API_KEY="sk-test") as base:
-        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
-        created = client.responses.create(model="dspy-qa", input="Say hello", instructions="Be brief.")
-        assert created.status == "completed" and created.output_text
-        with client.responses.stream(model="dspy-qa", input="Say hello") as stream:
-            events = list(stream)
-            final = stream.get_final_response()
-        deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
-        assert deltas and "".join(deltas) == final.output_text == created.output_text
-        completed = [e for e in events if e.type == "response.completed"]
-        assert len(completed) == 1 and completed[0].response.output_text == final.output_text
-        assert [e.sequence_number for e in events] == list(range(len(events)))
-        with pytest.raises(openai.BadRequestError) as refused:
-            client.responses.create(model="dspy-qa", input="Say hello", previous_response_id=created.id)
-        assert "stateless" in refused.value.message
+def test_the_official_sdk_against_a_real_gateway(shared_gateway):
+    # The shared gateway process, over TCP, on the stub LM.
+    client = openai.OpenAI(base_url=f"{shared_gateway.url}/v1", api_key="unused")
+    created = client.responses.create(model="dspy-qa", input="Say hello", instructions="Be brief.")
+    assert created.status == "completed" and created.output_text
+    with client.responses.stream(model="dspy-qa", input="Say hello") as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert deltas and "".join(deltas) == final.output_text == created.output_text
+    completed = [e for e in events if e.type == "response.completed"]
+    assert len(completed) == 1 and completed[0].response.output_text == final.output_text
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model="dspy-qa", input="Say hello", previous_response_id=created.id)
+    assert "stateless" in refused.value.message
 
 
 async def test_the_responses_route_takes_only_json_bodies_and_counts_against_the_cap():

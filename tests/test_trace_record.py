@@ -91,6 +91,7 @@ async def _recorded(host: ProgramHost, count: int) -> list[TraceRecord]:
     return records
 
 
+@pytest.mark.e2e  # the trace writer is a process of its own
 def test_the_writer_process_writes_every_queued_trace_by_the_stop(host, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
@@ -111,6 +112,7 @@ def test_the_writer_process_writes_every_queued_trace_by_the_stop(host, tmp_path
         == records[9].request_id
 
 
+@pytest.mark.e2e  # the trace writer is a process of its own
 def test_a_full_queue_or_a_failing_store_drops_traces_and_counts_them(host, tmp_path):
     records = asyncio.run(_recorded(host, 6))
     full = TraceExporter(f"sqlite:///{tmp_path / 'a.db'}", "0", queue_size=2, flush_timeout=5)  # never started
