@@ -9,6 +9,7 @@ the road every request takes, layer by layer.
                         └─ Gateway.program_for                     (the model's lookup, the trace)
                              └─ chat/, responses/, predict/, invocations/: a parsed request and the program in,
                                 a response out, from the one run of runtime/run.py
+                        (or, at /mcp, mcp.McpTools.serve: MCP's tool calls, each run as /predict runs it)
     then Gateway.finished: the slot back, the trace to its writer, the metrics, one log line.
 
 The routes are FastAPI's, typed (their bodies documented in /openapi.json from the
@@ -45,6 +46,7 @@ from mlflow_dspy.gateway.context import RequestContext
 from mlflow_dspy.gateway.errors import GatewayError, install_handlers, invalid_body, invalid_request, response_for
 from mlflow_dspy.gateway.feedback import FeedbackRequest, FeedbackService
 from mlflow_dspy.gateway.invocations.service import InvocationsService
+from mlflow_dspy.gateway.mcp import MCP_PATH, McpTools
 from mlflow_dspy.gateway.metrics import GatewayMetrics, worker_exited
 from mlflow_dspy.gateway.openai_wire import ModelCard, ModelList
 from mlflow_dspy.gateway.predict.service import PredictService
@@ -62,7 +64,7 @@ from mlflow_dspy.runtime.host import ProgramHost
 log = logging.getLogger("mlflow_dspy.gateway")
 access_log = logging.getLogger("mlflow_dspy.gateway.access")
 # Routes the metrics name; any other path is counted as "other" (a scanner must not grow the label set).
-KNOWN_ROUTES = (*admission.BODY_ROUTES, "/v1/models")
+KNOWN_ROUTES = (*admission.BODY_ROUTES, "/v1/models", MCP_PATH)
 
 Endpoint = Callable[..., Awaitable[Response]]
 
@@ -97,6 +99,7 @@ class Gateway:
         self.predict = PredictService(conversation_limits)
         self.invocations = InvocationsService(conversation_limits)
         self.feedback = FeedbackService()
+        self.mcp = McpTools(self)  # the programs as MCP tools, at /mcp (and over stdio: `mlflow-dspy mcp`)
         self.app = FastAPI(title="mlflow-dspy gateway", version="1", lifespan=self.lifespan,
                            responses=openapi.ERROR_RESPONSES)
         install_handlers(self.app)
@@ -165,7 +168,9 @@ class Gateway:
         watcher = asyncio.ensure_future(watch())
         try:
             route = self.direct.get((ctx.method, ctx.path))
-            if route is None:
+            if ctx.path == MCP_PATH:
+                await self.mcp.serve(ctx, scope, _replay(body, gone), send_tracked)
+            elif route is None:
                 await self.app(scope, _replay(body, gone), send_tracked)
             else:
                 await self._direct(ctx, route, body, scope, _replay(body, gone), send_tracked)
@@ -311,7 +316,8 @@ class Gateway:
         self.feedback.tracing = self.tracing.on
         counting = asyncio.create_task(self._refresh_counts())
         following = asyncio.create_task(self.models.follow_aliases()) if self.models.follows_aliases else None
-        yield
+        async with self.mcp.running():
+            yield
         if following is not None:
             following.cancel()
         counting.cancel()
