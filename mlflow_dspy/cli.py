@@ -64,9 +64,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve_verified(args.model_uri, args.port, args.host, args.env_manager)
 
 
-def cmd_gateway(args: argparse.Namespace) -> int:
+def _gateway_config(args: argparse.Namespace):
+    """The gateway's configuration from the command line, checked before anything loads."""
     from mlflow_dspy.gateway.config import GatewayConfig
-    from mlflow_dspy.gateway.server import run_gateway
 
     # Each setting from its flag, else its environment variable, else its default, checked against its range.
     config = GatewayConfig.resolve(vars(args))
@@ -82,7 +82,21 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         from mlflow_dspy.program.target import open_target
 
         open_target(resolve_target(config.program))  # a bad reference is one line here, not a failed start-up
-    return run_gateway(config)
+    return config
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from mlflow_dspy.gateway.server import run_gateway
+
+    return run_gateway(_gateway_config(args))
+
+
+def cmd_mcp(args: argparse.Namespace) -> int:
+    from mlflow_dspy.gateway.mcp import serve_stdio
+
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is the protocol's alone, even while the program loads
+        config = _gateway_config(args)
+    return serve_stdio(config)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -260,14 +274,14 @@ def _chat_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--answer-field", default=None, help="the output a chat answer shows")
 
 
-def _gateway_arguments(command: argparse.ArgumentParser) -> None:
-    """The gateway's flags, one per setting of its table (gateway/config.py); a flag not given is None, so
-    that its environment variable, else its default, applies."""
+def _gateway_arguments(command: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
+    """The gateway's flags, one per setting of its table (gateway/config.py), or those of the settings named in
+    `only`; a flag not given is None, so that its environment variable, else its default, applies."""
     from mlflow_dspy.gateway.config import SETTINGS  # light: the gateway itself is imported when it runs
 
     kinds = {"int": int, "float": float, "str": str}
     for setting in SETTINGS:
-        if not setting.flags:
+        if not setting.flags or (only is not None and setting.name not in only):
             continue  # the API keys: from the environment only, never on a command line
         options: dict = {"dest": setting.name, "default": None, "help": setting.describe().replace("%", "%%")}
         if setting.kind == "switch":
@@ -405,10 +419,27 @@ def _gateway_command(commands) -> None:
     gateway.set_defaults(func=cmd_gateway)
 
 
+# The gateway's settings that mean something without HTTP (`mcp` serves over stdin and stdout).
+MCP_SETTINGS = ("model_uris", "splits", "program", "lm", "served_name", "reload_interval", "max_in_flight",
+                "max_messages", "max_characters", "request_timeout", "traces", "trace_sample", "trace_flush_timeout",
+                "trace_queue", "embedded_parallel", "embedded_cache_mb", "embedded_queue", "speedups")
+
+
+def _mcp_command(commands) -> None:
+    mcp = commands.add_parser(
+        "mcp", help="serve a logged model (or a program) as MCP tools over stdio, for desktop agent hosts",
+        description="Each served name is an MCP tool: /predict's input fields in, the typed outputs out. stdout "
+                    "carries the protocol alone; logs go to stderr. (The gateway serves the same tools over "
+                    "HTTP at /mcp.)",
+        epilog="Every flag has an environment variable, as for `mlflow-dspy gateway`.")
+    _gateway_arguments(mcp, MCP_SETTINGS)
+    mcp.set_defaults(func=cmd_mcp)
+
+
 # Each command's parser, in the order --help lists them.
 COMMANDS = (
     _log_command, _eval_command, _optimize_command, _init_command, _promote_command, _batch_command, _docker_command,
-    _serve_command, _improve_command, _traces_command, _gateway_command,
+    _serve_command, _improve_command, _traces_command, _gateway_command, _mcp_command,
 )
 
 
@@ -453,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, UserProblem) or _not_found(exc):
             print(f"mlflow-dspy {args.command}: {getattr(exc, 'message', None) or exc}", file=sys.stderr)
             return 2
-        if isinstance(exc, ImportError) and getattr(args, "command", "") in ("log", "eval", "optimize", "gateway"):
+        if isinstance(exc, ImportError) and getattr(args, "command", "") in ("log", "eval", "optimize", "gateway",
+                                                                              "mcp"):
             print(f"mlflow-dspy {args.command}: importing the program failed: {exc}", file=sys.stderr)
             return 2
         raise
