@@ -9,7 +9,8 @@ llama-cpp, `log` wall time and cold starts. And three targets of their own, each
 a ratio or difference taken within this run: three models in one gateway against
 one (bench/multi_model.py), the champion alias moving under load
 (bench/hot_reload.py), and streaming time to first text against the LM's own
-(bench/stream_ttft.py). Writes bench/results/latest.json and latest.png.
+(bench/stream_ttft.py). MCP's `tools/call` against `/predict` for the same program, at
+one client (`--only mcp`, bench/mcp_vs_predict.py). Writes bench/results/latest.json and latest.png.
 
 `--only multi,reload,stream` runs just those three (a few minutes); a run with
 `--only` writes bench/results/partial.json, leaving the full run's figures alone.
@@ -35,6 +36,7 @@ from bench.hot_reload import hot_reload_figures
 from bench.launch import CHAT, QUESTION, gateway_args, log_model, start
 from bench.lm_transport import lm_transport_figures, transport_line
 from bench.loadgen import closed_loop
+from bench.mcp_vs_predict import mcp_line, mcp_vs_predict_figures
 from bench.multi_model import multi_model_figures
 from bench.processes import ROOT, VENV_BIN, child_env, free_port, running
 from bench.road_ab import BASELINE, road_ab_figures, road_ab_line
@@ -45,7 +47,7 @@ from bench.trace_cost import trace_cost_figures
 RESULTS = ROOT / "bench" / "results"
 NOISY_STEAL = 10  # percent of CPU time taken by the hypervisor: above it, a figure is flagged
 SERVER_KEYS = ("a", "b", "c1", "c1i", "c2")
-SECTION_KEYS = ("traces", "transport", "road", "multi", "reload", "stream", "embedded")
+SECTION_KEYS = ("traces", "transport", "road", "multi", "reload", "stream", "mcp", "embedded")
 
 
 def servers(model_uri: str) -> list[dict]:
@@ -167,6 +169,9 @@ def main() -> None:
                 results["stream_first_text"] = stream_ttft_figures(base_env, tmp_path, model_uri, stub,
                                                                    args.token_delay)
                 print(f"streaming time to first text: {results['stream_first_text']}", flush=True)
+            if wanted("mcp"):
+                results["mcp_vs_predict"] = mcp_vs_predict_figures(base_env, tmp_path, args.seconds)
+                print(f"MCP against /predict: {results['mcp_vs_predict']}", flush=True)
             if wanted("embedded") and not args.no_embedded:
                 results["embedded"] = embedded_figures(base_env, tmp_path)
                 print(f"embedded model: {results['embedded']}", flush=True)
@@ -227,6 +232,8 @@ def targets(results: dict) -> list[str]:
                      f"{stream['requests_each']} calls a side, steal {stream['cpu_steal_percent']}%). "
                      f"Target: {stream['target']}: {_verdict(stream)}; "
                      f"{stream['own_target']}: {'met' if stream['own_pass'] else 'MISSED'}")
+    if mcp := results.get("mcp_vs_predict"):
+        lines.append(mcp_line(mcp))
     if embedded := results.get("embedded"):
         lines.append(embedded_target_line(embedded))
     return lines
