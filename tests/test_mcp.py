@@ -294,7 +294,7 @@ async def test_a_call_over_http_is_one_request_traced_and_named_in_the_answers_h
     assert record.spans  # the program's run, recorded
 
 
-async def test_a_browser_origin_not_allowed_and_a_get_are_refused():
+async def test_a_browser_origin_not_allowed_and_a_get_are_refused_and_an_allowed_one_may_ask_first():
     app = gateway(cors_origins=("https://app.example",))
     initialize = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
     accept = {"accept": "application/json, text/event-stream", "mcp-protocol-version": "2025-11-25"}
@@ -303,6 +303,10 @@ async def test_a_browser_origin_not_allowed_and_a_get_are_refused():
         other = await http.post("/mcp", json=initialize, headers={"origin": "https://evil.example"})
         allowed = await http.post("/mcp", json=initialize, headers={"origin": "https://app.example"})
         stream = await http.get("/mcp")
+        asked = await http.options("/mcp", headers={
+            "origin": "https://app.example", "access-control-request-method": "POST",
+            "access-control-request-headers": "authorization,content-type,mcp-protocol-version,mcp-method,mcp-name"})
+    assert asked.status_code == 200 and asked.headers["access-control-allow-origin"] == "https://app.example"
     assert other.status_code == 403 and other.json()["error"]["code"] == "origin_not_allowed"
     assert allowed.status_code == 200 and allowed.json()["result"]["tools"][0]["name"] == "dspy-qa"
     assert (stream.status_code, stream.headers["allow"]) == (405, "POST")  # stateless: no stream to offer

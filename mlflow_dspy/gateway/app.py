@@ -46,7 +46,7 @@ from mlflow_dspy.gateway.context import RequestContext
 from mlflow_dspy.gateway.errors import GatewayError, install_handlers, invalid_body, invalid_request, response_for
 from mlflow_dspy.gateway.feedback import FeedbackRequest, FeedbackService
 from mlflow_dspy.gateway.invocations.service import InvocationsService
-from mlflow_dspy.gateway.mcp import MCP_PATH, McpTools
+from mlflow_dspy.gateway.mcp import MCP_HEADERS, MCP_PATH, McpTools
 from mlflow_dspy.gateway.metrics import GatewayMetrics, worker_exited
 from mlflow_dspy.gateway.openai_wire import ModelCard, ModelList
 from mlflow_dspy.gateway.predict.service import PredictService
@@ -114,7 +114,8 @@ class Gateway:
             # outermost layer, so it sees every request (its errors too); the road below is the same either way.
             self._entry = CORSMiddleware(self.serve, allow_origins=list(config.cors_origins),
                                          allow_methods=["GET", "POST"],
-                                         allow_headers=["Authorization", "Content-Type", "X-Session-Id"],
+                                         allow_headers=["Authorization", "Content-Type", "X-Session-Id",
+                                                        *MCP_HEADERS],
                                          expose_headers=["X-Request-Id", "X-Mlflow-Trace-Id",
                                                          "X-Mlflow-Dspy-Model-Version"])
 

@@ -72,6 +72,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("mlflow_dspy.gateway")
 
 MCP_PATH = "/mcp"
+# The headers MCP clients send besides the usual ones (a browser asks first whether it may, with CORS on).
+MCP_HEADERS = ("Mcp-Protocol-Version", "Mcp-Method", "Mcp-Name")
 # Where a tool call carried by HTTP leaves its status for the request's metrics and log line (the HTTP
 # answer itself is a 200 holding the tool's result, error or not).
 TOOL_STATUS = "mlflow_dspy.mcp.tool_status"
