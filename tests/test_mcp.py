@@ -13,6 +13,7 @@ import json
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import dspy
 import httpx2
@@ -335,47 +336,87 @@ program = Noisy()
 '''
 
 
+HANDSHAKE = [
+    {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "test", "version": "0"}}},
+    {"jsonrpc": "2.0", "method": "notifications/initialized"},
+]
+
+
+class Stdio:
+    """`mlflow-dspy mcp ARGS` as a host starts it, spoken to line by line; its stderr in a file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], cwd: Path) -> None:
+        import subprocess
+
+        self.stderr = cwd / "stderr.log"
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "mlflow_dspy.py"), "mcp", *args], cwd=cwd, env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr.open("wb"),
+                                     text=True)
+
+    def ask(self, *messages: dict) -> dict:
+        """Send `messages`; the reply to the last (a request)."""
+        for message in messages:
+            self.proc.stdin.write(json.dumps(message) + "\n")
+        self.proc.stdin.flush()
+        self.lines.append(self.proc.stdout.readline())
+        return json.loads(self.lines[-1])
+
+    def call(self, request_id: int, tool: str, arguments: dict) -> dict:
+        return self.ask({"jsonrpc": "2.0", "id": request_id, "method": "tools/call",
+                         "params": {"name": tool, "arguments": arguments}})
+
+
 @pytest.mark.timeout(300)
 def test_stdio_writes_nothing_but_the_protocol_on_stdout_and_ends_with_stdin(stub_env, tmp_path):
-    import subprocess
-
     (tmp_path / "noisy.py").write_text(NOISY)
-    messages = [
-        {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-            "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "test", "version": "0"}}},
-        {"jsonrpc": "2.0", "method": "notifications/initialized"},
-        {"jsonrpc": "2.0", "id": 2, "method": "tools/list"},
-    ]
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "mlflow_dspy.py"), "mcp", "--program", "noisy.py:program", "--lm",
-         "openai/stub-echo", "--no-traces"], cwd=tmp_path, env=child_env(**stub_env), stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE, stderr=(tmp_path / "stderr.log").open("wb"), text=True)
+    server = Stdio(["--program", "noisy.py:program", "--lm", "openai/stub-echo", "--no-traces"],
+                   child_env(**stub_env), tmp_path)
     try:
-        for message in messages:
-            proc.stdin.write(json.dumps(message) + "\n")
-        proc.stdin.flush()
-        lines = [proc.stdout.readline(), proc.stdout.readline()]
-        [tool] = json.loads(lines[1])["result"]["tools"]
-        call = {"jsonrpc": "2.0", "id": 3, "method": "tools/call",
-                "params": {"name": tool["name"], "arguments": {"question": "hello"}}}
-        proc.stdin.write(json.dumps(call) + "\n")
-        proc.stdin.flush()
-        lines.append(proc.stdout.readline())
-        proc.stdin.close()  # the host goes away: the server ends
-        lines += proc.stdout.readlines()
-        assert proc.wait(timeout=60) == 0
+        server.ask(*HANDSHAKE)
+        [tool] = server.ask({"jsonrpc": "2.0", "id": 2, "method": "tools/list"})["result"]["tools"]
+        server.call(3, tool["name"], {"question": "hello"})
+        server.proc.stdin.close()  # the host goes away: the server ends
+        server.lines += server.proc.stdout.readlines()
+        assert server.proc.wait(timeout=60) == 0
     finally:
-        proc.kill()
-    replies = [json.loads(line) for line in lines]  # every line is JSON-RPC: nothing else reached stdout
+        server.proc.kill()
+    replies = [json.loads(line) for line in server.lines]  # every line is JSON-RPC: nothing else reached stdout
     assert [reply["id"] for reply in replies] == [1, 2, 3] and all(r["jsonrpc"] == "2.0" for r in replies)
     assert replies[0]["result"]["serverInfo"]["name"] == "mlflow-dspy"
     assert tool["description"] == "Answer a question, printing as it goes."
     assert tool["inputSchema"]["required"] == ["question"]
     assert replies[2]["result"]["structuredContent"] == {"answer": "answer: hello"}
-    stderr = (tmp_path / "stderr.log").read_text()
+    stderr = server.stderr.read_text()
     assert "a print of the program's, at import" in stderr and "a print of the program's, answering" in stderr
     [line] = [json.loads(line) for line in stderr.splitlines() if line.startswith('{"request_id"')]
     assert (line["method"], line["route"], line["status"]) == ("tools/call", "/mcp", 200)
+
+
+@pytest.mark.timeout(300)
+def test_a_sigterm_stops_stdio_once_its_calls_traces_are_written(stub_env, tmp_path):
+    import signal
+
+    import mlflow
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    server = Stdio(["--program", "qa", "--lm", "openai/stub-echo"],
+                   child_env(**stub_env, MLFLOW_TRACKING_URI=store), tmp_path)
+    try:
+        server.ask(*HANDSHAKE)
+        answered = server.call(2, "dspy-qa", {"question": "Is it traced?"})["result"]
+        server.proc.send_signal(signal.SIGTERM)  # at once, stdin still open
+        assert server.proc.wait(timeout=60) == 0
+    finally:
+        server.proc.kill()
+    assert answered["structuredContent"]["answer"] == "answer: Is it traced?"
+    assert "traces: 1 queued, 1 written, 0 dropped" in server.stderr.read_text()
+    mlflow.set_tracking_uri(store)
+    experiment = mlflow.get_experiment_by_name("mlflow-dspy").experiment_id
+    [trace] = mlflow.search_traces(locations=[experiment], return_type="list")
+    assert (trace.info.tags["mlflow_dspy.route"], trace.info.tags["mlflow_dspy.model"]) == ("/mcp", "dspy-qa")
+    assert "Is it traced?" in json.dumps(mlflow.get_trace(trace.info.trace_id).data.spans[0].inputs)
 
 
 @pytest.mark.timeout(300)

@@ -38,7 +38,9 @@ import asyncio
 import inspect
 import json
 import logging
+import os
 import re
+import signal
 import sys
 import time
 import weakref
@@ -279,18 +281,35 @@ async def _serve_stdio(config: GatewayConfig) -> int:
     # the protocol from a private copy of it.
     async with stdio_server() as (read, write):
         gateway = create_app(config)
-        async with gateway.lifespan(gateway.app):
-            return await _serve_tools(gateway, read, write)
+        async with gateway.lifespan(gateway.app):  # its end flushes the queued traces
+            code, signalled = await _serve_tools(gateway, read, write)
+        if signalled:
+            # Stopped by SIGTERM with stdin still open: the SDK's reader of stdin is blocked on a thread that only
+            # a line or its end would free. The stop is done; nothing is left to wait for.
+            logging.shutdown()
+            sys.stderr.flush()
+            os._exit(code)
+    return code
 
 
-async def _serve_tools(gateway: Gateway, read: Any, write: Any) -> int:
-    """The tools of a started gateway over the stdio streams, until stdin closes."""
+async def _serve_tools(gateway: Gateway, read: Any, write: Any) -> tuple[int, bool]:
+    """The tools of a started gateway over the stdio streams, until stdin closes or a SIGTERM: the exit code,
+    and whether the signal ended it."""
     if not gateway.models.router.loaded():
         failure = gateway.models.failure
         print("mlflow-dspy mcp: the model failed to load" + (f": {failure}" if failure else ""), file=sys.stderr,
               flush=True)
-        return 1
+        return 1, False
     log.info("MCP over stdio: tools %s", ", ".join(gateway.mcp.served()))
     server = gateway.mcp.server
-    await server.run(read, write, server.create_initialization_options())
-    return 0
+    serving = asyncio.ensure_future(server.run(read, write, server.create_initialization_options()))
+    # A host stops its server by closing stdin, then, a moment later, with SIGTERM: either ends the serving,
+    # and neither cuts short the stop that follows (the queued traces' flush); SIGKILL still does.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, serving.cancel)
+    try:
+        await serving
+    except asyncio.CancelledError:
+        if asyncio.current_task().cancelling():
+            raise  # this task's own cancellation, not the signal's
+        return 0, True
+    return 0, False
