@@ -217,6 +217,10 @@ class GatewayConfig:
         None, "--embedded-queue", env=embedded.QUEUE_ENV, metavar="N", least=embedded.LEAST[embedded.QUEUE_ENV],
         shown_default=f"{embedded.QUEUE_PER_SEQUENCE} per sequence",
         help="embedded model: requests that may wait for a free sequence; more get 429 with Retry-After")
+    embedded_threads: int | None = setting(
+        None, "--embedded-threads", env=embedded.THREADS_ENV, metavar="N", least=embedded.LEAST[embedded.THREADS_ENV],
+        shown_default=f"one per CPU this process may use; {embedded.default_threads()} here",
+        help="embedded model: llama.cpp's threads for decoding and prompts (fewer leave cores to other work)")
     speedups: bool = setting(
         True, "--no-speedups", env=SPEEDUPS_ENV,
         help="run DSPy's and uvicorn's own code paths instead of the speed-ups built on their internals "
