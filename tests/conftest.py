@@ -5,15 +5,13 @@ Processes one session shares (each started on first use, stopped at the end):
 - `stub`: the stub LM (bench/stub_lm.py), answering at once; faults are chosen per request by a marker in the
   question ([fail500], [sleep], [drip], ...). Everyone shares its counters: read them before and after, and
   select its requests by time or by a question of the test's own (tests.support.processes.stub_requests).
-- `slow_stub`: a second stub that answers every request after 0.2 s, for tests that need requests to overlap
-  (a batch killed midway, ...): the stub has no per-request latency marker, and its latency is fixed at start.
 - `shared_gateway`: `gateway --program qa` on `stub` (traces off, a 10 s request timeout, a 3 s header
   timeout), for tests whose subject is the process: HTTP/1.1 over TCP, header limits, real streams, clients
   that need a URL. `keyed_gateway`: the same with GATEWAY_API_KEYS. `workers_gateway`: two workers
   configured by their environment alone.
 - `registry`: a tracking store where `qa` was logged three times through the CLI on the stub (versions 1-3,
   champion -> 1, challenger -> 2), read-only: a test that changes a registry takes `registry.copy(tmp_path)`.
-  It is checked unchanged at the end of the session.
+  It is checked unchanged at the end of the session. Its models call `stub` (a logged LM keeps its api_base).
 - `embedded_store`, `embedded_qa`: `qa` logged through the CLI with the embedded model.
 - `installed`: a fresh virtualenv with the wheel of this checkout installed.
 
@@ -53,7 +51,7 @@ __all__ = ["run_log_cli", "store_env"]  # still importable from here
 STUB_KEY = "sk-stub-test-key-91ac"
 LOG_KEY = "sk-planted-at-log-time-7f3a9c"  # the registry's log-time key: it must reach no file of the store
 
-PROCESS_FIXTURES = {"stub", "slow_stub", "stub_env", "shared_gateway", "keyed_gateway", "workers_gateway",
+PROCESS_FIXTURES = {"stub", "stub_env", "shared_gateway", "keyed_gateway", "workers_gateway",
                     "registry", "embedded_qa", "installed"}
 EMBEDDED_FIXTURES = {"embedded_qa"}
 INSTALL_FIXTURES = {"installed"}
@@ -140,13 +138,6 @@ def _unit_stays_in_process(request, monkeypatch):
 def stub(tmp_path_factory) -> str:
     """The stub LM's OpenAI base URL (…/v1)."""
     with stub_lm(tmp_path_factory.mktemp("stub")) as base:
-        yield base
-
-
-@pytest.fixture(scope="session")
-def slow_stub(tmp_path_factory) -> str:
-    """A stub LM that answers every request after 0.2 s (…/v1)."""
-    with stub_lm(tmp_path_factory.mktemp("slow_stub"), latency=0.2) as base:
         yield base
 
 

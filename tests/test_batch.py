@@ -1,7 +1,8 @@
 """Batch inference: N rows in, N rows out, in order, on pandas and on Spark;
 failed rows recorded, the rest answered; an interrupted run resumes without
-recomputing anything done. Against a logged model whose LM is the stub server
-(deterministic), and once with the embedded model."""
+recomputing anything done. The `batch` command in a subprocess (Spark, a SIGKILL)
+against the shared registry's qa, whose LM is the stub server (deterministic),
+and once with the embedded model."""
 
 from __future__ import annotations
 
@@ -12,14 +13,11 @@ import subprocess
 import sys
 import time
 
-import httpx
 import pandas as pd
 import pytest
 
-from tests.conftest import run_log_cli, store_env
-from tests.support.processes import ROOT, stub_lm
-
-pytestmark = pytest.mark.slow
+from tests.support.cli import store_env
+from tests.support.processes import ROOT, stub_requests
 
 ROWS = 200
 FAILING = {17, 101, 163}  # rows whose LM call fails: the stub answers HTTP 500
@@ -30,17 +28,9 @@ def question(i: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def stub(tmp_path_factory):
-    with stub_lm(tmp_path_factory.mktemp("stub"), latency=0.02) as base:
-        yield base
-
-
-@pytest.fixture(scope="module")
-def stub_model(stub, tmp_path_factory):
-    store = tmp_path_factory.mktemp("batch_store")
-    env = store_env(store, DSPY_LM="openai/stub-echo", DSPY_LM_API_BASE=stub, OPENAI_API_KEY="sk-batch-test")
-    logged = run_log_cli("--program", "qa", "--no-eval", env=env)
-    return logged["model_uri"], store_env(store, OPENAI_API_KEY="sk-batch-test")
+def stub_model(registry):
+    """The shared registry's qa, version 1 (read only), and the environment to run it in."""
+    return registry.model_uri(1), registry.env(OPENAI_API_KEY="sk-batch-test")
 
 
 def batch(model_uri: str, source, target, env: dict, *options: str) -> subprocess.Popen:
@@ -106,21 +96,20 @@ def test_an_interrupted_run_resumes_without_recomputing(stub, stub_model, questi
     target = tmp_path / "answers.jsonl"
     progress = tmp_path / "answers.jsonl.progress.jsonl"
     first = batch(model_uri, questions, target, env, "--concurrency", "2")
-    for _ in range(600):
+    for _ in range(3000):  # the stub answers at once, but each [fail500] row waits out DSPy's retries
         if progress.exists() and len(progress.read_text().splitlines()) >= 40:
             break
-        time.sleep(0.1)
+        time.sleep(0.02)
     os.killpg(first.pid, signal.SIGKILL)  # no clean shutdown: as a crash or a lost machine
     first.wait()
     done_before = {json.loads(line)["row_id"] for line in progress.read_text().splitlines() if line.endswith("}")}
     succeeded_before = done_before - FAILING
     assert 40 <= len(done_before) < ROWS
-    asked_before = len(httpx.get(stub.replace("/v1", "/_requests")).json())
-
+    resumed = time.time()
     report = finished(batch(model_uri, questions, target, env, "--concurrency", "8"))
     assert report["skipped"] == len(succeeded_before)
     assert report["computed"] == ROWS - len(succeeded_before)
-    asked = [json.dumps(r["body"]) for r in httpx.get(stub.replace("/v1", "/_requests")).json()[asked_before:]]
+    asked = [json.dumps(r["body"]) for r in stub_requests(stub, since=resumed)]
     for row_id in succeeded_before:  # nothing that was done is asked again
         assert not any(f"What is row {row_id}?" in body for body in asked), row_id
     assert_every_row(pd.read_json(target, lines=True).astype(object).where(lambda f: f.notna(), None))

@@ -9,10 +9,10 @@ import sys
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import store_env
+from tests.support.cli import store_env
 from tests.support.processes import ROOT
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.embedded  # scripts/flywheel.py (a subprocess) serves, rates and improves on it
 
 
 def test_the_flywheel_rates_answers_improves_and_the_alias_decides_who_answers(tmp_path):

@@ -10,14 +10,9 @@ import pytest
 
 from mlflow_dspy.packaging.requirements import pinned_requirements
 from tests.support.processes import ROOT
-from tests.support.venv import bin_path, clean_env, dist_info, installed_venv, site_packages
+from tests.support.venv import bin_path, clean_env, dist_info, site_packages
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # the first test pays for ~160 packages
-
-
-@pytest.fixture(scope="session")
-def installed(tmp_path_factory) -> Path:
-    return installed_venv(tmp_path_factory)
+pytestmark = pytest.mark.timeout(1800)  # the first test pays for ~160 packages (conftest's `installed`)
 
 
 @pytest.fixture

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
-import subprocess
-import sys
-import time
+import logging
+import os
 from pathlib import Path
 
 import httpx
@@ -14,8 +15,8 @@ import pytest
 from mlflow import MlflowClient
 
 from mlflow_dspy.packaging.integrity import ALLOW_UNVERIFIED_ENV, DIGEST_TAG, IntegrityError, digest, verify
-from tests.conftest import run_log_cli, store_env
-from tests.support.processes import ROOT, free_port, running, stub_lm
+from tests.support.cli import cli_in_process, environment
+from tests.support.inprocess import asgi_client, gateway_app, until_ready
 
 
 def test_digest_covers_every_byte_and_every_name(tmp_path):
@@ -41,13 +42,11 @@ def test_a_model_without_a_recorded_digest_is_refused_unless_allowed(tmp_path, m
 
 
 @pytest.fixture(scope="module")
-def logged(tmp_path_factory):
-    """qa logged against the stub LM: (environment, log result, store directory)."""
-    store = tmp_path_factory.mktemp("integrity_store")
-    with stub_lm(store) as base:
-        env = store_env(store, DSPY_LM="openai/stub", DSPY_LM_API_BASE=base, OPENAI_API_KEY="sk-test")
-        result = run_log_cli("--program", "qa", "--no-eval", env=env)
-        yield env, result, store
+def logged(registry, tmp_path_factory):
+    """A copy of the shared registry (its qa versions logged through the CLI on the stub): (environment, version 1's
+    log result, store directory). Its files get tampered with."""
+    store = registry.copy(tmp_path_factory.mktemp("integrity") / "store")
+    return store.env(OPENAI_API_KEY="sk-test"), store.logged[0], store.root
 
 
 def test_log_records_the_digest_on_the_run_and_the_version(logged):
@@ -70,36 +69,57 @@ def _flip_one_byte(store: Path) -> list[Path]:
     return pickles
 
 
-def test_serve_gateway_and_batch_refuse_a_model_with_one_byte_changed(logged, tmp_path):
+def test_serve_gateway_and_batch_refuse_a_model_with_one_byte_changed(logged, tmp_path, monkeypatch):
+    """In process: each refuses before anything is unpickled (a serve that got past the check would replace
+    this process with mlflow's server: `os.execvpe` is stopped here)."""
     env, result, store = logged
     uri = result["model_uri"]
     version_uri = f"models:/{result['registered_model']}/{result['version']}"
     assert _flip_one_byte(store), "no pickle found in the artifact store"
 
-    serve = subprocess.run([sys.executable, "mlflow_dspy.py", "serve", "-m", version_uri, "-p", str(free_port())],
-                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert serve.returncode == 3
-    assert "do not match the SHA-256" in serve.stderr and "Traceback" not in serve.stderr
+    def not_verified(*args):
+        raise AssertionError(f"serve got past the check: {args}")
+
+    monkeypatch.setattr(os, "execvpe", not_verified)
+    serve = cli_in_process("serve", "-m", version_uri, "-p", "9", env=env)
+    assert serve.code == 3
+    assert "do not match the SHA-256" in serve.err and "Traceback" not in serve.err
 
     rows = tmp_path / "in.jsonl"
     rows.write_text(json.dumps({"question": "hi"}) + "\n")
-    batch = subprocess.run([sys.executable, "mlflow_dspy.py", "batch", "-m", uri, "--input", str(rows),
-                            "--output", str(tmp_path / "out.jsonl")],
-                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert batch.returncode == 3
-    assert "do not match the SHA-256" in batch.stderr and "Traceback" not in batch.stderr
+    batch = cli_in_process("batch", "-m", uri, "--input", str(rows), "--output", str(tmp_path / "out.jsonl"), env=env)
+    assert batch.code == 3
+    assert "do not match the SHA-256" in batch.err and "Traceback" not in batch.err
     assert not (tmp_path / "out.jsonl").exists()
 
-    port = free_port()
-    args = [sys.executable, "mlflow_dspy.py", "gateway", "-m", uri, "--port", str(port), "--no-traces"]
-    base = f"http://127.0.0.1:{port}"
-    with running(args, f"{base}/health", env, tmp_path / "gateway.log"):
-        deadline = time.monotonic() + 120
-        while (ready := httpx.get(f"{base}/ready")).status_code == 503 and "loading" in ready.text:
-            assert time.monotonic() < deadline, "the gateway never finished loading"
-            time.sleep(0.5)
-        assert ready.status_code == 503
-        assert "do not match the SHA-256" in ready.json()["error"]["message"]
-        answer = httpx.post(f"{base}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
-        assert answer.status_code == 503  # nothing was unpickled, nothing answers
-    assert "refusing to unpickle" in (tmp_path / "gateway.log").read_text()
+    async def gateway() -> tuple[httpx.Response, httpx.Response]:
+        async with asgi_client(gateway_app(model_uris=(uri,)), lifespan=True) as client:
+            ready = await until_ready(client)  # no longer loading
+            return ready, await client.post("/v1/chat/completions",
+                                            json={"messages": [{"role": "user", "content": "hi"}]})
+
+    with environment(env), caplog_of("mlflow_dspy") as lines:
+        ready, answer = asyncio.run(gateway())
+    assert ready.status_code == 503
+    assert "do not match the SHA-256" in ready.json()["error"]["message"]
+    assert answer.status_code == 503  # nothing was unpickled, nothing answers
+    assert any("refusing to unpickle" in line for line in lines)
+
+
+@contextlib.contextmanager
+def caplog_of(name: str):
+    """The records of logger `name` (and below) while in the block, as text."""
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(self.format(record))
+
+    logger, handler = logging.getLogger(name), Keep(logging.DEBUG)
+    logger.addHandler(handler)
+    level, logger.level = logger.level, logging.DEBUG
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

@@ -18,7 +18,7 @@ from dspy import lm15
 
 from mlflow_dspy.lm_engine import http1, openai_http
 from mlflow_dspy.lm_engine.openai_http import TRANSPORT_ENV, AsyncOpenAIHTTPEngine, OpenAIHTTPEngine
-from tests.support.processes import gateway, stub_lm
+from tests.support.processes import gateway
 from tests.test_http1 import self_signed
 
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
@@ -123,12 +123,6 @@ class LocalServers:
                               + "".join(f"{line}\r\n" for line in [*headers, "Connection: close"]).encode("latin-1")
                               + b"\r\n" + body)
         await self._splice((reader, writer), upstream)
-
-
-@pytest.fixture(scope="module")
-def stub(tmp_path_factory) -> Iterator[str]:
-    with stub_lm(tmp_path_factory.mktemp("stub")) as base:
-        yield base
 
 
 @pytest.fixture(scope="module")
@@ -290,7 +284,6 @@ def test_close_connections_closes_the_loops_http1_pool_and_httpx_client(stub, se
     assert servers.seen == [("POST", f"{stub}/chat/completions")]
 
 
-@pytest.mark.slow
 def test_the_gateway_calls_its_lm_through_the_proxy_and_a_client_that_leaves_still_cancels_it(stub, servers,
                                                                                             tmp_path):
     proxy = f"http://127.0.0.1:{servers.proxy_port}"

@@ -13,9 +13,8 @@ from collections import Counter
 import httpx
 import pytest
 
-from tests.conftest import run_log_cli, store_env
 from tests.malformed import GOOD, Case, corpus
-from tests.support.processes import ROOT, gateway, mlflow_serve, stub_lm
+from tests.support.processes import ROOT, mlflow_serve
 
 ROUTES = ("/v1/chat/completions", "/invocations", "/predict")
 LEAKS = re.compile(r"Traceback|File \"|\.py\b|/work/|/root/|site-packages", re.IGNORECASE)
@@ -30,13 +29,11 @@ def send(client: httpx.Client, url: str, case: Case) -> httpx.Response:
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory):
-    store = tmp_path_factory.mktemp("corpus_store")
-    with stub_lm(store) as base:
-        env = store_env(store, DSPY_LM="openai/stub", DSPY_LM_API_BASE=base, OPENAI_API_KEY="sk-test")
-        uri = run_log_cli("--program", "qa", "--no-eval", env=env)["model_uri"]
-        with gateway(["-m", uri], store, "--no-traces", **env) as gw, mlflow_serve(uri, store, **env) as serve:
-            yield gw, serve
+def servers(shared_gateway, registry, stub_env, tmp_path_factory):
+    """Real servers, since headers and bodies reach them over TCP: the shared gateway (qa on the stub) and
+    `mlflow models serve` of the shared registry's qa (its run's model, as `log` prints the URI)."""
+    with mlflow_serve(registry.model_uri(1), tmp_path_factory.mktemp("corpus"), **registry.env(**stub_env)) as serve:
+        yield shared_gateway.url, serve
 
 
 def test_the_corpus_is_large_and_covers_every_kind_of_bad_input():

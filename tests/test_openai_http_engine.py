@@ -23,13 +23,7 @@ from mlflow_dspy.lm_engine.openai_http import (
     retry_after,
 )
 from mlflow_dspy.lm_engine.select import build_lm
-from tests.support.processes import stub_lm
-
-
-@pytest.fixture(scope="module")
-def stub(tmp_path_factory):
-    with stub_lm(tmp_path_factory.mktemp("stub")) as base:
-        yield base
+from tests.support.processes import stub_requests
 
 
 def ask(lm, question: str) -> dspy.Prediction:
@@ -50,7 +44,7 @@ def test_sync_and_async_calls_reach_the_server_with_the_key_from_the_environment
             await close_connections()
 
     assert asyncio.run(acall()).answer == "answer: async?"
-    seen = httpx.get(stub.replace("/v1", "/_requests")).json()[-2:]
+    seen = stub_requests(stub)[-2:]
     assert [r["authorization"] for r in seen] == ["Bearer sk-from-env"] * 2
     assert seen[-1]["body"]["model"] == "stub"  # the provider prefix stays on our side
 

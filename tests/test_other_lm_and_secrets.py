@@ -1,6 +1,7 @@
 """Any other LM, through a real OpenAI-compatible server (the stub): the
 multi-turn answer is for the last user turn, keys come from the serving
-environment at call time, and no planted key reaches any artifact."""
+environment at call time, and no planted key reaches any artifact (the shared
+registry's qa was logged with LOG_KEY in its environment)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,10 @@ from pathlib import Path
 
 import dspy
 import httpx
-import pytest
 
-from tests.conftest import run_log_cli, store_env
-from tests.support.processes import mlflow_serve, stub_lm
+from tests.conftest import LOG_KEY
+from tests.support.processes import mlflow_serve, stub_requests
 
-pytestmark = pytest.mark.slow
-
-LOG_KEY = "sk-planted-at-log-time-7f3a9c"
 ARG_KEY = "sk-planted-as-argument-5d2e81"
 HEADER_KEY = "sk-planted-in-a-header-9a7c33"
 PREDICTOR_KEY = "sk-planted-on-a-predictor-0e6b2f"
@@ -27,7 +24,7 @@ CONVERSATION = {
         {"role": "system", "content": "You answer questions."},
         {"role": "user", "content": "What is the first question?"},
         {"role": "assistant", "content": "It was the first."},
-        {"role": "user", "content": "What is the capital of Peru?"},
+        {"role": "user", "content": "What is the capital of Peru, other LM?"},
     ]
 }
 
@@ -46,33 +43,23 @@ def assert_no_key_in(root: Path, *keys: str) -> int:
     return len(files)
 
 
-@pytest.fixture(scope="module")
-def stub(tmp_path_factory):
-    with stub_lm(tmp_path_factory.mktemp("stub")) as base:
-        yield base
-
-
-def test_multi_turn_is_answered_for_the_last_user_turn(stub, tmp_path):
-    env = store_env(tmp_path, DSPY_LM="openai/stub-echo", DSPY_LM_API_BASE=stub, OPENAI_API_KEY=LOG_KEY)
-    logged = run_log_cli("--program", "qa", env=env)
-
-    serve_env = store_env(tmp_path, OPENAI_API_KEY=SERVE_KEY)
-    with mlflow_serve(logged["model_uri"], tmp_path, **serve_env) as base:
+def test_multi_turn_is_answered_for_the_last_user_turn(stub, registry, tmp_path):
+    serve_env = registry.env(OPENAI_API_KEY=SERVE_KEY)
+    with mlflow_serve(registry.model_uri(1), tmp_path, **serve_env) as base:
         response = httpx.post(f"{base}/invocations", json=CONVERSATION, timeout=60)
     assert response.status_code == 200, response.text
     content = json.loads(response.json()["choices"][0]["message"]["content"])
-    assert content["answer"] == "answer: What is the capital of Peru?"
+    assert content["answer"] == "answer: What is the capital of Peru, other LM?"
 
-    seen = httpx.get(stub.replace("/v1", "/_requests")).json()
-    served = [r for r in seen if "What is the capital of Peru?" in json.dumps(r["body"])]
+    served = [r for r in stub_requests(stub) if "What is the capital of Peru, other LM?" in json.dumps(r["body"])]
     # The key came from the serving process's environment, at call time.
     assert served and served[-1]["authorization"] == f"Bearer {SERVE_KEY}"
     system_prompt = served[-1]["body"]["messages"][0]["content"]
     assert "You answer questions." in system_prompt
 
-    files = assert_no_key_in(tmp_path / "mlartifacts", LOG_KEY, SERVE_KEY)
+    files = assert_no_key_in(registry.root / "mlartifacts", LOG_KEY, SERVE_KEY)
     assert files >= 8
-    assert LOG_KEY.encode() not in (tmp_path / "mlflow.db").read_bytes()
+    assert LOG_KEY.encode() not in (registry.root / "mlflow.db").read_bytes()
 
 
 def test_key_passed_to_dspy_lm_is_stripped_before_logging(stub, tmp_path, monkeypatch):

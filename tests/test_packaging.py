@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from mlflow_dspy.packaging.requirements import pinned_requirements
-from tests.conftest import store_env
+from tests.support.cli import cli_in_process, store_env
 from tests.support.processes import ROOT
 
 K8S = ROOT / "deploy" / "k8s"
@@ -44,6 +44,7 @@ def test_deployment_probes_resources_secret_and_config():
     assert by_kind["Service"]["spec"]["selector"] == by_kind["Deployment"]["spec"]["selector"]["matchLabels"]
 
 
+@pytest.mark.install  # builds the project's wheel, and runs the installed command in a child Python
 def test_gateway_image_installs_this_project_and_runs_its_command(tmp_path):
     dockerfile = (ROOT / "deploy" / "Dockerfile.gateway").read_text()
     context = tmp_path / "context"
@@ -91,14 +92,12 @@ def test_kubernetes_runs_the_installed_command():
     assert container["command"] == ["mlflow-dspy", "gateway"]
 
 
-@pytest.mark.slow
 def test_make_docker_writes_a_dockerfile_that_installs_the_pins_and_serves(embedded_qa, embedded_store, tmp_path):
     out = tmp_path / "docker"
-    proc = subprocess.run([sys.executable, "mlflow_dspy.py", "docker", "-m", embedded_qa["model_uri"], "--out",
-                           str(out)], cwd=ROOT, env=store_env(embedded_store), capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "no Docker engine on this machine" in proc.stdout  # this machine has only the docker client
+    # In process: the subject is the Dockerfile and the model folder it writes.
+    done = cli_in_process("docker", "-m", embedded_qa["model_uri"], "--out", str(out), env=store_env(embedded_store))
+    assert done.code == 0, done.err[-2000:]
+    assert "no Docker engine on this machine" in done.out  # this machine has only the docker client
     dockerfile = (out / "Dockerfile").read_text()
     install = dockerfile.index("_install_pyfunc_deps('/opt/ml/model'")
     assert dockerfile.index("build-essential cmake") < install

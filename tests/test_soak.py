@@ -5,7 +5,7 @@ import pytest
 
 from bench.soak import run_soak
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e  # bench.soak starts a stub LM and a gateway of its own
 
 
 def test_a_mixed_load_is_answered_in_full_without_stray_5xx_or_memory_growth(tmp_path):

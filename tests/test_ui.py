@@ -11,10 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import store_env
+from tests.support.cli import store_env
 from tests.support.processes import ROOT, free_port, running
-
-pytestmark = pytest.mark.slow
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SCREENSHOT = ROOT / "docs" / "mlflow-ui-run-artifacts.png"

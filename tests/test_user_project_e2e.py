@@ -23,16 +23,16 @@ import httpx
 import pytest
 
 from tests.support.processes import ROOT, free_port, running
-from tests.support.venv import bin_path, clean_env, installed_venv, wheelhouse
+from tests.support.venv import bin_path, clean_env, wheelhouse
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.embedded, pytest.mark.timeout(1800)]  # conftest's `installed` takes minutes
 PROJECT = ROOT / "tests" / "support" / "e2e_project"
 TICKET = {"messages": [{"role": "user", "content": "I was charged twice for my plan this month."}]}
 
 
 @pytest.fixture(scope="module")
-def venv(tmp_path_factory) -> Path:
-    return installed_venv(tmp_path_factory)
+def venv(installed) -> Path:
+    return installed
 
 
 @pytest.fixture(scope="module")
