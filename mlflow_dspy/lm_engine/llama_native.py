@@ -11,7 +11,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,9 @@ from typing import Any
 import llama_cpp
 from llama_cpp import llama_cpp as native
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-from llama_cpp.llama_grammar import json_schema_to_gbnf
+from llama_cpp.llama_grammar import PRIMITIVE_RULES, RESERVED_NAMES, SchemaConverter
+
+from mlflow_dspy.lm_engine.output_schema import KEY_CHARS
 
 PIECE_BUFFER = 64
 
@@ -187,20 +189,40 @@ class Sampling:
     grammar_first: bool = False
 
 
+class _BoundedConverter(SchemaConverter):
+    """llama-cpp-python's schema-to-grammar converter, plus what `output_schema.bounded` asks of it: an object
+    without declared properties with `maxProperties` (keys of at most `KEY_CHARS` characters)."""
+
+    def visit(self, schema: dict[str, Any], name: str) -> str:
+        if schema.get("type") == "object" and "properties" not in schema and "maxProperties" in schema:
+            rule_name = name + "-" if name in RESERVED_NAMES else name or "root"
+            prefix = f"{name}{'-' if name else ''}"
+            char = self._add_primitive("char", PRIMITIVE_RULES["char"])
+            key = self._add_rule(f"{prefix}key", rf'"\"" {char}{{0,{KEY_CHARS}}} "\"" space')
+            extra = schema.get("additionalProperties")
+            value = self.visit(extra if isinstance(extra, dict) else {}, f"{prefix}value")
+            member = self._add_rule(f"{prefix}member", f'{key} ":" space {value}')
+            more = int(schema["maxProperties"]) - 1
+            members = f'({member} ("," space {member}){{0,{more}}})?' if more >= 0 else ""
+            return self._add_rule(rule_name, f'"{{" space {members} "}}" space')
+        return super().visit(schema, name)
+
+
 def grammar_for_schema(schema: dict[str, Any] | None) -> str:
-    """GBNF for a JSON schema (llama-cpp-python's converter, as `create_chat_completion` uses)."""
-    import json
+    """GBNF for a JSON schema, bounded where it is open (`output_schema.bounded`; llama-cpp-python's
+    converter, as `create_chat_completion` uses, does the rest). `{}`/None: any JSON object, bounded."""
+    from mlflow_dspy.lm_engine.output_schema import any_object, bounded
 
-    if not schema:
-        from llama_cpp.llama_grammar import JSON_GBNF
-
-        return JSON_GBNF
     try:
-        return json_schema_to_gbnf(json.dumps(schema))
-    except Exception:  # as `create_chat_completion` does: any JSON object then
-        from llama_cpp.llama_grammar import JSON_GBNF
+        return _convert(bounded(schema or {}))
+    except Exception:  # a schema the converter cannot read: any JSON object, bounded
+        return _convert(any_object())
 
-        return JSON_GBNF
+
+def _convert(schema: dict[str, Any]) -> str:
+    converter = _BoundedConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+    converter.visit(converter.resolve_refs(schema, "stdin"), "")
+    return converter.format_grammar()
 
 
 class SamplerChain:
@@ -258,6 +280,34 @@ class SamplerChain:
         self._check.sorted = False
         native.llama_sampler_apply(self.grammar, ctypes.byref(self._check))
         return not math.isinf(self._one.logit)
+
+    def forced(self, context: NativeContext, row: int, tokens: Sequence[int]) -> int | None:
+        """The first of `tokens` the grammar allows at this point, taken as the sequence's next token (the
+        grammar accepts it); None if it allows none of them (or there is no grammar)."""
+        if self.grammar is None:
+            return None
+        for token in tokens:
+            if self._allowed(context, row, token):
+                native.llama_sampler_accept(self.grammar, token)
+                # Grammar first: the full pass `Llama` makes before each token (the same answer for these).
+                self.grammar_passes += self.grammar_first
+                return token
+        return None
+
+    def sample_unless(self, context: NativeContext, row: int, veto: Callable[[int], bool]) -> int | None:
+        """`sample`, unless `veto` refuses the model's own choice (then nothing is taken: None)."""
+        if self.grammar is None:
+            return self.sample(context, row)
+        token = native.llama_sampler_sample(self.fast, context.ctx, row)
+        if veto(token):
+            return None
+        if self.grammar_first:
+            return self.sample(context, row)
+        if self._allowed(context, row, token):
+            native.llama_sampler_accept(self.grammar, token)
+            return token
+        self.grammar_passes += 1
+        return native.llama_sampler_sample(self.full, context.ctx, row)
 
     def sample(self, context: NativeContext, row: int) -> int:
         if self.grammar is not None and self.grammar_first:

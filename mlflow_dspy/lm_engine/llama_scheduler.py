@@ -9,6 +9,11 @@ that finishes or is cancelled leaves the batch at the next turn and frees its
 sequence (one still waiting gives up its place at once); a request beyond
 the sequences waits in a bounded queue.
 
+Each answer is bounded as it is sampled (`answer_bounds`): free text that loops
+stops, JSON that loops is closed where it is and goes on, and JSON that comes
+near its budget (max_tokens) is closed as a whole, so that it parses. Such an
+answer finishes "length", its usage the tokens really sampled.
+
 Answers do not depend on the prefix cache: a prompt is always evaluated as
 its prefix (a batch of its own, into an empty sequence) and then the rest,
 whether the prefix is restored or computed. Each sequence has a KV stream of
@@ -30,6 +35,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from mlflow_dspy.lm_engine.answer_bounds import (
+    CLOSING_LIMIT,
+    Closing,
+    ClosingPlan,
+    JsonLevel,
+    Repetition,
+    RepetitionLimit,
+)
 from mlflow_dspy.lm_engine.llama_native import (
     ContextShape,
     NativeContext,
@@ -57,6 +70,8 @@ class Outcome:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     prefix_cached: bool = False
+    loops_stopped: int = 0  # repeated spans the repetition guard cut (the answer then finishes "length")
+    closed_at_budget: bool = False  # JSON closed as it came near max_tokens (the answer then finishes "length")
 
 
 @dataclass
@@ -71,6 +86,9 @@ class Job:
     stops: tuple[str, ...]
     deliver: Callable[[Any], None]
     cancel: threading.Event = field(default_factory=threading.Event)
+    # Under a grammar: what closing the answer would still write; once that is all `max_tokens` leaves, the
+    # answer is closed (`Closing`), so that it parses within `max_tokens`. None: it is cut at `max_tokens`.
+    closing: ClosingPlan | None = None
 
 
 class _Text:
@@ -101,6 +119,11 @@ class _Text:
                 return size
         return 0
 
+    @property
+    def written(self) -> str:
+        """Everything decoded so far, a stop string's beginning held back included."""
+        return self._text
+
     def _take(self, end: int) -> str:
         piece = self._text[self._shown:end] if end > self._shown else ""
         self._shown = max(self._shown, end)
@@ -114,7 +137,7 @@ class _Text:
 
 
 class _Running:
-    def __init__(self, job: Job, seq: int) -> None:
+    def __init__(self, job: Job, seq: int, repetition: RepetitionLimit) -> None:
         self.job = job
         self.seq = seq
         self.sampler: SamplerChain | None = None
@@ -123,6 +146,12 @@ class _Running:
         self.n_past = 0
         self.next_token = -1
         self.done = False
+        self.repetition = Repetition(repetition)
+        # Under a grammar (JSON): its level, the level each token went down to, and its closing if it is
+        # being closed.
+        self.json = JsonLevel() if job.sampling.grammar is not None else None
+        self.lows: deque[int] = deque(maxlen=repetition.max_period)
+        self.closing: Closing | None = None
 
 
 @dataclass
@@ -146,8 +175,11 @@ class SchedulerStats:
 class Scheduler:
     """The embedded model's only user of its llama context."""
 
-    def __init__(self, model: NativeModel, shape: ContextShape, cache_bytes: int, queue_limit: int) -> None:
+    def __init__(self, model: NativeModel, shape: ContextShape, cache_bytes: int, queue_limit: int,
+                 repetition: RepetitionLimit | None = None) -> None:
         self.model = model
+        self.repetition = repetition or RepetitionLimit()
+        self._closers: list[tuple[int, bytes]] | None = None  # tokens that only close JSON, found on first use
         self.context = NativeContext(model, shape)
         self.cache = PrefixCache(cache_bytes)
         self.queue_limit = max(0, queue_limit)
@@ -230,7 +262,7 @@ class Scheduler:
                 dropped = self._drop_cancelled_waiters()
                 admitted = []
                 while self._waiting and self._free:
-                    admitted.append(_Running(self._waiting.popleft(), heapq.heappop(self._free)))
+                    admitted.append(_Running(self._waiting.popleft(), heapq.heappop(self._free), self.repetition))
             self._deliver_dropped(dropped)
             try:
                 self._turn(admitted)
@@ -354,23 +386,106 @@ class Scheduler:
         sampler = running.sampler
         assert sampler is not None
         passes = sampler.grammar_passes
-        token = sampler.sample(self.context, row)
+        token = self._closing_token(running, row) if running.closing is not None else None
+        if token is None:
+            token = sampler.sample(self.context, row)
         self._grammar_passes += sampler.grammar_passes - passes
         self._tokens += 1
         if self.model.is_end(token):
             self._finish(running, "stop")
             return
         running.outcome.completion_tokens += 1
-        piece = running.text.add(self.model.piece(token))
+        raw = self.model.piece(token)
+        piece = running.text.add(raw)
         if piece:
             self._deliver(running.job, piece)
         if running.text.stopped:
             self._finish(running, "stop")
         elif running.outcome.completion_tokens >= running.job.max_tokens or \
-                running.n_past + 1 >= self.tokens_per_sequence:
+                running.n_past + 1 >= self.tokens_per_sequence or not self._guarded(running, token, raw):
             self._finish(running, "length")
         else:
             running.next_token = token
+
+    # -- the repetition guard and the budget ---------------------------------------------------------------
+    def _guarded(self, running: _Running, token: int, raw: bytes) -> bool:
+        """Watch for a loop and for the end of the budget; False when the sequence must stop here.
+
+        Free text that loops stops at once. JSON (a grammar) that loops is closed instead: the model finishes
+        the item or member it is in (within `CLOSING_LIMIT` tokens), then the engine writes the tokens that
+        close what the loop was in (the string, or the list or object whose members repeat) as far as the
+        grammar allows, and the model goes on with what the schema still asks for (the next field), so the
+        answer parses with what was written. JSON whose budget (max_tokens) comes down to what closing it
+        would still write (`ClosingPlan`) is closed as a whole, at once: each string ends where it is, each
+        list and object as soon as the grammar allows, and what the schema still requires is written as
+        short as the model will.
+        """
+        period = running.repetition.add(token)
+        json = running.json
+        if json is None:
+            if period:
+                running.outcome.loops_stopped += 1
+            return not period
+        running.lows.append(json.feed(raw))
+        closing = running.closing
+        if closing is not None:
+            closing.tokens += 1
+            if json.level < closing.below:
+                running.closing = closing = None
+                running.repetition.reset()
+            elif closing.finish_item and closing.tokens >= CLOSING_LIMIT:
+                closing.finish_item = False
+        if closing is None and period:
+            running.outcome.loops_stopped += 1
+            # What the loop was in: the lowest level its span went down to (a list's items repeating pass
+            # between them at the list's own level; a sentence repeating inside a string stays in it).
+            below = min(list(running.lows)[-period:])
+            if below <= 0:
+                return False
+            running.closing = closing = Closing(below, finish_item=True)
+        plan, left = running.job.closing, running.job.max_tokens - running.outcome.completion_tokens
+        if plan is not None and left <= plan.reserve and json.level > 0 \
+                and (closing is None or closing.finish_item or closing.below > 1) \
+                and left <= plan.room(running.text.written):
+            running.closing = Closing(1, finish_item=False)
+            running.outcome.closed_at_budget = True
+        return True
+
+    def _closing_token(self, running: _Running, row: int) -> int | None:
+        """While JSON is being closed: the model's own token while it finishes the item or member it is in
+        (but not one that goes on past its end), then the token that closes the most of what is open and
+        the grammar allows (the model's likeliest among equals). None when the grammar allows no such token
+        here (the model writes the next one: a colon, the next field's name, ...)."""
+        json, closing, sampler = running.json, running.closing, running.sampler
+        assert json is not None and closing is not None and sampler is not None
+        if closing.finish_item and json.level > closing.below:
+            below = closing.below
+            token = sampler.sample_unless(self.context, row, lambda t: json.overruns(self.model.piece(t), below))
+            if token is not None:
+                return token
+        candidates = []
+        for token, text in self._closing_tokens():
+            # In a string: a token that starts by ending it and opens no other; outside: one that opens none.
+            usable = text[0] == 0x22 and text.count(0x22) == 1 if json.in_string else 0x22 not in text
+            if usable:
+                closes = sum(text.count(c) for c in (0x22, 0x5D, 0x7D))
+                candidates.append((-closes, -self.context.logit(row, token), token))
+        candidates.sort()
+        return sampler.forced(self.context, row, [token for *_, token in candidates])
+
+    def _closing_tokens(self) -> list[tuple[int, bytes]]:
+        """The vocabulary's tokens made only of quotes, closing brackets and braces, and spaces."""
+        if self._closers is None:
+            closing = set(b'"]} ')
+            found = []
+            for token in range(self.model.n_vocab):
+                if self.model.is_end(token):
+                    continue
+                text = self.model.piece(token)
+                if text and set(text) <= closing and text.strip():
+                    found.append((token, text))
+            self._closers = found
+        return self._closers
 
     def _release(self, running: _Running) -> None:
         running.done = True
@@ -387,7 +502,9 @@ class Scheduler:
         tail = running.text.rest()
         if tail:
             self._deliver(running.job, tail)
-        running.outcome.finish_reason = reason
+        # An answer the repetition guard or the budget cut is cut short, whatever ended it.
+        outcome = running.outcome
+        running.outcome.finish_reason = "length" if outcome.loops_stopped or outcome.closed_at_budget else reason
         self._release(running)
         self._deliver(running.job, running.outcome)
 
