@@ -1,16 +1,33 @@
 """A trace recorded by the gateway, written through internals/mlflow_traces.py (MLflow's private
 `TracingClient.log_spans`, `Span.from_dict`'s format and its attribute keys) into a real store, reads back
-through MLflow's public API as the trace it was: its id, spans, tree, tags, session, usage and model."""
+through MLflow's public API as the trace it was: its id, spans, tree, tags, session, usage and model. An HTTP
+store down at the first write is written to once it is back, after `forget_failed_lookups` (MLflow caches the
+failed /version lookup), and what a store's errors say is read as down, failed or refused."""
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import inspect
+import socket
+import threading
 
 import mlflow
+import pytest
 from mlflow.entities import Span
 from mlflow.tracing.client import TracingClient
 
-from mlflow_dspy.internals.mlflow_traces import LM_MODEL, TOKEN_USAGE, span_dicts, trace_store
+from mlflow_dspy.internals.mlflow_traces import (
+    DOWN,
+    FAILED,
+    LM_MODEL,
+    REFUSED,
+    TOKEN_USAGE,
+    failure_kind,
+    forget_failed_lookups,
+    span_dicts,
+    trace_store,
+)
 from mlflow_dspy.runtime.trace_record import SpanRecord, TraceRecord
 
 
@@ -59,3 +76,79 @@ def test_a_record_written_through_it_reads_back_through_mlflows_public_api(tmp_p
     found = mlflow.search_traces(locations=[experiment], return_type="list",
                                  filter_string="tags.`mlflow_dspy.model` = 'dspy-qa'")
     assert [t.info.trace_id for t in found] == [record.request_id]
+
+
+# -- an HTTP store that goes down and comes back --------------------------------------------------------------
+class _Store(http.server.BaseHTTPRequestHandler):
+    """What `log_spans` asks of an HTTP tracking server: its /version, then the OTLP spans."""
+
+    posted: list[tuple[str, str | None]] = []
+
+    def do_GET(self):
+        self._answer(b"3.17.2" if self.path == "/version" else b"", 200 if self.path == "/version" else 404)
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.posted.append((self.path, self.headers.get("x-mlflow-experiment-id")))
+        self._answer(b"{}", 200)
+
+    def _answer(self, body: bytes, status: int):
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def _serving(port: int):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), _Store)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_http_store_down_at_the_first_write_is_written_to_once_back_and_its_failures_read_as_down(monkeypatch):
+    from mlflow.store.tracking.rest_store import RestStore
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # as the writer process runs it
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens there once the socket is closed
+    forget_failed_lookups()
+    write = trace_store(f"http://127.0.0.1:{port}")
+    with pytest.raises(NotImplementedError, match="could not identify MLflow server version") as down:
+        write("7", [a_record()])
+    assert failure_kind(down.value) == DOWN, "MLflow's error for a failed /version lookup changed: see failure_kind"
+    with _serving(port):
+        # MLflow still remembers the failed lookup: without the workaround, nothing is written while the store is up.
+        with pytest.raises(NotImplementedError):
+            write("7", [a_record()])
+        assert hasattr(RestStore._get_server_version, "cache_clear"), \
+            "RestStore._get_server_version is no longer an lru_cache: check forget_failed_lookups"
+        assert forget_failed_lookups()
+        _Store.posted.clear()
+        write("7", [a_record()])
+        assert _Store.posted == [("/v1/traces", "7")], "log_spans no longer posts OTLP spans with the experiment id"
+    # The server gone after a successful lookup: the POST fails, read as the store being down.
+    with pytest.raises(Exception) as gone:
+        write("7", [a_record()])
+    assert failure_kind(gone.value) == DOWN, f"an unreachable server's error changed: {gone.value!r}"
+
+
+def test_what_a_store_says_of_a_batch_is_read_as_down_failed_or_refused():
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import BAD_REQUEST, INTERNAL_ERROR, TEMPORARILY_UNAVAILABLE
+
+    assert failure_kind(MlflowException("database is locked", error_code=TEMPORARILY_UNAVAILABLE)) == DOWN
+    assert failure_kind(MlflowException("boom", error_code=INTERNAL_ERROR)) == FAILED
+    assert failure_kind(MlflowException("bad span", error_code=BAD_REQUEST)) == REFUSED
+    assert failure_kind(NotImplementedError("log_spans is not supported: MLflow server version 3.1 is less than 3.4")) \
+        == REFUSED
+    assert failure_kind(ConnectionRefusedError()) == DOWN

@@ -5,9 +5,12 @@ writer process that stores them (`TraceExporter`), so that tracing costs the req
   sent. A separate process, at the lowest CPU priority, writes the queued traces in batches, one
   database session per batch (measured here: 3.6 ms of CPU a trace in batches of 50, against 186 ms
   for one alone), the way MLflow's own exporter writes spans (internals/mlflow_traces.py).
-- **Traces are dropped, never requests.** A full queue drops the trace; a store that fails drops the
-  batch. Every trace is counted in `/metrics` (`mlflow_dspy_traces_total{outcome}`: queued, written,
-  dropped, sampled_out) and drops are logged.
+- **Traces are dropped, never requests.** A full queue drops the trace. A store that is down (or fails)
+  does not: the writer keeps the batch and tries it again with a backoff, up to RETRY_MAX seconds apart,
+  until the store is back (MLflow's cached /version lookup of an HTTP store cleared after each failure),
+  while new traces wait in the bounded queue; a batch the store refuses is dropped. Every trace is counted
+  in `/metrics` (`mlflow_dspy_traces_total{outcome}`: queued, written, dropped, sampled_out) and drops
+  are logged, as the writer's failures and the store's return are.
 - **A graceful stop flushes.** At shutdown the writer is given `flush_timeout` seconds to write what
   is queued; what is left then is counted as dropped and logged.
 """
@@ -27,7 +30,7 @@ from typing import Any
 from mlflow_dspy.gateway.config import GatewayConfig
 from mlflow_dspy.gateway.context import RequestContext
 from mlflow_dspy.gateway.metrics import GatewayMetrics
-from mlflow_dspy.internals.mlflow_traces import trace_store
+from mlflow_dspy.internals.mlflow_traces import DOWN, FAILED, failure_kind, forget_failed_lookups, trace_store
 from mlflow_dspy.runtime.trace_record import TraceRecord
 
 log = logging.getLogger("mlflow_dspy.gateway")
@@ -120,12 +123,14 @@ class TraceExporter:
         context = multiprocessing.get_context("spawn")  # no fork of a process with threads and a loop
         self.queue = context.Queue(maxsize=queue_size)
         self.written, self.failed = context.Value("q", 0), context.Value("q", 0)
+        self.failing = context.Value("d", 0.0)  # since when the store fails (time.time()), 0 while it does not
         self.metrics = metrics
         self.flush_timeout = flush_timeout
         self.queued = self.dropped = self._reported_written = self._reported_failed = 0
         self._last_warning = 0.0
         self.process = context.Process(target=write_traces, name="mlflow-dspy-traces", daemon=True,
-                                       args=(self.queue, tracking_uri, experiment_id, self.written, self.failed))
+                                       args=(self.queue, tracking_uri, experiment_id, self.written, self.failed,
+                                             self.failing))
 
     def start(self) -> None:
         self.process.start()
@@ -138,6 +143,9 @@ class TraceExporter:
             self.queue.put_nowait(record)
         except queue.Full:
             why = "the trace queue is full (the tracking store is slower than the requests)"
+            if since := self.failing.value:
+                why = (f"the trace queue is full: the tracking store has been failing for {time.time() - since:.0f} s"
+                       " (the writer retries; see its lines in the log)")
             if not self.process.is_alive():
                 why = f"the trace writer has stopped (exit code {self.process.exitcode}; see the log above)"
             self._drop(1, why)
@@ -186,35 +194,110 @@ class TraceExporter:
         self._reported_written = written
         if failed > self._reported_failed:
             new, self._reported_failed = failed - self._reported_failed, failed
-            self._drop(new, "the tracking store failed to take them")
+            self._drop(new, "the tracking store would not take them (see the writer's lines in the log)")
 
 
 # -- the writer process ------------------------------------------------------------------------
-def write_traces(inbox: Any, tracking_uri: str, experiment_id: str, written: Any, failed: Any) -> None:
-    """The writer process's main: batches from `inbox` to the store until the None that ends them."""
+RETRY_FIRST = 0.5  # seconds before a failed batch is tried again; doubled after each failure ...
+RETRY_MAX = 5.0  # ... up to this: traces flow again at most this long after the store is back
+RETRY_FAILED = 4  # attempts at a batch the store failed on (not down): then it is dropped
+# The writer's own retries replace MLflow's (7 retries with backoff, about 4 minutes of one blocked request);
+# a user's own setting of these wins.
+WRITER_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+
+
+def write_traces(inbox: Any, tracking_uri: str, experiment_id: str, written: Any, failed: Any,
+                 failing: Any = None) -> None:
+    """The writer process's main: batches from `inbox` to the store until the None that ends them.
+
+    A batch the store fails to take is kept and tried again, with a backoff from RETRY_FIRST to RETRY_MAX
+    seconds, for as long as the store is down (while it is, new traces wait in the bounded queue, and those
+    past it are dropped and counted by the gateway); a batch the store refuses (or fails on RETRY_FAILED
+    times) is dropped and counted. `failing` holds the time the store began failing (0 when it is not)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C stops the gateway, which then flushes us
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     os.nice(19)  # the requests come first: under load, traces wait (and, past the queue, are dropped)
+    for name, value in WRITER_ENV.items():
+        os.environ.setdefault(name, value)
     store = trace_store(tracking_uri)
-    last_error = 0.0
+    outage = _Outage(failing)
+    batch: list[TraceRecord] = []
+    done: bool | None = False
     while True:
-        batch, done = _next_batch(inbox)
-        if done is None:  # the gateway process is gone without a word: nobody to write for
-            return
+        if not batch:
+            batch, done = _next_batch(inbox)
+            if done is None:  # the gateway process is gone without a word: nobody to write for
+                return
         if batch:
             try:
                 store(experiment_id, batch)
+            except Exception as exc:
+                if outage.failed(exc, len(batch), failed):
+                    if not _wait(outage.delay()):
+                        return
+                    continue  # the same batch again
+            else:
                 with written.get_lock():
                     written.value += len(batch)
-            except Exception as exc:
-                with failed.get_lock():
-                    failed.value += len(batch)
-                if time.monotonic() - last_error > 10:
-                    last_error = time.monotonic()
-                    print(f"mlflow-dspy traces: the tracking store failed ({type(exc).__name__}); "
-                          f"{failed.value} traces dropped so far", flush=True)
+                outage.over()
+            batch = []
         if done:
             return
+
+
+class _Outage:
+    """What the writer knows of the store's failures: since when, how many attempts at the batch it holds."""
+
+    def __init__(self, failing: Any) -> None:
+        self.failing = failing
+        self.since = 0.0
+        self.attempts = 0
+        self.last_said = 0.0
+
+    def failed(self, exc: Exception, size: int, failed: Any) -> bool:
+        """Count a failed attempt at a batch of `size`; True when the batch is to be tried again."""
+        forget_failed_lookups()  # MLflow would otherwise remember the failed /version lookup for good
+        kind = failure_kind(exc)
+        self.attempts += 1
+        now = time.monotonic()
+        if not self.since:
+            self.since = now
+            if self.failing is not None:
+                self.failing.value = time.time()
+        retry = kind == DOWN or (kind == FAILED and self.attempts < RETRY_FAILED)
+        if not retry:
+            with failed.get_lock():
+                failed.value += size
+            self.attempts = 0
+        if now - self.last_said > 10 or not retry:  # at most a line every 10 s while it lasts
+            self.last_said = now
+            what = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            then = (f"retrying the batch of {size} (new traces wait in the queue; past it, they are dropped)"
+                    if retry else f"the batch of {size} is dropped ({failed.value} traces dropped so far)")
+            print(f"mlflow-dspy traces: the tracking store failed ({what}) for {now - self.since:.0f} s; {then}",
+                  flush=True)
+        return retry
+
+    def delay(self) -> float:
+        return min(RETRY_MAX, RETRY_FIRST * 2 ** (self.attempts - 1)) * random.uniform(0.8, 1.0)
+
+    def over(self) -> None:
+        if self.since:
+            print(f"mlflow-dspy traces: the tracking store took a batch again after {time.monotonic() - self.since:.0f}"
+                  f" s of failures; writing", flush=True)
+            if self.failing is not None:
+                self.failing.value = 0.0
+        self.since, self.attempts = 0.0, 0
+
+
+def _wait(seconds: float) -> bool:
+    """Sleep `seconds`, or less if the gateway process dies meanwhile; False then."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        if not multiprocessing.parent_process().is_alive():
+            return False
+        time.sleep(min(left, 0.5))
+    return True
 
 
 def _next_batch(inbox: Any) -> tuple[list[TraceRecord], bool | None]:

@@ -11,7 +11,12 @@ a writer process stores it (gateway/tracing.py). Storing leans on:
 * the attribute keys MLflow reads a trace's meaning from (`SpanAttributeKey`):
   `mlflow.traceRequestId`, `mlflow.spanType`, `mlflow.spanInputs`/`Outputs`,
   `mlflow.traceTag.<key>` on the root span for the trace's tags, `session.id`,
-  `mlflow.chat.tokenUsage` and `mlflow.llm.model`.
+  `mlflow.chat.tokenUsage` and `mlflow.llm.model`;
+* an HTTP store's `RestStore._get_server_version`, the `/version` lookup `log_spans` makes first: an
+  `functools.lru_cache` that keeps a failed lookup (None) too, so that once a batch was sent while the
+  server was down every later `log_spans` raises `NotImplementedError("... could not identify MLflow server
+  version")`, the server back or not. `forget_failed_lookups` clears it after a failure (`failure_kind` reads
+  that error as the store being down).
 
 tests/test_internals_mlflow_traces.py writes a record through these into a real
 store and reads it back with MLflow's public API; it fails, naming what changed,
@@ -90,6 +95,43 @@ def trace_store(tracking_uri: str) -> Callable[[str, Sequence[TraceLike]], None]
         client.log_spans(experiment_id, [Span.from_dict(d) for record in records for d in span_dicts(record)])
 
     return write
+
+
+def forget_failed_lookups() -> bool:
+    """Make the next write to an HTTP store ask the server's version again (MLflow caches a failed lookup for
+    the life of the process). Call it after a failed write; False when MLflow no longer has that cache."""
+    from mlflow.store.tracking.rest_store import RestStore
+
+    clear = getattr(getattr(RestStore, "_get_server_version", None), "cache_clear", None)
+    if clear is None:
+        return False
+    clear()
+    return True
+
+
+# What a failed write says about the store: `down` (unreachable, timing out, or saying to come back later:
+# retry the batch until it is back), `failed` (an error of its own on this batch: retry a few times), or
+# `refused` (it will not take this batch: do not retry).
+DOWN, FAILED, REFUSED = "down", "failed", "refused"
+_COME_BACK_LATER = {429, 502, 503, 504}
+
+
+def failure_kind(exc: BaseException) -> str:
+    """`DOWN`, `FAILED` or `REFUSED`, for an exception a write through `trace_store` raised."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, NotImplementedError):  # RestStore.log_spans: the /version lookup failed (or is too old)
+        return DOWN if "could not identify" in str(exc) else REFUSED
+    if isinstance(exc, MlflowException):
+        status = exc.get_http_status_code()
+        message = str(exc)
+        # http_request wraps a connection failure or a timeout in an MlflowException (INTERNAL_ERROR, 500).
+        if status in _COME_BACK_LATER or "failed with exception" in message or "timeout" in message.lower():
+            return DOWN
+        return FAILED if status >= 500 else REFUSED
+    if isinstance(exc, (OSError, TimeoutError)):
+        return DOWN
+    return FAILED
 
 
 def _b64(hex_id: str) -> str:

@@ -1,0 +1,140 @@
+"""Traces survive a tracking store's outage and keep up with their gateway (issue 23, items 6 and 10).
+
+Real processes: the gateway, the stub LM, and a real `mlflow server` (its own SQLite backend) as the HTTP
+tracking store. (a) The store is down when the first batch is sent and comes back: the traces of the answers
+sent after it is back are written, without a restart, and take feedback. (b) At the gateway's sustained
+throughput for 60 s (one worker, a 50 ms stub LM) the writer stores at least 99% of the traces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import aiohttp
+import httpx
+import pytest
+from mlflow import MlflowClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.cli import store_env
+from tests.support.processes import VENV_BIN, child_env, free_port, gateway_process, running
+
+QA = ["--program", "qa", "--lm", "openai/stub-echo"]
+STORED = 0.99  # the share of traces that must reach the store
+EXPERIMENT = "mlflow-dspy"
+
+pytestmark = pytest.mark.slow
+
+
+# -- shared set-up -----------------------------------------------------------------------------------------------
+@contextmanager
+def tracking_server(tmp_path: Path, port: int) -> Iterator[str]:
+    """`mlflow server` on `port` with its own SQLite backend under `tmp_path` (kept across restarts on the same
+    port: the store comes back with what it held); yields its URL, stopped (SIGKILL, as a crash) after."""
+    args = [os.path.join(VENV_BIN, "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+            "--default-artifact-root", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+            "--workers", "1"]
+    # Offline, `mlflow server` hangs at start-up without these two (FIELD_NOTES).
+    env = child_env(MLFLOW_DISABLE_TELEMETRY="true", LITELLM_LOCAL_MODEL_COST_MAP="true")
+    url = f"http://127.0.0.1:{port}"
+    with running(args, f"{url}/health", env, tmp_path / f"server-{time.monotonic_ns()}.log", timeout=180) as proc:
+        try:
+            yield url
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+
+
+def stored_trace_ids(tracking_uri: str) -> set[str]:
+    """Every trace id in the store's mlflow-dspy experiment (MLflow's public API, page by page)."""
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        return set()
+    found: set[str] = set()
+    token = None
+    while True:
+        page = client.search_traces(locations=[experiment.experiment_id], max_results=500, page_token=token,
+                                    include_spans=False)
+        found.update(trace.info.trace_id for trace in page)
+        token = page.token
+        if not token:
+            return found
+
+
+def trace_counts(url: str) -> dict[str, float]:
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return {s.labels["outcome"]: s.value for f in text_string_to_metric_families(text)
+            if f.name == "mlflow_dspy_traces" for s in f.samples if s.name.endswith("_total")}
+
+
+def until(condition, seconds: float, every: float = 0.5) -> bool:
+    """Poll `condition` until it holds or `seconds` have passed; whether it held."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(every)
+    return True
+
+
+async def answered_traces(url: str, clients: int, seconds: float | None = None, requests: int | None = None,
+                          tag: str = "q") -> list[str]:
+    """Closed-loop chat completions from `clients` clients, for `seconds` or until `requests` are answered: the
+    trace ids of the answers (every answer must be a 200 naming its trace)."""
+    deadline = time.monotonic() + seconds if seconds is not None else None
+    sent, ids, failures = 0, [], []
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients),
+                                     timeout=aiohttp.ClientTimeout(total=60)) as session:
+        async def client() -> None:
+            nonlocal sent
+            while (deadline is None or time.monotonic() < deadline) and (requests is None or sent < requests):
+                sent += 1
+                body = {"messages": [{"role": "user", "content": f"{tag} {sent}?"}]}
+                async with session.post(f"{url}/v1/chat/completions", json=body) as reply:
+                    await reply.read()
+                    if reply.status == 200 and "x-mlflow-trace-id" in reply.headers:
+                        ids.append(reply.headers["x-mlflow-trace-id"])
+                    else:
+                        failures.append(reply.status)
+
+        await asyncio.gather(*(client() for _ in range(clients)))
+    assert not failures, f"{len(failures)} requests not answered with a trace: {failures[:5]}"
+    return ids
+
+
+def writer_said(served, pattern: str) -> bool:
+    return re.search(pattern, served.log_text()) is not None
+
+
+# -- (a) an outage of the HTTP store --------------------------------------------------------------------------------
+def test_traces_are_written_again_once_the_http_store_is_back_without_a_restart(stub, tmp_path):
+    port = free_port()
+    with ExitStack() as stack:
+        url = (down := stack.enter_context(ExitStack())).enter_context(tracking_server(tmp_path, port))
+        env = {**store_env(tmp_path, DSPY_LM_API_BASE=stub), "MLFLOW_TRACKING_URI": url}
+        served = stack.enter_context(gateway_process(QA, tmp_path, **env))
+        down.close()  # the store goes down before the first batch is sent
+        during = asyncio.run(answered_traces(served.url, 4, requests=40, tag="during"))
+        # The first batch reaches the dead store and fails.
+        assert until(lambda: writer_said(served, r"the tracking store failed"), 60), served.log_text()[-3000:]
+        stack.enter_context(tracking_server(tmp_path, port))  # back: the same port, the same database
+        after = asyncio.run(answered_traces(served.url, 8, requests=400, tag="after"))
+        until(lambda: set(after) <= stored_trace_ids(url), 120, every=2)
+        stored = stored_trace_ids(url)
+        assert len(stored & set(after)) >= STORED * len(after), (len(stored & set(after)), served.log_text()[-3000:])
+        # What waited in the queue during the outage is written too, and the writer said it was back.
+        assert set(during) <= stored
+        assert writer_said(served, r"the tracking store took a batch again")
+        # Feedback on an answer given after the outage finds its trace.
+        given = httpx.post(f"{served.url}/v1/feedback", json={"trace_id": after[-1], "value": True}, timeout=60)
+        assert given.status_code == 200, given.text
+        assert trace_counts(served.url)["written"] == len(stored)
