@@ -162,7 +162,7 @@ def test_closing_an_answer_may_have_to_write_each_required_field_and_the_longest
 
 
 @pytest.mark.unit
-def test_the_repetition_guard_finds_a_span_written_again_and_again_and_nothing_in_text_that_does_not_repeat():
+def test_the_repetition_guard_finds_a_span_written_again_and_again_or_a_count_and_nothing_in_plain_text():
     limit = RepetitionLimit()
     words = Path(__file__).resolve().parents[1].joinpath("README.md").read_text().split()[:3000]
     vocabulary: dict[str, int] = {}
@@ -178,6 +178,15 @@ def test_the_repetition_guard_finds_a_span_written_again_and_again_and_nothing_i
 
     guard = Repetition(limit)  # one token again and again: only once `min_tokens` long
     assert [bool(guard.add(5)) for _ in range(limit.min_tokens)] == [False] * (limit.min_tokens - 1) + [True]
+
+    # A count ("1, 2, 3, ..."): no span repeats token for token, but its shape does (digits as one mark),
+    # and counts as a loop once that runs `min_tokens_counting` tokens.
+    comma, space, digit = (1, 1), (2, 2), 0
+    count = [token for n in range(1, 200) for token in [*((100 + int(d), digit) for d in str(n)), comma, space]]
+    guard = Repetition(limit)
+    found = [guard.add(token, shape) for token, shape in count]
+    first = next(i for i, period in enumerate(found) if period)
+    assert found[first] == 4 and first + 1 >= limit.min_tokens_counting  # "10, " to "99, ": four tokens each
 
 
 @pytest.mark.unit
@@ -257,6 +266,13 @@ def test_the_list_extractor_answers_a_list_of_strings_even_when_the_model_loops(
     # from the 512-token budget.
     looped = [r for r in responses if r.provider_data and r.provider_data["loops_stopped"]]
     assert looped and all(r.finish_reason == "length" and r.usage.output_tokens < 128 for r in looped)
+    # The input example `log` runs ("Hello.", a string where a list is expected) makes it count "1, 2, 3, ..."
+    # in its reasoning: stopped as a loop too, and the answer parses.
+    responses.clear()
+    prediction = asyncio.run(host.answer(host.example))
+    assert isinstance(prediction.entities, list)
+    assert [r.finish_reason for r in responses] == ["length"]
+    assert responses[0].usage.output_tokens < llama_engine.DEFAULT_MAX_TOKENS // 2
 
 
 @pytest.mark.slow

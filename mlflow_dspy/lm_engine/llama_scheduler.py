@@ -28,6 +28,7 @@ from __future__ import annotations
 import codecs
 import heapq
 import logging
+import re
 import threading
 import time
 from collections import deque
@@ -54,6 +55,8 @@ from mlflow_dspy.lm_engine.llama_native import (
 from mlflow_dspy.lm_engine.prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
+
+_DIGITS = re.compile(rb"[0-9]+")
 
 
 class QueueFull(RuntimeError):
@@ -180,6 +183,8 @@ class Scheduler:
         self.model = model
         self.repetition = repetition or RepetitionLimit()
         self._closers: list[tuple[int, bytes]] | None = None  # tokens that only close JSON, found on first use
+        self._shapes: dict[int, int] = {}  # token -> the id of its shape (the repetition guard's counts)
+        self._shape_ids: dict[bytes, int] = {}
         self.context = NativeContext(model, shape)
         self.cache = PrefixCache(cache_bytes)
         self.queue_limit = max(0, queue_limit)
@@ -420,7 +425,7 @@ class Scheduler:
         list and object as soon as the grammar allows, and what the schema still requires is written as
         short as the model will.
         """
-        period = running.repetition.add(token)
+        period = running.repetition.add(token, self._shape(token, raw))
         json = running.json
         if json is None:
             if period:
@@ -450,6 +455,13 @@ class Scheduler:
             running.closing = Closing(1, finish_item=False)
             running.outcome.closed_at_budget = True
         return True
+
+    def _shape(self, token: int, raw: bytes) -> int:
+        """The id of a token's shape: its text with each run of digits as one mark."""
+        shape = self._shapes.get(token)
+        if shape is None:
+            shape = self._shapes[token] = self._shape_ids.setdefault(_DIGITS.sub(b"0", raw), len(self._shape_ids))
+        return shape
 
     def _closing_token(self, running: _Running, row: int) -> int | None:
         """While JSON is being closed: the model's own token while it finishes the item or member it is in
