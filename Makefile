@@ -105,8 +105,9 @@ flywheel: install
 test: install browser
 	$(PY) -m pytest
 
+# The unit tests only: no process, no embedded model (README, Tests).
 test-fast: install
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m unit
 
 bench: install
 	$(PY) -m bench.run
