@@ -2,11 +2,14 @@
 `TracingClient.log_spans`, `Span.from_dict`'s format and its attribute keys) into a real store, reads back
 through MLflow's public API as the trace it was: its id, spans, tree, tags, session, usage and model. An HTTP
 store down at the first write is written to once it is back, after `forget_failed_lookups` (MLflow caches the
-failed /version lookup), and what a store's errors say is read as down, failed or refused."""
+failed /version lookup), and what a store's errors say is read as down, failed or refused. The SQLite fast path
+(internals/mlflow_sqlite_traces.py) writes the very rows log_spans writes, every table compared, and leaves to
+log_spans what it does not know."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import http.server
 import inspect
 import socket
@@ -17,6 +20,7 @@ import pytest
 from mlflow.entities import Span
 from mlflow.tracing.client import TracingClient
 
+from mlflow_dspy.internals.mlflow_sqlite_traces import sqlite_writer
 from mlflow_dspy.internals.mlflow_traces import (
     DOWN,
     FAILED,
@@ -152,3 +156,86 @@ def test_what_a_store_says_of_a_batch_is_read_as_down_failed_or_refused():
     assert failure_kind(NotImplementedError("log_spans is not supported: MLflow server version 3.1 is less than 3.4")) \
         == REFUSED
     assert failure_kind(ConnectionRefusedError()) == DOWN
+
+
+# -- the SQLite fast path: the very rows log_spans writes ------------------------------------------------------
+def _varied_records() -> list[TraceRecord]:
+    """Records of the gateway's shape with what could tell two writers apart: non-ASCII text, an error, a session,
+    no outputs, a string output that is itself JSON, a tag value that looks like JSON, long text, no usage."""
+    first, second, third, fourth = (a_record() for _ in range(4))
+    second.session = "usér-42 ✓"
+    second.spans[0].outputs = None
+    second.spans[0].error = "ValueError"
+    third.spans[0].inputs = {"question": 'Ünïcödé "quoted" {"a": 1}', "history": [{"role": "user", "content": "x"}]}
+    third.spans[0].outputs = '{"answer": "a string holding JSON"}'
+    third.spans[1].outputs = ['"[1, 2]"']
+    third.tags["mlflow_dspy.variant"] = '["challenger"]'
+    fourth.spans[0].attributes = {}
+    fourth.spans[0].inputs = {"question": "x" * 3000}
+    fourth.tags["mlflow_dspy.session"] = '"quoted"'
+    return [first, second, third, fourth]
+
+
+def _rows(path) -> dict[str, tuple[list[str], list[str]]]:
+    """Every table's columns (generated ones too) and rows, but the experiments' (created apart, at other times)."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        tables = [name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        return {table: ([column[1] for column in db.execute(f"PRAGMA table_xinfo({table})")],
+                        sorted(map(repr, db.execute(f"SELECT * FROM {table}"))))
+                for table in tables if table != "experiments"}
+
+
+def test_the_sqlite_fast_path_writes_the_very_rows_log_spans_writes(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_DSPY_SPEEDUPS", raising=False)
+    records = _varied_records()
+    stores = {}
+    for way in ("log_spans", "fast"):
+        uri = f"sqlite:///{tmp_path / way}.db"
+        mlflow.set_tracking_uri(uri)
+        experiment = mlflow.create_experiment("traces")
+        client = TracingClient(uri)
+        if way == "log_spans":
+            client.log_spans(experiment, [Span.from_dict(d) for record in records for d in span_dicts(record)])
+        else:
+            write = sqlite_writer(client.store, span_dicts)
+            assert write is not None, "the SQLite fast path no longer finds what it needs in MLflow: see its imports"
+            assert write(experiment, copy.deepcopy(records)), "the fast path declined records of the gateway's shape"
+        stores[way] = _rows(tmp_path / f"{way}.db")
+    expected, written = stores["log_spans"], stores["fast"]
+    for table, (columns, rows) in expected.items():
+        assert written[table][0] == columns, f"MLflow's table {table} changed its columns: see mlflow_sqlite_traces"
+        assert written[table][1] == rows, f"log_spans writes other rows into {table} now: see mlflow_sqlite_traces"
+    # And MLflow reads them back as the traces they were.
+    trace = mlflow.get_trace(records[1].request_id)
+    assert trace.info.trace_metadata.get("mlflow.trace.session") == "usér-42 ✓"
+    assert trace.info.state.value == "ERROR" and trace.data.spans[0].outputs is None
+
+
+def test_the_sqlite_fast_path_leaves_to_log_spans_what_it_does_not_know(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.create_experiment("traces")
+    store = TracingClient(uri).store
+    write = sqlite_writer(store, span_dicts)
+    priced = a_record()
+    priced.spans[1].attributes[TOKEN_USAGE] = {"input_tokens": 1}  # usage beside a model: MLflow would price it
+    named_model = a_record()
+    named_model.spans[0].inputs = {"model": "gpt-x"}  # MLflow would take the input for the LM's name
+    foreign = a_record()
+    foreign.spans[2].attributes["gen_ai.system"] = "openai"
+    for record in (priced, named_model, foreign):
+        assert write(experiment, [a_record(), record]) is False
+    assert mlflow.search_traces(locations=[experiment], return_type="list") == []  # nothing half-written
+    # A trace already stored: the fast path fails (one transaction, nothing kept), trace_store then writes it with
+    # log_spans, which writes over it.
+    again = a_record()
+    trace_store(uri)(experiment, [again])
+    trace_store(uri)(experiment, [again])
+    assert len(mlflow.search_traces(locations=[experiment], return_type="list")) == 1
+    # Not a SQLite store, or the speed-ups off: no fast path.
+    monkeypatch.setenv("MLFLOW_DSPY_SPEEDUPS", "0")
+    assert sqlite_writer(store, span_dicts) is None
+    monkeypatch.delenv("MLFLOW_DSPY_SPEEDUPS")
+    assert sqlite_writer(object(), span_dicts) is None

@@ -24,7 +24,7 @@ from mlflow import MlflowClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.cli import store_env
-from tests.support.processes import VENV_BIN, child_env, free_port, gateway_process, running
+from tests.support.processes import VENV_BIN, child_env, free_port, gateway_process, running, stub_lm
 
 QA = ["--program", "qa", "--lm", "openai/stub-echo"]
 STORED = 0.99  # the share of traces that must reach the store
@@ -138,3 +138,24 @@ def test_traces_are_written_again_once_the_http_store_is_back_without_a_restart(
         given = httpx.post(f"{served.url}/v1/feedback", json={"trace_id": after[-1], "value": True}, timeout=60)
         assert given.status_code == 200, given.text
         assert trace_counts(served.url)["written"] == len(stored)
+
+
+# -- (b) the writer keeps up with its gateway ------------------------------------------------------------------
+SUSTAINED_S = 60  # the issue's own figure
+CLIENTS = 32  # one worker's sustained throughput on a 50 ms LM (FIELD_NOTES: 519 answers/s on a quiet machine)
+
+
+def test_the_writer_keeps_up_with_one_worker_at_its_sustained_throughput_for_a_minute(tmp_path):
+    with stub_lm(tmp_path, latency=0.05) as lm:
+        env = store_env(tmp_path, DSPY_LM_API_BASE=lm)
+        with gateway_process(QA, tmp_path, **env) as served:
+            began = time.monotonic()
+            answered = asyncio.run(answered_traces(served.url, CLIENTS, seconds=SUSTAINED_S))
+            rate = len(answered) / (time.monotonic() - began)
+            # What the writer has not written yet when the load stops is the backlog of a writer that keeps up: a
+            # second or two of traces. It has that long (and the stop's flush) before the count.
+            until(lambda: trace_counts(served.url).get("written", 0) >= len(answered), 30)
+            dropped = trace_counts(served.url).get("dropped", 0)
+    stored = set(answered) & stored_trace_ids(env["MLFLOW_TRACKING_URI"])
+    assert len(stored) >= STORED * len(answered), \
+        f"{len(stored)} of {len(answered)} traces stored at {rate:.0f} answers/s ({dropped:.0f} dropped)"

@@ -19,11 +19,16 @@ each has a test that fails loudly, naming what changed, when it does:
   predictor and the LM call it belongs to) (tests/test_internals_dspy_stream.py);
 * `mlflow_traces`: recorded traces written the way MLflow's own exporter writes
   them (`TracingClient.log_spans`, `Span.from_dict`'s format, the attribute keys
-  MLflow reads a trace from) (tests/test_internals_mlflow_traces.py);
+  MLflow reads a trace from; an HTTP store's cached `/version` lookup, cleared after a failure)
+  (tests/test_internals_mlflow_traces.py);
+* `mlflow_sqlite_traces`: a batch of recorded traces written into a SQLite store's tables as the very
+  rows MLflow's `log_spans` writes, in one transaction (tests/test_internals_mlflow_traces.py compares
+  every row of every table);
 * `httpx_proxy`: whether httpx would send a request through a proxy (the gateway's
   LM calls take httpx only then) (tests/test_internals_httpx_proxy.py).
 
-The speed-ups (the executor, the callback handlers, the adapter and the coalescing transport) are on
+The speed-ups (the executor, the callback handlers, the adapter, the coalescing transport and the SQLite
+trace rows) are on
 by default and all turned off by `MLFLOW_DSPY_SPEEDUPS=0` (the gateway's
 `--no-speedups` sets it for its workers): the server then runs DSPy's and
 uvicorn's own code paths (and FastAPI's routing for the program routes,

@@ -21,6 +21,8 @@ a writer process stores it (gateway/tracing.py). Storing leans on:
 tests/test_internals_mlflow_traces.py writes a record through these into a real
 store and reads it back with MLflow's public API; it fails, naming what changed,
 when they change. This is not a speed-up: it stays on with `MLFLOW_DSPY_SPEEDUPS=0`.
+Into a SQLite store, `trace_store` writes the rows `log_spans` would write itself
+(internals/mlflow_sqlite_traces.py, a speed-up), and `log_spans` what those do not cover.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def span_dicts(record: TraceLike) -> list[dict]:
             "end_time_unix_nano": span.end_ns or span.start_ns,
             "events": [],
             "status": {"code": "STATUS_CODE_ERROR" if span.error else "STATUS_CODE_OK", "message": span.error or ""},
-            "attributes": {key: json.dumps(value, default=str) for key, value in attributes.items()},
+            "attributes": {key: _encode(value) for key, value in attributes.items()},
         })
     return spans
 
@@ -89,9 +91,18 @@ def trace_store(tracking_uri: str) -> Callable[[str, Sequence[TraceLike]], None]
     from mlflow.entities import Span
     from mlflow.tracing.client import TracingClient
 
+    from mlflow_dspy.internals.mlflow_sqlite_traces import sqlite_writer
+
     client = TracingClient(tracking_uri)
+    rows = sqlite_writer(client.store, span_dicts)  # a SQLite store: its rows, without log_spans's ORM work
 
     def write(experiment_id: str, records: Sequence[TraceLike]) -> None:
+        if rows is not None:
+            try:
+                if rows(experiment_id, records):
+                    return
+            except Exception:
+                pass  # log_spans then writes the batch (over what exists), or raises what the store says
         client.log_spans(experiment_id, [Span.from_dict(d) for record in records for d in span_dicts(record)])
 
     return write
@@ -132,6 +143,9 @@ def failure_kind(exc: BaseException) -> str:
     if isinstance(exc, (OSError, TimeoutError)):
         return DOWN
     return FAILED
+
+
+_encode = json.JSONEncoder(default=str).encode  # json.dumps(value, default=str), without an encoder a call
 
 
 def _b64(hex_id: str) -> str:

@@ -1,0 +1,315 @@
+"""Can the trace writer keep up with its gateway? Traces written per second per core, and the share stored at
+the gateway's sustained throughput, for a SQLite store and for an HTTP one (`mlflow server`, its own SQLite).
+
+- **Per core.** The writer's own code path (`internals/mlflow_traces.trace_store`, what the writer process
+  calls) writes batches of BATCH recorded traces shaped like the `qa` program's (3 spans, 4 tags, token
+  usage), in this process: traces written per CPU-second of the writer (and, for the HTTP store, of the
+  server, which does the database work there, on the same two cores).
+- **Sustained.** One gateway worker serving `qa` on a stub LM answering in 50 ms, closed-loop load for
+  `seconds` (the issue's figure: 60 s), traces on with their defaults; then the queue is given time to drain
+  and the gateway is stopped (its flush). Stored share: the traces in the store over the answers. The writer
+  process's CPU (from /proc) gives the same per-core figure under load.
+
+Run: python -m bench.trace_throughput [--seconds 60] [--clients 32] [--stores sqlite,http]
+(`python -m bench.run --only tracewriter` runs it inside the bench).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+from bench.launch import CHAT, scrape
+from bench.loadgen import closed_loop
+from bench.processes import ROOT, VENV_BIN, child_env, free_port, running
+from bench.steal import measured
+
+TARGET_STORED = 0.99
+LM_LATENCY_S = 0.05
+CLIENTS = 32
+EXPERIMENT = "mlflow-dspy"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+# -- processes and their CPU ----------------------------------------------------------------------------------
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime (fields 14 and 15 of stat)
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+
+
+def trace_writer(gateway_pid: int) -> int | None:
+    """The gateway's trace writer process (a multiprocessing child spawned by its worker), if any."""
+    stack = [gateway_pid]
+    while stack:
+        pid = stack.pop()
+        for child in children(pid):
+            try:
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"spawn_main" in cmdline:
+                return child
+            stack.append(child)
+    return None
+
+
+@contextmanager
+def tracking_server(tmp: Path, log: Path):
+    """`mlflow server` with its own SQLite backend, as a user starts it; yields its URL and the pid of its uvicorn
+    worker (which does the database work of a write; its job runners, started beside it, do not)."""
+    port = free_port()
+    args = [os.path.join(VENV_BIN, "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}",
+            "--default-artifact-root", str(tmp / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port),
+            "--workers", "1"]
+    env = child_env(MLFLOW_DISABLE_TELEMETRY="true", LITELLM_LOCAL_MODEL_COST_MAP="true")
+    with running(args, f"http://127.0.0.1:{port}/health", env, log, timeout=300) as proc:
+        workers = [child for child in children(proc.pid) if b"uvicorn" in Path(f"/proc/{child}/cmdline").read_bytes()]
+        settle(proc.pid)
+        yield f"http://127.0.0.1:{port}", workers[0] if workers else proc.pid
+
+
+def settle(pid: int, limit: float = 180.0) -> None:
+    """Wait until a process and its descendants are idle (under 0.5 s of CPU in 5 s): `mlflow server` answers
+    /health while its job runners (seven processes) still take some 40 s of CPU to start."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        before = tree_cpu(pid)
+        time.sleep(5)
+        if tree_cpu(pid) - before < 0.5:
+            return
+
+
+def tree_cpu(pid: int) -> float:
+    total, stack = 0.0, [pid]
+    while stack:
+        current = stack.pop()
+        total += cpu_seconds(current)
+        stack.extend(children(current))
+    return total
+
+
+# -- per core: the writer's own code path ------------------------------------------------------------------------
+def qa_records(count: int) -> list:
+    """Recorded traces shaped like the gateway's for `qa` (ChainOfThought -> Predict -> LM call)."""
+    from mlflow_dspy.runtime.trace_record import SpanRecord, TraceRecord
+
+    system = ("Your input fields are:\n1. `question` (str):\nYour output fields are:\n1. `reasoning` (str): \n"
+              "2. `answer` (str):\nAll interactions will be structured in the following way, with the appropriate "
+              "values filled in.\n\n[[ ## question ## ]]\n{question}\n\n[[ ## reasoning ## ]]\n{reasoning}\n\n"
+              "[[ ## answer ## ]]\n{answer}\n\n[[ ## completed ## ]]\nIn adhering to this structure, your objective "
+              "is: \n        Given the fields `question`, produce the fields `answer`.")
+    records = []
+    start = time.time_ns()
+    for i in range(count):
+        question = f"What is the capital of France? {i}"
+        outputs = {"reasoning": f"reasoning: {question}", "answer": f"answer: {question}"}
+        record = TraceRecord(tags={"mlflow_dspy.model": "dspy-qa", "mlflow_dspy.version": "dspy-qa/1",
+                                   "mlflow_dspy.route": "/v1/chat/completions", "mlflow_dspy.request_id": f"req-{i}"})
+        t = start + i * 1_000_000
+        root = SpanRecord(f"{i:08x}00000001", None, "ChainOfThought.forward", "CHAIN", t, {"question": question},
+                          end_ns=t + 52_000_000, outputs=outputs,
+                          attributes={"mlflow.chat.tokenUsage": {"input_tokens": 10, "output_tokens": 5,
+                                                                 "total_tokens": 15}})
+        predict = SpanRecord(f"{i:08x}00000002", root.span_id, "Predict.forward", "LLM", t + 100_000,
+                             {"question": question}, end_ns=t + 51_900_000, outputs=outputs)
+        user = (f"[[ ## question ## ]]\n{question}\n\nRespond with the corresponding output fields, starting with "
+                "the field `[[ ## reasoning ## ]]`, then `[[ ## answer ## ]]`, and then ending with the marker for "
+                "`[[ ## completed ## ]]`.")
+        lm = SpanRecord(f"{i:08x}00000003", predict.span_id, "LM.__call__", "CHAT_MODEL", t + 500_000,
+                        {"kwargs": {}, "messages": [{"role": "system", "content": system},
+                                                    {"role": "user", "content": user}], "prompt": None},
+                        end_ns=t + 51_500_000,
+                        outputs=[f"[[ ## reasoning ## ]]\nreasoning: {question}\n\n[[ ## answer ## ]]\nanswer: "
+                                 f"{question}\n\n[[ ## completed ## ]]"],
+                        attributes={"mlflow.llm.model": "openai/stub"})
+        record.spans = [root, predict, lm]
+        records.append(record)
+    return records
+
+
+def per_core(tracking_uri: str, count: int, server_pid: int | None = None) -> dict:
+    """Write `count` qa-shaped traces in batches of the writer's BATCH through its code path, in this process."""
+    import mlflow
+
+    from mlflow_dspy.gateway.tracing import BATCH
+    from mlflow_dspy.internals.mlflow_traces import trace_store
+
+    mlflow.set_tracking_uri(tracking_uri)
+    experiment = mlflow.create_experiment(f"writer-{time.time_ns()}")
+    write = trace_store(tracking_uri)
+    write(experiment, qa_records(BATCH))  # the first batch pays for connections and caches: not counted
+    records = qa_records(count)
+    batches = [records[i:i + BATCH] for i in range(0, count, BATCH)]
+    server_before = cpu_seconds(server_pid) if server_pid else 0.0
+    cpu, wall = time.process_time(), time.perf_counter()
+    for batch in batches:
+        write(experiment, batch)
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    figure = {"traces": count, "batch": BATCH, "writer_cpu_ms_per_trace": round(1000 * cpu / count, 3),
+              "traces_per_core_s": round(count / cpu), "traces_per_wall_s": round(count / wall)}
+    if server_pid:
+        server = cpu_seconds(server_pid) - server_before
+        figure.update(server_cpu_ms_per_trace=round(1000 * server / count, 3),
+                      traces_per_core_s_with_server=round(count / (cpu + server)))
+    return figure
+
+
+# -- sustained: a gateway under closed-loop load ----------------------------------------------------------------
+def _outcomes(base: str) -> dict[str, int]:
+    return {s.labels["outcome"]: int(s.value) for s in scrape(base) if s.name == "mlflow_dspy_traces_total"}
+
+
+def stored_count(tracking_uri: str) -> int:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        return 0
+    count, token = 0, None
+    while True:
+        page = client.search_traces(locations=[experiment.experiment_id], max_results=500, page_token=token,
+                                    include_spans=False)
+        count += len(page)
+        token = page.token
+        if not token:
+            return count
+
+
+def sustained(tracking_uri: str, stub: str, tmp: Path, seconds: float, clients: int, name: str,
+              server_pid: int | None = None) -> dict:
+    """One gateway worker at closed-loop load for `seconds`; what share of its answers' traces is stored."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = child_env(MLFLOW_TRACKING_URI=tracking_uri, DSPY_LM_API_BASE=stub, OPENAI_API_KEY="sk-bench")
+    args = [sys.executable, "mlflow_dspy.py", "gateway", "--program", "qa", "--lm", "openai/stub",
+            "--max-in-flight", "1024", "--port", str(port)]
+    log = tmp / f"gateway-{name}.log"
+    with running(args, f"{base}/ready", env, log, timeout=300) as proc:
+        writer = trace_writer(proc.pid)
+        warm = asyncio.run(closed_loop(f"{base}/v1/chat/completions", CHAT, clients, 1.0))  # its traces count too
+        # The writer process starts beside the gateway (its imports take seconds of CPU): measured once it writes.
+        for _ in range(240):
+            if _outcomes(base).get("written", 0) >= warm.requests:
+                break
+            time.sleep(0.5)
+        writer_cpu, gateway_cpu = cpu_seconds(writer) if writer else 0.0, cpu_seconds(proc.pid)
+        server_cpu = cpu_seconds(server_pid) if server_pid else 0.0
+        with measured() as steal:
+            load = asyncio.run(closed_loop(f"{base}/v1/chat/completions", CHAT, clients, seconds))
+        gateway_cpu = cpu_seconds(proc.pid) - gateway_cpu
+        # The queue drains (the writer at its own pace): until every queued trace is written or the count stands
+        # still for 12 s (/metrics brings it up every 5 s); the stop then flushes what is left.
+        drain, last, still = time.perf_counter(), -1, time.monotonic()
+        while time.perf_counter() - drain < 240:
+            outcomes = _outcomes(base)
+            if outcomes.get("written", 0) >= outcomes.get("queued", 0):
+                break
+            if outcomes.get("written", 0) != last:
+                last, still = outcomes.get("written", 0), time.monotonic()
+            elif time.monotonic() - still > 12:
+                break
+            time.sleep(0.5)
+        drain = time.perf_counter() - drain
+        writer_cpu = (cpu_seconds(writer) - writer_cpu) if writer else 0.0
+        server_cpu = (cpu_seconds(server_pid) - server_cpu) if server_pid else 0.0
+        outcomes = _outcomes(base)
+    stored = stored_count(tracking_uri)
+    answered = warm.requests + load.requests
+    figure = {"clients": clients, "seconds": load.seconds, "throughput": load.throughput, "p99_ms": load.p99_ms,
+              "errors": load.errors, "answered": answered, "stored": stored,
+              "stored_share": round(stored / answered, 4) if answered else 0.0, "outcomes": outcomes,
+              "drain_s": round(drain, 1), "gateway_cpu_s": round(gateway_cpu, 1),
+              "writer_cpu_s": round(writer_cpu, 1),
+              "writer_traces_per_core_s": round(outcomes.get("written", 0) / writer_cpu) if writer_cpu else None,
+              "cpu_steal_percent": steal["percent"]}
+    if server_pid:
+        figure["server_cpu_s"] = round(server_cpu, 1)
+    return figure
+
+
+# -- the section ---------------------------------------------------------------------------------------------
+def trace_throughput_figures(tmp: Path, seconds: float = 60.0, clients: int = CLIENTS, per_core_traces: int = 2000,
+                             stores: tuple[str, ...] = ("sqlite", "http")) -> dict:
+    results: dict = {"lm_latency_s": LM_LATENCY_S, "target": f"at least {TARGET_STORED:.0%} of traces stored at the "
+                     f"gateway's sustained throughput ({clients} clients, one worker, {seconds:g} s)"}
+    stub_port = free_port()
+    stub = f"http://127.0.0.1:{stub_port}"
+    stub_args = [sys.executable, "-m", "bench.stub_lm", "--port", str(stub_port), "--latency", str(LM_LATENCY_S)]
+    with running(stub_args, f"{stub}/_stats", child_env(), tmp / "trace-stub.log"):
+        for store in stores:
+            with ExitStack() as stack:
+                folder = tmp / f"traces-{store}"
+                folder.mkdir(exist_ok=True)
+                server_pid = None
+                if store == "http":
+                    uri, server_pid = stack.enter_context(tracking_server(folder, folder / "server.log"))
+                else:
+                    uri = f"sqlite:///{folder / 'mlflow.db'}"
+                entry = {"per_core": per_core(uri, per_core_traces, server_pid)}
+                print(f"trace writer, {store}: {entry['per_core']}", flush=True)
+                entry["sustained"] = sustained(uri, f"{stub}/v1", folder, seconds, clients, store, server_pid)
+                entry["pass"] = entry["sustained"]["stored_share"] >= TARGET_STORED
+                print(f"trace writer, {store}, sustained: {entry['sustained']}", flush=True)
+                results[store] = entry
+    return results
+
+
+def trace_throughput_line(results: dict) -> str:
+    parts = []
+    for store in ("sqlite", "http"):
+        if store not in results:
+            continue
+        core, load = results[store]["per_core"], results[store]["sustained"]
+        server = (f", server {core['server_cpu_ms_per_trace']} ms ({core['traces_per_core_s_with_server']}/s a core "
+                  "for both)" if "server_cpu_ms_per_trace" in core else "")
+        parts.append(f"{store}: {core['traces_per_core_s']} traces/s a core of the writer "
+                     f"({core['writer_cpu_ms_per_trace']} ms a trace{server}); at {load['throughput']} rps for "
+                     f"{load['seconds']} s, {load['stored']} of {load['answered']} stored "
+                     f"({load['stored_share']:.1%}, writer {load['writer_traces_per_core_s']}/s a core, steal "
+                     f"{load['cpu_steal_percent']}%): {'met' if results[store]['pass'] else 'MISSED'}")
+    return f"trace writer (target: {results['target']}): " + "; ".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--clients", type=int, default=CLIENTS)
+    parser.add_argument("--per-core-traces", type=int, default=2000)
+    parser.add_argument("--stores", default="sqlite,http")
+    parser.add_argument("--out", type=Path, default=None, help="also write the figures here as JSON")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        results = trace_throughput_figures(Path(tmp), args.seconds, args.clients, args.per_core_traces,
+                                           tuple(args.stores.split(",")))
+    print(trace_throughput_line(results))
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()
