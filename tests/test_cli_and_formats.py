@@ -9,6 +9,7 @@ import pytest
 from mlflow_dspy import cli
 from mlflow_dspy.packaging import load
 from mlflow_dspy.program.chat import ChatProgram
+from tests.support.cli import seeded_store
 
 PINS = ["dspy==3.4.1"]  # given, so MLflow does not start a Python to infer them
 
@@ -63,7 +64,7 @@ def test_a_model_of_the_current_format_loads(tmp_path, monkeypatch):
                                   ["serve", "-m", "runs:/0123456789abcdef/model"]])
 def test_a_model_uri_that_names_nothing_is_one_line_and_exit_2(argv, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", seeded_store(tmp_path))
     (tmp_path / "dev.jsonl").write_text('{"question": "q", "answer": "a"}\n')
     assert cli.main(argv) == 2
     err = capsys.readouterr().err

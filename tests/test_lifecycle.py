@@ -16,6 +16,7 @@ from mlflow_dspy.packaging.log import log_target
 from mlflow_dspy.packaging.promote import PromotionRefused, promote
 from mlflow_dspy.program.target import open_target
 from mlflow_dspy.runtime.scoring import evaluate
+from tests.support.cli import seeded_store
 
 QA = open_target("qa")
 DEV = QA.examples("dev")
@@ -36,7 +37,7 @@ def answers(right: int) -> dict:
 
 @pytest.fixture
 def store(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = seeded_store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_DSPY_USER", "test-user")
     return uri

@@ -93,7 +93,6 @@ def test_the_gateway_writes_one_trace_per_request_without_keys(stub, tmp_path):
             for text in questions:
                 assert (await ask(client, [{"role": "user", "content": text}])).startswith("answer:")
 
-    (tmp_path / "traced").mkdir()
     with environment(env):
         asyncio.run(serve(True, ("first?", "second?")))  # its stop flushes the queued traces
         experiment = mlflow.get_experiment_by_name("mlflow-dspy")
@@ -112,7 +111,6 @@ def test_the_gateway_writes_one_trace_per_request_without_keys(stub, tmp_path):
     requests = {json.dumps(t.data.spans[0].inputs) for t in traces}
     assert any("first?" in r for r in requests) and any("second?" in r for r in requests)
 
-    (tmp_path / "quiet").mkdir()
     with environment(quiet):
         asyncio.run(serve(False, ("untraced?",)))
         experiment = mlflow.get_experiment_by_name("mlflow-dspy")

@@ -12,6 +12,7 @@ import dspy
 import httpx
 
 from tests.conftest import LOG_KEY
+from tests.support.cli import seeded_store
 from tests.support.processes import mlflow_serve, stub_requests
 
 ARG_KEY = "sk-planted-as-argument-5d2e81"
@@ -66,7 +67,7 @@ def test_key_passed_to_dspy_lm_is_stripped_before_logging(stub, tmp_path, monkey
     from mlflow_dspy.packaging.log import log_target
     from mlflow_dspy.program.target import open_target
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", seeded_store(tmp_path))
     monkeypatch.setenv("OPENAI_API_KEY", LOG_KEY)  # the log-time example run reads the environment
     lm = dspy.LM("openai/stub-echo", api_key=ARG_KEY, api_base=stub, cache=False,
                  extra_headers={"X-Api-Key": HEADER_KEY})

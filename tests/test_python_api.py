@@ -10,13 +10,14 @@ from dspy.utils.dummies import DummyLM
 from mlflow import MlflowClient
 
 import mlflow_dspy
+from tests.support.cli import seeded_store
 
 ANSWERS = {"capital of France": {"answer": "Paris"}, "2 + 2": {"answer": "4"}}
 
 
 def test_log_a_program_object_with_dev_set_and_metric_then_load_and_ask_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", seeded_store(tmp_path))
     # The user's own module, in their own folder: its code must travel with the model.
     (tmp_path / "geo.py").write_text(
         "import dspy\n\n\nclass Capital(dspy.Signature):\n    question: str = dspy.InputField()\n"

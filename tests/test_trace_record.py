@@ -14,6 +14,7 @@ from dspy.utils.exceptions import AdapterParseError
 from mlflow_dspy.gateway.tracing import TraceExporter
 from mlflow_dspy.runtime.host import ProgramHost
 from mlflow_dspy.runtime.trace_record import RECORDER, TraceRecord, jsonable, recording
+from tests.support.cli import seeded_store
 from tests.support.examples import example_chat
 
 ANSWERS = {f"Question {i}?": {"reasoning": f"because {i}", "answer": str(i)} for i in range(20)}
@@ -93,7 +94,7 @@ async def _recorded(host: ProgramHost, count: int) -> list[TraceRecord]:
 
 @pytest.mark.e2e  # the trace writer is a process of its own
 def test_the_writer_process_writes_every_queued_trace_by_the_stop(host, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = seeded_store(tmp_path)
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.create_experiment("traces")
     records = asyncio.run(_recorded(host, 120))

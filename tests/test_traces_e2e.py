@@ -253,7 +253,8 @@ def test_a_tracking_store_that_goes_down_costs_no_request(stub, tmp_path):
 
 def test_a_request_refused_before_its_program_ran_names_no_trace(stub, tmp_path):
     async def ask() -> tuple[httpx.Response, httpx.Response]:
-        async with asgi_client(traced_app(stub), lifespan=True) as client:
+        # The trace's fate is not the subject: the stop does not wait for the writer.
+        async with asgi_client(traced_app(stub, trace_flush_timeout=0.0), lifespan=True) as client:
             refused = await client.post("/v1/chat/completions", json={
                 "messages": [{"role": "assistant", "content": "no user turn"}]})
             answered = await client.post("/v1/chat/completions", json={
@@ -268,7 +269,7 @@ def test_a_request_refused_before_its_program_ran_names_no_trace(stub, tmp_path)
 
 def test_a_trace_sample_of_zero_traces_nothing_and_counts_every_request_sampled_out(stub, tmp_path):
     async def ask() -> tuple[list[httpx.Response], str]:
-        async with asgi_client(traced_app(stub, trace_sample=0.0), lifespan=True) as client:
+        async with asgi_client(traced_app(stub, trace_sample=0.0, trace_flush_timeout=0.0), lifespan=True) as client:
             replies = [await client.post("/v1/chat/completions",
                                          json={"messages": [{"role": "user", "content": f"Q{i}?"}]})
                        for i in range(10)]

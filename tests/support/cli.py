@@ -3,12 +3,16 @@ what a command does, not the process it runs in)."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import json
 import os
+import shutil
+import sqlite3
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +23,40 @@ from tests.support.processes import ROOT, child_env
 LM_VARIABLES = ("DSPY_LM", "DSPY_LM_API_BASE", "OPENAI_API_KEY")
 
 
+_template: Path | None = None
+
+
+def seeded_store(folder: Path) -> str:
+    """`folder`'s SQLite tracking URI, its database already made (tables and MLflow's Default experiment):
+    MLflow takes seconds to create and migrate a new one, and most tests need a fresh store. A copy of one
+    empty database made once per session; the Default experiment's artifacts go to `folder/mlruns`."""
+    global _template
+    database = folder / "mlflow.db"
+    if not database.exists():
+        if _template is None:
+            _template = _make_template()
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(_template / "mlflow.db", database)
+        with sqlite3.connect(database) as db:
+            db.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)",
+                       (str(_template), str(folder)))
+        db.close()
+    return f"sqlite:///{database}"
+
+
+def _make_template() -> Path:
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    folder = Path(tempfile.mkdtemp(prefix="mlflow-dspy-empty-store-"))
+    atexit.register(shutil.rmtree, folder, True)
+    store = SqlAlchemyStore(f"sqlite:///{folder / 'mlflow.db'}", str(folder / "mlruns"))
+    store.engine.dispose()
+    return folder
+
+
 def store_env(store: Path, **extra: str) -> dict[str, str]:
-    """A child's environment with `store` (mlflow.db and mlartifacts/) as its tracking store."""
-    env = child_env(MLFLOW_TRACKING_URI=f"sqlite:///{store / 'mlflow.db'}", **extra)
+    """A child's environment with `store` (mlflow.db and mlartifacts/) as its tracking store (made now)."""
+    env = child_env(MLFLOW_TRACKING_URI=seeded_store(store), **extra)
     for name in LM_VARIABLES:
         if name not in extra:
             env.pop(name, None)

@@ -43,7 +43,7 @@ class Registry:
     def copy(self, dest: Path) -> Registry:
         """A registry of its own at `dest`, with the same runs, versions, aliases and tags."""
         shutil.copytree(self.root, dest, ignore=shutil.ignore_patterns("*.log"))
-        old, new = f"file://{self.root}", f"file://{dest}"
+        old, new = f"{self.root}/", f"{dest}/"  # in file:// URIs and plain paths alike
         with sqlite3.connect(dest / "mlflow.db") as db:
             for table, column in LOCATION_COLUMNS:
                 db.execute(f"UPDATE {table} SET {column} = replace({column}, ?, ?)", (old, new))
