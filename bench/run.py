@@ -43,11 +43,12 @@ from bench.road_ab import BASELINE, road_ab_figures, road_ab_line
 from bench.steal import measured
 from bench.stream_ttft import stream_ttft_figures
 from bench.trace_cost import trace_cost_figures
+from bench.trace_throughput import trace_throughput_figures, trace_throughput_line
 
 RESULTS = ROOT / "bench" / "results"
 NOISY_STEAL = 10  # percent of CPU time taken by the hypervisor: above it, a figure is flagged
 SERVER_KEYS = ("a", "b", "c1", "c1i", "c2")
-SECTION_KEYS = ("traces", "transport", "road", "multi", "reload", "stream", "mcp", "embedded")
+SECTION_KEYS = ("traces", "tracewriter", "transport", "road", "multi", "reload", "stream", "mcp", "embedded")
 
 
 def servers(model_uri: str) -> list[dict]:
@@ -153,6 +154,9 @@ def main() -> None:
             if wanted("traces"):
                 results["trace_cost"] = trace_cost_figures(base_env, tmp_path, model_uri, 2 * args.seconds)
                 print(f"what tracing costs: {results['trace_cost']}", flush=True)
+            if wanted("tracewriter"):  # its own 50 ms stub and stores (SQLite, mlflow server): 60 s of load each
+                results["trace_writer"] = trace_throughput_figures(tmp_path)
+                print(f"trace writer: {results['trace_writer']}", flush=True)
             if wanted("road"):
                 results["road_ab"] = road_ab_figures(base_env, tmp_path, args.seconds, args.baseline)
                 print(f"one road, before and after: {results['road_ab']}", flush=True)
@@ -206,6 +210,8 @@ def targets(results: dict) -> list[str]:
                      f"client {cost['at_1']['on']['p50_ms']} vs {cost['at_1']['off']['p50_ms']} ms "
                      f"({_signed(cost['p50_more_ms'])}); traces {cost['traces']}; steal {cost['cpu_steal_percent']}%. "
                      f"Target: {cost['target']}: {_verdict(cost)}")
+    if writer := results.get("trace_writer"):
+        lines.append(trace_throughput_line(writer))
     if road := results.get("road_ab"):
         lines.append(road_ab_line(road))
     if transport := results.get("lm_transport"):
