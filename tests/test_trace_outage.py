@@ -41,8 +41,10 @@ def tracking_server(tmp_path: Path, port: int) -> Iterator[str]:
     args = [os.path.join(VENV_BIN, "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
             "--default-artifact-root", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
             "--workers", "1"]
-    # Offline, `mlflow server` hangs at start-up without these two (FIELD_NOTES).
-    env = child_env(MLFLOW_DISABLE_TELEMETRY="true", LITELLM_LOCAL_MODEL_COST_MAP="true")
+    # Offline, `mlflow server` hangs at start-up without the first two (FIELD_NOTES). Its job runners (seven processes,
+    # some 40 s of CPU at each start) have nothing to do with traces: off, for a shorter test.
+    env = child_env(MLFLOW_DISABLE_TELEMETRY="true", LITELLM_LOCAL_MODEL_COST_MAP="true",
+                    MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     url = f"http://127.0.0.1:{port}"
     with running(args, f"{url}/health", env, tmp_path / f"server-{time.monotonic_ns()}.log", timeout=180) as proc:
         try:
