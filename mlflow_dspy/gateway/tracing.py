@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import queue
 import random
+import re
 import signal
 import time
 from typing import Any
@@ -277,7 +278,8 @@ class _Outage:
             self.attempts = 0
         if now - self.last_said > 10 or not retry:  # at most a line every 10 s while it lasts
             self.last_said = now
-            what = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            message = re.sub(r"://[^/@\s]+@", "://", (str(exc).splitlines() or [""])[0][:200])  # no credentials
+            what = f"{type(exc).__name__}: {message}"
             then = (f"retrying the batch of {size} (new traces wait in the queue; past it, they are dropped)"
                     if retry else f"the batch of {size} is dropped ({failed.value} traces dropped so far)")
             print(f"mlflow-dspy traces: the tracking store failed ({what}) for {now - self.since:.0f} s; {then}",
