@@ -12,11 +12,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import dspy
 
-from mlflow_dspy.gateway.chat.wire import ChatMessage
 from mlflow_dspy.gateway.errors import unsupported_parameter
 from mlflow_dspy.program.chat import Conversation, parse_conversation
 from mlflow_dspy.runtime.host import as_text
@@ -98,14 +98,27 @@ def _json_or_text(value: str) -> Any:
         return value
 
 
-def adapter_prompt(messages: list[ChatMessage]) -> AdapterPrompt | None:
-    """The fields of a DSPy adapter's prompt, when `messages` is one (None otherwise)."""
-    system, last = messages[0], messages[-1]
-    if (system.role != "system" or last.role != "user" or not isinstance(system.content, str)
-            or not isinstance(last.content, str) or not last.content.startswith("[[ ## ")
-            or not all(mark in system.content for mark in _ADAPTER_MARKS)):
+def _text(content: Any) -> str | None:
+    """A message's text: a string, or the text of its parts (chat's `text`, the Responses API's `input_text`)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content and all(isinstance(p, dict) and isinstance(p.get("text"), str)
+                                                     for p in content):
+        return "".join(p["text"] for p in content)
+    return None
+
+
+def adapter_prompt(messages: Sequence[Any]) -> AdapterPrompt | None:
+    """The fields of a DSPy adapter's prompt, when `messages` (each with a `role` and a `content`: a chat
+    request's, or the Responses API's read as messages) is one; None otherwise."""
+    if not messages:
         return None
-    head = system.content.split(_ADAPTER_MARKS[2], 1)[0]
+    system, last = messages[0], messages[-1]
+    system_text, last_text = _text(system.content), _text(last.content)
+    if (system.role != "system" or last.role != "user" or system_text is None or last_text is None
+            or not last_text.startswith("[[ ## ") or not all(mark in system_text for mark in _ADAPTER_MARKS)):
+        return None
+    head = system_text.split(_ADAPTER_MARKS[2], 1)[0]
     listed_inputs, _, listed_outputs = head.partition(_ADAPTER_MARKS[1])
     input_names = _LISTED_FIELD.findall(listed_inputs)
     outputs = _LISTED_FIELD.findall(listed_outputs)
@@ -113,11 +126,11 @@ def adapter_prompt(messages: list[ChatMessage]) -> AdapterPrompt | None:
         return None
     # Split at the markers of the listed inputs only: a value may hold other `[[ ## ... ## ]]` text.
     blocks = re.compile(r"\[\[ ## (" + "|".join(map(re.escape, input_names)) + r") ## \]\]\n")
-    parts = blocks.split(last.content)
+    parts = blocks.split(last_text)
     inputs = {parts[i]: parts[i + 1] for i in range(1, len(parts) - 1, 2)}
     if not inputs:
         return None
     last_name = list(inputs)[-1]
     inputs[last_name] = _REQUEST_TAIL.sub("", inputs[last_name])
     inputs = {name: value.strip() for name, value in inputs.items()}
-    return AdapterPrompt(inputs, outputs, json="Respond with a JSON object" in last.content)
+    return AdapterPrompt(inputs, outputs, json="Respond with a JSON object" in last_text)

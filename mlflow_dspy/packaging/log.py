@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -218,6 +219,11 @@ def _plan(target: Target, lm: dspy.BaseLM | None, registered_model_name: str | N
     metric, metric_name = target.metric()
     dev = target.examples("dev") if evaluate_dev and target.config.dev is not None else None
     example = target.input_example()
+    if target.mapping.history_field is None:
+        how = (f"folded into its '{target.mapping.question_field}' text" if target.mapping.question_field else
+               "refused with a 400 (its user message is a JSON object of its inputs)")
+        print(f"note: {target.name} has no dspy.History input: in a chat, earlier turns are {how}; give it a "
+              "dspy.History input to see them as a history", file=sys.stderr)
     report = evaluate(target.name, module, dev, metric, lm, adapter, target.data_hash()) if dev else None
     tags = {
         "program": target.name,

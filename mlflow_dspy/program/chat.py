@@ -158,6 +158,20 @@ def parse_conversation(messages: Any) -> Conversation:
                             for i, m in enumerate(messages)])
 
 
+# A program without a dspy.History input sees earlier turns folded into its question text, in this form.
+FOLDED_HEAD = "Earlier in this conversation:"
+FOLDED_QUESTION = "The question now:"
+NO_HISTORY_JSON = ("this program reads one JSON user message of its inputs and has no dspy.History input, so it "
+                   "cannot see earlier turns: send the last user message alone, or give the program a dspy.History "
+                   "input (README: How a chat reaches your program)")
+
+
+def folded(turns: list[dict[str, str]], question: str) -> str:
+    """The earlier turns and the question as one text, for a program that has no history input."""
+    lines = [f"{turn['role']}: {turn['content']}" for turn in turns]
+    return "\n".join([FOLDED_HEAD, *lines, "", FOLDED_QUESTION, question])
+
+
 def history_entries(turns: list[dict[str, str]], question_field: str, answer_field: str) -> list[dict[str, str]]:
     """Pair user and assistant turns into the signature-shaped dicts `dspy.History` expects."""
     entries: list[dict[str, str]] = []
@@ -244,6 +258,10 @@ class ChatProgram(dspy.Module):
             kwargs[mapping.history_field] = dspy.History(
                 messages=history_entries(conversation.turns, question, mapping.answer_fields[0])
             )
+        elif conversation.turns:  # no history input: the earlier turns are never dropped in silence
+            if not mapping.question_field:
+                raise ChatInputError(NO_HISTORY_JSON)
+            kwargs[mapping.question_field] = folded(conversation.turns, conversation.question)
         program = self.for_call()
         if conversation.system:
             system = "\n\n".join(conversation.system)

@@ -12,6 +12,7 @@ from contextlib import aclosing, contextmanager
 from typing import Any
 
 import dspy
+from dspy.streaming import StatusMessage, StatusMessageProvider
 
 from mlflow_dspy.internals.dspy_chat_adapter import serving_adapter
 from mlflow_dspy.internals.dspy_stream import chunk_call, chunk_predictor, chunk_text
@@ -144,6 +145,9 @@ class ProgramHost:
                     if isinstance(value, dspy.Prediction):
                         final = value
                         continue
+                    if isinstance(value, StatusMessage):  # a tool starting or ending (ToolSteps)
+                        yield "step", value.message
+                        continue
                     text = chunk_text(value)
                     if text and chunk_predictor(value, target) == target:
                         if chunk_call(value) != call_id:
@@ -168,7 +172,26 @@ def _streaming(program: dspy.Module, trace: TraceRecord | None):
     async def checked(**arguments: Any) -> dspy.Prediction:
         return answered(await call_async(program, arguments), trace)
 
-    return dspy.streamify(checked, include_final_prediction_in_output_stream=True)
+    return dspy.streamify(checked, status_message_provider=ToolSteps(),
+                          include_final_prediction_in_output_stream=True)
+
+
+class ToolSteps(StatusMessageProvider):
+    """The tools a program calls (a ReAct agent's), told as they run through DSPy's status messages: a JSON
+    object for each tool that starts (`tool`, `arguments`) and ends (`output`); nothing for anything else."""
+
+    def tool_start_status_message(self, instance: Any, inputs: dict[str, Any]) -> str:
+        arguments = inputs.get("kwargs", inputs) if isinstance(inputs, dict) else inputs
+        return json.dumps({"tool": getattr(instance, "name", "tool"), "arguments": arguments}, default=str)
+
+    def tool_end_status_message(self, outputs: Any) -> str:
+        return json.dumps({"output": as_text(outputs)})
+
+    def lm_start_status_message(self, instance: Any, inputs: dict[str, Any]) -> None:
+        return None
+
+    def lm_end_status_message(self, outputs: Any) -> None:
+        return None
 
 
 class NoPrediction(RuntimeError):

@@ -6,6 +6,8 @@ says how: streamed or not, with the client's LM settings. Then it reads back one
 
 - `Delta(field, text)`: text as the LM writes it (streamed runs only). A chat run's
   fields are "content" (the answer) and "reasoning"; a fields run's are the output fields' names.
+- `ToolStep(name, arguments, output)`: a tool the program called (a ReAct agent's), once it has
+  returned (streamed runs; a finished run's are `tool_steps(prediction)`).
 - `Finished(prediction, finish_reason, usage)`: the answer. `cut_short` says the client's
   own limit (max_tokens, stop) cut the outputs before they parsed; the prediction then holds what the
   LM wrote of them, as OpenAI answers such a request (a 200, finish_reason "length").
@@ -19,6 +21,7 @@ protocols only encode the events (streamed, or collected with `outcome()`).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -71,6 +74,15 @@ class Delta:
 
 
 @dataclass(frozen=True)
+class ToolStep:
+    """A tool the program called (a ReAct agent's): its name, its arguments and what it returned."""
+
+    name: str
+    arguments: dict[str, Any]
+    output: str
+
+
+@dataclass(frozen=True)
 class Finished:
     prediction: dspy.Prediction
     finish_reason: FinishReason = "stop"
@@ -83,7 +95,22 @@ class Failed:
     failure: Failure
 
 
-Event = Delta | Finished | Failed
+Event = Delta | ToolStep | Finished | Failed
+
+
+def tool_steps(prediction: dspy.Prediction) -> list[ToolStep]:
+    """The tools a finished program called, from a ReAct agent's `trajectory` (`tool_name_i`, `tool_args_i`,
+    `observation_i`); its closing `finish` is not a tool."""
+    trajectory = prediction.get("trajectory") if isinstance(prediction, dspy.Prediction) else None
+    steps, i = [], 0
+    while isinstance(trajectory, dict) and f"tool_name_{i}" in trajectory:
+        name = trajectory[f"tool_name_{i}"]
+        if name != "finish":
+            arguments = trajectory.get(f"tool_args_{i}")
+            steps.append(ToolStep(str(name), arguments if isinstance(arguments, dict) else {},
+                                  str(trajectory.get(f"observation_{i}", ""))))
+        i += 1
+    return steps
 
 
 def failure(exc: BaseException) -> Failure:
@@ -139,12 +166,12 @@ class Run:
             yield await self._whole()
 
     async def outcome(self) -> Finished | Failed:
-        """The run collected: its Finished or Failed (a streamed run's Deltas are dropped)."""
+        """The run collected: its Finished or Failed (a streamed run's Deltas and steps are dropped)."""
         if not self.stream:
             return await self._whole()
         last: Finished | Failed | None = None
         async for event in self._streamed():
-            if not isinstance(event, Delta):
+            if isinstance(event, Finished | Failed):
                 last = event
         assert last is not None
         return last
@@ -168,13 +195,21 @@ class Run:
             produced = host.stream(self.call, self.lm_settings, self.trace)
         else:
             produced = host.predict_stream(self.call, self.trace)
-        prediction = None
+        prediction, tool = None, None
         try:
             async for item in within(produced, asyncio.get_running_loop().time() + self.timeout):
                 if isinstance(item, dspy.Prediction):
                     prediction = item
                     continue
                 label, text = item
+                if label == "step":  # a tool started (its name and arguments) or ended (its output)
+                    step = json.loads(text)
+                    if "tool" in step:
+                        tool = step
+                    elif tool is not None:
+                        yield ToolStep(tool["tool"], tool.get("arguments") or {}, step.get("output", ""))
+                        tool = None
+                    continue
                 sent[label] = sent.get(label, "") + text
                 yield self._delta(label, text)
         except Exception as exc:

@@ -3,7 +3,7 @@
 MLflow's DSPy autolog builds OpenTelemetry spans, serializes every input and
 output, and exports them from the serving process: measured here, tracing that
 way cost 65% of the gateway's throughput. This records the same story as plain
-data instead: one span per module call and per LM call (the adapter's format
+data instead: one span per module call, per LM call and per tool call (the adapter's format
 and parse steps, which repeat the signature on every call, are left out), with
 their inputs, outputs, timing, errors and the token usage, into a `TraceRecord`
 that the gateway hands to its trace writer (gateway/tracing.py).
@@ -146,6 +146,15 @@ class RecordingCallback(BaseCallback):
                     **{LM_MODEL: redacted(str(getattr(instance, "model", "")))})
 
     def on_lm_end(self, call_id: str, outputs: Any | None, exception: BaseException | None = None) -> None:
+        self._end(call_id, outputs, exception)
+
+    def on_tool_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
+        """A tool the program calls (a ReAct agent's): its name, its arguments, then its observation."""
+        if set(inputs) == {"kwargs"}:
+            inputs = inputs["kwargs"]  # called with keywords: their names are the tool's arguments
+        self._start(call_id, f"Tool.{getattr(instance, 'name', type(instance).__name__)}", "TOOL", inputs)
+
+    def on_tool_end(self, call_id: str, outputs: Any | None, exception: BaseException | None = None) -> None:
         self._end(call_id, outputs, exception)
 
 

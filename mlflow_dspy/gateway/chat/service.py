@@ -18,6 +18,7 @@ from fastapi.encoders import jsonable_encoder
 from sse_starlette.sse import EventSourceResponse
 from starlette.responses import Response
 
+from mlflow_dspy.gateway.chat.structured import USUAL, AnswerShape
 from mlflow_dspy.gateway.chat.wire import (
     AssistantMessage,
     ChatCompletion,
@@ -27,6 +28,8 @@ from mlflow_dspy.gateway.chat.wire import (
     Choice,
     ChunkChoice,
     ChunkDelta,
+    FunctionCall,
+    ToolCall,
     completion_id,
     conversation_of,
 )
@@ -35,7 +38,7 @@ from mlflow_dspy.gateway.dspy_client import adapter_prompt
 from mlflow_dspy.gateway.errors import GatewayError, invalid_request
 from mlflow_dspy.program.chat import Conversation
 from mlflow_dspy.runtime.host import ProgramHost
-from mlflow_dspy.runtime.run import Delta, Failed, Finished, Run
+from mlflow_dspy.runtime.run import Delta, Failed, Finished, Run, ToolStep
 
 # A chat delta's field for each text a run streams.
 DELTA_FIELDS = {"content": "content", "reasoning": "reasoning_content"}
@@ -77,43 +80,58 @@ class ChatService:
         prompt = adapter_prompt(body.messages)
         if prompt is not None:
             prompt.check(host.program)
-            conversation, json_fields = prompt.conversation(host.program), None
+            conversation, shape = prompt.conversation(host.program), USUAL
         else:
-            json_fields = body.json_answer(host.program)
+            shape = body.answer_shape(host.program)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         run = ctx.start_run(host, conversation, stream=body.stream and prompt is None, lm_settings=body.lm_settings())
         if run.stream:
-            return EventSourceResponse(_chunks(run, host, json_fields, include_usage), sep="\n", ping=15)
+            return EventSourceResponse(_chunks(run, host, shape, include_usage), sep="\n", ping=15)
         outcome = await run.outcome()
         if isinstance(outcome, Failed):
             raise GatewayError.of(outcome.failure)
         prediction, reasoning = outcome.prediction, host.reasoning(outcome.prediction)
         if prompt is not None:
             # The reasoning travels in the adapter's own format (a `reasoning` field), if the client asks for it.
-            content = prompt.reply(prompt.values(host.program, prediction, host.content(prediction), reasoning))
-            reasoning = None
+            message = AssistantMessage(content=prompt.reply(prompt.values(host.program, prediction,
+                                                                          host.content(prediction), reasoning)))
+        elif shape.tool is not None:
+            message = AssistantMessage(content=None, reasoning_content=reasoning, tool_calls=[
+                ToolCall(function=FunctionCall(name=shape.tool, arguments=json_content(host, prediction, shape)))])
         else:
-            content = json_content(host, prediction, json_fields)
+            message = AssistantMessage(content=json_content(host, prediction, shape), reasoning_content=reasoning)
         completion = ChatCompletion(
             model=host.name, system_fingerprint=host.fingerprint, usage=outcome.usage,
-            choices=[Choice(message=AssistantMessage(content=content, reasoning_content=reasoning),
-                            finish_reason=outcome.finish_reason)])
+            choices=[Choice(message=message, finish_reason=finish_reason(outcome, shape))])
         if body.stream:  # a DSPy client streaming: its adapter parses the whole answer, sent as one chunk
             return EventSourceResponse(_whole(completion, include_usage), sep="\n", ping=15)
         # Serialized by pydantic directly: FastAPI's generic encoder costs more than the rest of the reply.
         return Response(completion.model_dump_json(), media_type="application/json")
 
 
-def json_content(host: ProgramHost, prediction: dspy.Prediction, json_fields: tuple[str, ...] | None) -> str:
-    """The chat answer; with a JSON response_format, the JSON object of the fields it asks for."""
-    if json_fields is None:
+def json_content(host: ProgramHost, prediction: dspy.Prediction, shape: AnswerShape) -> str:
+    """The chat answer; asked for as a JSON object (a response_format, a forced tool's arguments), the JSON
+    object of the fields it asks for."""
+    if shape.fields is None:
         return host.content(prediction)
-    return json.dumps(jsonable_encoder({name: prediction.get(name) for name in json_fields}))
+    return json.dumps(jsonable_encoder({name: prediction.get(name) for name in shape.fields}))
+
+
+def finish_reason(finished: Finished, shape: AnswerShape) -> str:
+    """The run's finish_reason; "tool_calls" for a forced call the answer completed."""
+    return "tool_calls" if shape.tool is not None and finished.finish_reason == "stop" else finished.finish_reason
 
 
 def sse(data: Any) -> dict:
     """One server-sent event: a string as it is, anything else as JSON."""
     return {"data": data if isinstance(data, str) else json.dumps(data)}
+
+
+def step_comment(step: ToolStep) -> dict:
+    """A tool the program called, as a comment line of the stream (`: tool {...}`): shown to anyone reading
+    the stream, skipped by SDKs, which read only its data (a chat chunk has no place for a server's tools)."""
+    return {"comment": "tool " + json.dumps({"name": step.name, "arguments": step.arguments, "output": step.output},
+                                            default=str)}
 
 
 class _Chunks:
@@ -123,7 +141,7 @@ class _Chunks:
         self.head = {"id": cid or completion_id(), "created": created or int(time.time()), "model": model}
         self.fingerprint = fingerprint
 
-    def delta(self, finish: str | None = None, **delta: str) -> dict:
+    def delta(self, finish: str | None = None, **delta: Any) -> dict:
         chunk = ChatCompletionChunk(**self.head, system_fingerprint=self.fingerprint,
                                     choices=[ChunkChoice(delta=ChunkDelta(), finish_reason=finish)]).model_dump()
         chunk.pop("usage")
@@ -134,16 +152,17 @@ class _Chunks:
         return sse(ChatCompletionChunk(**self.head, choices=[], usage=usage).model_dump())
 
 
-async def _chunks(run: Run, host: ProgramHost, json_fields: tuple[str, ...] | None,
-                  include_usage: bool) -> AsyncIterator[dict]:
+async def _chunks(run: Run, host: ProgramHost, shape: AnswerShape, include_usage: bool) -> AsyncIterator[dict]:
     """A run's events as chat-completion chunks: the role, the text as it comes, the finish, the usage."""
     chunks = _Chunks(host.name, host.fingerprint)
     yield chunks.delta(role="assistant", content="")
     finished: Finished | None = None
     async for event in run.events():
         if isinstance(event, Delta):
-            if event.field != "content" or json_fields is None:  # a JSON answer is whole only at the end
+            if event.field != "content" or shape.fields is None:  # a JSON answer is whole only at the end
                 yield chunks.delta(**{DELTA_FIELDS[event.field]: event.text})
+        elif isinstance(event, ToolStep):
+            yield step_comment(event)
         elif isinstance(event, Failed):
             # The status line is already sent: the failure travels as an error event.
             yield sse(GatewayError.of(event.failure).body())
@@ -151,9 +170,13 @@ async def _chunks(run: Run, host: ProgramHost, json_fields: tuple[str, ...] | No
             return
         else:
             finished = event
-    if json_fields is not None:
-        yield chunks.delta(content=json_content(host, finished.prediction, json_fields))
-    yield chunks.delta(finish=finished.finish_reason)
+    if shape.tool is not None:
+        call = ToolCall(function=FunctionCall(name=shape.tool, arguments=json_content(host, finished.prediction,
+                                                                                      shape)))
+        yield chunks.delta(tool_calls=[{"index": 0, **call.model_dump()}])
+    elif shape.fields is not None:
+        yield chunks.delta(content=json_content(host, finished.prediction, shape))
+    yield chunks.delta(finish=finish_reason(finished, shape))
     if include_usage:
         yield chunks.usage(finished.usage)
     yield sse("[DONE]")

@@ -3,24 +3,35 @@ chunks of its stream.
 
 The request's messages are read once, into the `Conversation` the program is handed
 (`conversation_of`); what a program cannot honour once it is known (a response_format
-that is not its outputs) is refused then (`json_answer`).
+that is not its outputs, a forced tool it cannot call) is refused then (`answer_shape`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import time
-import typing
 import uuid
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
-from mlflow_dspy.gateway.errors import unsupported_parameter
+from mlflow_dspy.gateway.chat.structured import (
+    USUAL,
+    AnswerShape,
+    check_tools,
+    forced_tool,
+    json_object,
+    schema_fields,
+)
 from mlflow_dspy.gateway.openai_wire import MAX_COMPLETION_TOKENS, NO_TOOLS, Strict, unsupported
 from mlflow_dspy.program.chat import Conversation, Message
-from mlflow_dspy.runtime.run import FinishReason, Usage
+from mlflow_dspy.runtime.run import Usage
 
 if TYPE_CHECKING:
     from mlflow_dspy.program.chat import ChatProgram
@@ -40,7 +51,7 @@ IGNORED_FIELDS: dict[str, str] = {
     "reasoning_effort": "how hard an OpenAI reasoning model thinks; the program's LM has its own settings",
     "verbosity": "how long a GPT-5 answer should be; the program's signature decides its outputs",
     "prediction": "predicted output, to speed up an OpenAI model; it never changes the answer",
-    "parallel_tool_calls": "meaningful only with tools (which are never called here)",
+    "parallel_tool_calls": "at most one call is made: the forced one (see structured.py)",
     "logprobs": "false only (true is refused)",
     "top_logprobs": "absent or 0 only",
     "logit_bias": "empty only (a bias on token ids is refused)",
@@ -49,26 +60,23 @@ IGNORED_FIELDS: dict[str, str] = {
     "presence_penalty": "not passed to the program's LM",
     "frequency_penalty": "not passed to the program's LM",
     "stream_options": "include_usage is honoured; include_obfuscation is ignored (no padding is sent)",
-    "tools": "an empty list; or tools with tool_choice \"none\" (the model then answers in text, as a DSPy "
-             "program always does)",
-    "tool_choice": "\"none\" or \"auto\" when no tools are sent, \"none\" when tools are sent",
-    "functions": "the deprecated form of tools, under the same rules",
-    "function_call": "the deprecated form of tool_choice, under the same rules",
 }
 # Honoured (they reach the program's LM, or shape the answer): temperature, top_p, max_tokens,
-# max_completion_tokens, stop, seed, stream, stream_options.include_usage, response_format.
+# max_completion_tokens, stop, seed, stream, stream_options.include_usage, response_format, and tools with
+# tool_choice (and the deprecated functions with function_call): with tool_choice absent, "auto" or "none"
+# the program answers in text, as a model that chose not to call a tool; a forced function whose parameters
+# are the program's outputs is answered as a call of it (structured.py).
 # Refused with a 400 that says why: they would change the answer, and a DSPy program cannot honour them.
 REFUSED: dict[str, str] = {
     "n > 1": "a DSPy program gives one answer per request",
     "logprobs: true, top_logprobs > 0": "the answer is parsed out of one or more LM calls: it has no log-probabilities",
     "logit_bias (non-empty)": "token ids of an LM the client does not choose",
     "modalities with \"audio\", audio (non-null)": "a DSPy program answers in text",
-    "tools (non-empty) unless tool_choice is \"none\"; tool_choice \"required\" or a named function": "a DSPy "
-        "program answers in text and never calls tools",
+    "tool_choice \"required\" or a named function whose parameters are not the program's outputs": "a DSPy "
+        "program calls no tool of the client's: it can only answer with its own outputs",
     "tool / function messages, assistant messages with tool_calls": "there are no tool calls to answer",
     "response_format json_schema whose properties differ from the program's outputs": "the program's outputs "
         "are its signature's",
-    "response_format json_object for a program whose answer is one text field": "its answer is not a JSON object",
 }
 # What an assistant message carries when a client sends back a reply it got (from this gateway or from
 # OpenAI): accepted and ignored, so `messages.append(response.choices[0].message)` works.
@@ -234,18 +242,9 @@ class ChatCompletionRequest(OpenAIRequest):
             raise unsupported("this model answers in text only: modalities must be [\"text\"]", "modalities")
         if self.audio is not None:
             raise unsupported("this model answers in text only: leave audio out", "audio")
-        self._tools_fit("tools", self.tools, "tool_choice", self.tool_choice)
-        self._tools_fit("functions", self.functions, "function_call", self.function_call)
+        check_tools(self.tools, self.tool_choice, "tools", "tool_choice")
+        check_tools(self.functions, self.function_call, "functions", "function_call")
         return self
-
-    @staticmethod
-    def _tools_fit(tools_name: str, tools: list | None, choice_name: str, choice: Any) -> None:
-        if tools and choice != "none":
-            shown = "absent, which means \"auto\"" if choice is None else json.dumps(choice)
-            raise unsupported(f"{tools_name} cannot be used: {NO_TOOLS}; send {tools_name} only with "
-                               f"{choice_name} \"none\" (it is {shown}), or leave them out", tools_name)
-        if not tools and choice not in (None, "none", "auto"):
-            raise unsupported(f"{choice_name} {json.dumps(choice)} asks for a tool call: {NO_TOOLS}", choice_name)
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -258,67 +257,21 @@ class ChatCompletionRequest(OpenAIRequest):
             settings["seed"] = self.seed
         return settings
 
-    def json_answer(self, program: ChatProgram) -> tuple[str, ...] | None:
-        """The fields of the JSON object the response_format asks the answer to be; None: the usual answer.
-
-        `json_object` is honoured for a program whose chat answer already is a JSON
-        object (several answer fields, or one typed as an object). `json_schema` is
-        honoured when the schema's properties are the program's answer fields,
-        optionally with its other outputs and `reasoning`: the answer is then the
-        JSON object of those fields. Anything else cannot be honoured: a 400 naming response_format.
-        """
+    def answer_shape(self, program: ChatProgram) -> AnswerShape:
+        """How the client asks the answer to be: a call of a forced function whose parameters are the program's
+        outputs (structured output through a tool), the JSON object `response_format` asks for, or the usual
+        answer. What the program cannot give is a 400 naming the field (structured.py)."""
+        tool = forced_tool(self.tools or self.functions, self.tool_choice if self.tools else self.function_call,
+                           program, "tool_choice" if self.tools else "function_call")
+        if tool is not None:
+            return tool
         fmt = self.response_format
         if fmt is None or fmt.type == "text":
-            return None
-        mapping = program.mapping
-        answers = tuple(mapping.answer_fields)
+            return USUAL
         if fmt.type == "json_object":
-            if answers_an_object(program):
-                return None  # the usual answer is that object
-            raise unsupported_parameter(
-                f"response_format json_object cannot be honoured: this program's answer is the text "
-                f"of its output '{answers[0]}', not a JSON object; leave response_format out, or "
-                f"use json_schema with the property '{answers[0]}'", "response_format")
-        schema = fmt.json_schema.schema_ or {}
-        properties = schema.get("properties")
-        available = [f.name for f in mapping.outputs]
-        if program_reasons(program):
-            available.append("reasoning")
-        wanted = "(" + ", ".join(answers) + (", optionally " + ", ".join(a for a in available if a not in answers)
-                                             if len(available) > len(answers) else "") + ")"
-        if schema.get("type", "object") != "object" or not isinstance(properties, dict) or not properties:
-            raise unsupported_parameter(
-                f"response_format json_schema cannot be honoured: its schema must be an object with "
-                f"properties, the program's outputs {wanted}", "response_format")
-        requested = tuple(properties)
-        extra = [name for name in requested if name not in available]
-        missing = [name for name in answers if name not in requested]
-        required = schema.get("required") or []
-        if extra or missing or not set(required) <= set(requested):
-            problems = [f"it asks for {', '.join(extra)}" if extra else "",
-                        f"it leaves out {', '.join(missing)}" if missing else "",
-                        "its required fields are not among its properties" if not set(required) <= set(requested)
-                        else ""]
-            raise unsupported_parameter(
-                f"response_format json_schema '{fmt.json_schema.name}' differs from the program's "
-                f"outputs {wanted}: {'; '.join(p for p in problems if p)}", "response_format")
-        return requested
-
-
-def answers_an_object(program: ChatProgram) -> bool:
-    """Whether the program's chat answer is a JSON object: several answer fields, or one typed as an object."""
-    fields = program.mapping.answer_fields
-    if len(fields) > 1:
-        return True
-    output = next((f for f in program.mapping.outputs if f.name == fields[0]), None)
-    annotation = output.annotation if output else str
-    origin = typing.get_origin(annotation) or annotation
-    return isinstance(origin, type) and (issubclass(origin, (dict, BaseModel)) or dataclasses.is_dataclass(origin))
-
-
-def program_reasons(program: ChatProgram) -> bool:
-    """Whether one of the program's steps writes a `reasoning` output."""
-    return any("reasoning" in p.signature.output_fields for p in program.program.predictors())
+            return json_object(program)
+        return AnswerShape(schema_fields(fmt.json_schema.schema_, program,
+                                         f"response_format json_schema '{fmt.json_schema.name}'", "response_format"))
 
 
 def conversation_of(messages: list[ChatMessage]) -> Conversation:
@@ -331,16 +284,43 @@ def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
 
+# A call the client forced is answered as one, with finish_reason "tool_calls".
+WireFinishReason = Literal["stop", "length", "tool_calls"]
+
+
+def tool_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # the JSON object of the program's outputs
+
+
+class ToolCall(BaseModel):
+    id: str = Field(default_factory=tool_call_id)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
     reasoning_content: str | None = None
+    tool_calls: list[ToolCall] | None = None  # only with a forced call: left out otherwise
+
+    @model_serializer(mode="wrap")
+    def _without_absent_calls(self, serialize: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = serialize(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
 
 
 class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    finish_reason: FinishReason = "stop"
+    finish_reason: WireFinishReason = "stop"
 
 
 class ChatCompletion(BaseModel):
@@ -357,12 +337,13 @@ class ChunkDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning_content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChunkChoice(BaseModel):
     index: int = 0
     delta: ChunkDelta
-    finish_reason: FinishReason | None = None
+    finish_reason: WireFinishReason | None = None
 
 
 class ChatCompletionChunk(BaseModel):

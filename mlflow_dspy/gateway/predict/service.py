@@ -24,7 +24,7 @@ from mlflow_dspy.gateway.errors import GatewayError, invalid_body, invalid_reque
 from mlflow_dspy.gateway.predict.shape import PredictResponse, PredictShape, Question
 from mlflow_dspy.program.chat import Conversation, Message
 from mlflow_dspy.runtime.host import ProgramHost
-from mlflow_dspy.runtime.run import Delta, Failed, Run
+from mlflow_dspy.runtime.run import Delta, Failed, Run, ToolStep
 
 
 class PredictService:
@@ -82,6 +82,8 @@ async def _events(run: Run) -> AsyncIterator[dict]:
     async for event in run.events():
         if isinstance(event, Delta):
             yield sse({"chunk": {"field": event.field, "text": event.text}})
+        elif isinstance(event, ToolStep):
+            yield sse({"tool": {"name": event.name, "arguments": event.arguments, "output": event.output}})
         elif isinstance(event, Failed):
             yield sse(GatewayError.of(event.failure).body())
         else:

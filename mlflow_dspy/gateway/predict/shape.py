@@ -9,7 +9,7 @@ import dspy
 from pydantic import BaseModel, BeforeValidator, Field, TypeAdapter, WithJsonSchema, create_model
 from pydantic_core import PydanticCustomError
 
-from mlflow_dspy.gateway.chat.wire import program_reasons
+from mlflow_dspy.gateway.chat.structured import program_reasons
 from mlflow_dspy.gateway.openai_wire import Strict
 from mlflow_dspy.program.chat import history_entries
 from mlflow_dspy.program.mapping import Field as ProgramField

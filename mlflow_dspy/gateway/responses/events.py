@@ -8,14 +8,17 @@ from typing import Any
 
 from mlflow_dspy.gateway.errors import GatewayError
 from mlflow_dspy.gateway.responses.wire import (
+    FunctionCallItem,
+    OutputItem,
     OutputMessage,
     OutputText,
     ReasoningItem,
     ReasoningText,
     ResponseError,
     ResponseObject,
+    step_items,
 )
-from mlflow_dspy.runtime.run import Usage
+from mlflow_dspy.runtime.run import ToolStep, Usage
 
 
 class ResponseEvents:
@@ -26,7 +29,8 @@ class ResponseEvents:
         self.response = response
         self.number = 0
         self.sent = {"reasoning": "", "content": ""}
-        self.items: list[OutputMessage | ReasoningItem] = []
+        self.items: list[OutputItem] = []
+        self.called = False  # the forced call was made: the answer is that call, not a message
         self.open: OutputMessage | ReasoningItem | None = None
 
     def send(self, kind: str, **fields: Any) -> dict:
@@ -51,9 +55,36 @@ class ResponseEvents:
         events.append(self._part_event("response.output_text.delta", delta=text, logprobs=[]))
         return events
 
+    def step(self, step: ToolStep) -> list[dict]:
+        """A tool the program ran: its call and its output, each an item added and done."""
+        events = self._close(incomplete=False)
+        for item in step_items(step):
+            self.items.append(item)
+            index = len(self.items) - 1
+            events.append(self.send("response.output_item.added", output_index=index, item=item.model_dump()))
+            events.append(self.send("response.output_item.done", output_index=index, item=item.model_dump()))
+        return events
+
+    def call(self, name: str, arguments: str) -> list[dict]:
+        """A function_call item: the call the client forced, its arguments the program's outputs."""
+        events = self._close(incomplete=False)
+        self.called = True
+        item = FunctionCallItem(name=name, arguments="", status="in_progress")
+        self.items.append(item)
+        index = len(self.items) - 1
+        events.append(self.send("response.output_item.added", output_index=index, item=item.model_dump()))
+        events.append(self.send("response.function_call_arguments.delta", item_id=item.id, output_index=index,
+                                delta=arguments))
+        item.arguments, item.status = arguments, "completed"
+        events.append(self.send("response.function_call_arguments.done", item_id=item.id, output_index=index,
+                                arguments=arguments, name=name))
+        events.append(self.send("response.output_item.done", output_index=index, item=item.model_dump()))
+        return events
+
     def finish(self, usage: Usage, incomplete: bool) -> list[dict]:
         events: list[dict] = []
-        if not any(isinstance(i, OutputMessage) for i in self.items):  # an empty answer is still a message
+        if not self.called and not any(isinstance(i, OutputMessage) for i in self.items):
+            # An empty answer is still a message.
             events += self._close(incomplete=False)
             events += self._open(OutputMessage(status="in_progress"), OutputText(text=""))
         events += self._close(incomplete)

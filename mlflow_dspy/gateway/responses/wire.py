@@ -24,11 +24,19 @@ from pydantic import (
     model_validator,
 )
 
+from mlflow_dspy.gateway.chat.structured import (
+    USUAL,
+    AnswerShape,
+    check_tools,
+    forced_tool,
+    json_object,
+    schema_fields,
+)
 from mlflow_dspy.gateway.chat.wire import OpenAIRequest
 from mlflow_dspy.gateway.errors import invalid_request
-from mlflow_dspy.gateway.openai_wire import MAX_COMPLETION_TOKENS, NO_TOOLS, shown, unsupported
-from mlflow_dspy.program.chat import Message
-from mlflow_dspy.runtime.run import Usage
+from mlflow_dspy.gateway.openai_wire import MAX_COMPLETION_TOKENS, NO_TOOLS, Strict, shown, unsupported
+from mlflow_dspy.program.chat import ChatProgram, Message
+from mlflow_dspy.runtime.run import ToolStep, Usage
 
 # -- the wire: requests -----------------------------------------------------------
 STATELESS = "this server is stateless: it stores no responses, so send the whole conversation in `input`"
@@ -44,24 +52,26 @@ RESPONSES_IGNORED_FIELDS: dict[str, str] = {
     "reasoning": "effort and summary of an OpenAI reasoning model; the program's LM has its own settings",
     "include": "extra output OpenAI can add (encrypted reasoning, logprobs, ...)",
     "truncation": "how OpenAI trims a conversation longer than its context",
-    "parallel_tool_calls": "meaningful only with tools (which are never called here)",
+    "parallel_tool_calls": "at most one call is made: the forced one",
     "max_tool_calls": "the same",
     "stream_options": "include_obfuscation: no padding is sent",
-    "text": "format {\"type\": \"text\"} only (the JSON formats are refused); verbosity is ignored",
-    "tools": "an empty list only",
-    "tool_choice": "\"none\" or \"auto\"",
+    "text.verbosity": "how long a GPT-5 answer should be; the program's signature decides its outputs",
     "top_logprobs": "absent or 0 only",
     "background": "false only",
 }
-# Honoured: model, input, instructions (a system message), max_output_tokens, temperature, top_p, stream.
+# Honoured: model, input, instructions (a system message), max_output_tokens, temperature, top_p, stream,
+# text.format (text, json_object, json_schema: chat's response_format rules), tools with tool_choice (chat's
+# rules: answered in text unless a function whose parameters are the program's outputs is forced, which is
+# answered as a function_call item).
 RESPONSES_REFUSED: dict[str, str] = {
     "previous_response_id, conversation": STATELESS,
     "prompt": "a stored prompt template lives on OpenAI's servers; send the text in `instructions` and `input`",
     "background: true": "there is no stored response to poll; send the request without it",
-    "tools (non-empty), tool_choice \"required\" or a named tool": NO_TOOLS,
+    "tool_choice \"required\" or a named function whose parameters are not the program's outputs": NO_TOOLS,
     "function_call / function_call_output (and other tool) items in input": NO_TOOLS,
     "image, file and audio parts": "a DSPy program reads text only",
-    "text.format json_object / json_schema": "not on this route: use /v1/chat/completions' response_format",
+    "text.format json_schema whose properties differ from the program's outputs": "the program's outputs are "
+        "its signature's",
     "top_logprobs > 0": "the answer is parsed out of one or more LM calls: it has no log-probabilities",
 }
 
@@ -183,6 +193,29 @@ def _input_problem(error: dict[str, Any]) -> tuple[str, str | None]:
     return f"{where} must be a string", None
 
 
+class TextFormat(Strict):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(Strict):
+    type: Literal["json_object"]
+
+
+class JsonSchemaFormat(Strict):
+    """The Responses API's json_schema format: chat's `json_schema` object, flattened."""
+
+    type: Literal["json_schema"]
+    name: str
+    schema_: dict[str, Any] = Field(alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+
+class TextConfig(Strict):
+    format: Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")] | None = None
+    verbosity: str | None = None  # ignored
+
+
 class ResponsesRequest(OpenAIRequest):
     # Read by `messages`: items, each checked against its kind (InputItem); errors name the item and part.
     input: Annotated[Any, WithJsonSchema(_INPUT_SCHEMA)]
@@ -195,7 +228,7 @@ class ResponsesRequest(OpenAIRequest):
     parallel_tool_calls: bool | None = None
     max_tool_calls: int | None = Field(default=None, ge=0)
     stream_options: dict[str, Any] | None = None
-    text: dict[str, Any] | None = None
+    text: TextConfig | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
@@ -217,21 +250,24 @@ class ResponsesRequest(OpenAIRequest):
         if self.background:
             raise unsupported(f"background cannot be true: {STATELESS}; send the request without it "
                                "(and stream it if it is long)", "background")
-        if self.tools:
-            raise unsupported(f"tools cannot be used: {NO_TOOLS}; leave them out or send []", "tools")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise unsupported(f"tool_choice {json.dumps(self.tool_choice)} asks for a tool call: {NO_TOOLS}",
-                               "tool_choice")
+        check_tools(self.tools, self.tool_choice, "tools", "tool_choice")
         if self.top_logprobs:
             raise unsupported("top_logprobs is not available: the answer is parsed out of one or more LM calls, so "
                                "it has no token log-probabilities; leave top_logprobs out or 0", "top_logprobs")
-        fmt = (self.text or {}).get("format")
-        kind = fmt.get("type") if isinstance(fmt, dict) else fmt
-        if fmt is not None and kind != "text":
-            raise unsupported(f"text.format {json.dumps(kind)} is not available on /v1/responses: the answer is the "
-                               "program's text; for a JSON answer use /v1/chat/completions with response_format",
-                               "text")
         return self
+
+    def answer_shape(self, program: ChatProgram) -> AnswerShape:
+        """How the client asks the answer to be, under chat's rules (structured.py): a call of a forced function
+        whose parameters are the program's outputs, the JSON object `text.format` asks for, or the usual text."""
+        tool = forced_tool(self.tools, self.tool_choice, program, "tool_choice")
+        if tool is not None:
+            return tool
+        fmt = self.text.format if self.text is not None else None
+        if fmt is None or fmt.type == "text":
+            return USUAL
+        if fmt.type == "json_object":
+            return json_object(program)
+        return AnswerShape(schema_fields(fmt.schema_, program, f"text.format json_schema '{fmt.name}'", "text"))
 
     def token_limit(self) -> int | None:
         return self.max_output_tokens
@@ -294,6 +330,37 @@ class ReasoningItem(BaseModel):
     content: list[ReasoningText] = Field(default_factory=list)
 
 
+class FunctionCallItem(BaseModel):
+    """A call of the function the client forced, its arguments the program's outputs (structured output)."""
+
+    type: Literal["function_call"] = "function_call"
+    id: str = Field(default_factory=lambda: f"fc_{uuid.uuid4().hex}")
+    call_id: str = Field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+    name: str
+    arguments: str
+    status: Status = "completed"
+
+
+class FunctionCallOutputItem(BaseModel):
+    """What a tool the program ran returned (with the FunctionCallItem of its call before it): the server ran
+    it; the client need not."""
+
+    type: Literal["function_call_output"] = "function_call_output"
+    id: str = Field(default_factory=lambda: f"fco_{uuid.uuid4().hex}")
+    call_id: str
+    output: str
+    status: Literal["completed"] = "completed"
+
+
+OutputItem = OutputMessage | ReasoningItem | FunctionCallItem | FunctionCallOutputItem
+
+
+def step_items(step: ToolStep) -> tuple[FunctionCallItem, FunctionCallOutputItem]:
+    """A tool the program called, as the call and its output."""
+    call = FunctionCallItem(name=step.name, arguments=json.dumps(step.arguments, default=str))
+    return call, FunctionCallOutputItem(call_id=call.call_id, output=step.output)
+
+
 class InputTokensDetails(BaseModel):
     cached_tokens: int = 0
     cache_write_tokens: int = 0
@@ -334,7 +401,7 @@ class ResponseObject(BaseModel):
     status: Status = "completed"
     completed_at: int | None = None
     model: str
-    output: list[OutputMessage | ReasoningItem] = Field(default_factory=list)
+    output: list[OutputItem] = Field(default_factory=list)
     usage: ResponseUsage | None = None
     error: ResponseError | None = None
     incomplete_details: IncompleteDetails | None = None
@@ -344,7 +411,7 @@ class ResponseObject(BaseModel):
     temperature: float | None = None
     top_p: float | None = None
     parallel_tool_calls: bool = True
-    tool_choice: str = "auto"
+    tool_choice: str | dict[str, Any] = "auto"
     tools: list[dict[str, Any]] = Field(default_factory=list)
     text: dict[str, Any] = Field(default_factory=lambda: {"format": {"type": "text"}})
     truncation: str = "disabled"
@@ -359,10 +426,12 @@ class ResponseObject(BaseModel):
         return cls(model=model, status="in_progress", instructions=body.instructions, metadata=body.metadata or {},
                    max_output_tokens=body.max_output_tokens, temperature=body.temperature, top_p=body.top_p,
                    parallel_tool_calls=body.parallel_tool_calls if body.parallel_tool_calls is not None else True,
-                   tool_choice=body.tool_choice if isinstance(body.tool_choice, str) else "auto",
+                   tool_choice=body.tool_choice if body.tool_choice is not None else "auto", tools=body.tools or [],
+                   text={"format": body.text.format.model_dump(by_alias=True, exclude_none=True)}
+                   if body.text is not None and body.text.format is not None else {"format": {"type": "text"}},
                    truncation=body.truncation or "disabled", user=body.user)
 
-    def finish(self, output: list[OutputMessage | ReasoningItem], usage: Usage, incomplete: bool) -> None:
+    def finish(self, output: list[OutputItem], usage: Usage, incomplete: bool) -> None:
         self.output = output
         self.usage = ResponseUsage.of(usage)
         self.status = "incomplete" if incomplete else "completed"
