@@ -178,3 +178,56 @@ def test_the_tutorial_programs_map_to_a_chat(monkeypatch):
                ("history", "orders", "best-of", "agent", "entities", "rag", "sentiment")}
     assert answers == {"history": ("answer",), "orders": ("order",), "best-of": ("answer",), "agent": ("answer",),
                        "entities": ("entities",), "rag": ("answer",), "sentiment": ("label",)}
+
+
+class CountingEngine(StreamingEngine):
+    """Answers each call with the next scripted text, reporting 10 prompt and 7 completion tokens a call."""
+
+    def __init__(self, texts: list[str]) -> None:
+        super().__init__("")
+        self.texts = list(texts)
+
+    def complete(self, request) -> Response:
+        return Response(id="c", model="s", message=Message.assistant([TextPart(self.texts.pop(0))]),
+                        finish_reason="length", usage=Usage(input_tokens=10, output_tokens=7, total_tokens=17))
+
+
+class AsyncCounting:
+    supports_response_schema = False
+    supports_function_calling = False
+    supports_reasoning = False
+    supported_params = StreamingEngine.supported_params
+
+    def __init__(self, sync: CountingEngine) -> None:
+        self.sync = sync
+
+    async def complete(self, request) -> Response:
+        return self.sync.complete(request)
+
+    async def stream(self, request):
+        raise AssertionError("not streamed")
+        yield
+
+    async def aclose(self) -> None:
+        pass
+
+
+def test_an_answer_cut_short_reports_the_tokens_its_calls_used():
+    """A ReAct chat cut by max_tokens answers 200 with finish_reason "length" and its real usage, not 0/0."""
+    def lookup(country: str) -> str:
+        """The capital of a country."""
+        return "Paris"
+
+    agent = dspy.ReAct("question -> answer", tools=[lookup], max_iters=2)
+    steps = ['[[ ## next_thought ## ]]\nlook it up\n\n[[ ## next_tool_name ## ]]\nlookup\n\n'
+             '[[ ## next_tool_args ## ]]\n{"country": "France"}\n\n[[ ## completed ## ]]',
+             "[[ ## next_thought ## ]]\nI kno",  # the second call cut by the client's max_tokens ...
+             '{"next_thought": "I kno']  # ... and DSPy's retry of it with its JSON adapter
+    engine = CountingEngine(steps)
+    lm = dspy.LM("openai/counting", engine=engine, async_engine=AsyncCounting(engine), cache=False)
+    host = ProgramHost(ChatProgram(agent), lm, dspy.ChatAdapter(), "agent", "test")
+    run = Run(host, parse_conversation([{"role": "user", "content": "Capital of France?"}]), stream=False,
+              timeout=30, lm_settings={"max_tokens": 12})
+    outcome = asyncio.run(run.outcome())
+    assert isinstance(outcome, Finished) and outcome.cut_short and outcome.finish_reason == "length"
+    assert (outcome.usage.prompt_tokens, outcome.usage.completion_tokens) == (30, 21)

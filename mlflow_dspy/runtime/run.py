@@ -32,6 +32,7 @@ import dspy
 from dspy.utils.exceptions import AdapterParseError
 from pydantic import BaseModel, ConfigDict, computed_field
 
+from mlflow_dspy.internals.mlflow_traces import TOKEN_USAGE
 from mlflow_dspy.lm_engine.deadline import within
 from mlflow_dspy.program.chat import ChatInputError, Conversation
 from mlflow_dspy.program.failures import Failure, failure_of
@@ -60,11 +61,15 @@ class Usage(BaseModel):
         return self.prompt_tokens + self.completion_tokens
 
     @classmethod
-    def of(cls, prediction: dspy.Prediction | None) -> Usage:
-        by_model = prediction.get_lm_usage() if prediction is not None else None
+    def of(cls, by_model: dict[str, dict[str, Any]] | None) -> Usage:
+        """The usage DSPy counts by LM (`get_total_tokens()` of its usage tracker), added up."""
         counts = list((by_model or {}).values())
         return cls(prompt_tokens=sum(int(c.get("prompt_tokens") or 0) for c in counts),
                    completion_tokens=sum(int(c.get("completion_tokens") or 0) for c in counts))
+
+    def for_trace(self) -> dict[str, int]:
+        return {"input_tokens": self.prompt_tokens, "output_tokens": self.completion_tokens,
+                "total_tokens": self.total_tokens}
 
 
 @dataclass(frozen=True)
@@ -152,6 +157,9 @@ class Run:
         self.trace = trace
         self.first_text: float | None = None  # time.perf_counter() when the first Delta left
         self.usage: Usage | None = None  # once finished
+        # Every LM call of the run counted here, whether the run ends with an answer or not (an answer cut
+        # short has used tokens too): DSPy's own usage tracker (`dspy.track_usage`), one per run.
+        self._tracker: Any = None
 
     @property
     def chat(self) -> bool:
@@ -179,17 +187,23 @@ class Run:
     # -- the two ways to run ---------------------------------------------------
     async def _whole(self) -> Finished | Failed:
         host = self.host
-        try:
-            async with asyncio.timeout(self.timeout):
-                if self.chat:
-                    prediction = await host.answer(self.call, self.lm_settings, self.trace)
-                else:
-                    prediction = await host.predict(self.call, self.trace)
-        except Exception as exc:
-            return self._ended(exc)
+        with dspy.track_usage() as self._tracker:
+            try:
+                async with asyncio.timeout(self.timeout):
+                    if self.chat:
+                        prediction = await host.answer(self.call, self.lm_settings, self.trace)
+                    else:
+                        prediction = await host.predict(self.call, self.trace)
+            except Exception as exc:
+                return self._ended(exc)
         return self._finished(prediction)
 
     async def _streamed(self) -> AsyncIterator[Event]:
+        with dspy.track_usage() as self._tracker:
+            async for event in self._streamed_events():
+                yield event
+
+    async def _streamed_events(self) -> AsyncIterator[Event]:
         host, sent = self.host, {}
         if self.chat:
             produced = host.stream(self.call, self.lm_settings, self.trace)
@@ -231,14 +245,17 @@ class Run:
 
     def _finished(self, prediction: dspy.Prediction | None, cut_short: FinishReason | None = None) -> Finished:
         prediction = prediction if prediction is not None else dspy.Prediction()
-        self.usage = Usage.of(prediction)
-        reason = cut_short or self._finish_reason(prediction)
+        self.usage = Usage.of(self._tracker.get_total_tokens() if self._tracker is not None else None)
+        if self.usage.total_tokens and self.trace is not None and self.trace.spans:
+            self.trace.spans[0].attributes[TOKEN_USAGE] = self.usage.for_trace()  # the trace's usage, on its root
+        reason = cut_short or self._finish_reason()
         return Finished(prediction, reason, self.usage, cut_short=cut_short is not None)
 
     def _ended(self, exc: Exception) -> Finished | Failed:
         """A run that raised: an answer the client's own limit cut short, else a failure."""
         reason = self._cut_short(exc)
         if reason is None:
+            self.usage = Usage.of(self._tracker.get_total_tokens() if self._tracker is not None else None)
             return Failed(failure(exc))
         return self._finished(dspy.Prediction(**_partial_outputs(exc)), cut_short=reason)
 
@@ -251,13 +268,13 @@ class Run:
             return "length"
         return "stop" if "stop" in self.lm_settings else None
 
-    def _finish_reason(self, prediction: dspy.Prediction) -> FinishReason:
+    def _finish_reason(self) -> FinishReason:
         """"length" when a one-call program's LM wrote all the tokens the client allowed (its answer parsed all
         the same), else "stop"."""
         limit = self.lm_settings.get("max_tokens")
         if limit is None or len(self.host.program.program.predictors()) != 1:
             return "stop"
-        return "length" if Usage.of(prediction).completion_tokens >= limit else "stop"
+        return "length" if self.usage.completion_tokens >= limit else "stop"
 
     def _texts(self, prediction: dspy.Prediction) -> dict[str, str]:
         """The streamed texts a prediction holds, by label (only a chat run takes the client's limits)."""

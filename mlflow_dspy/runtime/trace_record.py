@@ -27,7 +27,7 @@ from typing import Any
 
 from dspy.utils.callback import BaseCallback
 
-from mlflow_dspy.internals.mlflow_traces import LM_MODEL, TOKEN_USAGE
+from mlflow_dspy.internals.mlflow_traces import LM_MODEL
 from mlflow_dspy.lm_engine.credentials import clean_url, is_secret_name
 
 # The assessments a user's verdict on an answer becomes (gateway/feedback.py writes them,
@@ -131,15 +131,12 @@ class RecordingCallback(BaseCallback):
         self._start(call_id, f"{name}.forward", "LLM" if name == "Predict" else "CHAIN", inputs)
 
     def on_module_end(self, call_id: str, outputs: Any | None, exception: BaseException | None = None) -> None:
+        # The run's token usage goes on the root span once the run ends (runtime/run.py): MLflow adds it up
+        # as the trace's usage.
         if call_id in self._chat_fronts:
-            record = self._chat_fronts.pop(call_id)
-            root = record.spans[0] if record is not None and record.spans else None
+            self._chat_fronts.pop(call_id)
         else:
-            root = self._end(call_id, outputs, exception)
-        if root is not None and root.parent_id is None and hasattr(outputs, "get_lm_usage"):
-            usage = _usage(outputs.get_lm_usage())
-            if usage:  # on the root: MLflow adds it up as the trace's token usage
-                root.attributes[TOKEN_USAGE] = usage
+            self._end(call_id, outputs, exception)
 
     def on_lm_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
         self._start(call_id, "LM.__call__", "CHAT_MODEL", inputs,
@@ -174,14 +171,6 @@ def redacted(value: Any, depth: int = 0) -> Any:
     if isinstance(value, str) and "://" in value and len(value) < 2048:
         return clean_url(value)
     return value
-
-
-def _usage(by_model: dict | None) -> dict[str, int]:
-    prompt = sum(int((counts or {}).get("prompt_tokens") or 0) for counts in (by_model or {}).values())
-    completion = sum(int((counts or {}).get("completion_tokens") or 0) for counts in (by_model or {}).values())
-    if not prompt and not completion:
-        return {}
-    return {"input_tokens": prompt, "output_tokens": completion, "total_tokens": prompt + completion}
 
 
 def jsonable(value: Any, depth: int = 0) -> Any:
