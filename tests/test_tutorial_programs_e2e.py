@@ -1,0 +1,148 @@
+"""The programs DSPy's tutorials teach (tests/support/tutorials) on the embedded model, end to end, as a
+user's package: each logged with its dev set, served by `mlflow models serve` and by the gateway (all in
+one), its answer typed as its outputs; a real stream (not DummyLM) of a module with only a `forward`, of
+BestOfN and of a ReAct agent; `eval -m` of one; and the agent's tool calls in its trace."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import store_env
+from tests.support.processes import ROOT, gateway, mlflow_serve
+
+pytestmark = pytest.mark.slow
+
+TUTORIALS = ROOT / "tests" / "support" / "tutorials"
+PROGRAMS = ("history", "orders", "best-of", "agent", "entities", "rag", "sentiment")
+ASK = {  # a chat's last user message for each (several inputs: a JSON object of them)
+    "history": "What is the capital of France?",
+    "orders": json.dumps({"customer": "Ada", "message": "Two coffees please"}),
+    "best-of": "What is 2 + 2?",
+    "agent": "What is the capital of Peru?",
+    "entities": json.dumps({"sentences": ["Alice flew to Paris."]}),
+    "rag": "How long does the warranty last?",
+    "sentiment": "I loved it, works perfectly.",
+}
+
+
+def cli(*args: str, cwd: Path, env: dict[str, str]) -> dict:
+    done = subprocess.run([sys.executable, str(ROOT / "mlflow_dspy.py"), *args, "--json"], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [line] = done.stdout.strip().splitlines()  # --json: the JSON line alone on stdout
+    return json.loads(line)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> dict:
+    """The tutorials project copied out, each program logged with the first two rows of its dev set."""
+    base = tmp_path_factory.mktemp("tutorials")
+    folder = base / "project"
+    shutil.copytree(TUTORIALS, folder)
+    for data in (folder / "data").glob("*.jsonl"):  # two rows each: the embedded model is slow on two cores
+        data.write_text("\n".join(data.read_text().splitlines()[:2]) + "\n")
+    env = store_env(base, PYTHONPATH=str(ROOT))
+    logged = {name: cli("log", name, cwd=folder, env=env) for name in PROGRAMS}
+    return {"folder": folder, "env": env, "logged": logged, "base": base}
+
+
+def test_every_tutorial_program_logs_with_its_dev_set_and_a_score(project):
+    for name, logged in project["logged"].items():
+        assert logged["version"] == "1" and logged["dev_score"] is not None, (name, logged)
+        assert logged["dev_failed"] is not None, (name, logged)
+    assert project["logged"]["rag"]["registered_model"] == "dspy-tutorials-rag"  # not the example's dspy-rag
+
+
+@pytest.fixture(scope="module")
+def served(project) -> dict[str, str]:
+    """One gateway serving every program, and `mlflow models serve` for each."""
+    logged, env, base = project["logged"], project["env"], project["base"]
+    with ExitStack() as stack:
+        uris = [part for item in logged.values() for part in ("-m", f"models:/{item['registered_model']}/1")]
+        urls = {"gateway": stack.enter_context(gateway(uris, base, **env))}
+        for name, item in logged.items():
+            urls[name] = stack.enter_context(mlflow_serve(f"models:/{item['registered_model']}/1", base, **env))
+        yield urls
+
+
+def chat(name: str, project: dict) -> dict:
+    return {"model": f"{project['logged'][name]['registered_model']}/1",
+            "messages": [{"role": "user", "content": ASK[name]}]}
+
+
+def test_both_servers_answer_every_program_and_the_answers_parse(project, served):
+    with httpx.Client(timeout=600) as client:
+        for name in PROGRAMS:
+            mlflow = client.post(f"{served[name]}/invocations", json={"messages": chat(name, project)["messages"]})
+            assert mlflow.status_code == 200, (name, mlflow.text)
+            ours = client.post(f"{served['gateway']}/v1/chat/completions", json=chat(name, project))
+            assert ours.status_code == 200, (name, ours.text)
+            assert ours.json()["choices"][0]["message"]["content"], name
+
+
+def test_typed_outputs_come_back_typed(project, served):
+    with httpx.Client(timeout=600) as client:
+        order = client.post(f"{served['gateway']}/v1/chat/completions", json={
+            **chat("orders", project), "response_format": {"type": "json_object"}})
+        data = json.loads(order.json()["choices"][0]["message"]["content"])
+        assert isinstance(data["order"]["quantity"], int) and isinstance(data["order"]["item"], str)
+        label = client.post(f"{served['gateway']}/v1/chat/completions", json=chat("sentiment", project))
+        assert label.json()["choices"][0]["message"]["content"] in ("positive", "negative", "neutral")
+        entities = client.post(f"{served['gateway']}/v1/chat/completions", json={
+            **chat("entities", project), "response_format": {"type": "json_object"}})
+        assert isinstance(json.loads(entities.json()["choices"][0]["message"]["content"])["entities"], list)
+
+
+@pytest.mark.parametrize("name", ["history", "best-of", "agent"])
+def test_a_real_stream_ends_with_the_answer(project, served, name):
+    """A module with only a forward, BestOfN and ReAct stream on the embedded model: the role, text, a finish
+    and [DONE], never an error event."""
+    with httpx.Client(timeout=600) as client:
+        streamed = client.post(f"{served['gateway']}/v1/chat/completions", json={**chat(name, project),
+                                                                                  "stream": True})
+    assert streamed.status_code == 200
+    events = [line[6:] for line in streamed.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert not [chunk for chunk in chunks if "error" in chunk], chunks
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices"))
+    assert text.strip(), chunks
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_eval_scores_a_logged_program_on_the_embedded_model(project):
+    logged = project["logged"]["sentiment"]
+    result = cli("eval", "-m", f"models:/{logged['registered_model']}/1", "--dev", "data/reviews.jsonl",
+                 cwd=project["folder"], env=project["env"])
+    assert result["examples"] == 2 and 0 <= result["dev_score"] <= 100
+
+
+def test_the_agents_tool_calls_are_tool_spans_of_its_trace(project, served):
+    import time
+
+    import mlflow
+
+    with httpx.Client(timeout=600) as client:
+        answered = client.post(f"{served['gateway']}/v1/chat/completions", json=chat("agent", project))
+    trace_id = answered.headers["x-mlflow-trace-id"]
+    mlflow.set_tracking_uri(project["env"]["MLFLOW_TRACKING_URI"])
+    trace = None
+    for _ in range(60):  # written by the gateway's trace writer a moment after the answer
+        try:
+            trace = mlflow.get_trace(trace_id)
+        except Exception:
+            trace = None
+        if trace is not None:
+            break
+        time.sleep(0.5)
+    assert trace is not None
+    tools = [span for span in trace.data.spans if span.span_type == "TOOL"]
+    assert tools and all(span.name.startswith("Tool.") for span in tools)
