@@ -40,13 +40,14 @@ def gateway_args(model_uri: str | list[str], *extra: str) -> list[str]:
             "--port", "{port}", *extra]
 
 
-def start(args: list[str], ready: str, env: dict[str, str],
-          log: Path) -> tuple[AbstractContextManager[subprocess.Popen], str, float]:
-    """`running(...)` on a fresh port; returns (context manager, base URL, start time)."""
+def start(args: list[str], ready: str, env: dict[str, str], log: Path,
+          cwd: Path | None = None) -> tuple[AbstractContextManager[subprocess.Popen], str, float]:
+    """`running(...)` on a fresh port (in `cwd`, else the checkout); returns (context manager, base URL, start
+    time)."""
     port = free_port()
     command = [part.replace("{port}", str(port)) for part in args]
     base = f"http://127.0.0.1:{port}"
-    return running(command, base + ready, env, log, timeout=300), base, time.perf_counter()
+    return running(command, base + ready, env, log, timeout=300, cwd=cwd), base, time.perf_counter()
 
 
 def scrape(base: str) -> list:

@@ -44,11 +44,12 @@ from bench.steal import measured
 from bench.stream_ttft import stream_ttft_figures
 from bench.trace_cost import trace_cost_figures
 from bench.trace_throughput import trace_throughput_figures, trace_throughput_line
+from bench.tutorial_programs import tutorial_program_figures, tutorial_programs_line
 
 RESULTS = ROOT / "bench" / "results"
 NOISY_STEAL = 10  # percent of CPU time taken by the hypervisor: above it, a figure is flagged
 SERVER_KEYS = ("a", "b", "c1", "c1i", "c2")
-SECTION_KEYS = ("traces", "tracewriter", "transport", "road", "multi", "reload", "stream", "mcp", "embedded")
+SECTION_KEYS = ("traces", "tracewriter", "transport", "road", "multi", "reload", "stream", "mcp", "embedded", "tutorials")
 
 
 def servers(model_uri: str) -> list[dict]:
@@ -179,6 +180,9 @@ def main() -> None:
             if wanted("embedded") and not args.no_embedded:
                 results["embedded"] = embedded_figures(base_env, tmp_path)
                 print(f"embedded model: {results['embedded']}", flush=True)
+            if wanted("tutorials") and not args.no_embedded:
+                results["tutorial_programs"] = tutorial_program_figures(base_env, tmp_path)
+                print(f"tutorial programs: {results['tutorial_programs']}", flush=True)
     results["cpu_steal_percent"] = steal["percent"]
     out = args.out or RESULTS / ("partial.json" if only else "latest.json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -242,6 +246,8 @@ def targets(results: dict) -> list[str]:
         lines.append(mcp_line(mcp))
     if embedded := results.get("embedded"):
         lines.append(embedded_target_line(embedded))
+    if tutorials := results.get("tutorial_programs"):
+        lines.append(tutorial_programs_line(tutorials))
     return lines
 
 
