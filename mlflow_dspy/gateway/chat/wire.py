@@ -242,8 +242,10 @@ class ChatCompletionRequest(OpenAIRequest):
             raise unsupported("this model answers in text only: modalities must be [\"text\"]", "modalities")
         if self.audio is not None:
             raise unsupported("this model answers in text only: leave audio out", "audio")
-        check_tools(self.tools, self.tool_choice, "tools", "tool_choice")
-        check_tools(self.functions, self.function_call, "functions", "function_call")
+        if self.tools or self.tool_choice is not None:
+            check_tools(self.tools, self.tool_choice, "tools", "tool_choice")
+        if self.functions or self.function_call is not None:
+            check_tools(self.functions, self.function_call, "functions", "function_call")
         return self
 
     def token_limit(self) -> int | None:
@@ -261,10 +263,11 @@ class ChatCompletionRequest(OpenAIRequest):
         """How the client asks the answer to be: a call of a forced function whose parameters are the program's
         outputs (structured output through a tool), the JSON object `response_format` asks for, or the usual
         answer. What the program cannot give is a 400 naming the field (structured.py)."""
-        tool = forced_tool(self.tools or self.functions, self.tool_choice if self.tools else self.function_call,
-                           program, "tool_choice" if self.tools else "function_call")
-        if tool is not None:
-            return tool
+        if self.tools or self.functions:
+            tool = forced_tool(self.tools or self.functions, self.tool_choice if self.tools else self.function_call,
+                               program, "tool_choice" if self.tools else "function_call")
+            if tool is not None:
+                return tool
         fmt = self.response_format
         if fmt is None or fmt.type == "text":
             return USUAL

@@ -250,7 +250,8 @@ class ResponsesRequest(OpenAIRequest):
         if self.background:
             raise unsupported(f"background cannot be true: {STATELESS}; send the request without it "
                                "(and stream it if it is long)", "background")
-        check_tools(self.tools, self.tool_choice, "tools", "tool_choice")
+        if self.tools or self.tool_choice is not None:
+            check_tools(self.tools, self.tool_choice, "tools", "tool_choice")
         if self.top_logprobs:
             raise unsupported("top_logprobs is not available: the answer is parsed out of one or more LM calls, so "
                                "it has no token log-probabilities; leave top_logprobs out or 0", "top_logprobs")
@@ -259,9 +260,10 @@ class ResponsesRequest(OpenAIRequest):
     def answer_shape(self, program: ChatProgram) -> AnswerShape:
         """How the client asks the answer to be, under chat's rules (structured.py): a call of a forced function
         whose parameters are the program's outputs, the JSON object `text.format` asks for, or the usual text."""
-        tool = forced_tool(self.tools, self.tool_choice, program, "tool_choice")
-        if tool is not None:
-            return tool
+        if self.tools:
+            tool = forced_tool(self.tools, self.tool_choice, program, "tool_choice")
+            if tool is not None:
+                return tool
         fmt = self.text.format if self.text is not None else None
         if fmt is None or fmt.type == "text":
             return USUAL
