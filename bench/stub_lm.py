@@ -4,8 +4,9 @@ The benchmark's LM and the tests' LM. It answers DSPy's ChatAdapter prompts
 field by field: every output field the prompt asks for gets
 `<field>: <question>`, where the question is the value of the last
 `[[ ## question ## ]]` block, followed by `(after N earlier turns)` when the
-prompt carries N earlier user messages (so a test can tell which turn of a
-conversation a program answered). `stream: true` gets the same text as
+prompt carries N earlier user messages, or a question folded with N earlier
+user turns (so a test can tell which turn of a conversation a program
+answered, and that it saw the ones before). `stream: true` gets the same text as
 server-sent chunks of a few characters each.
 
 Faults, by a marker in the question:
@@ -58,14 +59,24 @@ class State:
     seen: deque = deque(maxlen=2000)  # bounded: a soak test must not grow the stub
 
 
-def _last_field(text: str, name: str) -> str:
+# How the gateway folds earlier turns into the question of a program without a history (program/chat.py;
+# tests/test_clients.py checks these stay the same): read here so the stub answers the question now.
+FOLDED_HEAD = "Earlier in this conversation:"
+FOLDED_QUESTION = "The question now:"
+
+
+def _last_field(text: str, name: str) -> tuple[str, int]:
+    """The last value of the field `name`, and the earlier user turns folded into it."""
     blocks = _BLOCK.split(text)
     value = ""
     for i in range(1, len(blocks) - 1, 2):
         if blocks[i] == name:
-            # A value ends at the first blank line (the adapter's closing text follows).
-            value = blocks[i + 1].strip().split("\n\n", 1)[0]
-    return value
+            value = blocks[i + 1].strip()
+    folded_turns, _, question = value.rpartition(FOLDED_QUESTION)
+    if not folded_turns.startswith(FOLDED_HEAD):
+        folded_turns, question = "", value
+    # A value ends at the first blank line (the adapter's closing text follows).
+    return question.strip().split("\n\n", 1)[0], folded_turns.count("\nuser: ")
 
 
 def _output_fields(system: str) -> list[str]:
@@ -81,9 +92,9 @@ def _fault(question: str) -> str | None:
     return next((name for name in FAULTS if f"[{name}]" in question), None)
 
 
-def _answer(messages: list[dict], question: str) -> str:
+def _answer(messages: list[dict], question: str, folded: int) -> str:
     system = next((m.get("content") or "" for m in messages if m.get("role") == "system"), "")
-    earlier = sum(1 for m in messages[:-1] if m.get("role") == "user")
+    earlier = sum(1 for m in messages[:-1] if m.get("role") == "user") + folded
     seen_turns = f" (after {earlier} earlier turns)" if earlier else ""
     parts = [f"[[ ## {name} ## ]]\n{name}: {question}{seen_turns}" for name in _output_fields(system)]
     return "\n\n".join([*parts, "[[ ## completed ## ]]"])
@@ -139,7 +150,7 @@ async def chat(request: Request) -> Response:
     State.total += 1
     State.seen.append({"authorization": request.headers.get("authorization"), "body": body, "t": time.time()})
     messages = body.get("messages") or []
-    question = _last_field(messages[-1].get("content") or "", "question") if messages else ""
+    question, folded = _last_field(messages[-1].get("content") or "", "question") if messages else ("", 0)
     fault = _fault(question)
     if fault == "fail500":
         return JSONResponse({"error": {"message": "stub failure", "type": "server_error"}}, status_code=500)
@@ -154,7 +165,7 @@ async def chat(request: Request) -> Response:
                 return Response(status_code=499)
             await asyncio.sleep(0.1)
     await asyncio.sleep(State.latency)
-    content = "I am not following any format at all." if fault == "garbage" else _answer(messages, question)
+    content = "I am not following any format at all." if fault == "garbage" else _answer(messages, question, folded)
     if body.get("stream"):
         return StreamingResponse(_stream(body, content, fault), media_type="text/event-stream")
     payload = json.dumps(_completion(body, content)).encode()

@@ -11,9 +11,9 @@ from tests.support.examples import example_chat
 
 @pytest.fixture
 def dummy():
-    answers = {
-        "first question": {"reasoning": "r1", "answer": "answer to the first"},
+    answers = {  # DummyLM answers the first key its prompt contains: the last turn comes first (turns are folded)
         "last question": {"reasoning": "r2", "answer": "answer to the last"},
+        "first question": {"reasoning": "r1", "answer": "answer to the first"},
     }
     lm = DummyLM(answers)
     with dspy.context(lm=lm, adapter=dspy.ChatAdapter()):
@@ -24,7 +24,7 @@ def last_prompt(lm) -> list[dict]:
     return lm.history[-1]["messages"]
 
 
-def test_last_user_turn_is_the_question(dummy):
+def test_a_program_without_history_gets_earlier_turns_folded_into_its_question(dummy):
     program = example_chat("qa")
     result = program(
         messages=[
@@ -34,7 +34,9 @@ def test_last_user_turn_is_the_question(dummy):
         ]
     )
     assert result.answer == "answer to the last"
-    assert "last question" in last_prompt(dummy)[-1]["content"]
+    prompt = last_prompt(dummy)[-1]["content"]
+    assert ("Earlier in this conversation:\nuser: first question\nassistant: answer to the first\n\n"
+            "The question now:\nlast question") in prompt
 
 
 def test_single_turn_matches_tutorial_call(dummy):

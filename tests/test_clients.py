@@ -66,12 +66,22 @@ def test_openai_round_tripped_assistant_messages(client):
     messages.append(reply.choices[0].message)  # the SDK's own object, as its docs show
     messages.append({"role": "user", "content": "And 3 + 3?"})
     second = client.chat.completions.create(model=MODEL, messages=messages)
-    assert second.choices[0].message.content == "answer: And 3 + 3?"
+    # qa has no dspy.History: the earlier turn is folded into its question (the stub counts it)
+    assert second.choices[0].message.content == "answer: And 3 + 3? (after 1 earlier turns)"
     # model_dump(): every field, null ones included (refusal, audio, function_call, tool_calls, annotations).
     dumped = [messages[0], reply.choices[0].message.model_dump(), messages[2]]
     assert "refusal" in dumped[1] and "reasoning_content" in dumped[1]
     assert client.chat.completions.create(model=MODEL, messages=dumped).choices[0].message.content == \
-        "answer: And 3 + 3?"
+        "answer: And 3 + 3? (after 1 earlier turns)"
+
+
+def test_the_stub_reads_the_folding_the_gateway_writes():
+    from bench import stub_lm
+    from mlflow_dspy.program.chat import FOLDED_HEAD, FOLDED_QUESTION, folded
+
+    assert (stub_lm.FOLDED_HEAD, stub_lm.FOLDED_QUESTION) == (FOLDED_HEAD, FOLDED_QUESTION)
+    text = folded([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "c")
+    assert stub_lm._last_field(f"[[ ## question ## ]]\n{text}\n\nRespond with ...", "question") == ("c", 1)
 
 
 def test_openai_every_accepted_and_ignored_field_in_one_request(client):
@@ -94,7 +104,7 @@ def test_openai_every_accepted_and_ignored_field_in_one_request(client):
 def test_openai_refusals_arrive_as_bad_request_errors(client):
     tool = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
     for kwargs, fragment in (({"n": 2}, "one answer per request"), ({"logprobs": True}, "log-probabilities"),
-                             ({"tools": [tool], "tool_choice": "required"}, "never calls tools")):
+                             ({"tools": [tool], "tool_choice": "required"}, "parameters are its own outputs")):
         with pytest.raises(openai.BadRequestError) as refused:
             client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}], **kwargs)
         assert fragment in refused.value.message
@@ -129,7 +139,7 @@ def test_langchain_chat_openai_invoke_stream_batch(http):
     assert [r.content for r in chat.batch([QUESTION, "Capital of Peru?"])] == [ECHO, "answer: Capital of Peru?"]
     # The conversation continued with LangChain's own AIMessage.
     follow = chat.invoke([HumanMessage(QUESTION), reply, HumanMessage("And 3 + 3?")])
-    assert follow.content == "answer: And 3 + 3?"
+    assert follow.content == "answer: And 3 + 3? (after 1 earlier turns)"
     usage_stream = ChatOpenAI(model=MODEL, base_url=f"{BASE}/v1", api_key="unused", stream_usage=True,
                               http_client=http)
     assert any(c.usage_metadata for c in usage_stream.stream(QUESTION))

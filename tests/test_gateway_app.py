@@ -17,7 +17,9 @@ from mlflow_dspy.gateway.app import GatewayConfig, create_app
 from mlflow_dspy.runtime.host import ProgramHost
 from tests.support.examples import example_chat
 
-ANSWERS = {
+ANSWERS = {  # DummyLM answers the first key its prompt contains: the folded conversation comes first
+    "Earlier in this conversation:\nuser: What is 2 + 2?\nassistant: 4\n\nThe question now:\nAnd times 3?":
+        {"reasoning": "4 times 3", "answer": "12"},
     "What is 2 + 2?": {"reasoning": "two and two", "answer": "4"},
     "Capital of Peru?": {"reasoning": "geography", "answer": "Lima"},
 }
@@ -51,10 +53,10 @@ async def test_chat_completion_has_openai_fields_and_answer_only_in_content(clie
     assert response.headers["x-request-id"].startswith("req-")
 
 
-async def test_multi_turn_answers_the_last_user_turn(client):
-    messages = [*USER, {"role": "assistant", "content": "4"}, {"role": "user", "content": "Capital of Peru?"}]
+async def test_multi_turn_reaches_a_program_without_history_as_one_folded_question(client):
+    messages = [*USER, {"role": "assistant", "content": "4"}, {"role": "user", "content": "And times 3?"}]
     response = await client.post("/v1/chat/completions", json={"messages": messages})
-    assert response.json()["choices"][0]["message"]["content"] == "Lima"
+    assert response.json()["choices"][0]["message"]["content"] == "12"
 
 
 class RecordingLM(DummyLM):
@@ -108,8 +110,9 @@ async def test_stream_sends_chunks_then_finish_usage_and_done(client):
         ({"messages": USER, "temperature": 5}, 400, "temperature", "'temperature'"),
         ({"messages": USER, "max_tokens": -1}, 400, "max_tokens", "'max_tokens'"),
         ({"messages": USER, "bogus": 1}, 400, "bogus", "unknown field 'bogus'"),
-        ({"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools",
-         "never calls tools"),
+        ({"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}],
+          "tool_choice": "required"}, 400, "tool_choice", "its own outputs"),
+        ({"messages": USER, "tool_choice": "required"}, 400, "tool_choice", "no tools are sent"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages", "messages[0].role 'wizard'"),
         ({"messages": [{"role": "system", "content": "x"}]}, 400, "messages", "no user message"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]},

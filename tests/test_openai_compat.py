@@ -19,9 +19,9 @@ from mlflow_dspy.program.chat import ChatProgram
 from mlflow_dspy.runtime.host import ProgramHost
 from tests.support.examples import example_chat
 
-ANSWERS = {
-    "What is 2 + 2?": {"reasoning": "two and two make four", "answer": "4"},
+ANSWERS = {  # DummyLM answers the first key its prompt contains: a later turn comes first (turns are folded)
     "Capital of Peru?": {"reasoning": "geography", "answer": "Lima"},
+    "What is 2 + 2?": {"reasoning": "two and two make four", "answer": "4"},
     "Where is the Eiffel tower?": {"city": "Paris", "country": "France"},
 }
 USER = [{"role": "user", "content": "What is 2 + 2?"}]
@@ -159,14 +159,14 @@ TOOL = {"type": "function", "function": {"name": "lookup", "parameters": {"type"
     ({"logit_bias": {"50256": -100}}, "logit_bias", "token ids"),
     ({"modalities": ["text", "audio"]}, "modalities", "text only"),
     ({"audio": {"voice": "alloy", "format": "wav"}}, "audio", "text only"),
-    ({"tools": [TOOL]}, "tools", "never calls tools"),
-    ({"tools": [TOOL], "tool_choice": "auto"}, "tools", "never calls tools"),
-    ({"tools": [TOOL], "tool_choice": "required"}, "tools", "never calls tools"),
-    ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "lookup"}}}, "tools", "tools"),
-    ({"tool_choice": "required"}, "tool_choice", "never calls tools"),
-    ({"functions": [{"name": "f"}]}, "functions", "never calls tools"),
-    ({"function_call": {"name": "f"}}, "function_call", "never calls tools"),
-    ({"response_format": {"type": "json_object"}}, "response_format", "not a JSON object"),
+    ({"tools": [TOOL], "tool_choice": "required"}, "tool_choice", "parameters are its own outputs"),
+    ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "lookup"}}}, "tool_choice",
+     "parameters are its own outputs"),
+    ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "other"}}}, "tool_choice",
+     "not among the tools sent ('lookup')"),
+    ({"tool_choice": "required"}, "tool_choice", "no tools are sent"),
+    ({"functions": [{"name": "f"}], "function_call": {"name": "f"}}, "function_call", "its own outputs"),
+    ({"function_call": {"name": "f"}}, "function_call", "no functions are sent"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "out", "schema": {
         "type": "object", "properties": {"city": {"type": "string"}}}}}}, "response_format", "asks for city"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "out", "schema": {
@@ -185,8 +185,23 @@ async def test_what_cannot_be_honoured_is_refused_saying_why(client, body, param
 
 
 async def test_refusals_hold_on_invocations_too(client):
-    response = await client.post("/invocations", json={"messages": USER, "tools": [TOOL]})
-    assert response.status_code == 400 and "never calls tools" in response.json()["message"]
+    response = await client.post("/invocations", json={"messages": USER, "tools": [TOOL], "tool_choice": "required"})
+    assert response.status_code == 400 and "forces a tool call" in response.json()["message"]
+    response = await client.post("/invocations", json={"messages": USER, "tool_choice": "required"})
+    assert response.status_code == 400 and "no tools are sent" in response.json()["message"]
+
+
+async def test_invocations_answers_tools_in_text_and_refuses_a_forced_call_it_cannot_give():
+    outputs = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
+    answer_tool = {"type": "function", "function": {"name": "give_answer", "parameters": outputs}}
+    async with client_for(example_chat("qa")) as client:
+        plain = await client.post("/invocations", json={"messages": USER, "tools": [TOOL]})
+        assert plain.status_code == 200
+        assert json.loads(plain.json()["choices"][0]["message"]["content"])["answer"] == "4"
+        forced = await client.post("/invocations", json={"messages": USER, "tools": [answer_tool],
+                                                         "tool_choice": "required"})
+        assert forced.status_code == 400 and "/v1/chat/completions" in forced.json()["message"]
+        assert forced.json()["error"]["param"] == "tool_choice"
 
 
 # -- response_format ------------------------------------------------------------------

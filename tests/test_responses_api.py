@@ -16,9 +16,9 @@ from mlflow_dspy.gateway.app import GatewayConfig, create_app
 from mlflow_dspy.runtime.host import ProgramHost
 from tests.support.examples import example_chat
 
-ANSWERS = {
-    "What is 2 + 2?": {"reasoning": "two and two", "answer": "4"},
+ANSWERS = {  # DummyLM answers the first key its prompt contains: a later turn comes first (turns are folded)
     "Capital of Peru?": {"reasoning": "geography", "answer": "Lima"},
+    "What is 2 + 2?": {"reasoning": "two and two", "answer": "4"},
 }
 TEXT_STREAM_ORDER = [
     "response.created", "response.in_progress",
@@ -207,9 +207,11 @@ async def test_a_stream_cut_by_max_output_tokens_ends_incomplete(client):
         ({"input": "hi", "previous_response_id": "resp_1"}, "previous_response_id", "send the whole conversation"),
         ({"input": "hi", "conversation": "conv_1"}, "conversation", "stateless"),
         ({"input": "hi", "bogus": 1}, "bogus", "unknown field 'bogus'"),
-        ({"input": "hi", "tools": [{"type": "function", "name": "f"}]}, "tools", "never calls tools"),
-        ({"input": "hi", "tool_choice": "required"}, "tool_choice", "never calls tools"),
-        ({"input": "hi", "text": {"format": {"type": "json_object"}}}, "text", "/v1/chat/completions"),
+        ({"input": "hi", "tools": [{"type": "function", "name": "f"}], "tool_choice": "required"}, "tool_choice",
+         "its own outputs"),
+        ({"input": "hi", "tool_choice": "required"}, "tool_choice", "no tools are sent"),
+        ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "out", "schema": {
+            "type": "object", "properties": {"city": {"type": "string"}}}}}}, "text", "asks for city"),
         ({"input": "hi", "background": True}, "background", "stateless"),
         ({"input": "hi", "top_logprobs": 2}, "top_logprobs", "log-probabilities"),
         ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens", "max_output_tokens"),

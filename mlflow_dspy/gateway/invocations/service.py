@@ -13,7 +13,13 @@ from starlette.responses import JSONResponse, Response
 from mlflow_dspy.gateway.chat.service import ConversationLimits
 from mlflow_dspy.gateway.chat.wire import ChatCompletionRequest
 from mlflow_dspy.gateway.context import RequestContext
-from mlflow_dspy.gateway.errors import GatewayError, invalid_body, invalid_request, json_object
+from mlflow_dspy.gateway.errors import (
+    GatewayError,
+    invalid_body,
+    invalid_request,
+    json_object,
+    unsupported_parameter,
+)
 from mlflow_dspy.program.chat import parse_conversation
 from mlflow_dspy.runtime.host import ProgramHost
 from mlflow_dspy.runtime.run import Failed, failure, truncated
@@ -63,6 +69,7 @@ def invocation_messages(raw: bytes, served_name: str) -> tuple[list[dict], dict[
             if chat.model and chat.model != served_name:
                 raise invalid_request(f"model '{chat.model}' is not served here", param="model",
                                       code="model_not_found")
+            _no_forced_call(chat)
             return payload["messages"], chat.lm_settings()
         messages = payload["messages"]
     elif isinstance(payload.get("dataframe_records"), list) and payload["dataframe_records"]:
@@ -84,6 +91,15 @@ def invocation_messages(raw: bytes, served_name: str) -> tuple[list[dict], dict[
         raise invalid_request("messages must be a non-empty list", param="messages")
     _mlflow_schema(messages)
     return messages, {}
+
+
+def _no_forced_call(chat: ChatCompletionRequest) -> None:
+    """Tools are answered in text here as on chat; a call the client forces cannot be, in MLflow's format."""
+    for param, choice in (("tool_choice", chat.tool_choice), ("function_call", chat.function_call)):
+        if choice not in (None, "none", "auto"):
+            raise unsupported_parameter(f"{param} forces a tool call, but /invocations answers in MLflow's chat "
+                                        "format (the program's outputs as JSON in the message content): send the "
+                                        "request to /v1/chat/completions to have the call", param)
 
 
 def _mlflow_schema(messages: list) -> None:
