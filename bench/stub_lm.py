@@ -16,6 +16,8 @@ Faults, by a marker in the question:
              the connection closes after half the body
   [trickle]  one character every 0.5 s (streamed), four bytes every 0.5 s (not)
   [drip]     streamed one character every 0.05 s (a slow LM, for time-to-first-text tests)
+  [length]   the usual answer, whole, but with finish_reason "length" (as an LM that stopped at max_tokens
+             just as its answer ended)
 or for every request, with `POST /_mode {"mode": "fail500"}` (`"ok"` restores),
 so a test can take the LM down and bring it back. Stop the process for
 "connection refused". `--latency` adds a fixed delay to every answer (so a
@@ -44,7 +46,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-FAULTS = ("fail500", "rate429", "sleep", "garbage", "cut", "trickle", "drip")
+FAULTS = ("fail500", "rate429", "sleep", "garbage", "cut", "trickle", "drip", "length")
 _BLOCK = re.compile(r"\[\[ ## (\w+) ## \]\]")
 _OUTPUT = re.compile(r"\d+\. `(\w+)`")
 
@@ -100,11 +102,11 @@ def _answer(messages: list[dict], question: str, folded: int) -> str:
     return "\n\n".join([*parts, "[[ ## completed ## ]]"])
 
 
-def _completion(body: dict, content: str) -> dict:
+def _completion(body: dict, content: str, finish: str = "stop") -> dict:
     return {
         "id": f"stub-{State.total}", "object": "chat.completion", "created": int(time.time()),
         "model": body.get("model", "stub"),
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}],
         "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
     }
 
@@ -131,7 +133,7 @@ async def _stream(body: dict, content: str, fault: str | None):
             elif State.token_delay and i:
                 await asyncio.sleep(State.token_delay)
             yield _chunk(body, {"content": piece})
-        yield _chunk(body, {}, finish="stop")
+        yield _chunk(body, {}, finish="length" if fault == "length" else "stop")
         usage = {"prompt_tokens": 10, "completion_tokens": len(pieces), "total_tokens": 10 + len(pieces)}
         yield _chunk(body, {}, usage=usage)
         yield b"data: [DONE]\n\n"
@@ -168,7 +170,7 @@ async def chat(request: Request) -> Response:
     content = "I am not following any format at all." if fault == "garbage" else _answer(messages, question, folded)
     if body.get("stream"):
         return StreamingResponse(_stream(body, content, fault), media_type="text/event-stream")
-    payload = json.dumps(_completion(body, content)).encode()
+    payload = json.dumps(_completion(body, content, "length" if fault == "length" else "stop")).encode()
     if fault == "trickle":
         return StreamingResponse(_trickle(payload), media_type="application/json")
     if fault == "cut":

@@ -422,7 +422,8 @@ def _gateway_command(commands) -> None:
 # The gateway's settings that mean something without HTTP (`mcp` serves over stdin and stdout).
 MCP_SETTINGS = ("model_uris", "splits", "program", "lm", "served_name", "reload_interval", "max_in_flight",
                 "max_messages", "max_characters", "request_timeout", "traces", "trace_sample", "trace_flush_timeout",
-                "trace_queue", "embedded_parallel", "embedded_cache_mb", "embedded_queue", "speedups")
+                "trace_queue", "embedded_parallel", "embedded_cache_mb", "embedded_queue", "embedded_threads",
+                "speedups")
 
 
 def _mcp_command(commands) -> None:

@@ -197,3 +197,47 @@ async def test_a_module_with_only_forward_answers_through_the_async_path():
         result = await ChatProgram(ForwardOnly()).acall(
             messages=[{"role": "user", "content": "What is the capital of France?"}])
     assert result.answer == "Paris"
+
+
+class Extract(dspy.Signature):
+    """List the names."""
+
+    sentences: list[str] = dspy.InputField()
+    names: list[str] = dspy.OutputField()
+
+
+class Count(dspy.Signature):
+    n: int = dspy.InputField()
+    doubled: int = dspy.OutputField()
+
+
+class MaybeQuestion(dspy.Signature):
+    question: str | None = dspy.InputField()
+    answer: str = dspy.OutputField()
+
+
+@pytest.mark.parametrize(("message", "sentences"), [
+    ("Alice flew to Paris.", ["Alice flew to Paris."]),  # the text, as the list's one item
+    ('["Alice flew to Paris.", "Bob stayed."]', ["Alice flew to Paris.", "Bob stayed."]),  # JSON of the type
+    ('{"sentences": ["Bob stayed."]}', ["Bob stayed."]),  # the JSON under the input's name
+])
+def test_a_typed_single_input_reads_the_message_as_its_type(message, sentences):
+    _, kwargs = ChatProgram(dspy.Predict(Extract)).prepare([{"role": "user", "content": message}])
+    assert kwargs == {"sentences": sentences}
+
+
+def test_a_typed_input_the_message_cannot_fill_is_refused_naming_it_and_its_type():
+    program = ChatProgram(dspy.Predict(Count))
+    assert program.prepare([{"role": "user", "content": "21"}])[1] == {"n": 21}
+    with pytest.raises(ChatInputError) as refused:
+        program.prepare([{"role": "user", "content": "twenty-one"}])
+    assert "'n', a int" in str(refused.value)
+
+
+def test_earlier_turns_are_folded_only_into_an_input_that_takes_text():
+    turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    with pytest.raises(ChatInputError) as refused:
+        ChatProgram(dspy.Predict(Extract)).prepare(turns)
+    assert "'sentences' is a list[str]" in str(refused.value) and "dspy.History" in str(refused.value)
+    _, kwargs = ChatProgram(dspy.Predict(MaybeQuestion)).prepare(turns)
+    assert kwargs["question"].startswith("Earlier in this conversation:") and kwargs["question"].endswith("c")

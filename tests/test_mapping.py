@@ -83,9 +83,11 @@ def test_one_input_is_the_question_and_one_output_the_answer():
 
 def test_one_input_of_any_name_is_filled_by_the_last_user_message():
     program = ChatProgram(dspy.Predict("query -> reply"))
+    _, kwargs = program.prepare([{"role": "user", "content": "second"}])
+    assert kwargs == {"query": "second"}
     _, kwargs = program.prepare([{"role": "user", "content": "first"}, {"role": "assistant", "content": "x"},
                                  {"role": "user", "content": "second"}])
-    assert kwargs == {"query": "second"}
+    assert kwargs["query"].endswith("The question now:\nsecond")  # earlier turns folded in
 
 
 def test_chain_of_thought_reasoning_is_never_an_answer_field():

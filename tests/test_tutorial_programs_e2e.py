@@ -27,7 +27,7 @@ ASK = {  # a chat's last user message for each (several inputs: a JSON object of
     "orders": json.dumps({"customer": "Ada", "message": "Two coffees please"}),
     "best-of": "What is 2 + 2?",
     "agent": "What is the capital of Peru?",
-    "entities": json.dumps({"sentences": ["Alice flew to Paris."]}),
+    "entities": "Alice flew to Paris.",  # a list[str] input: the text is its one item
     "rag": "How long does the warranty last?",
     "sentiment": "I loved it, works perfectly.",
 }
@@ -146,3 +146,13 @@ def test_the_agents_tool_calls_are_tool_spans_of_its_trace(project, served):
     assert trace is not None
     tools = [span for span in trace.data.spans if span.span_type == "TOOL"]
     assert tools and all(span.name.startswith("Tool.") for span in tools)
+
+
+def test_an_agent_whose_steps_were_cut_by_max_tokens_says_length(project, served):
+    """ReAct makes several LM calls; with max_tokens 40 the embedded engine cuts (and closes) its steps, and the
+    answer, parsed all the same, finishes "length" as OpenAI reports a cut answer."""
+    with httpx.Client(timeout=600) as client:
+        cut = client.post(f"{served['gateway']}/v1/chat/completions", json={**chat("agent", project),
+                                                                            "max_tokens": 40})
+    assert cut.status_code == 200, cut.text
+    assert cut.json()["choices"][0]["finish_reason"] == "length"

@@ -45,6 +45,7 @@ from dspy.lm15 import (
     Usage,
 )
 
+from mlflow_dspy.lm_engine import finishes
 from mlflow_dspy.lm_engine.embedded_settings import EmbeddedSettings, default_threads
 from mlflow_dspy.lm_engine.gguf import locate_gguf
 from mlflow_dspy.lm_engine.messages import chat_messages
@@ -142,6 +143,7 @@ def _provider_data(outcome: Any) -> dict[str, Any] | None:
 def _response(items: list[Any]) -> Response:
     """Assemble generated pieces and their closing `Outcome` into one Response."""
     *pieces, outcome = items
+    finishes.note(outcome.finish_reason)
     return Response(
         id=_generation_id(),
         model=EMBEDDED_MODEL,
@@ -160,6 +162,7 @@ def _generation_id() -> str:
 def _event(item: Any) -> StreamDeltaEvent | StreamEndEvent:
     if isinstance(item, str):
         return StreamDeltaEvent(delta=TextDelta(text=item))
+    finishes.note(item.finish_reason)
     return StreamEndEvent(finish_reason=item.finish_reason, usage=_usage(item), provider_data=_provider_data(item))
 
 

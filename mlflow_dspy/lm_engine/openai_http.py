@@ -65,7 +65,7 @@ from dspy.lm15 import (
 )
 
 from mlflow_dspy.internals.httpx_proxy import proxy_applies
-from mlflow_dspy.lm_engine import http1
+from mlflow_dspy.lm_engine import finishes, http1
 from mlflow_dspy.lm_engine.credentials import clean_url
 from mlflow_dspy.lm_engine.deadline import within
 from mlflow_dspy.lm_engine.messages import chat_messages
@@ -134,10 +134,11 @@ def response_from(data: Any, model: str = "unknown") -> Response:
     except (KeyError, IndexError, TypeError, AttributeError) as exc:
         raise lm15.ServerError(f"the LM answered with a body that is not a chat completion ({exc})",
                                provider=PROVIDER) from None
+    finish = _finish(choice.get("finish_reason"))
+    finishes.note(finish)
     # Servers differ in what they echo: an id and a model name are optional here.
     return Response(id=str(data.get("id") or "") or None, model=str(data.get("model") or model),
-                    message=Message.assistant([TextPart(text)]), finish_reason=_finish(choice.get("finish_reason")),
-                    usage=_usage(data.get("usage")))
+                    message=Message.assistant([TextPart(text)]), finish_reason=finish, usage=_usage(data.get("usage")))
 
 
 def retry_after(value: str | None) -> float | None:
@@ -219,6 +220,7 @@ class _StreamParser:
     def end(self) -> StreamEndEvent:
         if self.finish is None and not self.done:
             raise lm15.ServerError("the LM stream stopped before the answer was finished", provider=PROVIDER)
+        finishes.note(_finish(self.finish))
         return StreamEndEvent(finish_reason=_finish(self.finish), usage=self.usage or _usage(None))
 
 

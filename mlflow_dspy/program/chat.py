@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import json
 import logging
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import dspy
+import pydantic
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import (
     DEADLINE_EXCEEDED,
@@ -34,7 +36,7 @@ from mlflow.protos.databricks_pb2 import (
 from pydantic import ValidationError
 
 from mlflow_dspy.program.failures import failure_of
-from mlflow_dspy.program.mapping import ChatMapping, validation_problem
+from mlflow_dspy.program.mapping import ChatMapping, Field, validation_problem
 from mlflow_dspy.program.work import run_in_thread
 
 log = logging.getLogger("mlflow_dspy.program")
@@ -200,6 +202,63 @@ def read_json_inputs(mapping: ChatMapping, text: str, where: str) -> dict[str, A
             or mapping.input(name).required}
 
 
+NO_HISTORY_TYPED = ("this program's input {name!r} is a {type}, read from the last user message, and the program "
+                    "has no dspy.History input, so it cannot see earlier turns: send the last user message alone, "
+                    "or give the program a dspy.History input (README: How a chat reaches your program)")
+
+
+def question_value(field: Field, text: str, where: str) -> Any:
+    """The last user message as the program's one input. A `str` input gets its text; a typed one (list[str],
+    int, Literal, a Pydantic model) the first of these its type accepts: the JSON the message holds, that JSON
+    under the input's name ({"sentences": [...]}), the text itself, and for a list the text as its one item.
+    A ChatInputError says what the input takes otherwise."""
+    if field.annotation is str:
+        return text
+    adapter = type_adapter(field.annotation)
+    candidates: list[Any] = []
+    try:
+        data = json.loads(text)
+    except ValueError:
+        pass
+    else:
+        if isinstance(data, dict) and set(data) == {field.name}:
+            candidates.append(data[field.name])
+        candidates.append(data)
+    candidates.append(text)
+    if typing.get_origin(field.annotation) in (list, tuple, set, frozenset):
+        candidates.append([text])
+    first: ValidationError | None = None
+    for candidate in candidates:
+        try:
+            return adapter.validate_python(candidate)
+        except ValidationError as exc:
+            first = first or exc
+    problem = first.errors()[0]["msg"] if first is not None else "not readable"
+    raise ChatInputError(f"{where} must hold the program's input {field.name!r}, a {field.type_name()} (as JSON, "
+                         f"or its text): {problem}")
+
+
+def takes_text(field: Field) -> bool:
+    """Whether an input takes any text as it is (str, str | None): earlier turns can be folded into it."""
+    if field.annotation is str:
+        return True
+    try:
+        return type_adapter(field.annotation).validate_python("text") == "text"
+    except ValidationError:
+        return False
+
+
+_ADAPTERS: dict[int, tuple[Any, pydantic.TypeAdapter]] = {}
+
+
+def type_adapter(annotation: Any) -> pydantic.TypeAdapter:
+    """A pydantic TypeAdapter for an input's type, built once (building one costs about a millisecond)."""
+    known = _ADAPTERS.get(id(annotation))
+    if known is None or known[0] is not annotation:
+        known = _ADAPTERS[id(annotation)] = (annotation, pydantic.TypeAdapter(annotation))
+    return known[1]
+
+
 class ProgramFailed(MlflowException):
     """A program run that failed, as `mlflow models serve` answers it: the right status, no traceback."""
 
@@ -250,7 +309,9 @@ class ChatProgram(dspy.Module):
         conversation = parse_conversation(messages)
         mapping = self.mapping
         if mapping.question_field:
-            kwargs: dict[str, Any] = {mapping.question_field: conversation.question}
+            question_field = mapping.input(mapping.question_field)
+            kwargs: dict[str, Any] = {
+                mapping.question_field: question_value(question_field, conversation.question, "the last user message")}
         else:
             kwargs = read_json_inputs(mapping, conversation.question, "the last user message")
         if mapping.history_field:
@@ -261,6 +322,9 @@ class ChatProgram(dspy.Module):
         elif conversation.turns:  # no history input: the earlier turns are never dropped in silence
             if not mapping.question_field:
                 raise ChatInputError(NO_HISTORY_JSON)
+            if not takes_text(question_field):
+                raise ChatInputError(NO_HISTORY_TYPED.format(name=question_field.name,
+                                                             type=question_field.type_name()))
             kwargs[mapping.question_field] = folded(conversation.turns, conversation.question)
         program = self.for_call()
         if conversation.system:

@@ -61,7 +61,10 @@ class Target:
             first = self.examples("dev")[0].inputs().toDict()
         if self.mapping.question_field:
             value = (first or {}).get(self.mapping.question_field)
-            return value if isinstance(value, str) and value.strip() else "Hello"
+            if isinstance(value, str):
+                return value if value.strip() else "Hello"
+            # A typed input (list[str], int, a Pydantic model): its dev value as the JSON a chat message holds.
+            return "Hello" if value is None else json.dumps(value, default=str)
         if first is None:
             first = {f.name: "example" for f in self.mapping.inputs
                      if f.required and f.name in self.mapping.json_fields}

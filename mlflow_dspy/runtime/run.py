@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, computed_field
 
 from mlflow_dspy.internals.mlflow_traces import TOKEN_USAGE
 from mlflow_dspy.lm_engine.deadline import within
+from mlflow_dspy.lm_engine.finishes import finish_reasons
 from mlflow_dspy.program.chat import ChatInputError, Conversation
 from mlflow_dspy.program.failures import Failure, failure_of
 from mlflow_dspy.runtime.field_stream import FieldStream
@@ -160,6 +161,7 @@ class Run:
         # Every LM call of the run counted here, whether the run ends with an answer or not (an answer cut
         # short has used tokens too): DSPy's own usage tracker (`dspy.track_usage`), one per run.
         self._tracker: Any = None
+        self._finishes: list[str] = []  # why each LM call ended, as our engines saw it (lm_engine/finishes.py)
 
     @property
     def chat(self) -> bool:
@@ -187,7 +189,7 @@ class Run:
     # -- the two ways to run ---------------------------------------------------
     async def _whole(self) -> Finished | Failed:
         host = self.host
-        with dspy.track_usage() as self._tracker:
+        with dspy.track_usage() as self._tracker, finish_reasons() as self._finishes:
             try:
                 async with asyncio.timeout(self.timeout):
                     if self.chat:
@@ -199,7 +201,7 @@ class Run:
         return self._finished(prediction)
 
     async def _streamed(self) -> AsyncIterator[Event]:
-        with dspy.track_usage() as self._tracker:
+        with dspy.track_usage() as self._tracker, finish_reasons() as self._finishes:
             async for event in self._streamed_events():
                 yield event
 
@@ -269,8 +271,10 @@ class Run:
         return "stop" if "stop" in self.lm_settings else None
 
     def _finish_reason(self) -> FinishReason:
-        """"length" when a one-call program's LM wrote all the tokens the client allowed (its answer parsed all
-        the same), else "stop"."""
+        """"length" when an LM call of the run was cut (its answer parsed all the same), else "stop". For an
+        LM our engines do not run, a guess: a one-call program's LM wrote all the tokens the client allowed."""
+        if self._finishes:
+            return "length" if "length" in self._finishes else "stop"
         limit = self.lm_settings.get("max_tokens")
         if limit is None or len(self.host.program.program.predictors()) != 1:
             return "stop"
