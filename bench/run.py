@@ -49,7 +49,9 @@ from bench.tutorial_programs import tutorial_program_figures, tutorial_programs_
 RESULTS = ROOT / "bench" / "results"
 NOISY_STEAL = 10  # percent of CPU time taken by the hypervisor: above it, a figure is flagged
 SERVER_KEYS = ("a", "b", "c1", "c1i", "c2")
-SECTION_KEYS = ("traces", "tracewriter", "transport", "road", "multi", "reload", "stream", "mcp", "embedded", "tutorials")
+SECTION_KEYS = (
+    "traces", "tracewriter", "transport", "road", "multi", "reload", "stream", "mcp", "embedded", "tutorials",
+)
 
 
 def servers(model_uri: str) -> list[dict]:
