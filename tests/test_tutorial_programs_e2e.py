@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from tests.conftest import store_env
+from tests.support.cli import cli_in_process
 from tests.support.processes import ROOT, gateway, mlflow_serve
 
 pytestmark = pytest.mark.slow
@@ -123,6 +124,41 @@ def test_eval_scores_a_logged_program_on_the_embedded_model(project):
     result = cli("eval", "-m", f"models:/{logged['registered_model']}/1", "--dev", "data/reviews.jsonl",
                  cwd=project["folder"], env=project["env"])
     assert result["examples"] == 2 and 0 <= result["dev_score"] <= 100
+
+
+def test_optimize_compiles_a_logged_program_on_the_embedded_model(project):
+    """BootstrapFewShot on two rows of the classifier's data, on the embedded model: a new version, both scores."""
+    name = project["logged"]["sentiment"]["registered_model"]
+    result = cli("optimize", "sentiment", "--train", "data/reviews.jsonl", "--name", name,
+                 cwd=project["folder"], env=project["env"])
+    assert result["registered_model"] == name and result["version"] == "2", result
+    assert 0 <= result["dev_score_before"] <= 100 and result["dev_failed"] is not None
+
+
+@pytest.fixture(scope="module")
+def stub_project(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tutorials_stub") / "project"
+    shutil.copytree(TUTORIALS, folder)
+    return folder
+
+
+@pytest.mark.parametrize("name", PROGRAMS)
+def test_every_tutorial_program_optimizes_through_an_openai_lm(name, stub_project, stub_env, tmp_path,
+                                                                monkeypatch):
+    """`optimize` on an `openai/...` LM (the stub) for each program kind: it compiles, scores the dev set before
+    and after (the stub's plain text does not parse as typed outputs: those rows fail, are counted and score 0,
+    no traceback) and logs the compiled program as a version."""
+    monkeypatch.chdir(stub_project)
+    data = {"history": "history", "orders": "orders", "best-of": "numbers", "agent": "agent",
+            "entities": "entities", "rag": "rag", "sentiment": "reviews"}[name]
+    ran = cli_in_process("optimize", name, "--lm", "openai/stub-echo", "--train", f"data/{data}.jsonl", "--json",
+                         env=store_env(tmp_path, **stub_env))
+    assert ran.code == 0, ran.err[-3000:]
+    result = json.loads(ran.out.strip().splitlines()[-1])
+    assert result["version"] == "1" and result["dev_score"] is not None and result["dev_score_before"] is not None
+    rows = len((stub_project / "data" / f"{data}.jsonl").read_text().splitlines())
+    assert 0 <= result["dev_failed"] <= rows
+    assert "Traceback" not in ran.err
 
 
 def test_the_agents_tool_calls_are_tool_spans_of_its_trace(project, served):
