@@ -1,7 +1,8 @@
 """`classify`: sentiment with typed outputs, a `Literal` label and a float confidence.
 
 With two outputs and no answer field named, a chat answer is both, as one JSON
-object: `{"label": "positive", "confidence": 0.9}`.
+object: `{"label": "positive", "confidence": 0.9}`. In a chat, the text is the
+last user message and the turns before it are the history (what "it" refers to).
 """
 
 from typing import Literal
@@ -15,6 +16,7 @@ class Sentiment(dspy.Signature):
     """Classify the sentiment of the text."""
 
     text: str = dspy.InputField()
+    history: dspy.History = dspy.InputField(desc="the conversation so far, for context")
     label: Label = dspy.OutputField()
     confidence: float = dspy.OutputField(desc="between 0 and 1")
 

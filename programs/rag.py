@@ -61,6 +61,7 @@ class AnswerFromPassages(dspy.Signature):
 
     passages: list[str] = dspy.InputField()
     question: str = dspy.InputField()
+    history: dspy.History = dspy.InputField(desc="the conversation so far")
     answer: str = dspy.OutputField(desc="a short answer")
     cited: list[int] = dspy.OutputField(desc="numbers of the passages used")
 
@@ -87,13 +88,16 @@ class RAG(dspy.Module):
     def _numbered(self, hits: list[dict]) -> list[str]:
         return [f"[{n}] {hit['text']}" for n, hit in enumerate(hits, 1)]
 
-    def forward(self, question: str) -> dspy.Prediction:
+    def forward(self, question: str, history: dspy.History | None = None) -> dspy.Prediction:
         hits = self.retriever.search(question, self.k)
-        return self._cite(hits, self.generate(passages=self._numbered(hits), question=question))
+        history = history or dspy.History(messages=[])
+        return self._cite(hits, self.generate(passages=self._numbered(hits), question=question, history=history))
 
-    async def aforward(self, question: str) -> dspy.Prediction:
+    async def aforward(self, question: str, history: dspy.History | None = None) -> dspy.Prediction:
         hits = self.retriever.search(question, self.k)
-        return self._cite(hits, await self.generate.acall(passages=self._numbered(hits), question=question))
+        history = history or dspy.History(messages=[])
+        return self._cite(hits, await self.generate.acall(passages=self._numbered(hits), question=question,
+                                                          history=history))
 
 
 def build() -> dspy.Module:

@@ -25,7 +25,7 @@ def last_prompt(lm) -> list[dict]:
 
 
 def test_a_program_without_history_gets_earlier_turns_folded_into_its_question(dummy):
-    program = example_chat("qa")
+    program = ChatProgram(dspy.ChainOfThought("question -> answer"))
     result = program(
         messages=[
             {"role": "user", "content": "first question"},

@@ -66,7 +66,7 @@ def test_openai_round_tripped_assistant_messages(client):
     messages.append(reply.choices[0].message)  # the SDK's own object, as its docs show
     messages.append({"role": "user", "content": "And 3 + 3?"})
     second = client.chat.completions.create(model=MODEL, messages=messages)
-    # qa has no dspy.History: the earlier turn is folded into its question (the stub counts it)
+    # qa's dspy.History gets the earlier turn (the stub counts the earlier user messages of its prompt)
     assert second.choices[0].message.content == "answer: And 3 + 3? (after 1 earlier turns)"
     # model_dump(): every field, null ones included (refusal, audio, function_call, tool_calls, annotations).
     dumped = [messages[0], reply.choices[0].message.model_dump(), messages[2]]

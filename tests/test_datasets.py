@@ -82,9 +82,11 @@ def test_history_that_is_not_a_list_of_messages_names_the_line_and_field(tmp_pat
     assert message.startswith("dev.jsonl line 1:") and "'history' must be a list" in message
 
 
-def test_missing_history_names_the_line_and_field(tmp_path):
+def test_a_row_without_history_is_a_first_turn_with_an_empty_history(tmp_path):
     path = jsonl(tmp_path, {"question": "Who am I?", "answer": "Ada"})
-    assert problem(path, CONVERSE) == "dev.jsonl line 1: the field 'history' is missing"
+    (example,) = load_examples(path, CONVERSE)
+    assert isinstance(example.history, dspy.History) and example.history.messages == []
+    assert set(example.inputs().keys()) == {"history", "question"}
 
 
 def test_line_that_is_not_json_is_named(tmp_path):

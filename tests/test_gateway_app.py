@@ -14,12 +14,14 @@ import pytest
 from dspy.utils.dummies import DummyLM
 
 from mlflow_dspy.gateway.app import GatewayConfig, create_app
+from mlflow_dspy.program.chat import ChatProgram
 from mlflow_dspy.runtime.host import ProgramHost
 from tests.support.examples import example_chat
 
-ANSWERS = {  # DummyLM answers the first key its prompt contains: the folded conversation comes first
+ANSWERS = {  # DummyLM answers the first key its last message contains: a folded conversation comes first
     "Earlier in this conversation:\nuser: What is 2 + 2?\nassistant: 4\n\nThe question now:\nAnd times 3?":
-        {"reasoning": "4 times 3", "answer": "12"},
+        {"reasoning": "4 times 3", "answer": "12 (folded)"},
+    "And times 3?": {"reasoning": "4 times 3", "answer": "12"},
     "What is 2 + 2?": {"reasoning": "two and two", "answer": "4"},
     "Capital of Peru?": {"reasoning": "geography", "answer": "Lima"},
 }
@@ -53,10 +55,36 @@ async def test_chat_completion_has_openai_fields_and_answer_only_in_content(clie
     assert response.headers["x-request-id"].startswith("req-")
 
 
-async def test_multi_turn_reaches_a_program_without_history_as_one_folded_question(client):
-    messages = [*USER, {"role": "assistant", "content": "4"}, {"role": "user", "content": "And times 3?"}]
-    response = await client.post("/v1/chat/completions", json={"messages": messages})
+FOLLOW_UP = [*USER, {"role": "assistant", "content": "4"}, {"role": "user", "content": "And times 3?"}]
+
+
+class PromptsLM(DummyLM):
+    """Keeps the messages of every call (the host may run a copy of the LM: the list is the class's)."""
+
+    prompts: list[list[dict]] = []
+
+    async def acall(self, *args, messages=None, **kwargs):
+        PromptsLM.prompts.append(messages)
+        return await super().acall(*args, messages=messages, **kwargs)
+
+
+async def test_multi_turn_reaches_the_qa_example_as_its_history():
+    lm = PromptsLM(ANSWERS)
+    app = create_app(GatewayConfig(), host=ProgramHost(example_chat("qa"), lm, dspy.ChatAdapter(), "qa", "test"))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://g") as client:
+        response = await client.post("/v1/chat/completions", json={"messages": FOLLOW_UP})
     assert response.json()["choices"][0]["message"]["content"] == "12"
+    _system, earlier_question, earlier_answer, now = PromptsLM.prompts[-1]
+    assert "What is 2 + 2?" in earlier_question["content"] and "4" in earlier_answer["content"]
+    assert earlier_answer["role"] == "assistant" and "And times 3?" in now["content"]
+
+
+async def test_multi_turn_reaches_a_program_without_history_as_one_folded_question():
+    plain = ChatProgram(dspy.ChainOfThought("question -> answer"))
+    app = create_app(GatewayConfig(), host=ProgramHost(plain, DummyLM(ANSWERS), dspy.ChatAdapter(), "plain", "t"))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://g") as client:
+        response = await client.post("/v1/chat/completions", json={"messages": FOLLOW_UP})
+    assert response.json()["choices"][0]["message"]["content"] == "12 (folded)"
 
 
 class RecordingLM(DummyLM):

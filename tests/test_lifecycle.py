@@ -49,7 +49,8 @@ def test_evaluate_scores_every_dev_example():
     expected = 100 * sum(1 for i in range(8) if i < 6 or DEV[i].answer == "4") / 8
     assert report.score == pytest.approx(expected)
     first = report.rows[0]
-    assert json.loads(first["inputs"]) == {"question": DEV[0].question}
+    # A dev row without a history is a first turn: the program received an empty one.
+    assert json.loads(first["inputs"]) == {"question": DEV[0].question, "history": {"messages": []}}
     assert json.loads(first["expected"]) == {"answer": DEV[0].answer}
     assert json.loads(first["outputs"])["answer"] == DEV[0].answer and first["score"] == 1.0
 

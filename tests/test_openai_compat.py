@@ -19,7 +19,7 @@ from mlflow_dspy.program.chat import ChatProgram
 from mlflow_dspy.runtime.host import ProgramHost
 from tests.support.examples import example_chat
 
-ANSWERS = {  # DummyLM answers the first key its prompt contains: a later turn comes first (turns are folded)
+ANSWERS = {  # DummyLM answers the first key its last message contains
     "Capital of Peru?": {"reasoning": "geography", "answer": "Lima"},
     "What is 2 + 2?": {"reasoning": "two and two make four", "answer": "4"},
     "Where is the Eiffel tower?": {"city": "Paris", "country": "France"},

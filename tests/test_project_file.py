@@ -243,10 +243,10 @@ def test_bundled_examples_file_declares_the_four_examples():
 
 
 EXPECTED = {  # name: (question_field, history_field, answer_fields, program type)
-    "qa": ("question", None, ("answer",), dspy.ChainOfThought),
+    "qa": ("question", "history", ("answer",), dspy.ChainOfThought),
     "assistant": ("question", "history", ("answer",), dspy.Predict),
-    "rag": ("question", None, ("answer",), dspy.Module),
-    "classify": ("text", None, ("label", "confidence"), dspy.Predict),
+    "rag": ("question", "history", ("answer",), dspy.Module),
+    "classify": ("text", "history", ("label", "confidence"), dspy.Predict),
 }
 
 

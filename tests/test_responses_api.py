@@ -16,7 +16,7 @@ from mlflow_dspy.gateway.app import GatewayConfig, create_app
 from mlflow_dspy.runtime.host import ProgramHost
 from tests.support.examples import example_chat
 
-ANSWERS = {  # DummyLM answers the first key its prompt contains: a later turn comes first (turns are folded)
+ANSWERS = {  # DummyLM answers the first key its last message contains
     "Capital of Peru?": {"reasoning": "geography", "answer": "Lima"},
     "What is 2 + 2?": {"reasoning": "two and two", "answer": "4"},
 }

@@ -37,7 +37,7 @@ async def test_a_run_is_recorded_as_program_and_lm_spans_with_the_usage_on_the_r
     names = [span.name for span in record.spans]
     # The root is the program itself, with its own inputs (the chat front only maps the conversation).
     assert names[0] == "ChainOfThought.forward" and "LM.__call__" in names
-    assert record.spans[0].inputs == {"question": "Question 3?"}
+    assert record.spans[0].inputs == {"question": "Question 3?", "history": {"messages": []}}
     assert not any("Adapter" in name for name in names)  # format and parse repeat the signature: left out
     by_id = {span.span_id: span for span in record.spans}
     root = record.spans[0]
@@ -61,7 +61,8 @@ async def test_streams_are_recorded_too_and_nothing_is_recorded_without_a_trace(
     items = [item async for item in host.stream(ask(5), trace=record)]
     # A stream runs the program itself (the chat mapping already applied): it is the root, as in a call.
     assert items[-1].answer == "5" and record.spans[0].name == "ChainOfThought.forward"
-    assert record.spans[0].parent_id is None and record.spans[0].inputs == {"question": "Question 5?"}
+    assert record.spans[0].parent_id is None
+    assert record.spans[0].inputs == {"question": "Question 5?", "history": {"messages": []}}
     recorded = len(record.spans)
     with recording(None):
         await host.answer(ask(6))  # no record: the callback records nothing anywhere

@@ -4,7 +4,8 @@ Each row is checked against the program's fields before anything else happens:
 a line that is not JSON, a missing input or a value of the
 wrong type is reported with its line number (`DataProblem`), so a command stops
 before it creates any MLflow run. A `dspy.History` input is written as a list of
-`{"role", "content"}` messages.
+`{"role", "content"}` messages; a row without it is a conversation's first turn
+(an empty history).
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ def load_examples(path: Path, mapping: ChatMapping) -> list[dspy.Example]:
         extra_history = None
         if history is not None and history in row:
             extra_history = _history(row.pop(history), where, mapping)
-        elif history is not None and mapping.input(history).required:
-            raise DataProblem(f"{where}: the field {history!r} is missing")
+        elif history is not None:  # a row without one is a conversation's first turn
+            extra_history = dspy.History(messages=[])
         try:
             checked = model.model_validate(row)
         except ValidationError as exc:
