@@ -37,7 +37,9 @@ class ServedModels:
 
         def load(uri: str) -> ProgramHost:
             try:
-                return host_for_model(uri, trust=trust)
+                host = host_for_model(uri, trust=trust)
+                log.info("%s verified and loaded from its private copy %s", uri, host.files)
+                return host
             except IntegrityError as exc:  # kept out of traffic: counted here, said on /ready by the router
                 if metrics is not None:
                     metrics.model_refusals.labels(_model_name(uri), exc.reason).inc()

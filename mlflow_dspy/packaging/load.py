@@ -88,6 +88,7 @@ def host_for_model(uri: str, name: str | None = None, trust: tuple[TrustKey, ...
         copy.release()  # its code/ leaves sys.path
         raise
     host.on_release(copy.release)
+    host.files = str(copy.path)
     return host
 
 

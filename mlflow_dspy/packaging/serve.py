@@ -4,8 +4,7 @@ MLflow's own server loads whatever folder it is given. This downloads the model 
 process's own (packaging/integrity.py: mode 0700, under $MLFLOW_DSPY_MODEL_COPIES or the temporary folder),
 verifies that copy (its manifest, its signature under a trust key), and hands MLflow that copy: what is served
 is exactly what was checked, whatever happens in the artifact store afterwards. `mlflow models serve` runs as a
-child in a process group of its own; SIGTERM, SIGINT and SIGHUP are passed on to that group, and the copy is
-removed once it has stopped.
+child; SIGTERM, SIGINT and SIGHUP are passed on to it, and the copy is removed once it has stopped.
 """
 
 from __future__ import annotations
@@ -38,13 +37,15 @@ def serve_verified(model_uri: str, port: int, host: str = "127.0.0.1", env_manag
 
 
 def run_forwarding_signals(args: list[str], env: dict[str, str]) -> int:
-    """Run `args` in a process group of its own until it ends, passing FORWARDED signals on to the whole group
-    (mlflow's CLI and the uvicorn it starts); its exit code (128 + N for a signal N, as a shell says)."""
-    child = subprocess.Popen(args, env=env, start_new_session=True)
+    """Run `args` until it ends, passing FORWARDED signals on to it; its exit code (128 + N for a signal N, as a
+    shell says). It stays in this process group (a terminal's Ctrl-C reaches it as before), and on Linux it gets
+    SIGTERM if this process dies first (mlflow's CLI does the same for the uvicorn it starts), so a killed
+    `serve` leaves no server behind on a copy that is gone."""
+    child = subprocess.Popen(args, env=env, preexec_fn=_terminate_with_parent)
 
     def forward(number: int, frame: object) -> None:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.pid, number)
+            child.send_signal(number)
 
     previous = {number: signal.signal(number, forward) for number in FORWARDED}
     try:
@@ -52,6 +53,13 @@ def run_forwarding_signals(args: list[str], env: dict[str, str]) -> int:
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
-        with contextlib.suppress(ProcessLookupError, PermissionError):  # anything of its group left behind
-            os.killpg(child.pid, signal.SIGTERM)  # would serve from a copy about to be removed
     return 128 - code if code < 0 else code
+
+
+def _terminate_with_parent() -> None:
+    """In the child, before it runs: SIGTERM when its parent dies (Linux's PR_SET_PDEATHSIG)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG

@@ -47,6 +47,7 @@ class ProgramHost:
         self.source = source
         self.created = int(time.time())
         self._releases: list[Callable[[], None]] = []  # what to let go when it is no longer served
+        self.files: str | None = None  # the folder its model was loaded from (a verified private copy), if any
 
     def on_release(self, release: Callable[[], None]) -> None:
         """Call `release` when this host is no longer served (its model's private copy, say)."""
