@@ -10,7 +10,7 @@ import dspy
 import mlflow
 from mlflow.models import Model
 
-from mlflow_dspy.packaging.integrity import fetch_verified
+from mlflow_dspy.packaging.integrity import download_verified, fetch_verified
 from mlflow_dspy.packaging.paths import tracking_uri
 from mlflow_dspy.packaging.signing import TrustKey
 from mlflow_dspy.packaging.uris import ModelUriProblem, parse_model_uri
@@ -38,7 +38,7 @@ def load_chat_model(uri: str, local: str | None = None,
     that copy stays until the process exits. `mlflow.dspy.load_model` also sets `dspy.settings` from the
     artifact: call this at start-up, never inside a request handler.
     """
-    local = local or str(fetch_verified(uri, trust).path)
+    local = local or download_verified(uri, trust)
     metadata = Model.load(local).metadata or {}
     if int(metadata.get(FORMAT_KEY, 0)) < FORMAT:
         raise OutdatedModel(f"{uri} was logged by an mlflow-dspy older than 0.2 (before its code moved under the "
