@@ -78,7 +78,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
     from mlflow_dspy.packaging.signing import generate, inline, load_signing_key
 
-    private, public = generate(Path(args.out))
+    private, public = generate(Path(args.out).expanduser())
     print(f"signing key (keep it secret, mode 0600): {private}")
     print(f"trust key (public): {public}")
     print(f"  log with:   mlflow-dspy log PROGRAM --signing-key {private}   (or MLFLOW_DSPY_SIGNING_KEY)")
@@ -476,8 +476,9 @@ MCP_SETTINGS = ("model_uris", "splits", "program", "lm", "served_name", "reload_
 def _keys_command(commands) -> None:
     keys = commands.add_parser("keys", help="make an Ed25519 key pair: sign models with one, trust them with the "
                                             "other")
-    keys.add_argument("--out", default=".mlflow-dspy-keys", help="the folder for signing.pem and trust.pem "
-                                                                   "(default: %(default)s)")
+    keys.add_argument("--out", default="~/.config/mlflow-dspy/keys",
+                      help="the folder for signing.pem and trust.pem, outside any project so the private key is "
+                           "never committed (default: %(default)s)")
     keys.set_defaults(func=cmd_keys)
 
 
