@@ -38,7 +38,7 @@ import mlflow
 from mlflow import MlflowClient
 
 from mlflow_dspy.packaging import signing
-from mlflow_dspy.packaging.signing import SignatureProblem, TrustKey
+from mlflow_dspy.packaging.signing import BadSignature, TrustKey
 from mlflow_dspy.packaging.uris import ModelUriProblem, parse_model_uri
 
 log = logging.getLogger("mlflow_dspy.integrity")
@@ -223,7 +223,7 @@ def verify(uri: str, local: str | Path, trust: tuple[TrustKey, ...] | None = Non
         document = (root / SIGNATURE).read_bytes() if SIGNATURE in hashes else None
         try:
             signer = signing.check(body, document, trust).key_id
-        except SignatureProblem as problem:
+        except BadSignature as problem:
             raise IntegrityError(f"{uri}: {problem}; a trust key is set, so only a manifest signed by one of its "
                                  "keys is loaded; refusing to load it", problem.reason) from None
     _compare(uri, _listed(uri, body), hashes)

@@ -126,7 +126,7 @@ def sign(message: bytes, key: Ed25519PrivateKey) -> bytes:
     return (json.dumps(document, indent=1) + "\n").encode()
 
 
-class SignatureProblem(Exception):
+class BadSignature(Exception):
     """Why a signature is not accepted: `reason` is one of unsigned, untrusted_key, bad_signature."""
 
     def __init__(self, reason: str, message: str) -> None:
@@ -135,18 +135,18 @@ class SignatureProblem(Exception):
 
 
 def check(message: bytes, document: bytes | None, keys: tuple[TrustKey, ...]) -> TrustKey:
-    """The trust key whose signature `document` carries over `message`; SignatureProblem otherwise."""
+    """The trust key whose signature `document` carries over `message`; BadSignature otherwise."""
     if document is None:
-        raise SignatureProblem("unsigned", "its manifest is not signed")
+        raise BadSignature("unsigned", "its manifest is not signed")
     try:
         parsed = json.loads(document)
         signature = base64.b64decode(parsed["signature"], validate=True)
         named = str(parsed.get("key_id", ""))
         algorithm = parsed.get("algorithm")
     except (ValueError, KeyError, TypeError):
-        raise SignatureProblem("bad_signature", "its manifest's signature file is unreadable") from None
+        raise BadSignature("bad_signature", "its manifest's signature file is unreadable") from None
     if algorithm != ALGORITHM:
-        raise SignatureProblem("bad_signature", f"its manifest is signed with {algorithm!r}, not {ALGORITHM}")
+        raise BadSignature("bad_signature", f"its manifest is signed with {algorithm!r}, not {ALGORITHM}")
     for trusted in keys:
         try:
             trusted.key.verify(signature, message)
@@ -154,7 +154,7 @@ def check(message: bytes, document: bytes | None, keys: tuple[TrustKey, ...]) ->
         except InvalidSignature:
             continue
     if named not in {k.key_id for k in keys}:
-        raise SignatureProblem("untrusted_key", f"its manifest is signed by key {named or '?'}, which is not "
+        raise BadSignature("untrusted_key", f"its manifest is signed by key {named or '?'}, which is not "
                                                 f"a trust key here ({', '.join(k.key_id for k in keys)})")
-    raise SignatureProblem("bad_signature", f"its manifest's signature by key {named} does not match the "
+    raise BadSignature("bad_signature", f"its manifest's signature by key {named} does not match the "
                                             "manifest (the manifest or the signature was changed)")
