@@ -10,7 +10,8 @@ a ratio or difference taken within this run: three models in one gateway against
 one (bench/multi_model.py), the champion alias moving under load
 (bench/hot_reload.py), and streaming time to first text against the LM's own
 (bench/stream_ttft.py). MCP's `tools/call` against `/predict` for the same program, at
-one client (`--only mcp`, bench/mcp_vs_predict.py). Writes bench/results/latest.json and latest.png.
+one client (`--only mcp`, bench/mcp_vs_predict.py). What verifying a model before loading it costs
+(`--only verify`, bench/verify_cost.py). Writes bench/results/latest.json and latest.png.
 
 `--only multi,reload,stream` runs just those three (a few minutes); a run with
 `--only` writes bench/results/partial.json, leaving the full run's figures alone.
@@ -45,12 +46,14 @@ from bench.stream_ttft import stream_ttft_figures
 from bench.trace_cost import trace_cost_figures
 from bench.trace_throughput import trace_throughput_figures, trace_throughput_line
 from bench.tutorial_programs import tutorial_program_figures, tutorial_programs_line
+from bench.verify_cost import verify_figures, verify_line
 
 RESULTS = ROOT / "bench" / "results"
 NOISY_STEAL = 10  # percent of CPU time taken by the hypervisor: above it, a figure is flagged
 SERVER_KEYS = ("a", "b", "c1", "c1i", "c2")
 SECTION_KEYS = (
     "traces", "tracewriter", "transport", "road", "multi", "reload", "stream", "mcp", "embedded", "tutorials",
+    "verify",
 )
 
 
@@ -154,6 +157,9 @@ def main() -> None:
                         entry["one_client"] = overhead_at_one_client(stub, base, 2 * args.seconds)
                         print(f"gateway overhead at one client: {entry['one_client']}", flush=True)
                 results["servers"][server["key"]] = entry
+            if wanted("verify"):  # a few seconds: the qa artifact's private copy and its checks
+                results["verify"] = verify_figures(base_env, model_uri)
+                print(f"verification: {results['verify']}", flush=True)
             if wanted("traces"):
                 results["trace_cost"] = trace_cost_figures(base_env, tmp_path, model_uri, 2 * args.seconds)
                 print(f"what tracing costs: {results['trace_cost']}", flush=True)
@@ -250,6 +256,8 @@ def targets(results: dict) -> list[str]:
         lines.append(embedded_target_line(embedded))
     if tutorials := results.get("tutorial_programs"):
         lines.append(tutorial_programs_line(tutorials))
+    if verified := results.get("verify"):
+        lines.append(verify_line(verified))
     return lines
 
 

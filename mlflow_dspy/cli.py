@@ -36,7 +36,8 @@ def cmd_log(args: argparse.Namespace) -> int:
     config = _config(args)
     target = open_target(config)
     lm = configure_dspy(config.lm)
-    logged = log_target(target, lm=lm, registered_model_name=args.name, evaluate_dev=not args.no_eval)
+    logged = log_target(target, lm=lm, registered_model_name=args.name, evaluate_dev=not args.no_eval,
+                        signing_key=args.signing_key)
     if args.json:
         _json_line(args, logged.as_dict())
     else:
@@ -57,11 +58,33 @@ def _check_model_uri(uri: str) -> None:
     resolve(uri)
 
 
+def _trust(args: argparse.Namespace):
+    """The trust keys of --trust-key, else of $MLFLOW_DSPY_TRUST_KEY (read now: a bad key is one line here)."""
+    from mlflow_dspy.packaging.signing import trust_keys_from
+
+    return trust_keys_from(args.trust_key)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from mlflow_dspy.packaging.serve import serve_verified
 
+    trust = _trust(args)
     _check_model_uri(args.model_uri)
-    return serve_verified(args.model_uri, args.port, args.host, args.env_manager)
+    return serve_verified(args.model_uri, args.port, args.host, args.env_manager, trust)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mlflow_dspy.packaging.signing import generate, inline, load_signing_key
+
+    private, public = generate(Path(args.out).expanduser())
+    print(f"signing key (keep it secret, mode 0600): {private}")
+    print(f"trust key (public): {public}")
+    print(f"  log with:   mlflow-dspy log PROGRAM --signing-key {private}   (or MLFLOW_DSPY_SIGNING_KEY)")
+    print(f"  serve with: mlflow-dspy gateway -m URI --trust-key {public}   (or MLFLOW_DSPY_TRUST_KEY)")
+    print(f"  the same trust key in one line: {inline(load_signing_key(private).public_key())}")
+    return 0
 
 
 def _gateway_config(args: argparse.Namespace):
@@ -75,6 +98,9 @@ def _gateway_config(args: argparse.Namespace):
 
     for text in config.splits:
         Split.parse(text)  # a malformed split is one line here
+    from mlflow_dspy.packaging.signing import trust_keys_from
+
+    trust_keys_from(config.trust_keys)  # a trust key that cannot be read is one line here, not a failed load
     for uri in config.model_uris:
         _check_model_uri(uri)  # a mistyped name or version is one line here, not a failed load
     if config.program:
@@ -112,8 +138,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         dev = Path(args.dev).resolve()
         if not dev.is_file():
             raise DataProblem(f"data file not found: {dev}")  # before the model is fetched and loaded
+        trust = _trust(args)
         _check_model_uri(args.model_uri)
-        report, run_id = evaluate_model_uri(args.model_uri, dev, args.metric)
+        report, run_id = evaluate_model_uri(args.model_uri, dev, args.metric, trust)
     else:
         report, run_id = evaluate_program(_config(args))
     result = {"program": report.program, "dev_score": round(report.score, 2), "examples": len(report.rows),
@@ -160,7 +187,7 @@ def cmd_improve(args: argparse.Namespace) -> int:
         raise UsageProblem(f"improve: {exc}") from None
     try:
         done = improve(args.name, args.alias, args.optimizer, args.holdout, args.seed, args.margin, args.metric,
-                       args.version, args.since, args.feedback, args.dry_run)
+                       args.version, args.since, args.feedback, args.dry_run, args.signing_key)
     except NothingToImprove as nothing:
         print(f"nothing to improve: {nothing}", file=sys.stderr)
         return 1
@@ -198,7 +225,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     from mlflow_dspy.lifecycle.optimize import optimize
 
     config = _config(args)
-    logged, before = optimize(config, args.optimizer, args.name)
+    logged, before = optimize(config, args.optimizer, args.name, args.signing_key)
     result = {**logged.as_dict(), "dev_score_before": round(before, 2)}
     if args.json:
         _json_line(args, result)
@@ -227,7 +254,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from mlflow_dspy.batch.run import run_batch
 
     report = run_batch(args.model_uri, Path(args.input), Path(args.output), args.engine, args.concurrency,
-                       args.master)
+                       args.master, _trust(args))
     if args.json:
         _json_line(args, report.__dict__)
     else:
@@ -293,6 +320,19 @@ def _gateway_arguments(command: argparse.ArgumentParser, only: tuple[str, ...] |
         command.add_argument(*setting.flags, **options)
 
 
+def _signing_argument(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--signing-key", default=None, metavar="PEM",
+                         help="sign the model's manifest with this Ed25519 private key (mlflow-dspy keys makes one; "
+                              "default: $MLFLOW_DSPY_SIGNING_KEY; none: unsigned)")
+
+
+def _trust_argument(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--trust-key", action="append", default=None, metavar="PUBKEY",
+                         help="load only a model whose manifest is signed by this Ed25519 public key (a PEM file or "
+                              "ed25519:BASE64; repeatable; default: $MLFLOW_DSPY_TRUST_KEY; none: the manifest is "
+                              "still checked)")
+
+
 def _log_command(commands) -> None:
     log = commands.add_parser("log", help="log a program as an MLflow model and register a version")
     _program_arguments(log)
@@ -302,6 +342,7 @@ def _log_command(commands) -> None:
     log.add_argument("--requirements", default=None, metavar="FILE",
                      help="your own pins, added to the runtime's (a conflict is an error)")
     log.add_argument("--no-eval", action="store_true", help="skip scoring the program on its dev set")
+    _signing_argument(log)
     log.add_argument("--json", action="store_true",
                      help="end stdout with one JSON line: run_id, model_uri, registered_model, version, dev_score")
     log.set_defaults(func=cmd_log)
@@ -312,6 +353,7 @@ def _eval_command(commands) -> None:
     _program_arguments(evaluation)
     evaluation.add_argument("-m", "--model-uri", default=None, help="evaluate this logged model (with its own LM)")
     evaluation.add_argument("--json", action="store_true", help="print one JSON line (dev_score, ...)")
+    _trust_argument(evaluation)
     evaluation.set_defaults(func=cmd_eval)
 
 
@@ -323,6 +365,7 @@ def _optimize_command(commands) -> None:
     optimization.add_argument("--name", "--registered-model-name", dest="name", default=None,
                               help="registered model name (default: the project's, else dspy-<program>)")
     optimization.add_argument("--json", action="store_true", help="print one JSON line")
+    _signing_argument(optimization)
     optimization.set_defaults(func=cmd_optimize)
 
 
@@ -351,6 +394,7 @@ def _batch_command(commands) -> None:
     batch.add_argument("--concurrency", type=int, default=8, help="rows in flight (per Spark task)")
     batch.add_argument("--master", default="local[*]", help="Spark master URL (with --engine spark)")
     batch.add_argument("--json", action="store_true", help="print one JSON line")
+    _trust_argument(batch)
     batch.set_defaults(func=cmd_batch)
 
 
@@ -363,11 +407,13 @@ def _docker_command(commands) -> None:
 
 
 def _serve_command(commands) -> None:
-    serve = commands.add_parser("serve", help="`mlflow models serve` a logged model after checking its SHA-256")
+    serve = commands.add_parser("serve", help="`mlflow models serve` a private copy of a logged model, checked "
+                                              "against its manifest (and signature) first")
     serve.add_argument("-m", "--model-uri", required=True)
     serve.add_argument("-p", "--port", type=int, default=6000)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--env-manager", default="local", choices=["local", "virtualenv", "uv", "conda"])
+    _trust_argument(serve)
     serve.set_defaults(func=cmd_serve)
 
 
@@ -391,6 +437,7 @@ def _improve_command(commands) -> None:
     improvement.add_argument("--feedback", default="any", choices=["positive", "negative", "expected", "any"])
     improvement.add_argument("--dry-run", action="store_true", help="say what would happen; change nothing")
     improvement.add_argument("--json", action="store_true", help="print one JSON line")
+    _signing_argument(improvement)
     improvement.set_defaults(func=cmd_improve)
 
 
@@ -423,7 +470,16 @@ def _gateway_command(commands) -> None:
 MCP_SETTINGS = ("model_uris", "splits", "program", "lm", "served_name", "reload_interval", "max_in_flight",
                 "max_messages", "max_characters", "request_timeout", "traces", "trace_sample", "trace_flush_timeout",
                 "trace_queue", "embedded_parallel", "embedded_cache_mb", "embedded_queue", "embedded_threads",
-                "speedups")
+                "speedups", "trust_keys")
+
+
+def _keys_command(commands) -> None:
+    keys = commands.add_parser("keys", help="make an Ed25519 key pair: sign models with one, trust them with the "
+                                            "other")
+    keys.add_argument("--out", default="~/.config/mlflow-dspy/keys",
+                      help="the folder for signing.pem and trust.pem, outside any project so the private key is "
+                           "never committed (default: %(default)s)")
+    keys.set_defaults(func=cmd_keys)
 
 
 def _mcp_command(commands) -> None:
@@ -440,7 +496,7 @@ def _mcp_command(commands) -> None:
 # Each command's parser, in the order --help lists them.
 COMMANDS = (
     _log_command, _eval_command, _optimize_command, _init_command, _promote_command, _batch_command, _docker_command,
-    _serve_command, _improve_command, _traces_command, _gateway_command, _mcp_command,
+    _serve_command, _improve_command, _traces_command, _gateway_command, _mcp_command, _keys_command,
 )
 
 

@@ -44,7 +44,7 @@ def test_a_model_logged_before_the_namespace_move_is_refused_with_what_to_do(tmp
     mlflow.dspy.save_model(ChatProgram(dspy.Predict("question -> answer")), str(old), task="llm/v1/chat",
                            metadata={"program": "qa"},  # no format key: an mlflow-dspy 0.1 model
                            pip_requirements=PINS)
-    monkeypatch.setattr(load, "download_verified", lambda uri: str(old))
+    monkeypatch.setattr(load, "download_verified", lambda uri, trust=None: str(old))
     with pytest.raises(load.OutdatedModel, match="log the program again"):
         load.load_chat_model("runs:/0123/model")
 
@@ -53,7 +53,7 @@ def test_a_model_of_the_current_format_loads(tmp_path, monkeypatch):
     current = tmp_path / "current"
     mlflow.dspy.save_model(ChatProgram(dspy.Predict("question -> answer")), str(current), task="llm/v1/chat",
                            metadata={"program": "qa", load.FORMAT_KEY: load.FORMAT}, pip_requirements=PINS)
-    monkeypatch.setattr(load, "download_verified", lambda uri: str(current))
+    monkeypatch.setattr(load, "download_verified", lambda uri, trust=None: str(current))
     program, metadata = load.load_chat_model("runs:/0123/model")
     assert isinstance(program, ChatProgram) and program.mapping.question_field == "question"
     assert metadata["program"] == "qa"

@@ -1,4 +1,5 @@
-"""The SHA-256 of a model's files is recorded at log time; serve, gateway and batch refuse a tampered one."""
+"""The SHA-256 of a model's files is recorded at log time (its manifest, and the `model_sha256` tag); serve, gateway
+and batch refuse a tampered one. Signatures and private copies: test_manifest.py, test_signed_models_e2e.py."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import httpx
@@ -32,13 +32,13 @@ def test_digest_covers_every_byte_and_every_name(tmp_path):
     assert digest(tmp_path) != before
 
 
-def test_a_model_without_a_recorded_digest_is_refused_unless_allowed(tmp_path, monkeypatch):
+def test_a_model_without_a_manifest_or_a_recorded_digest_is_refused_unless_allowed(tmp_path, monkeypatch):
     (tmp_path / "MLmodel").write_text("flavors: {}")
     monkeypatch.delenv(ALLOW_UNVERIFIED_ENV, raising=False)
     with pytest.raises(IntegrityError, match="no recorded model_sha256"):
-        verify(str(tmp_path), tmp_path)
+        verify(str(tmp_path), tmp_path, ())
     monkeypatch.setenv(ALLOW_UNVERIFIED_ENV, "1")
-    assert verify(str(tmp_path), tmp_path) == digest(tmp_path)
+    assert verify(str(tmp_path), tmp_path, ()).digest == digest(tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +70,8 @@ def _flip_one_byte(store: Path) -> list[Path]:
 
 
 def test_serve_gateway_and_batch_refuse_a_model_with_one_byte_changed(logged, tmp_path, monkeypatch):
-    """In process: each refuses before anything is unpickled (a serve that got past the check would replace
-    this process with mlflow's server: `os.execvpe` is stopped here)."""
+    """In process: each refuses before anything is unpickled (a serve that got past the check would start
+    mlflow's server: that is stopped here)."""
     env, result, store = logged
     uri = result["model_uri"]
     version_uri = f"models:/{result['registered_model']}/{result['version']}"
@@ -80,7 +80,7 @@ def test_serve_gateway_and_batch_refuse_a_model_with_one_byte_changed(logged, tm
     def not_verified(*args):
         raise AssertionError(f"serve got past the check: {args}")
 
-    monkeypatch.setattr(os, "execvpe", not_verified)
+    monkeypatch.setattr("mlflow_dspy.packaging.serve.run_forwarding_signals", not_verified)
     serve = cli_in_process("serve", "-m", version_uri, "-p", "9", env=env)
     assert serve.code == 3
     assert "do not match the SHA-256" in serve.err and "Traceback" not in serve.err
@@ -103,7 +103,7 @@ def test_serve_gateway_and_batch_refuse_a_model_with_one_byte_changed(logged, tm
     assert ready.status_code == 503
     assert "do not match the SHA-256" in ready.json()["error"]["message"]
     assert answer.status_code == 503  # nothing was unpickled, nothing answers
-    assert any("refusing to unpickle" in line for line in lines)
+    assert any("refusing to load it" in line for line in lines)
 
 
 @contextlib.contextmanager

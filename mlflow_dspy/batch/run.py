@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from mlflow_dspy.batch.io import read_table, write_table
 from mlflow_dspy.batch.score import RESULT_COLUMNS, score_rows
+from mlflow_dspy.packaging.signing import TrustKey
 
 ENGINES = ("pandas", "spark")
 
@@ -72,7 +73,10 @@ class Progress:
 
 
 def run_batch(model_uri: str, input_path: Path, output_path: Path, engine: str = "pandas",
-              concurrency: int = 8, master: str = "local[*]") -> BatchReport:
+              concurrency: int = 8, master: str = "local[*]", trust: tuple[TrustKey, ...] | None = None
+              ) -> BatchReport:
+    """Score every row of `input_path` not yet in `output_path` with the model (verified on a private copy
+    first, against `trust`, default $MLFLOW_DSPY_TRUST_KEY)."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
     frame = read_table(input_path)
@@ -90,12 +94,12 @@ def run_batch(model_uri: str, input_path: Path, output_path: Path, engine: str =
     if engine == "pandas":
         from mlflow_dspy.packaging.load import host_for_model
 
-        host = host_for_model(model_uri)
+        host = host_for_model(model_uri, trust=trust)
         results = asyncio.run(score_rows(host, todo, concurrency, finished))
     else:
         from mlflow_dspy.batch.spark import score_on_spark
 
-        results = score_on_spark(model_uri, todo, concurrency, master, finished)
+        results = score_on_spark(model_uri, todo, concurrency, master, finished, trust)
     bar.close()
 
     merged = {**done, **{int(r["row_id"]): r for r in results}}

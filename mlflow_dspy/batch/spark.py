@@ -14,6 +14,8 @@ import pandas as pd
 
 from mlflow_dspy.batch.io import plain
 from mlflow_dspy.batch.score import RESULT_COLUMNS, score_rows
+from mlflow_dspy.packaging.integrity import COPIES_ENV
+from mlflow_dspy.packaging.signing import TRUST_KEY_ENV, TrustKey, inline
 
 SCHEMA = "row_id long, answer string, prediction string, error string"
 _hosts: dict[str, Any] = {}  # per Python worker process: the model, loaded once
@@ -40,7 +42,8 @@ def _partition_scorer(model_uri: str, env: dict[str, str], concurrency: int):
 
 
 def score_on_spark(model_uri: str, todo: list[tuple[int, dict]], concurrency: int, master: str,
-                   on_result: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
+                   on_result: Callable[[dict[str, Any]], None],
+                   trust: tuple[TrustKey, ...] | None = None) -> list[dict[str, Any]]:
     if not todo:
         return []
     from pyspark.sql import SparkSession
@@ -52,9 +55,11 @@ def score_on_spark(model_uri: str, todo: list[tuple[int, dict]], concurrency: in
     package_parent = str(IMPORT_ROOT)
     env = {"MLFLOW_TRACKING_URI": tracking_uri(), "PYTHONPATH": package_parent,
            "LITELLM_LOCAL_MODEL_COST_MAP": os.environ.get("LITELLM_LOCAL_MODEL_COST_MAP", "true")}
-    for key in ("DSPY_LM_API_BASE",):
+    for key in ("DSPY_LM_API_BASE", TRUST_KEY_ENV, COPIES_ENV):
         if key in os.environ:
             env[key] = os.environ[key]
+    if trust:  # each worker verifies its own private copy against the same keys
+        env[TRUST_KEY_ENV] = ",".join(inline(key.key) for key in trust)
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")]))
     builder = SparkSession.builder.master(master).appName("mlflow-dspy-batch")

@@ -159,6 +159,12 @@ class GatewayConfig:
     served_name: str | None = setting(
         None, "--name", metavar="NAME", shown_default="the registry's name",
         help="with one model: the name clients send and /v1/models lists")
+    trust_keys: tuple[str, ...] = setting(
+        (), "--trust-key", metavar="PUBKEY", shown_default="none: manifests checked, unsigned "
+        "models served",
+        help="serve only model versions whose manifest is signed by this Ed25519 public key (a PEM file, or "
+             "ed25519:BASE64; repeatable; in the variable, separated by commas); any other version is refused, and "
+             "on a hot reload the old one keeps serving")
     reload_interval: float = setting(
         30.0, "--reload-interval", metavar="SECONDS", least=0,
         help="seconds between looks at the registry's aliases; a moved alias loads in the background and takes "

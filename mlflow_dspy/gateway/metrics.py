@@ -45,6 +45,11 @@ class GatewayMetrics:
                                ("model",), registry=self.registry)
         self.reload_failures = Counter("mlflow_dspy_reload_failures_total", "Model versions that failed to load "
                                        "or to answer after start-up", ("model",), registry=self.registry)
+        self.model_refusals = Counter(
+            "mlflow_dspy_model_refusals_total", "Model versions refused before anything of them was loaded, by "
+            "reason: tampered (a file differs from the manifest or the recorded SHA-256), unsigned, untrusted_key, "
+            "bad_signature (with a trust key), unverified (nothing to check it against)", ("model", "reason"),
+            registry=self.registry)
         self.traces = Counter("mlflow_dspy_traces_total", "Request traces, by what became of them: queued for the "
                               "tracking store, written, dropped (the queue was full, the store failed, or the "
                               "process stopped first) or sampled out", ("outcome",), registry=self.registry)

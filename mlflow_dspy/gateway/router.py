@@ -16,7 +16,8 @@ has moved, the new version loads in the background and must answer a smoke
 request (its logged input example) before it takes new requests; requests
 already running finish on the version they started on. A version that fails
 to load or to answer leaves the old one serving, and the failure is kept for
-`/ready` and counted in `/metrics`; an unreachable registry changes nothing.
+`/ready` and counted in `/metrics` (a version refused by its integrity check also
+in `mlflow_dspy_model_refusals_total`, by reason); an unreachable registry changes nothing.
 
 **Split.** `NAME=ALIAS:WEIGHT,ALIAS:WEIGHT` sends requests for plain NAME to each
 alias by weight; the same `user` (or `x-session-id`) always gets the same alias.
@@ -243,16 +244,22 @@ class Router:
                 stage = "answer"
                 self._smoke(host)
             except Exception as exc:
-                self._versions.pop(self._key(entry.uri, version), None)
-                entry.failure = f"version {version} failed to {stage}; version {entry.host.version} serves"
+                failed = self._versions.pop(self._key(entry.uri, version), None)
+                if failed is not None and all(other.host is not failed for other in self.entries):
+                    failed.release()  # loaded but did not answer: its private copy goes
+                why = self._explain(exc)
+                entry.failure = (f"version {version} failed to {stage}" + (f" ({why})" if why else "")
+                                 + f"; version {entry.host.version} serves")
                 log.error("reload of %s to version %s failed; version %s keeps serving", name, version,
                           entry.host.version, exc_info=exc)
                 self._on_reload(name, False)
                 continue
             old, entry.host, entry.failure = entry.host, host, None  # new requests from here on
             if all(other.host is not old for other in self.entries):
-                # Requests running on the old version keep it alive until they finish; the router lets go.
+                # Requests running on the old version keep it alive until they finish; the router lets go,
+                # and its private copy's code leaves sys.path (packaging/integrity.py).
                 self._versions = {key: kept for key, kept in self._versions.items() if kept is not old}
+                old.release()
             log.info("%s now serves version %s", name, version)
             self._on_reload(name, True)
             switched.append(name)

@@ -13,7 +13,10 @@ from mlflow_dspy.gateway.errors import GatewayError
 from mlflow_dspy.gateway.metrics import GatewayMetrics
 from mlflow_dspy.gateway.openai_wire import shown
 from mlflow_dspy.gateway.router import Router, Split
+from mlflow_dspy.packaging.integrity import IntegrityError
 from mlflow_dspy.packaging.load import host_for_model, version_of
+from mlflow_dspy.packaging.signing import trust_keys_from
+from mlflow_dspy.packaging.uris import ModelUriProblem, parse_model_uri
 from mlflow_dspy.runtime.host import ProgramHost
 
 log = logging.getLogger("mlflow_dspy.gateway")
@@ -30,7 +33,19 @@ class ServedModels:
             if metrics is not None:
                 (metrics.reloads if ok else metrics.reload_failures).labels(name).inc()
 
-        self.router = Router(host_for_model, lambda parsed: version_of(parsed.uri), smoke_test,
+        trust = trust_keys_from(config.trust_keys)  # () when none is set: manifests guard against corruption
+
+        def load(uri: str) -> ProgramHost:
+            try:
+                host = host_for_model(uri, trust=trust)
+                log.info("%s verified and loaded from its private copy %s", uri, host.files)
+                return host
+            except IntegrityError as exc:  # kept out of traffic: counted here, said on /ready by the router
+                if metrics is not None:
+                    metrics.model_refusals.labels(_model_name(uri), exc.reason).inc()
+                raise
+
+        self.router = Router(load, lambda parsed: version_of(parsed.uri), smoke_test,
                              tuple(Split.parse(text) for text in config.splits), reloaded, explain=said_of_failed_load)
         self.router.add_models(config.uris())
         self.loaded = False
@@ -151,10 +166,17 @@ def smoke_test(host: ProgramHost) -> None:
 
 
 def said_of_failed_load(exc: Exception) -> str:
-    """What a client may be told of a model that failed to load: nothing, unless its files were tampered with."""
-    from mlflow_dspy.packaging.integrity import IntegrityError
+    """What a client may be told of a model that failed to load: nothing, unless it was refused by its integrity
+    check (tampered files, or unsigned or wrongly signed under a trust key)."""
+    return exc.said if isinstance(exc, IntegrityError) else ""
 
-    return "its files do not match the SHA-256 recorded when it was logged" if isinstance(exc, IntegrityError) else ""
+
+def _model_name(uri: str) -> str:
+    """The registered name a URI names (the metrics' model label), else the URI."""
+    try:
+        return parse_model_uri(uri).name or uri
+    except ModelUriProblem:
+        return uri
 
 
 def unknown_model(name: str, served: list[str]) -> GatewayError:

@@ -8,6 +8,7 @@ import mlflow
 from mlflow import MlflowClient
 
 from mlflow_dspy.packaging.log import use_tracking_store
+from mlflow_dspy.packaging.signing import TrustKey
 from mlflow_dspy.program.project import ProgramConfig
 from mlflow_dspy.program.target import open_target
 from mlflow_dspy.runtime.scoring import SCORE_METRIC, EvalReport, evaluate
@@ -31,15 +32,17 @@ def record(report: EvalReport, run_id: str | None, metric_name: str, registered_
     return run.info.run_id
 
 
-def evaluate_model_uri(uri: str, dev: Path, metric: str | None = None) -> tuple[EvalReport, str]:
-    """Score a logged model (with the LM it was logged with) on `dev`, checked against its stored mapping."""
+def evaluate_model_uri(uri: str, dev: Path, metric: str | None = None,
+                       trust: tuple[TrustKey, ...] | None = None) -> tuple[EvalReport, str]:
+    """Score a logged model (with the LM it was logged with) on `dev`, checked against its stored mapping; the
+    model is verified first (against `trust`, default $MLFLOW_DSPY_TRUST_KEY)."""
     from mlflow_dspy.lifecycle.models import load
     from mlflow_dspy.program.datasets import dataset_hash, load_examples
     from mlflow_dspy.program.metrics import DEFAULT_METRIC, fields_match
     from mlflow_dspy.program.reference import resolve_function
 
     metric_fn, metric_name = (resolve_function(metric), metric) if metric else (fields_match, DEFAULT_METRIC)
-    loaded = load(uri)
+    loaded = load(uri, trust)
     examples = load_examples(dev, loaded.chat.mapping)  # bad rows stop here, before any run is touched
     report = evaluate(loaded.program, loaded.chat.program, examples, metric_fn, loaded.lm, loaded.adapter,
                       dataset_hash(dev))

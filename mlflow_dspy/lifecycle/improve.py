@@ -40,6 +40,7 @@ from mlflow_dspy.lifecycle.optimize import compile_program
 from mlflow_dspy.lifecycle.traces_export import export_traces
 from mlflow_dspy.packaging.log import log_target, use_tracking_store
 from mlflow_dspy.packaging.promote import promote
+from mlflow_dspy.packaging.signing import signing_key_from
 from mlflow_dspy.program.datasets import DataProblem, load_examples
 from mlflow_dspy.program.metrics import DEFAULT_METRIC, fields_match
 from mlflow_dspy.program.project import resolve_target
@@ -77,7 +78,9 @@ class Improvement:
 
 def improve(name: str, alias: str = "champion", optimizer: str = "bootstrap", holdout: float = 0.3,
             seed: int = 0, margin: float = 0.0, metric: str | None = None, version: str | None = None,
-            since: str | None = None, feedback: str = "any", dry_run: bool = False) -> Improvement:
+            since: str | None = None, feedback: str = "any", dry_run: bool = False,
+            signing_key: str | None = None) -> Improvement:
+    signing_key_from(signing_key)  # a key that cannot be read stops here (the new version is signed as log signs)
     use_tracking_store()
     champion = load(f"models:/{name}@{alias}")
     champion_tags = MlflowClient().get_model_version(name, champion.version).tags
@@ -116,6 +119,7 @@ def improve(name: str, alias: str = "champion", optimizer: str = "bootstrap", ho
             extra_metrics={"heldout_score": candidate_score, "champion_heldout_score": champion_score},
             note=f"Improved from version {champion.version} on {len(train)} examples from rated traces; held-out "
                  f"score {candidate_score:.1f} against the champion's {champion_score:.1f}.",
+            signing_key=signing_key,
         )
         result.candidate_version = logged.version
         if wins:

@@ -10,6 +10,7 @@ from mlflow import MlflowClient
 
 from mlflow_dspy.packaging.load import load_chat_model
 from mlflow_dspy.packaging.log import use_tracking_store
+from mlflow_dspy.packaging.signing import TrustKey
 from mlflow_dspy.packaging.uris import parse_model_uri
 from mlflow_dspy.program.chat import ChatProgram
 
@@ -42,8 +43,9 @@ def resolve(uri: str) -> tuple[str, str | None, str | None]:
     return found.run_id, found.name, str(found.version)
 
 
-def load(uri: str) -> LoadedModel:
+def load(uri: str, trust: tuple[TrustKey, ...] | None = None) -> LoadedModel:
+    """The model `uri` names, verified on a private copy first (against `trust`, default $MLFLOW_DSPY_TRUST_KEY)."""
     run_id, name, version = resolve(uri)
-    chat, metadata = load_chat_model(uri)
+    chat, metadata = load_chat_model(uri, trust=trust)
     return LoadedModel(uri=uri, program=metadata.get("program", ""), chat=chat, lm=dspy.settings.lm,
                        adapter=dspy.settings.adapter, run_id=run_id, registered_model=name, version=version)

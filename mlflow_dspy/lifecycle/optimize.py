@@ -7,6 +7,7 @@ import dspy
 
 from mlflow_dspy.lm_engine.select import adapter_for, build_lm
 from mlflow_dspy.packaging.log import LoggedModel, log_target
+from mlflow_dspy.packaging.signing import signing_key_from
 from mlflow_dspy.program.project import ProgramConfig
 from mlflow_dspy.program.target import open_target
 from mlflow_dspy.runtime.scoring import evaluate
@@ -31,9 +32,11 @@ def compile_program(kind: str, student: dspy.Module, trainset: list[dspy.Example
     return optimizer.compile(student, trainset=trainset)
 
 
-def optimize(config: ProgramConfig, kind: str = "bootstrap",
-             registered_model_name: str | None = None) -> tuple[LoggedModel, float]:
-    """Returns the logged version of the compiled program and the dev score before compiling."""
+def optimize(config: ProgramConfig, kind: str = "bootstrap", registered_model_name: str | None = None,
+             signing_key: str | None = None) -> tuple[LoggedModel, float]:
+    """Returns the logged version of the compiled program and the dev score before compiling; its manifest is
+    signed as `log` signs it (`signing_key`, else $MLFLOW_DSPY_SIGNING_KEY)."""
+    signing_key_from(signing_key)  # a key that cannot be read stops here, before any LM call
     target = open_target(config)
     # Every input is checked before any LM call or MLflow run: data rows, metric.
     trainset = target.examples("train")
@@ -49,5 +52,6 @@ def optimize(config: ProgramConfig, kind: str = "bootstrap",
             extra_tags={"optimizer": kind, "score_before": f"{before:.2f}"},
             extra_metrics={"dev_score_before": before},
             note=f"Compiled with {kind} on the train set; dev score before compiling: {before:.1f}.",
+            signing_key=signing_key,
         )
     return logged, before

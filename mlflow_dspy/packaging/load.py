@@ -10,8 +10,9 @@ import dspy
 import mlflow
 from mlflow.models import Model
 
-from mlflow_dspy.packaging.integrity import download_verified
+from mlflow_dspy.packaging.integrity import download_verified, fetch_verified
 from mlflow_dspy.packaging.paths import tracking_uri
+from mlflow_dspy.packaging.signing import TrustKey
 from mlflow_dspy.packaging.uris import ModelUriProblem, parse_model_uri
 from mlflow_dspy.program.chat import ChatProgram
 from mlflow_dspy.program.problems import UserProblem
@@ -28,13 +29,16 @@ class OutdatedModel(UserProblem):
     pass
 
 
-def load_chat_model(uri: str, local: str | None = None) -> tuple[ChatProgram, dict[str, Any]]:
+def load_chat_model(uri: str, local: str | None = None,
+                    trust: tuple[TrustKey, ...] | None = None) -> tuple[ChatProgram, dict[str, Any]]:
     """The model's chat program and its MLmodel metadata (`program`, `lm`, ...).
 
-    `mlflow.dspy.load_model` also sets `dspy.settings` from the artifact:
-    call this at start-up, never inside a request handler.
+    `local`: a private copy already verified (packaging/integrity.py); without it, `uri` is downloaded into
+    one and verified (against `trust`, default $MLFLOW_DSPY_TRUST_KEY) before anything of it is imported, and
+    that copy stays until the process exits. `mlflow.dspy.load_model` also sets `dspy.settings` from the
+    artifact: call this at start-up, never inside a request handler.
     """
-    local = local or download_verified(uri)  # the pickle is checked against its logged SHA-256 before it runs
+    local = local or download_verified(uri, trust)
     metadata = Model.load(local).metadata or {}
     if int(metadata.get(FORMAT_KEY, 0)) < FORMAT:
         raise OutdatedModel(f"{uri} was logged by an mlflow-dspy older than 0.2 (before its code moved under the "
@@ -69,12 +73,26 @@ def version_of(uri: str) -> str:
     return parsed.run_id or parsed.model_id or ""
 
 
-def host_for_model(uri: str, name: str | None = None) -> ProgramHost:
-    """A runtime host for a logged model, with the LM and adapter it was logged with."""
+def host_for_model(uri: str, name: str | None = None, trust: tuple[TrustKey, ...] | None = None) -> ProgramHost:
+    """A runtime host for a logged model, with the LM and adapter it was logged with.
+
+    The model is downloaded into a private copy and verified there (against `trust`, default
+    $MLFLOW_DSPY_TRUST_KEY) before anything of it is imported; the host's `release()` lets the copy go."""
     mlflow.set_tracking_uri(tracking_uri())
-    # Sets dspy.settings from the artifact; this runs once at start-up, in
-    # the model-loader thread, never inside a handler.
-    local = download_verified(uri)
+    copy = fetch_verified(uri, trust)
+    try:
+        # Sets dspy.settings from the artifact; this runs once at start-up, in
+        # the model-loader thread, never inside a handler.
+        host = _host(uri, name, str(copy.path))
+    except BaseException:
+        copy.release()  # its code/ leaves sys.path
+        raise
+    host.on_release(copy.release)
+    host.files = str(copy.path)
+    return host
+
+
+def _host(uri: str, name: str | None, local: str) -> ProgramHost:
     program, metadata = load_chat_model(uri, local)
     version = version_of(uri)
     host = ProgramHost(program, dspy.settings.lm, dspy.settings.adapter, name or served_name(uri, metadata), uri,

@@ -18,11 +18,12 @@ import mlflow
 from mlflow import MlflowClient
 
 from mlflow_dspy.lm_engine.select import adapter_for, build_lm
-from mlflow_dspy.packaging.integrity import DIGEST_TAG, digest
+from mlflow_dspy.packaging.integrity import DIGEST_TAG, SIGNED_BY_TAG, digest, write_manifest
 from mlflow_dspy.packaging.load import FORMAT, FORMAT_KEY
 from mlflow_dspy.packaging.paths import EXPERIMENT_NAME, PACKAGE_DIR, artifacts_location, tracking_uri
 from mlflow_dspy.packaging.redact import scrub_program, scrub_settings
 from mlflow_dspy.packaging.requirements import model_requirements
+from mlflow_dspy.packaging.signing import key_id, signing_key_from
 from mlflow_dspy.program.chat import ChatProgram
 from mlflow_dspy.program.target import Target
 from mlflow_dspy.runtime.scoring import SCORE_METRIC, EvalReport, evaluate
@@ -167,6 +168,7 @@ class _Plan:
     tags: dict[str, str]
     params: dict[str, str]
     metadata: dict[str, Any]
+    signing_key: Any = None  # an Ed25519 private key: the manifest is signed with it
 
 
 def log_target(
@@ -178,6 +180,7 @@ def log_target(
     extra_tags: dict[str, str] | None = None,
     extra_metrics: dict[str, float] | None = None,
     note: str | None = None,
+    signing_key: str | Path | None = None,
 ) -> LoggedModel:
     """Log `target`'s program wrapped for chat, with its code and pins, and register it.
 
@@ -186,10 +189,16 @@ def log_target(
     else the one `DSPY_LM` names, else the embedded model; a copy of it without
     credentials is what gets pickled. With a dev set (and `evaluate_dev`), the
     program is scored first, and the score travels with the run and the version.
-    Everything that can fail on the user's input (data rows, metric, pins) is
-    checked before any MLflow run is created.
+    Everything that can fail on the user's input (data rows, metric, pins, the
+    signing key) is checked before any MLflow run is created. The model gets a
+    manifest of its files, signed with `signing_key` (a PEM file; default
+    $MLFLOW_DSPY_SIGNING_KEY; none: unsigned): packaging/integrity.py.
     """
+    key = signing_key_from(signing_key)
     plan = _plan(target, lm, registered_model_name, module, evaluate_dev, extra_tags, note)
+    plan.signing_key = key
+    if key is not None:
+        plan.tags[SIGNED_BY_TAG] = key_id(key.public_key())
     run_id, info = _log_run(target, plan, extra_metrics)
     version = str(info.registered_model_version) if info.registered_model_version is not None else None
     if version is not None:
@@ -271,13 +280,20 @@ def _log_run(target: Target, plan: _Plan, extra_metrics: dict[str, float] | None
                 registered_model_name=plan.registered_model_name,
                 metadata=plan.metadata,
             )
-        # MLflow 3 keeps a logged model apart from its run; a copy under the
-        # run's own artifacts puts MLmodel, the pins and the pickle where the
-        # tutorial shows them: the run's Artifacts tab.
-        local = mlflow.artifacts.download_artifacts(info.model_uri)
-        mlflow.log_artifacts(local, artifact_path=MODEL_NAME)
-        # Checked before every unpickling (packaging/integrity.py).
-        plan.tags[DIGEST_TAG] = digest(local)
+        with tempfile.TemporaryDirectory() as tmp:
+            # The manifest of every file the flavor wrote (and its signature), beside them in the logged
+            # model; checked before anything of it is loaded (packaging/integrity.py).
+            local = mlflow.artifacts.download_artifacts(info.model_uri, dst_path=tmp)
+            for written in write_manifest(local, plan.signing_key):
+                MlflowClient().log_model_artifact(info.model_id, str(written))
+            # MLflow 3 keeps a logged model apart from its run; a copy under the
+            # run's own artifacts puts MLmodel, the pins and the pickle where the
+            # tutorial shows them: the run's Artifacts tab.
+            mlflow.log_artifacts(local, artifact_path=MODEL_NAME)
+            plan.tags[DIGEST_TAG] = digest(local)
         mlflow.set_tag(DIGEST_TAG, plan.tags[DIGEST_TAG])
-        mlflow.set_logged_model_tags(info.model_id, {DIGEST_TAG: plan.tags[DIGEST_TAG]})
+        if SIGNED_BY_TAG in plan.tags:
+            mlflow.set_tag(SIGNED_BY_TAG, plan.tags[SIGNED_BY_TAG])
+        mlflow.set_logged_model_tags(info.model_id, {key: plan.tags[key] for key in (DIGEST_TAG, SIGNED_BY_TAG)
+                                                     if key in plan.tags})
     return run.info.run_id, info

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, contextmanager
 from typing import Any
 
@@ -46,6 +46,18 @@ class ProgramHost:
         self.name = name
         self.source = source
         self.created = int(time.time())
+        self._releases: list[Callable[[], None]] = []  # what to let go when it is no longer served
+        self.files: str | None = None  # the folder its model was loaded from (a verified private copy), if any
+
+    def on_release(self, release: Callable[[], None]) -> None:
+        """Call `release` when this host is no longer served (its model's private copy, say)."""
+        self._releases.append(release)
+
+    def release(self) -> None:
+        """No longer served (a hot reload replaced it): what it holds is let go; requests still running on it
+        keep the loaded program."""
+        while self._releases:
+            self._releases.pop()()
 
     # -- loading ---------------------------------------------------------------
     @classmethod
