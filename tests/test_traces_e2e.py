@@ -23,7 +23,7 @@ from mlflow_dspy.program.datasets import load_examples
 from mlflow_dspy.program.target import open_target
 from tests.support.cli import cli_in_process, environment, last_json, run_cli, store_env
 from tests.support.inprocess import asgi_client, gateway_app, program_host
-from tests.support.processes import VENV_BIN, child_env, free_port, gateway, gateway_process, running
+from tests.support.processes import ROOT, VENV_BIN, child_env, free_port, gateway, gateway_process, running
 
 QA = ["--program", "qa", "--lm", "openai/stub-echo"]
 
@@ -280,3 +280,22 @@ def test_a_trace_sample_of_zero_traces_nothing_and_counts_every_request_sampled_
     assert all(r.status_code == 200 and "x-mlflow-trace-id" not in r.headers for r in replies)
     outcomes = trace_counts(text)
     assert outcomes.get("sampled_out") == 10 and not outcomes.get("queued")
+
+
+SLOW_WRITER = '''import sys, time
+if any("spawn_main" in arg for arg in sys.orig_argv) and "resource_tracker" not in " ".join(sys.orig_argv):
+    time.sleep(15)  # a child spawned by multiprocessing (the trace writer) starts slowly, as on a busy machine
+'''
+
+
+def test_feedback_on_the_first_answer_waits_for_a_writer_still_starting(stub, tmp_path):
+    """The trace writer is a process of its own that imports MLflow: on a busy machine it may take longer to
+    start than feedback waits for a trace. The wait counts from the writer's start, so rating the very first
+    answer of a fresh gateway is recorded (here the writer takes 15 s to start; feedback waits 10 s for a
+    trace once it has)."""
+    (tmp_path / "sitecustomize.py").write_text(SLOW_WRITER)
+    env = store_env(tmp_path, DSPY_LM_API_BASE=stub, PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}")
+    with gateway_process(QA, tmp_path, **env) as served, httpx.Client(base_url=served.url, timeout=120) as client:
+        answer = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "First?"}]})
+        rated = client.post("/v1/feedback", json={"trace_id": answer.headers["x-mlflow-trace-id"], "value": True})
+    assert rated.status_code == 200, rated.text

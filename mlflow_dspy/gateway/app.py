@@ -315,6 +315,7 @@ class Gateway:
         # On a thread: a tracking store that is slow to answer must not keep /health from answering.
         await asyncio.to_thread(self.tracing.start)
         self.feedback.tracing = self.tracing.on
+        self.feedback.writer_started = self.tracing.writer_started
         counting = asyncio.create_task(self._refresh_counts())
         following = asyncio.create_task(self.models.follow_aliases()) if self.models.follows_aliases else None
         async with self.mcp.running():

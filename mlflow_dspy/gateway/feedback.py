@@ -34,6 +34,7 @@ from mlflow_dspy.runtime.trace_record import EXPECTATION_NAME, FEEDBACK_NAME
 
 TRACE_ID = re.compile(r"tr-[0-9a-f]{32}")  # what the gateway's answers carry
 WAIT_FOR_WRITE = 10.0  # seconds feedback waits for an answer's trace to be written
+WAIT_FOR_WRITER = 60.0  # ... once the trace writer has started (MLflow's import: seconds on a busy machine)
 
 
 class FeedbackRequest(Strict):
@@ -47,6 +48,7 @@ class FeedbackRequest(Strict):
 class FeedbackService:
     def __init__(self) -> None:
         self.tracing = False  # set once the trace writer runs
+        self.writer_started: Callable[[float], bool] = lambda timeout: True  # blocks until the writer has started
 
     async def create(self, body: FeedbackRequest,
                      host_of: Callable[[str | None, str | None], ProgramHost | None]) -> JSONResponse:
@@ -77,6 +79,8 @@ class FeedbackService:
 
         client = MlflowClient()
         wait = WAIT_FOR_WRITE if TRACE_ID.fullmatch(trace_id) else 0
+        if wait:  # a writer still starting has written nothing yet: the wait counts from its start
+            await asyncio.to_thread(self.writer_started, WAIT_FOR_WRITER)
         deadline = time.monotonic() + wait
         while True:
             try:

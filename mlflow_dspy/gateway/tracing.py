@@ -96,6 +96,11 @@ class Tracing:
         if self.exporter is not None:
             self.exporter.refresh_metrics()
 
+    def writer_started(self, timeout: float) -> bool:
+        """Wait (blocking) until the writer has opened the store, `timeout` seconds at most: a writer still
+        starting (importing MLflow, some seconds on a busy machine) has written nothing yet."""
+        return self.exporter is not None and self.exporter.ready.wait(timeout)
+
     def close(self) -> None:
         """Give the queued traces --trace-flush-timeout seconds (blocking)."""
         if self.exporter is not None:
@@ -126,6 +131,7 @@ class TraceExporter:
         context = multiprocessing.get_context("spawn")  # no fork of a process with threads and a loop
         self.queue = context.Queue(maxsize=queue_size)
         self.written, self.failed = context.Value("q", 0), context.Value("q", 0)
+        self.ready = context.Event()  # set by the writer once it has opened the store (MLflow imported)
         self.failing = context.Value("d", 0.0)  # since when the store fails (time.time()), 0 while it does not
         self.metrics = metrics
         self.flush_timeout = flush_timeout
@@ -133,7 +139,7 @@ class TraceExporter:
         self._last_warning = 0.0
         self.process = context.Process(target=write_traces, name="mlflow-dspy-traces", daemon=True,
                                        args=(self.queue, tracking_uri, experiment_id, self.written, self.failed,
-                                             self.failing))
+                                             self.failing, self.ready))
 
     def start(self) -> None:
         self.process.start()
@@ -210,7 +216,7 @@ WRITER_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEO
 
 
 def write_traces(inbox: Any, tracking_uri: str, experiment_id: str, written: Any, failed: Any,
-                 failing: Any = None) -> None:
+                 failing: Any = None, ready: Any = None) -> None:
     """The writer process's main: batches from `inbox` to the store until the None that ends them.
 
     A batch the store fails to take is kept and tried again, with a backoff from RETRY_FIRST to RETRY_MAX
@@ -227,6 +233,8 @@ def write_traces(inbox: Any, tracking_uri: str, experiment_id: str, written: Any
     for name, value in WRITER_ENV.items():
         os.environ.setdefault(name, value)
     store = trace_store(tracking_uri)
+    if ready is not None:
+        ready.set()
     outage = _Outage(failing)
     batch: list[TraceRecord] = []
     done: bool | None = False
