@@ -11,7 +11,9 @@ one (bench/multi_model.py), the champion alias moving under load
 (bench/hot_reload.py), and streaming time to first text against the LM's own
 (bench/stream_ttft.py). MCP's `tools/call` against `/predict` for the same program, at
 one client (`--only mcp`, bench/mcp_vs_predict.py). What verifying a model before loading it costs
-(`--only verify`, bench/verify_cost.py). Writes bench/results/latest.json and latest.png.
+(`--only verify`, bench/verify_cost.py). Loading a model from its code and JSON state against from its
+pickle: cold start and a hot reload's load, side by side (`--only load`, bench/load_time.py). Writes
+bench/results/latest.json and latest.png.
 
 `--only multi,reload,stream` runs just those three (a few minutes); a run with
 `--only` writes bench/results/partial.json, leaving the full run's figures alone.
@@ -36,6 +38,7 @@ from bench.embedded import embedded_figures, embedded_target_line
 from bench.hot_reload import hot_reload_figures
 from bench.launch import CHAT, QUESTION, gateway_args, log_model, start
 from bench.lm_transport import lm_transport_figures, transport_line
+from bench.load_time import load_figures, load_line
 from bench.loadgen import closed_loop
 from bench.mcp_vs_predict import mcp_line, mcp_vs_predict_figures
 from bench.multi_model import multi_model_figures
@@ -53,7 +56,7 @@ NOISY_STEAL = 10  # percent of CPU time taken by the hypervisor: above it, a fig
 SERVER_KEYS = ("a", "b", "c1", "c1i", "c2")
 SECTION_KEYS = (
     "traces", "tracewriter", "transport", "road", "multi", "reload", "stream", "mcp", "embedded", "tutorials",
-    "verify",
+    "verify", "load",
 )
 
 
@@ -182,6 +185,9 @@ def main() -> None:
                 results["stream_first_text"] = stream_ttft_figures(base_env, tmp_path, model_uri, stub,
                                                                    args.token_delay)
                 print(f"streaming time to first text: {results['stream_first_text']}", flush=True)
+            if wanted("load"):
+                results["load"] = load_figures(base_env, tmp_path)
+                print(f"loading from code and state vs the pickle: {results['load']}", flush=True)
             if wanted("mcp"):
                 results["mcp_vs_predict"] = mcp_vs_predict_figures(base_env, tmp_path, args.seconds)
                 print(f"MCP against /predict: {results['mcp_vs_predict']}", flush=True)
@@ -252,6 +258,8 @@ def targets(results: dict) -> list[str]:
                      f"{stream['own_target']}: {'met' if stream['own_pass'] else 'MISSED'}")
     if mcp := results.get("mcp_vs_predict"):
         lines.append(mcp_line(mcp))
+    if load := results.get("load"):
+        lines.append(load_line(load))
     if embedded := results.get("embedded"):
         lines.append(embedded_target_line(embedded))
     if tutorials := results.get("tutorial_programs"):

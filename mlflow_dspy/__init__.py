@@ -19,6 +19,7 @@ The package is layered; each room imports only from the rooms below it:
 2. `lm_engine` - the LM engines (the embedded SmolLM2, OpenAI-compatible HTTP)
    `internals` - the speed-ups and limits built on DSPy's and uvicorn's private internals, behind one switch
 3. `runtime`   - running a loaded program: hosting, streaming, scoring
+   `artifact`  - a logged model built from its code and JSON state (no pickle); travels in the model's code/
 4. `packaging` - log, register, promote, load, integrity, requirements
 5. `gateway`, `batch`, `lifecycle` - the OpenAI-compatible server, batch scoring, eval/optimize/init
 6. `cli`       - the `mlflow-dspy` command

@@ -1,12 +1,15 @@
 """`rag`: answers questions about a small document corpus and cites its sources.
 
 The BM25 index (bm25s) is built when the program is built, which is at log
-time, and is pickled with the program inside the model artifact: serving loads
-it from there, with no rebuild, no corpus and no network.
+time. `save_files` writes it into the model artifact with bm25s's own save
+(JSON and NumPy arrays, no pickle) beside the passages as JSON, and
+`from_files` builds the program from those files when it is served: no
+rebuild, no corpus and no network.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import dspy
@@ -32,14 +35,27 @@ def corpus_passages(corpus: Path) -> list[dict[str, str]]:
 
 
 class Retriever:
-    """A BM25 index over passages. Plain data and numpy arrays: it pickles."""
+    """A BM25 index over passages: built from them, or loaded from the files `save` wrote."""
 
-    def __init__(self, passages: list[dict[str, str]]) -> None:
+    def __init__(self, passages: list[dict[str, str]], index=None) -> None:
         import bm25s
 
         self.passages = passages
-        self.index = bm25s.BM25()
-        self.index.index(self._tokens([p["text"] for p in passages]), show_progress=False)
+        if index is None:
+            index = bm25s.BM25()
+            index.index(self._tokens([p["text"] for p in passages]), show_progress=False)
+        self.index = index
+
+    def save(self, folder: Path) -> None:
+        self.index.save(str(folder / "bm25"))  # JSON and .npy files, saved without pickle
+        (folder / "passages.json").write_text(json.dumps(self.passages, indent=1))
+
+    @classmethod
+    def load(cls, folder: Path) -> Retriever:
+        import bm25s
+
+        index = bm25s.BM25.load(str(folder / "bm25"), allow_pickle=False)
+        return cls(json.loads((folder / "passages.json").read_text()), index)
 
     @staticmethod
     def _tokens(texts: list[str]) -> list[list[str]]:
@@ -72,6 +88,15 @@ class RAG(dspy.Module):
         self.retriever = retriever
         self.k = k
         self.generate = dspy.Predict(AnswerFromPassages)
+
+    # The index travels as files of the model (mlflow-dspy calls these at log time and when serving).
+    def save_files(self, folder: Path) -> None:
+        self.retriever.save(folder)
+        (folder / "rag.json").write_text(json.dumps({"k": self.k}))
+
+    @classmethod
+    def from_files(cls, folder: Path) -> RAG:
+        return cls(Retriever.load(folder), **json.loads((folder / "rag.json").read_text()))
 
     def _cite(self, hits: list[dict], prediction: dspy.Prediction) -> dspy.Prediction:
         chosen = [i for i in dict.fromkeys(prediction.cited or []) if isinstance(i, int) and 1 <= i <= len(hits)]

@@ -28,9 +28,10 @@ def question(i: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def stub_model(registry):
-    """The shared registry's qa, version 1 (read only), and the environment to run it in."""
-    return registry.model_uri(1), registry.env(OPENAI_API_KEY="sk-batch-test")
+def stub_model(registry, stub):
+    """The shared registry's qa, version 1 (read only), and the environment to run it in (the stub's URL in it: a
+    model never names the server its key goes to)."""
+    return registry.model_uri(1), registry.env(OPENAI_API_KEY="sk-batch-test", DSPY_LM_API_BASE=stub)
 
 
 def batch(model_uri: str, source, target, env: dict, *options: str) -> subprocess.Popen:

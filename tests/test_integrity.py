@@ -42,11 +42,12 @@ def test_a_model_without_a_manifest_or_a_recorded_digest_is_refused_unless_allow
 
 
 @pytest.fixture(scope="module")
-def logged(registry, tmp_path_factory):
+def logged(registry, stub, tmp_path_factory):
     """A copy of the shared registry (its qa versions logged through the CLI on the stub): (environment, version 1's
-    log result, store directory). Its files get tampered with."""
+    log result, store directory). Its files get tampered with. (The stub's URL comes from the environment: a model
+    never names the server its key goes to.)"""
     store = registry.copy(tmp_path_factory.mktemp("integrity") / "store")
-    return store.env(OPENAI_API_KEY="sk-test"), store.logged[0], store.root
+    return store.env(OPENAI_API_KEY="sk-test", DSPY_LM_API_BASE=stub), store.logged[0], store.root
 
 
 def test_log_records_the_digest_on_the_run_and_the_version(logged):

@@ -6,8 +6,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mlflow_dspy"
-LAYER = {"program": 1, "lm_engine": 2, "internals": 2, "runtime": 3, "packaging": 4, "gateway": 5, "batch": 5,
-         "lifecycle": 5, "cli": 6, "api": 6}
+LAYER = {"program": 1, "lm_engine": 2, "internals": 2, "runtime": 3, "artifact": 3, "packaging": 4, "gateway": 5,
+         "batch": 5, "lifecycle": 5, "cli": 6, "api": 6}
 
 
 def room_of(module: str) -> str | None:

@@ -45,7 +45,7 @@ def assert_no_key_in(root: Path, *keys: str) -> int:
 
 
 def test_multi_turn_is_answered_for_the_last_user_turn(stub, registry, tmp_path):
-    serve_env = registry.env(OPENAI_API_KEY=SERVE_KEY)
+    serve_env = registry.env(OPENAI_API_KEY=SERVE_KEY, DSPY_LM_API_BASE=stub)  # the server: the environment's
     with mlflow_serve(registry.model_uri(1), tmp_path, **serve_env) as base:
         response = httpx.post(f"{base}/invocations", json=CONVERSATION, timeout=60)
     assert response.status_code == 200, response.text

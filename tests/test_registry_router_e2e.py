@@ -25,11 +25,11 @@ def cli(*args: str, env: dict):
 
 
 @pytest.fixture(scope="module")
-def router_registry(registry, tmp_path_factory):
+def router_registry(registry, stub, tmp_path_factory):
     """A copy of the shared registry: three versions of qa on the stub LM, version 1 the champion and version 2
     the challenger. Its aliases and tags change here."""
     store = registry.copy(tmp_path_factory.mktemp("router") / "store")
-    return store.root, store.env(DSPY_LM="openai/stub-echo", OPENAI_API_KEY="sk-stub")
+    return store.root, store.env(DSPY_LM="openai/stub-echo", OPENAI_API_KEY="sk-stub", DSPY_LM_API_BASE=stub)
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,15 @@
-"""Load a logged chat model once: one download serves both its MLmodel metadata and the program."""
+"""Load a logged chat model once: one download serves both its MLmodel metadata and the program.
+
+A model logged by this mlflow-dspy is built from its code and DSPy's JSON state (artifact/recipe.py):
+nothing is unpickled. One logged before, or one whose program could not be built again from its code (its
+log said so), holds only MLflow's pickle: it is loaded with `mlflow.dspy.load_model`, as before, and a warning
+names the risk.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +17,7 @@ import dspy
 import mlflow
 from mlflow.models import Model
 
+from mlflow_dspy.artifact import recipe as recipes
 from mlflow_dspy.packaging.integrity import download_verified, fetch_verified
 from mlflow_dspy.packaging.paths import tracking_uri
 from mlflow_dspy.packaging.signing import TrustKey
@@ -24,6 +32,11 @@ from mlflow_dspy.runtime.host import ProgramHost
 FORMAT_KEY = "mlflow_dspy_format"
 FORMAT = 2
 
+log = logging.getLogger("mlflow_dspy.packaging")
+PICKLE_RISK = ("{uri} holds only a pickle (data/model.pkl): loading it runs whatever code the pickle names, so "
+               "anyone who could write to the artifact store can run code in this process. Log the program again "
+               "with this mlflow-dspy to serve it from its code and JSON state, with nothing unpickled")
+
 
 class OutdatedModel(UserProblem):
     pass
@@ -35,14 +48,20 @@ def load_chat_model(uri: str, local: str | None = None,
 
     `local`: a private copy already verified (packaging/integrity.py); without it, `uri` is downloaded into
     one and verified (against `trust`, default $MLFLOW_DSPY_TRUST_KEY) before anything of it is imported, and
-    that copy stays until the process exits. `mlflow.dspy.load_model` also sets `dspy.settings` from the
-    artifact: call this at start-up, never inside a request handler.
+    that copy stays until the process exits. Loading also sets `dspy.settings` (the LM and adapter the model
+    was logged with): call this at start-up, never inside a request handler.
     """
     local = local or download_verified(uri, trust)
     metadata = Model.load(local).metadata or {}
     if int(metadata.get(FORMAT_KEY, 0)) < FORMAT:
         raise OutdatedModel(f"{uri} was logged by an mlflow-dspy older than 0.2 (before its code moved under the "
                             "mlflow_dspy package); log the program again")
+    if recipes.has_recipe(local):
+        built = recipes.build(local, uri)
+        # As mlflow.dspy.load_model does with the pickled settings: the LM and adapter it was logged with.
+        dspy.settings.configure(lm=built.lm, adapter=built.adapter)
+        return built.chat, metadata
+    log.warning(PICKLE_RISK.format(uri=uri))
     program = mlflow.dspy.load_model(local)
     if not isinstance(program, ChatProgram):
         raise OutdatedModel(f"{uri} is not a chat model logged by mlflow-dspy (it holds a "

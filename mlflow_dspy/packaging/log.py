@@ -16,8 +16,12 @@ from typing import Any
 import dspy
 import mlflow
 from mlflow import MlflowClient
+from mlflow.models import Model
+from mlflow.tracing.provider import trace_disabled
 
+from mlflow_dspy.artifact import recipe as recipes
 from mlflow_dspy.lm_engine.select import adapter_for, build_lm
+from mlflow_dspy.packaging import flavor
 from mlflow_dspy.packaging.integrity import DIGEST_TAG, SIGNED_BY_TAG, digest, write_manifest
 from mlflow_dspy.packaging.load import FORMAT, FORMAT_KEY
 from mlflow_dspy.packaging.paths import EXPERIMENT_NAME, PACKAGE_DIR, artifacts_location, tracking_uri
@@ -25,6 +29,7 @@ from mlflow_dspy.packaging.redact import scrub_program, scrub_settings
 from mlflow_dspy.packaging.requirements import model_requirements
 from mlflow_dspy.packaging.signing import key_id, signing_key_from
 from mlflow_dspy.program.chat import ChatProgram
+from mlflow_dspy.program.reference import build_module, resolve_attribute, split_reference
 from mlflow_dspy.program.target import Target
 from mlflow_dspy.runtime.scoring import SCORE_METRIC, EvalReport, evaluate
 
@@ -34,8 +39,11 @@ IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo", ".git", ".venv
                                  ".pytest_cache", ".ruff_cache", "*.egg-info", "mlruns", "mlartifacts", "mlflow.db")
 
 # What a loaded model imports of this package: the chat wrapper and its mapping
-# (layer 1) and the LM engines (layer 2). Nothing above them travels.
-RUNTIME_PARTS = ("__init__.py", "program", "lm_engine")
+# (layer 1), the LM engines (layer 2) and the model's own loader (artifact/: built
+# from code and state). Nothing above them travels.
+RUNTIME_PARTS = ("__init__.py", "program", "lm_engine", "artifact")
+# Set in MLmodel's metadata: the model builds from its code and JSON state (data/program_recipe.json).
+PICKLE_FREE_KEY = "pickle_free"
 
 
 @dataclass
@@ -146,11 +154,44 @@ def _log_json(name: str, content: object) -> None:
 
 
 def _log_program_state(module: dspy.Module) -> None:
-    """The program's DSPy state (signatures, instructions, demos) as readable JSON beside the model."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "program_state.json"
-        module.save(str(path))
-        mlflow.log_artifact(str(path))
+    """The program's DSPy state (signatures, instructions, demos) as readable JSON beside the model (no LM
+    endpoint or key in it: the same state the model loads)."""
+    _log_json("program_state.json", recipes.program_state(module))
+
+
+def _build_reference(target: Target, module: dspy.Module) -> tuple[str | None, Any]:
+    """(module:attr in the artifact's code/ that builds `module`'s skeleton, a function that builds it here
+    from the user's own code), or (None, None).
+
+    A reference's attribute in the module it names (a file reference's module is the file's stem, which is
+    also its name in code/); a program object given in Python, its class, when it is a class of the user's
+    own built with no arguments."""
+    reference = target.config.reference
+    if ":" in reference and not reference.startswith("<"):
+        _, attr = split_reference(reference)
+
+        def rebuild() -> dspy.Module:
+            return build_module(resolve_attribute(reference, target.config.base_dir).value, reference)
+
+        return f"{target.source.module}:{attr}", rebuild
+    cls = type(module)
+    if cls.__module__ in ("__main__", "builtins") or cls.__module__.split(".")[0] == "dspy":
+        return None, None
+    return recipes.class_path(cls), lambda: build_module(cls, recipes.class_path(cls))
+
+
+def _pickle_free(target: Target, module: dspy.Module, chat: ChatProgram, lm: dspy.BaseLM,
+                 adapter: Any) -> recipes.Planned | None:
+    """What serves the program without its pickle, checked by building it once; None (and a note) when the
+    program cannot be built again from its code."""
+    build, rebuild = _build_reference(target, module)
+    config = target.config
+    planned, why = recipes.plan(chat.program, build, rebuild, target.mapping,
+                                    (config.question_field, config.context_field, config.answer_field), lm, adapter)
+    if planned is None:
+        print(f"note: {target.name} is logged with its pickle alone, and every server of it will unpickle it "
+              f"(running whatever code the pickle names): {why}", file=sys.stderr)
+    return planned
 
 
 @dataclass
@@ -168,6 +209,7 @@ class _Plan:
     tags: dict[str, str]
     params: dict[str, str]
     metadata: dict[str, Any]
+    pickle_free: recipes.Planned | None  # what builds it from code and state; None: its pickle alone
     signing_key: Any = None  # an Ed25519 private key: the manifest is signed with it
 
 
@@ -246,13 +288,38 @@ def _plan(target: Target, lm: dspy.BaseLM | None, registered_model_name: str | N
         SCORE_METRIC: f"{report.score:.2f}" if report else "not evaluated",
         **(extra_tags or {}),
     }
+    chat = scrub_program(target.chat(module))
+    planned = _pickle_free(target, module, chat, lm, adapter)
     return _Plan(
-        chat=scrub_program(target.chat(module)), lm=lm, adapter=adapter,
+        chat=chat, lm=lm, adapter=adapter,
         registered_model_name=registered_model_name, requirements=requirements, example=example, report=report,
         description=describe(target, lm_model, note), tags=tags,
         params={"program": target.name, "lm": lm_model, "metric": metric_name},
         metadata={"program": target.name, "lm": lm_model, "registered_model": registered_model_name,
-                  FORMAT_KEY: FORMAT, "chat_mapping": target.mapping.describe()})
+                  FORMAT_KEY: FORMAT, "chat_mapping": target.mapping.describe(),
+                  PICKLE_FREE_KEY: planned is not None},
+        pickle_free=planned)
+
+
+@trace_disabled  # as mlflow.dspy.log_model: MLflow's check of the input example runs the program once
+def _log_model(plan: _Plan, code_paths: list[str]) -> Any:
+    """`mlflow.dspy.log_model(plan.chat, task="llm/v1/chat", ...)`, which is `Model.log(flavor=mlflow.dspy, ...)`,
+    with packaging/flavor.py as the flavor module: MLflow's DSPy flavor as it is, plus the program's recipe,
+    its JSON state and the pickle-free `python_function` loader."""
+    return Model.log(
+        artifact_path=None,
+        name=MODEL_NAME,
+        flavor=flavor,
+        flavor_name="mlflow.dspy",
+        model=plan.chat,
+        task="llm/v1/chat",
+        input_example={"messages": [{"role": "user", "content": plan.example}]},
+        code_paths=code_paths,
+        pip_requirements=plan.requirements,
+        registered_model_name=plan.registered_model_name,
+        metadata=plan.metadata,
+        pickle_free=plan.pickle_free,
+    )
 
 
 def _log_run(target: Target, plan: _Plan, extra_metrics: dict[str, float] | None) -> tuple[str, Any]:
@@ -270,16 +337,7 @@ def _log_run(target: Target, plan: _Plan, extra_metrics: dict[str, float] | None
         _log_program_state(plan.chat.program)
         _log_json("chat_mapping.json", target.mapping.describe())
         with staged_code(target) as code_paths, dspy.context(**scrub_settings(plan.lm, plan.adapter)):
-            info = mlflow.dspy.log_model(
-                plan.chat,
-                name=MODEL_NAME,
-                task="llm/v1/chat",
-                input_example={"messages": [{"role": "user", "content": plan.example}]},
-                code_paths=code_paths,
-                pip_requirements=plan.requirements,
-                registered_model_name=plan.registered_model_name,
-                metadata=plan.metadata,
-            )
+            info = _log_model(plan, code_paths)
         with tempfile.TemporaryDirectory() as tmp:
             # The manifest of every file the flavor wrote (and its signature), beside them in the logged
             # model; checked before anything of it is loaded (packaging/integrity.py).
@@ -287,7 +345,7 @@ def _log_run(target: Target, plan: _Plan, extra_metrics: dict[str, float] | None
             for written in write_manifest(local, plan.signing_key):
                 MlflowClient().log_model_artifact(info.model_id, str(written))
             # MLflow 3 keeps a logged model apart from its run; a copy under the
-            # run's own artifacts puts MLmodel, the pins and the pickle where the
+            # run's own artifacts puts MLmodel, the pins, the recipe and state where the
             # tutorial shows them: the run's Artifacts tab.
             mlflow.log_artifacts(local, artifact_path=MODEL_NAME)
             plan.tags[DIGEST_TAG] = digest(local)
