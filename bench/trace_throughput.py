@@ -8,9 +8,16 @@ the gateway's sustained throughput, for a SQLite store and for an HTTP one (`mlf
 - **Sustained.** One gateway worker serving `qa` on a stub LM answering in 50 ms, closed-loop load for
   `seconds` (the issue's figure: 60 s), traces on with their defaults; then the queue is given time to drain
   and the gateway is stopped (its flush). Stored share: the traces in the store over the answers. The writer
-  process's CPU (from /proc) gives the same per-core figure under load.
+  process's CPU (from /proc) gives the same per-core figure under load. With the CPU an answer costs (the gateway's,
+  the load's, the writer's and the server's a trace), the most answers a second these cores hold with every trace
+  stored (`ceiling_rps`).
+- **Where an HTTP store's CPU goes** (`server_breakdown`): the server's own handling of the writer's requests (the
+  OTLP parse, `Span.from_otel_proto`, `SqlAlchemyStore.log_spans`) run in this process, for the `qa` trace, without
+  its tags and as its root span alone: a trace's fixed cost, a tag's, a span's.
+- **A server with a core of its own** (`http-own-core`): the same sustained load with the server's worker on the
+  second core and the gateway and the load on the first, as a tracking server on a machine of its own.
 
-Run: python -m bench.trace_throughput [--seconds 60] [--clients 32] [--stores sqlite,http]
+Run: python -m bench.trace_throughput [--seconds 60] [--clients 32] [--stores sqlite,http,http-own-core]
 (`python -m bench.run --only tracewriter` runs it inside the bench).
 """
 
@@ -23,7 +30,7 @@ import os
 import sys
 import tempfile
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
 from bench.launch import CHAT, scrape
@@ -102,6 +109,20 @@ def settle(pid: int, limit: float = 180.0) -> None:
             return
 
 
+def pin(pid: int, cpus: set[int], tree: bool = True) -> None:
+    """Keep every thread of a process (and of its descendants, with `tree`) on `cpus`: a thread's affinity is its
+    own, and threads started later inherit their creator's."""
+    stack = [pid]
+    while stack:
+        current = stack.pop()
+        with suppress(OSError):
+            for tid in os.listdir(f"/proc/{current}/task"):
+                with suppress(OSError):
+                    os.sched_setaffinity(int(tid), cpus)
+        if tree:
+            stack.extend(children(current))
+
+
 def tree_cpu(pid: int) -> float:
     total, stack = 0.0, [pid]
     while stack:
@@ -177,6 +198,74 @@ def per_core(tracking_uri: str, count: int, server_pid: int | None = None) -> di
     return figure
 
 
+# -- where an HTTP store's CPU goes: the server's own handling, in this process ---------------------------------
+def otlp_body(records: list) -> bytes:
+    """The request body MLflow's RestStore.log_spans sends to `/v1/traces` for these records (what the writer sends)."""
+    from mlflow.entities import Span
+    from mlflow.tracing.utils.otlp import resource_to_otel_proto
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    from mlflow_dspy.internals.mlflow_traces import span_dicts
+
+    spans = [Span.from_dict(d) for record in records for d in span_dicts(record)]
+    request = ExportTraceServiceRequest()
+    resource_spans = request.resource_spans.add()
+    resource_spans.resource.CopyFrom(resource_to_otel_proto(getattr(spans[0]._span, "resource", None)))
+    resource_spans.scope_spans.add().spans.extend(span.to_otel_proto() for span in spans)
+    return request.SerializeToString()
+
+
+def server_breakdown(tmp: Path, count: int = 500, rounds: int = 3) -> dict:
+    """What `mlflow server` does with the writer's requests, run here on the same code (its OTLP handler's parse,
+    `Span.from_otel_proto`, then `SqlAlchemyStore.log_spans` into SQLite), in ms of CPU a trace: for the `qa` trace
+    (3 spans, 4 tags), without its tags, and as its root span alone, so that a tag's and a span's share show: the
+    least of `rounds` interleaved runs of `count` traces each."""
+    from mlflow.entities import Span
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    from mlflow_dspy.gateway.tracing import BATCH
+
+    store = SqlAlchemyStore(f"sqlite:///{tmp / 'breakdown.db'}", str(tmp / "breakdown-artifacts"))
+    experiment = store.create_experiment(f"breakdown-{time.time_ns()}")
+
+    def measure(shape) -> tuple[float, float]:
+        records = qa_records(count + BATCH)
+        for i, record in enumerate(records):
+            record.trace_id = f"{time.time_ns():024x}{i:08x}"[-32:]
+            shape(record)
+        bodies = [otlp_body(records[i:i + BATCH]) for i in range(0, len(records), BATCH)]
+        parse = write = 0.0
+        for n, body in enumerate(bodies):
+            cpu = time.process_time()
+            request = ExportTraceServiceRequest()
+            request.ParseFromString(body)
+            spans = [Span.from_otel_proto(span, resource=rs.resource) for rs in request.resource_spans
+                     for scope in rs.scope_spans for span in scope.spans]
+            parsed = time.process_time()
+            store.log_spans(experiment, spans)
+            if n:  # the first batch pays for caches and connections: not counted
+                parse, write = parse + parsed - cpu, write + time.process_time() - parsed
+        return 1000 * parse / count, 1000 * write / count
+
+    def untagged(record) -> None:
+        record.tags = {}
+
+    def root_only(record) -> None:
+        record.tags, record.spans = {}, record.spans[:1]
+
+    shapes = {"qa": lambda record: None, "no_tags": untagged, "root": root_only}
+    best: dict[str, tuple[float, float]] = {}
+    for _ in range(rounds):  # interleaved; the least of each shape (CPU time grows when the machine is busy)
+        for name, shape in shapes.items():
+            parse, write = measure(shape)
+            best[name] = (min(parse, best[name][0]), min(write, best[name][1])) if name in best else (parse, write)
+    qa, no_tags, root = best["qa"], best["no_tags"], best["root"]
+    return {"traces": count, "rounds": rounds, "parse_ms": round(qa[0], 3), "log_spans_ms": round(qa[1], 3),
+            "log_spans_no_tags_ms": round(no_tags[1], 3), "log_spans_root_only_ms": round(root[1], 3),
+            "per_tag_ms": round((qa[1] - no_tags[1]) / 4, 3), "per_span_ms": round((no_tags[1] - root[1]) / 2, 3)}
+
+
 @contextmanager
 def speedups_off():
     from mlflow_dspy.internals import SPEEDUPS_ENV
@@ -215,8 +304,11 @@ def stored_count(tracking_uri: str) -> int:
 
 
 def sustained(tracking_uri: str, stub: str, tmp: Path, seconds: float, clients: int, name: str,
-              server_pid: int | None = None) -> dict:
-    """One gateway worker at closed-loop load for `seconds`; what share of its answers' traces is stored."""
+              server_pid: int | None = None, own_core: bool = False) -> dict:
+    """One gateway worker at closed-loop load for `seconds`; what share of its answers' traces is stored. With
+    `own_core`, the tracking server's worker runs on the second core and the gateway (its writer too) and this
+    process's load on the first (the stub LM and the machine's other work on either): the server with a core of its
+    own, as a tracking server elsewhere has."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = child_env(MLFLOW_TRACKING_URI=tracking_uri, DSPY_LM_API_BASE=stub, OPENAI_API_KEY="sk-bench")
@@ -225,6 +317,10 @@ def sustained(tracking_uri: str, stub: str, tmp: Path, seconds: float, clients: 
     log = tmp / f"gateway-{name}.log"
     with running(args, f"{base}/ready", env, log, timeout=300) as proc:
         writer = trace_writer(proc.pid)
+        if own_core and server_pid:
+            pin(server_pid, {1})
+            pin(proc.pid, {0})
+            pin(os.getpid(), {0}, tree=False)
         warm = asyncio.run(closed_loop(f"{base}/v1/chat/completions", CHAT, clients, 1.0))  # its traces count too
         # The writer process starts beside the gateway (its imports take seconds of CPU): measured once it writes.
         for _ in range(240):
@@ -233,11 +329,15 @@ def sustained(tracking_uri: str, stub: str, tmp: Path, seconds: float, clients: 
             time.sleep(0.5)
         writer_cpu, gateway_cpu = cpu_seconds(writer) if writer else 0.0, cpu_seconds(proc.pid)
         server_cpu = cpu_seconds(server_pid) if server_pid else 0.0
+        load_cpu = time.process_time()
         with measured() as steal:
             load = asyncio.run(closed_loop(f"{base}/v1/chat/completions", CHAT, clients, seconds))
+        load_cpu = time.process_time() - load_cpu
+        busy = os.getloadavg()[0]  # the machine's other work shows here, not in the steal
         gateway_cpu = cpu_seconds(proc.pid) - gateway_cpu
         # The queue drains (the writer at its own pace): until every queued trace is written or the count stands
-        # still for 12 s (/metrics brings it up every 5 s); the stop then flushes what is left.
+        # still for 30 s (/metrics brings it up every 5 s; a batch of 500 takes an HTTP store 2.5 s of CPU, and 15 s or
+        # more on a machine busy with other work); the stop then flushes what is left.
         drain, last, still = time.perf_counter(), -1, time.monotonic()
         while time.perf_counter() - drain < 240:
             outcomes = _outcomes(base)
@@ -245,30 +345,40 @@ def sustained(tracking_uri: str, stub: str, tmp: Path, seconds: float, clients: 
                 break
             if outcomes.get("written", 0) != last:
                 last, still = outcomes.get("written", 0), time.monotonic()
-            elif time.monotonic() - still > 12:
+            elif time.monotonic() - still > 30:
                 break
             time.sleep(0.5)
         drain = time.perf_counter() - drain
         writer_cpu = (cpu_seconds(writer) - writer_cpu) if writer else 0.0
         server_cpu = (cpu_seconds(server_pid) - server_cpu) if server_pid else 0.0
         outcomes = _outcomes(base)
+    if own_core:
+        pin(os.getpid(), set(range(os.cpu_count() or 1)), tree=False)
     stored = stored_count(tracking_uri)
     answered = warm.requests + load.requests
     figure = {"clients": clients, "seconds": load.seconds, "throughput": load.throughput, "p99_ms": load.p99_ms,
               "errors": load.errors, "answered": answered, "stored": stored,
               "stored_share": round(stored / answered, 4) if answered else 0.0, "outcomes": outcomes,
-              "drain_s": round(drain, 1), "gateway_cpu_s": round(gateway_cpu, 1),
+              "drain_s": round(drain, 1), "gateway_cpu_s": round(gateway_cpu, 1), "load_cpu_s": round(load_cpu, 1),
               "writer_cpu_s": round(writer_cpu, 1),
               "writer_traces_per_core_s": round(outcomes.get("written", 0) / writer_cpu) if writer_cpu else None,
-              "cpu_steal_percent": steal["percent"]}
+              "cpu_steal_percent": steal["percent"], "load_average": round(busy, 1)}
     if server_pid:
-        figure["server_cpu_s"] = round(server_cpu, 1)
+        figure.update(server_cpu_s=round(server_cpu, 1), server_own_core=own_core,
+                      server_traces_per_core_s=round(outcomes.get("written", 0) / server_cpu) if server_cpu else None)
+    if load.requests and outcomes.get("written"):
+        # CPU an answer costs with its trace stored: the gateway's and the load's an answer, the writer's and the
+        # server's a trace written. The two cores hold at most this many answers a second with every trace stored.
+        per_answer = ((gateway_cpu + load_cpu) / load.requests
+                      + (writer_cpu + (server_cpu if server_pid else 0.0)) / outcomes["written"])
+        figure.update(cpu_ms_per_answer=round(1000 * per_answer, 2),
+                      ceiling_rps=round((os.cpu_count() or 1) / per_answer))
     return figure
 
 
 # -- the section ---------------------------------------------------------------------------------------------
 def trace_throughput_figures(tmp: Path, seconds: float = 60.0, clients: int = CLIENTS, per_core_traces: int = 2000,
-                             stores: tuple[str, ...] = ("sqlite", "http")) -> dict:
+                             stores: tuple[str, ...] = ("sqlite", "http", "http-own-core")) -> dict:
     results: dict = {"lm_latency_s": LM_LATENCY_S, "target": f"at least {TARGET_STORED:.0%} of traces stored at the "
                      f"gateway's sustained throughput ({clients} clients, one worker, {seconds:g} s)"}
     stub_port = free_port()
@@ -280,16 +390,21 @@ def trace_throughput_figures(tmp: Path, seconds: float = 60.0, clients: int = CL
                 folder = tmp / f"traces-{store}"
                 folder.mkdir(exist_ok=True)
                 server_pid = None
-                if store == "http":
+                if store.startswith("http"):
                     uri, server_pid = stack.enter_context(tracking_server(folder, folder / "server.log"))
                 else:
                     uri = f"sqlite:///{folder / 'mlflow.db'}"
-                entry = {"per_core": per_core(uri, per_core_traces, server_pid)}
+                entry = {}
+                if store != "http-own-core":  # the same server as "http", on a core of its own: its load only
+                    entry["per_core"] = per_core(uri, per_core_traces, server_pid)
                 if store == "sqlite":  # the same through MLflow's log_spans (the SQLite rows are a speed-up)
                     with speedups_off():
                         entry["per_core_log_spans"] = per_core(uri, per_core_traces // 2)
+                if store == "http":  # where the server's CPU goes: its handling of the writer's requests, here
+                    entry["server_breakdown"] = server_breakdown(folder)
                 print(f"trace writer, {store}: {entry}", flush=True)
-                entry["sustained"] = sustained(uri, f"{stub}/v1", folder, seconds, clients, store, server_pid)
+                entry["sustained"] = sustained(uri, f"{stub}/v1", folder, seconds, clients, store, server_pid,
+                                               own_core=store == "http-own-core")
                 entry["pass"] = entry["sustained"]["stored_share"] >= TARGET_STORED
                 print(f"trace writer, {store}, sustained: {entry['sustained']}", flush=True)
                 results[store] = entry
@@ -298,20 +413,30 @@ def trace_throughput_figures(tmp: Path, seconds: float = 60.0, clients: int = CL
 
 def trace_throughput_line(results: dict) -> str:
     parts = []
-    for store in ("sqlite", "http"):
+    for store in ("sqlite", "http", "http-own-core"):
         if store not in results:
             continue
-        core, load = results[store]["per_core"], results[store]["sustained"]
-        server = (f", server {core['server_cpu_ms_per_trace']} ms ({core['traces_per_core_s_with_server']}/s a core "
-                  "for both)" if "server_cpu_ms_per_trace" in core else "")
-        through = results[store].get("per_core_log_spans")
-        before = (f", {through['traces_per_core_s']}/s through log_spans ({through['writer_cpu_ms_per_trace']} ms)"
-                  if through else "")
-        parts.append(f"{store}: {core['traces_per_core_s']} traces/s a core of the writer "
-                     f"({core['writer_cpu_ms_per_trace']} ms a trace{server}{before}); at {load['throughput']} rps for "
-                     f"{load['seconds']} s, {load['stored']} of {load['answered']} stored "
-                     f"({load['stored_share']:.1%}, writer {load['writer_traces_per_core_s']}/s a core, steal "
-                     f"{load['cpu_steal_percent']}%): {'met' if results[store]['pass'] else 'MISSED'}")
+        load = results[store]["sustained"]
+        text = f"{store}: "
+        if core := results[store].get("per_core"):
+            server = (f", server {core['server_cpu_ms_per_trace']} ms ({core['traces_per_core_s_with_server']}/s a "
+                      "core for both)" if "server_cpu_ms_per_trace" in core else "")
+            through = results[store].get("per_core_log_spans")
+            before = (f", {through['traces_per_core_s']}/s through log_spans ({through['writer_cpu_ms_per_trace']} ms)"
+                      if through else "")
+            text += (f"{core['traces_per_core_s']} traces/s a core of the writer ({core['writer_cpu_ms_per_trace']} ms "
+                     f"a trace{server}{before}); ")
+        if where := results[store].get("server_breakdown"):
+            text += (f"the server's handling: parse {where['parse_ms']} ms + log_spans {where['log_spans_ms']} ms a "
+                     f"trace ({where['per_tag_ms']} ms a tag, {where['per_span_ms']} ms a span, "
+                     f"{where['log_spans_root_only_ms']} ms a root span alone); ")
+        ceiling = f", at most {load['ceiling_rps']} rps on these cores with every trace stored" if load.get(
+            "ceiling_rps") else ""
+        text += (f"at {load['throughput']} rps for {load['seconds']} s, {load['stored']} of {load['answered']} stored "
+                 f"({load['stored_share']:.1%}, writer {load['writer_traces_per_core_s']}/s a core, steal "
+                 f"{load['cpu_steal_percent']}%, load average {load.get('load_average')}{ceiling}): "
+                 f"{'met' if results[store]['pass'] else 'MISSED'}")
+        parts.append(text)
     return f"trace writer (target: {results['target']}): " + "; ".join(parts)
 
 
@@ -320,7 +445,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--clients", type=int, default=CLIENTS)
     parser.add_argument("--per-core-traces", type=int, default=2000)
-    parser.add_argument("--stores", default="sqlite,http")
+    parser.add_argument("--stores", default="sqlite,http,http-own-core")
     parser.add_argument("--out", type=Path, default=None, help="also write the figures here as JSON")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
