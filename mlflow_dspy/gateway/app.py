@@ -297,6 +297,8 @@ class Gateway:
         # `:path`: a served name may hold a slash (models:/NAME/VERSION is served as NAME/VERSION).
         @app.get("/v1/models/{model_id:path}")
         async def model_card(model_id: str) -> ModelCard:
+            if not model_id:  # GET /v1/models/: no id is not the default model's
+                raise GatewayError(404, "not found", "not_found_error")
             return ModelCard(id=model_id, created=self.models.host(model_id).created)
 
     # -- start and stop ------------------------------------------------------------------
