@@ -1,5 +1,6 @@
 """The gateway's HTTP protocol caps the header section and its arrival time (real uvicorn, raw sockets),
-and it still relies on the uvicorn internals it was written against."""
+and it still relies on the uvicorn internals it was written against; so does the graceful stop (the
+protocol's `shutdown`, internals/uvicorn_server.py's supervisor)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,13 @@ import socket
 
 import httpx
 import pytest
+from uvicorn.main import run as uvicorn_run
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import Server
+from uvicorn.supervisors.multiprocess import Multiprocess
 
 from mlflow_dspy.internals import uvicorn_protocol as http_protocol
+from mlflow_dspy.internals import uvicorn_server
 
 # uvicorn 0.54.0's own data_received, which GuardedHttpToolsProtocol.data_received replaces (with the
 # header counting added). If uvicorn changes it, re-read it and carry the change over, then update this.
@@ -32,6 +37,35 @@ def test_the_uvicorn_internals_the_protocol_relies_on_are_still_there():
         "uvicorn's HttpToolsProtocol.data_received changed: compare it with "
         "mlflow_dspy.internals.uvicorn_protocol.py's GuardedHttpToolsProtocol.data_received, then update the digest"
     )
+
+
+# uvicorn 0.54.0's code that the graceful stop takes over or relies on: the protocol's `shutdown` (replaced:
+# a connection without a request lingers to answer 503), its `on_body` and `on_message_complete` (skipped for
+# a request refused that way), and the server's `shutdown` (listeners closed, then each connection's
+# `shutdown()`, then the wait for them). If one changes, re-read it against uvicorn_protocol.py's graceful
+# stop, then update the digest.
+KNOWN_STOP_CODE = {
+    HttpToolsProtocol.shutdown: "d7351fa33f00d430e0a4179912a4ed478e0483ce3a9f7409225e71970c064421",
+    HttpToolsProtocol.on_body: "dba9c32aeba35b6ae10722f86232d44d93fda42d97711244eeaa51c0a1f3e1c9",
+    HttpToolsProtocol.on_message_complete: "1fbad42dc31fc01fd4106a9885b2a2e0f6ce8d38241a3df0f615c6a8663493e0",
+    Server.shutdown: "9b33c50562992b1e3cef2a9611408ece6c01d46ee17eaae2091b6091bf826eab",
+}
+
+
+def test_the_uvicorn_internals_the_graceful_stop_relies_on_are_still_there():
+    changed = [function.__qualname__ for function, digest in KNOWN_STOP_CODE.items()
+               if _source_digest(function) != digest]
+    assert not changed, f"uvicorn changed {changed}: compare with mlflow_dspy/internals/uvicorn_protocol.py"
+    # The lifespan's state reaches each connection (where the gateway leaves its stop).
+    assert "self.app_state = app_state" in inspect.getsource(HttpToolsProtocol.__init__)
+    # The supervisor: its sockets, the handlers Supervisor extends, and uvicorn.run's steps that serve() repeats.
+    assert "self.sockets = sockets" in inspect.getsource(Multiprocess.__init__)
+    for name in ("handle_term", "handle_int", "terminate_all", "join_all"):
+        assert callable(getattr(Multiprocess, name, None)), f"uvicorn's Multiprocess lost {name}"
+    source = inspect.getsource(uvicorn_run)
+    assert "Multiprocess(config, sockets=[sock]).run()" in source and "server.run()" in source, (
+        "uvicorn.run changed: compare it with mlflow_dspy/internals/uvicorn_server.py's serve")
+    assert issubclass(uvicorn_server.Supervisor, Multiprocess)
 
 
 @pytest.fixture(scope="module")

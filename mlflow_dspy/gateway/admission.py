@@ -21,6 +21,9 @@ from mlflow_dspy.gateway.openai_wire import shown
 PROGRAM_ROUTES = ("/v1/chat/completions", "/v1/responses", "/invocations", "/predict", "/predict/stream")
 # Routes whose JSON bodies are checked here (valid UTF-8, no lone surrogate) before any route reads them.
 BODY_ROUTES = (*PROGRAM_ROUTES, "/v1/feedback")
+# A UTF-8 byte order mark before a JSON body: ignored on every route that reads JSON, as RFC 8259 section 8.1
+# allows a parser to (pydantic read one, Python's json refused it: the routes disagreed).
+BOM = b"\xef\xbb\xbf"
 
 
 def check_headers(scope: dict[str, Any], headers: dict[bytes, bytes], limits: Limits) -> None:
@@ -72,7 +75,8 @@ def authorized(header: bytes | None, keys: tuple[str, ...]) -> bool:
 
 async def read_body(scope: dict[str, Any], receive: Callable, limits: Limits) -> bytes:
     """The whole body (chunked ones too), refused past the size limit or the deadline; on the routes that read
-    JSON, refused unless it is text (valid UTF-8, no lone surrogate escaped)."""
+    JSON, without a leading byte order mark, and refused unless it is text (valid UTF-8, no lone surrogate
+    escaped)."""
     if scope.get("method") in ("GET", "HEAD", "OPTIONS"):
         return b""
     chunks, size = [], 0
@@ -94,6 +98,7 @@ async def read_body(scope: dict[str, Any], receive: Callable, limits: Limits) ->
                            code="body_timeout") from None
     body = b"".join(chunks)
     if body and scope.get("path") in BODY_ROUTES:
+        body = body.removeprefix(BOM)
         _check_text(body)
     return body
 

@@ -12,6 +12,11 @@ the road every request takes, layer by layer.
                         (or, at /mcp, mcp.McpTools.serve: MCP's tool calls, each run as /predict runs it)
     then Gateway.finished: the slot back, the trace to its writer, the metrics, one log line.
 
+A graceful stop (`Gateway.stop_gracefully`, called by the HTTP protocol when uvicorn begins its own): every
+request in flight gets --graceful-timeout to end; a run still going then ends as a failure that says so
+(runtime/run.py's STOPPING), which each protocol sends as it sends any failure: a JSON error, or in a stream its
+error event and its end. /ready says 503 from then on.
+
 The routes are FastAPI's, typed (their bodies documented in /openapi.json from the
 models themselves). With the speed-ups on (the default), the five that run a program
 are served straight from their endpoint functions (`Gateway._direct`): the body
@@ -35,6 +40,7 @@ from typing import Annotated, Any, TypeVar
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
+from sse_starlette.sse import AppStatus
 from starlette.middleware.cors import CORSMiddleware
 
 from mlflow_dspy.gateway import admission, openapi
@@ -56,10 +62,12 @@ from mlflow_dspy.gateway.responses.wire import ResponseObject, ResponsesRequest
 from mlflow_dspy.gateway.served_models import ServedModels
 from mlflow_dspy.gateway.tracing import Tracing
 from mlflow_dspy.internals import SPEEDUPS_ENV, dspy_callbacks, dspy_executor, speedups_enabled
+from mlflow_dspy.internals.uvicorn_protocol import GRACEFUL_STOP
 from mlflow_dspy.lm_engine.llama_engine import embedded_stats
 from mlflow_dspy.lm_engine.openai_http import close_connections
 from mlflow_dspy.program.work import tracking_thread_work
 from mlflow_dspy.runtime.host import ProgramHost
+from mlflow_dspy.runtime.run import STOPPING
 
 log = logging.getLogger("mlflow_dspy.gateway")
 access_log = logging.getLogger("mlflow_dspy.gateway.access")
@@ -100,6 +108,8 @@ class Gateway:
         self.invocations = InvocationsService(conversation_limits)
         self.feedback = FeedbackService()
         self.mcp = McpTools(self)  # the programs as MCP tools, at /mcp (and over stdio: `mlflow-dspy mcp`)
+        self.running: set[RequestContext] = set()  # the requests in flight
+        self.stop_at: float | None = None  # once a graceful stop has begun: the loop time its runs must end by
         self.app = FastAPI(title="mlflow-dspy gateway", version="1", lifespan=self.lifespan,
                            responses=openapi.ERROR_RESPONSES)
         install_handlers(self.app)
@@ -129,6 +139,9 @@ class Gateway:
             return
         ctx = RequestContext.begin(scope, self.config.request_timeout)
         send = ctx.stamped(send)
+        self.running.add(ctx)
+        if self.stop_at is not None:
+            ctx.stop_by(self.stop_at)
         try:
             admission.check_headers(scope, ctx.headers, self.limits)
             # The body first, under a deadline: a slow upload must not sit on a slot meant for running programs.
@@ -143,8 +156,25 @@ class Gateway:
             await asyncio.sleep(0)
         except GatewayError as error:
             await error.response()(scope, receive, send)
+        except asyncio.CancelledError:
+            if self.stop_at is None or ctx.responded:
+                raise
+            # uvicorn's own limit, past --graceful-timeout, cancelled a request no run held (a run ends at
+            # --graceful-timeout itself): a JSON error rather than uvicorn's plain-text 500.
+            await GatewayError.of(STOPPING).response()(scope, receive, send)
         finally:
+            self.running.discard(ctx)
             self.finished(ctx)
+
+    def stop_gracefully(self) -> None:
+        """The server's graceful stop has begun (on the event loop): every request in flight, and its run, must
+        end within --graceful-timeout from now. Said again, it changes nothing."""
+        if self.stop_at is not None:
+            return
+        self.stop_at = asyncio.get_running_loop().time() + self.config.graceful_timeout
+        log.info("stopping: %d requests in flight get %g s to finish", len(self.running), self.config.graceful_timeout)
+        for ctx in list(self.running):
+            ctx.stop_by(self.stop_at)
 
     async def dispatch(self, ctx: RequestContext, scope, body: bytes, receive, send) -> None:
         """Run the route in this task; if the client goes away first, cancel it, and with it the LM call."""
@@ -286,6 +316,9 @@ class Gateway:
 
         @app.get("/ready")
         async def ready() -> dict:
+            if self.stop_at is not None:
+                raise GatewayError(503, "the server is stopping", "service_unavailable", code="server_shutting_down",
+                                   headers={"Retry-After": "1"})
             return self.models.ready()
 
         @app.get("/v1/models")
@@ -297,6 +330,8 @@ class Gateway:
         # `:path`: a served name may hold a slash (models:/NAME/VERSION is served as NAME/VERSION).
         @app.get("/v1/models/{model_id:path}")
         async def model_card(model_id: str) -> ModelCard:
+            if not model_id:  # GET /v1/models/: no id is not the default model's
+                raise GatewayError(404, "not found", "not_found_error")
             return ModelCard(id=model_id, created=self.models.host(model_id).created)
 
     # -- start and stop ------------------------------------------------------------------
@@ -306,6 +341,9 @@ class Gateway:
         # unless the speed-ups are off (mlflow_dspy/internals).
         on = dspy_executor.install()
         dspy_callbacks.install()
+        # sse-starlette ends every stream the moment uvicorn is told to stop, mid-answer and without a word;
+        # the gateway ends its streams itself (stop_gracefully).
+        AppStatus.disable_automatic_graceful_drain()
         log.info("speed-ups on DSPy's and uvicorn's internals: %s", "on" if on else f"off ({SPEEDUPS_ENV}=0)")
         if not self.models.loaded:
             loaded = asyncio.get_running_loop().create_future() if self.config.load_before_serving else None
@@ -319,7 +357,8 @@ class Gateway:
         counting = asyncio.create_task(self._refresh_counts())
         following = asyncio.create_task(self.models.follow_aliases()) if self.models.follows_aliases else None
         async with self.mcp.running():
-            yield
+            # The HTTP protocol finds in the server's lifespan state what to call when uvicorn begins to stop.
+            yield {GRACEFUL_STOP: self.stop_gracefully}
         if following is not None:
             following.cancel()
         counting.cancel()

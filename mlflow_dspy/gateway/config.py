@@ -193,6 +193,10 @@ class GatewayConfig:
                                   help="more characters of message text get 400")
     request_timeout: float = setting(120.0, "--request-timeout", metavar="SECONDS", least=0,
                                      help="seconds a program may run before 504")
+    graceful_timeout: float = setting(
+        30.0, "--graceful-timeout", metavar="SECONDS", least=0,
+        help="on SIGTERM or Ctrl-C: seconds the requests and streams in flight may take to finish (new connections "
+             "are refused); those still running then end with an error (a stream: its error event and end)")
     cors_origins: tuple[str, ...] = setting(
         (), "--allow-origin", metavar="ORIGIN", shown_default="none: CORS off",
         help="let browser pages from ORIGIN call the gateway (CORS; repeatable; in the variable, separated by "

@@ -27,7 +27,7 @@ CONTEXT_KEY = "mlflow_dspy"
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
-@dataclass
+@dataclass(eq=False)  # one per request: compared, and kept in sets, as itself
 class RequestContext:
     method: str
     path: str
@@ -45,6 +45,8 @@ class RequestContext:
     trace: TraceRecord | None = None  # recorded when the request is traced
     run: Run | None = None
     holds_slot: bool = False  # counted against the in-flight cap
+    responded: bool = False  # its answer has begun (the status line is sent)
+    stop_at: float | None = None  # the server is stopping: the loop time by which its run must end
     threads: list[Future] = field(default_factory=list)  # program threads it started (program/work.py)
 
     @classmethod
@@ -69,7 +71,15 @@ class RequestContext:
                   lm_settings: dict[str, Any] | None = None) -> Run:
         """The request's run of `host` (runtime/run.py): within its deadline, recorded in its trace."""
         self.run = Run(host, call, stream=stream, timeout=self.timeout, lm_settings=lm_settings, trace=self.trace)
+        if self.stop_at is not None:
+            self.run.stop_by(self.stop_at)
         return self.run
+
+    def stop_by(self, when: float) -> None:
+        """The server is stopping: the request's run (now or once it starts) must end by loop time `when`."""
+        self.stop_at = when
+        if self.run is not None:
+            self.run.stop_by(when)
 
     # -- read once the answer has left -------------------------------------------
     @property
@@ -89,7 +99,7 @@ class RequestContext:
         as recording)."""
         async def stamping(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
-                self.status = message["status"]
+                self.status, self.responded = message["status"], True
                 extra = [(b"x-request-id", self.request_id.encode())]
                 if self.fingerprint:
                     extra.append((b"x-mlflow-dspy-model-version", self.fingerprint.encode()))

@@ -1,4 +1,10 @@
-"""Start the gateway: uvicorn, with one worker process or several, each building the app from the environment."""
+"""Start the gateway: uvicorn, with one worker process or several, each building the app from the environment.
+
+A graceful stop (SIGTERM, Ctrl-C): new connections are refused (internals/uvicorn_server.py; one accepted just
+before gets a 503, internals/uvicorn_protocol.py), what is in flight has --graceful-timeout to finish and
+what has not by then ends with its protocol's error (app.Gateway.stop_gracefully), then the queued traces get
+--trace-flush-timeout. uvicorn's own limit comes `STOP_MARGIN` seconds after ours, for what no run holds.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,10 @@ import uvicorn
 
 from mlflow_dspy.gateway.config import GatewayConfig
 from mlflow_dspy.gateway.metrics import MULTIPROC_ENV
+
+# Seconds between the end of --graceful-timeout and uvicorn cancelling whatever still runs (then answered
+# with a JSON 503 by Gateway.serve): the runs cut at --graceful-timeout need only to send their last event.
+STOP_MARGIN = 2.0
 
 
 def run_gateway(config: GatewayConfig) -> int:
@@ -33,16 +43,16 @@ def run_gateway(config: GatewayConfig) -> int:
         # Each worker writes its metrics to files here; /metrics adds up every worker's (gateway/metrics.py).
         os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="mlflow-dspy-metrics-")
     from mlflow_dspy.internals.uvicorn_protocol import http_protocol
+    from mlflow_dspy.internals.uvicorn_server import serve
 
-    uvicorn.run(
+    return serve(uvicorn.Config(
         "mlflow_dspy.gateway.app:app_from_env",
         factory=True,
         host=config.host,
         port=config.port,
         workers=config.workers,
-        http=http_protocol(),  # header limits; with the speed-ups, a response's headers and body in one write
+        http=http_protocol(),  # header limits, the graceful stop; with the speed-ups, one write per response
         log_level="warning",
         access_log=False,  # the gateway writes its own structured line per request
-        timeout_graceful_shutdown=10,
-    )
-    return 0
+        timeout_graceful_shutdown=config.graceful_timeout + STOP_MARGIN,  # type: ignore[arg-type]
+    ))

@@ -14,6 +14,15 @@ over `max_header_bytes`, gets 431 and the connection closes; a header section
 that has not arrived `header_timeout` seconds after the request began (or the
 connection opened) closes the connection.
 
+**A graceful stop.** On SIGTERM uvicorn stops listening, then calls `shutdown()` on every
+connection: one with a request running is left to finish it; one without (just accepted, its
+request still on the way, or idle between requests) uvicorn closes unanswered. Here `shutdown()`
+first tells the app that the stop has begun (the callable its lifespan left in the server's state
+under `GRACEFUL_STOP`: the gateway gives its runs --graceful-timeout from then), and a connection
+without a request stays open `STOP_LINGER` seconds more: a request that arrives on it gets a 503 in
+the gateway's error shape (`server_shutting_down`, `Retry-After`) and the connection closes; none,
+and it closes then.
+
 **Coalescing.** uvicorn writes a response's status line and headers, then its body, with two
 `transport.write` calls, so two sends: on loopback each one wakes the client
 on its own. Measured at one client (timestamps around each write, 78
@@ -27,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 import httptools
@@ -34,6 +44,12 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from mlflow_dspy.internals import speedups_enabled
 from mlflow_dspy.internals.header_limits import HeaderLimits
+
+# The key under which the app's lifespan state holds what to call when the server's graceful stop begins.
+GRACEFUL_STOP = "mlflow_dspy.graceful_stop"
+# Seconds a connection without a request stays open once the stop has begun, to answer one that arrives 503.
+STOP_LINGER = 2.0
+STOPPING_MESSAGE = "the server is stopping; send the request again (to another replica)"
 
 
 class HeaderRefused(Exception):
@@ -55,6 +71,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._header_bytes = 0
         self._open_line = 0
         self._header_timer: asyncio.TimerHandle | None = None
+        self._stopping = False  # the server's graceful stop began while no request ran here
+        self._refusing = False  # a request that arrived since: answered 503 once it has arrived whole
+        self._linger: asyncio.TimerHandle | None = None
         self._start_header_clock()
 
     def _start_header_clock(self) -> None:
@@ -98,7 +117,43 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_headers = False
         self._stop_header_clock()
+        if self._stopping:
+            self._refusing = True  # no cycle, no task: the app never sees it
+            return
         super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refusing:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._refusing:
+            # Answered once it has all arrived: closing over unread bytes would reset the connection, answer and all.
+            self._refusing = False
+            if self.transport.is_closing():
+                return
+            self._answer_and_close(b"503 Service Unavailable", STOPPING_MESSAGE, "service_unavailable",
+                                   "server_shutting_down", b"retry-after: 1\r\n")
+            return
+        super().on_message_complete()
+
+    # -- the graceful stop -----------------------------------------------------------------
+    def shutdown(self) -> None:
+        """uvicorn's graceful stop has begun: tell the app (once is enough; it may be told again); a request
+        running here finishes, then the connection closes; no request: see the module's docstring."""
+        begin: Callable[[], None] | None = (self.app_state or {}).get(GRACEFUL_STOP)
+        if begin is not None:
+            begin()
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False
+            return
+        self._stopping = True
+        self._linger = self.loop.call_later(STOP_LINGER, self._linger_over)
+
+    def _linger_over(self) -> None:
+        self._linger = None
+        if not self.transport.is_closing():
+            self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -131,15 +186,22 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         """431 Request Header Fields Too Large, in the gateway's error shape, then close."""
         self._stop_header_clock()
         self._in_headers = False
-        body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                     "code": "headers_too_large"}}).encode()
-        head = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
-                b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n")
+        self._answer_and_close(b"431 Request Header Fields Too Large", message, "invalid_request_error",
+                               "headers_too_large")
+
+    def _answer_and_close(self, status: bytes, message: str, kind: str, code: str, headers: bytes = b"") -> None:
+        """An answer in the gateway's error shape, written here (no app involved), then close."""
+        body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
+        head = (b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\n" + headers
+                + b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n")
         self.transport.write(head + body)
         self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_header_clock()
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
         super().connection_lost(exc)
 
 

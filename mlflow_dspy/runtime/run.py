@@ -13,6 +13,9 @@ says how: streamed or not, with the client's LM settings. Then it reads back one
   LM wrote of them, as OpenAI answers such a request (a 200, finish_reason "length").
 - `Failed(failure)`: what went wrong, as a status, a message and a code, never a traceback.
 
+A server that stops gives its runs until a time (`stop_by`): one still running then ends as `Failed`
+with `STOPPING` (a 503 that says so), its program cancelled as a client that leaves cancels it.
+
 The run owns what every protocol needs around a program: the deadline, the recovery of an
 answer cut short, its finish_reason, the time of the first text and the token usage. The
 protocols only encode the events (streamed, or collected with `outcome()`).
@@ -33,7 +36,7 @@ from dspy.utils.exceptions import AdapterParseError
 from pydantic import BaseModel, ConfigDict, computed_field
 
 from mlflow_dspy.internals.mlflow_traces import TOKEN_USAGE
-from mlflow_dspy.lm_engine.deadline import within
+from mlflow_dspy.lm_engine.deadline import Deadline, within
 from mlflow_dspy.lm_engine.finishes import finish_reasons
 from mlflow_dspy.program.chat import ChatInputError, Conversation
 from mlflow_dspy.program.failures import Failure, failure_of
@@ -46,6 +49,9 @@ log = logging.getLogger("mlflow_dspy.runtime")
 FinishReason = Literal["stop", "length"]
 # The client's own settings that can cut an answer short.
 LIMITING_SETTINGS = ("max_tokens", "stop")
+# A run the server's graceful stop ended (its --graceful-timeout passed first): any protocol's error.
+STOPPING = Failure(503, "the server is stopping and this answer did not finish within its graceful timeout; "
+                        "send the request again", "service_unavailable", "server_shutting_down", retry_after=1)
 
 
 class Usage(BaseModel):
@@ -162,6 +168,20 @@ class Run:
         # short has used tokens too): DSPy's own usage tracker (`dspy.track_usage`), one per run.
         self._tracker: Any = None
         self._finishes: list[str] = []  # why each LM call ended, as our engines saw it (lm_engine/finishes.py)
+        self._deadline: Deadline | None = None  # once it runs: its --request-timeout, or the stop's, if earlier
+        self._stop_at: float | None = None
+
+    def stop_by(self, when: float) -> None:
+        """The server is stopping: end by loop time `when` (a run still going then fails with STOPPING)."""
+        self._stop_at = when if self._stop_at is None else min(self._stop_at, when)
+        if self._deadline is not None:
+            self._deadline.bring_forward(when)
+
+    def _start_clock(self) -> Deadline:
+        self._deadline = Deadline(asyncio.get_running_loop().time() + self.timeout)
+        if self._stop_at is not None:
+            self._deadline.bring_forward(self._stop_at)
+        return self._deadline
 
     @property
     def chat(self) -> bool:
@@ -191,7 +211,7 @@ class Run:
         host = self.host
         with dspy.track_usage() as self._tracker, finish_reasons() as self._finishes:
             try:
-                async with asyncio.timeout(self.timeout):
+                async with self._start_clock().waiting():
                     if self.chat:
                         prediction = await host.answer(self.call, self.lm_settings, self.trace)
                     else:
@@ -213,7 +233,7 @@ class Run:
             produced = host.predict_stream(self.call, self.trace)
         prediction, tool = None, None
         try:
-            async for item in within(produced, asyncio.get_running_loop().time() + self.timeout):
+            async for item in within(produced, self._start_clock()):
                 if isinstance(item, dspy.Prediction):
                     prediction = item
                     continue
@@ -254,7 +274,12 @@ class Run:
         return Finished(prediction, reason, self.usage, cut_short=cut_short is not None)
 
     def _ended(self, exc: Exception) -> Finished | Failed:
-        """A run that raised: an answer the client's own limit cut short, else a failure."""
+        """A run that raised: an answer the client's own limit cut short, else a failure (STOPPING, however the
+        program took its cancellation, once the stop's deadline has passed)."""
+        deadline = self._deadline
+        if deadline is not None and deadline.moved and asyncio.get_running_loop().time() >= deadline.when:
+            self.usage = Usage.of(self._tracker.get_total_tokens() if self._tracker is not None else None)
+            return Failed(STOPPING)
         reason = self._cut_short(exc)
         if reason is None:
             self.usage = Usage.of(self._tracker.get_total_tokens() if self._tracker is not None else None)

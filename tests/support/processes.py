@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -75,6 +76,7 @@ class Served:
     url: str
     log: Path
     pid: int = 0  # the process `running` started (uvicorn's workers are its children)
+    proc: subprocess.Popen | None = None  # that process (to wait for its exit)
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -109,4 +111,4 @@ def gateway_process(target: list[str], tmp_path: Path, *options: str, **env: str
     headers = {"Authorization": f"Bearer {keys.split(',')[0]}"} if keys else None
     with running(args, f"http://127.0.0.1:{port}/ready", child_env(**env), log, headers=headers) as proc:
         proc.log_path = log
-        yield Served(f"http://127.0.0.1:{port}", log, proc.pid)
+        yield Served(f"http://127.0.0.1:{port}", log, proc.pid, proc)

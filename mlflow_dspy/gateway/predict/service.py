@@ -54,6 +54,7 @@ class PredictService:
         """The program's keyword arguments from a /predict body, typed; a 400 names the field that is wrong."""
         payload = json_object(raw, "a JSON object of the program's input fields")
         if shape.text_field and "text" in payload and shape.text_field not in payload:
+            _not_blank(payload, "text")
             try:
                 question = Question.model_validate(payload)
             except ValidationError as exc:
@@ -62,6 +63,8 @@ class PredictService:
             conversation = Conversation.of([Message("user", question.text, "messages[0]")])
             self.limits.check_characters(conversation.characters)
             return shape.arguments(shape.inputs.model_validate({shape.text_field: question.text}))
+        if shape.question_field:
+            _not_blank(payload, shape.question_field)
         characters = sum(_characters(value, name) for name, value in payload.items())
         self.limits.check_characters(characters, "the inputs", param=None)
         history = payload.get(shape.history_field) if shape.history_field else None
@@ -89,6 +92,13 @@ async def _events(run: Run) -> AsyncIterator[dict]:
         else:
             yield sse({"prediction": jsonable_encoder(event.prediction.toDict())})
     yield sse("[DONE]")
+
+
+def _not_blank(payload: dict[str, Any], name: str) -> None:
+    """The rule of every protocol: a question that is empty (or only white space) is a 400, before any LM call."""
+    value = payload.get(name)
+    if isinstance(value, str) and not value.strip():
+        raise invalid_request(f"'{name}' is empty: there is no question to answer", param=name, code="empty_question")
 
 
 def _characters(value: Any, where: str) -> int:

@@ -95,7 +95,9 @@ class PredictShape:
         self.inputs = fields_model("PredictInputs", fields)
         names = [f.name for f in fields]
         question = mapping.input(mapping.question_field) if mapping.question_field else None
-        self.text_field = question.name if question and question.annotation is str and "text" not in names else None
+        # The text input a chat's user message fills: empty, there is no question (a 400, as on the chat routes).
+        self.question_field = question.name if question and question.annotation is str else None
+        self.text_field = self.question_field if "text" not in names else None
 
         outputs = [f if _readable(f.annotation) else dataclasses.replace(f, annotation=Any) for f in mapping.outputs]
         if program_reasons(program) and "reasoning" not in [f.name for f in outputs]:
