@@ -106,8 +106,8 @@ def corpus() -> list[Case]:
         _chat("seed a string", seed="lucky"),
         # -- unknown or unsupported fields -------------------------------------
         _chat("unknown top-level field", frobnicate=True),
-        _chat("tools", tools=[{"type": "function", "function": {"name": "f"}}]),
-        _chat("functions", functions=[{"name": "f"}]),
+        _chat("a function tool without its function", tools=[{"type": "function"}]),
+        _chat("a function without a name", functions=[{"description": "f"}]),
         _chat("logit_bias", logit_bias={"50256": -100}),
         _chat("response_format json_schema", response_format={"type": "json_schema", "json_schema": {}}),
         _chat("stream_options unknown key", stream=True, stream_options={"include_everything": True}),

@@ -109,7 +109,7 @@ async def test_every_served_name_is_a_tool_with_the_predict_schema_and_the_progr
     for name in ("dspy-qa_champion", "dspy-qa", "dspy-qa_1"):
         assert tools[name].input_schema == qa.inputs.model_json_schema()
         assert tools[name].output_schema == qa.outputs.model_json_schema()
-        assert tools[name].description == "Given the fields `question`, produce the fields `answer`."
+        assert tools[name].description == "Given the fields `question`, `history`, produce the fields `answer`."
     assert tools["dspy-assistant"].input_schema == converse.inputs.model_json_schema()
     assert tools["dspy-assistant"].description == ("Answer the user's latest message briefly, using what the "
                                                    "conversation so far says about them.")

@@ -117,7 +117,14 @@ def chosen_name(choice: Any) -> str | None:
 
 def check_tools(tools: list | None, choice: Any, tools_param: str, choice_param: str) -> None:
     """What can be checked before the program is known: a choice that asks for a tool call needs tools, and a
-    named one must be among them (a 400 naming the field otherwise)."""
+    named one must be among them, and a function tool names its function (a 400 naming the field otherwise)."""
+    for i, tool in enumerate(tools or []):
+        if not isinstance(tool, dict):
+            raise unsupported(f"{tools_param}[{i}] is not an object: a tool is "
+                              '{"type": "function", "function": {"name": ..., "parameters": {...}}}', tools_param)
+        if tool.get("type", "function") == "function" and not isinstance(function_of(tool)[0], str):
+            raise unsupported(f"{tools_param}[{i}] is a function tool without a function name: a tool is "
+                              '{"type": "function", "function": {"name": ..., "parameters": {...}}}', tools_param)
     if choice in (None, "none", "auto"):
         return
     if not tools:
