@@ -220,12 +220,13 @@ def test_concurrent_streams_arrive_token_by_token_while_decoding_together(client
     hits_before = _metric(embedded_gateway, "mlflow_dspy_embedded_prefix_cache_total", outcome="hit")
 
     def stream(question: str) -> tuple[list[float], str]:
-        arrivals, text = [], ""
+        arrivals, text = [], ""  # the arrival of every piece of text, reasoning (first) or answer
         for chunk in client.chat.completions.create(model="dspy-qa", stream=True,
                                                     messages=[{"role": "user", "content": question}]):
-            if chunk.choices and chunk.choices[0].delta.content:
+            delta = chunk.choices[0].delta if chunk.choices else None
+            if delta is not None and (delta.content or (delta.model_extra or {}).get("reasoning_content")):
                 arrivals.append(time.perf_counter())
-                text += chunk.choices[0].delta.content
+                text += delta.content or ""
         return arrivals, text
 
     with ThreadPoolExecutor(4) as pool:
