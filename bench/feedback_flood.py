@@ -139,6 +139,7 @@ def post_cost(tmp: Path, assessments: int = ASSESSMENTS) -> dict:
         span.set_inputs({"question": "q"})
         span.set_outputs({"answer": "a"})
     trace_id = span.trace_id
+    mlflow.flush_trace_async_logging()  # the trace is in the store before it is loaded
     client = MlflowClient()
     source = AssessmentSource(source_type=AssessmentSourceType.HUMAN, source_id="bench")
 
@@ -172,6 +173,7 @@ def feedback_figures(env: dict[str, str], tmp: Path, seconds: float = 20.0, clie
     figures["default_limits"] = flood_figures(env, tmp, seconds, clients, rounds, [], "defaults")
     figures["rate_lifted"] = flood_figures(env, tmp, seconds, clients, rounds,
                                            ["--feedback-rate", "100000", "--feedback-burst", "100000"], "lifted")
+    print(f"feedback flood: {figures}", flush=True)
     figures["post_cost"] = post_cost(tmp)
     return figures
 
