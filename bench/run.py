@@ -35,6 +35,7 @@ from pathlib import Path
 import httpx
 
 from bench.embedded import embedded_figures, embedded_target_line
+from bench.feedback_flood import feedback_figures, feedback_line
 from bench.hot_reload import hot_reload_figures
 from bench.launch import CHAT, QUESTION, gateway_args, log_model, start
 from bench.lm_transport import lm_transport_figures, transport_line
@@ -56,7 +57,7 @@ NOISY_STEAL = 10  # percent of CPU time taken by the hypervisor: above it, a fig
 SERVER_KEYS = ("a", "b", "c1", "c1i", "c2")
 SECTION_KEYS = (
     "traces", "tracewriter", "transport", "road", "multi", "reload", "stream", "mcp", "embedded", "tutorials",
-    "verify", "load",
+    "verify", "load", "feedback",
 )
 
 
@@ -191,6 +192,9 @@ def main() -> None:
             if wanted("mcp"):
                 results["mcp_vs_predict"] = mcp_vs_predict_figures(base_env, tmp_path, args.seconds)
                 print(f"MCP against /predict: {results['mcp_vs_predict']}", flush=True)
+            if wanted("feedback"):  # chat with and without 8 clients flooding /v1/feedback; a post's cost
+                results["feedback_flood"] = feedback_figures(base_env, tmp_path, args.seconds)
+                print(f"feedback flood: {results['feedback_flood']}", flush=True)
             if wanted("embedded") and not args.no_embedded:
                 results["embedded"] = embedded_figures(base_env, tmp_path)
                 print(f"embedded model: {results['embedded']}", flush=True)
@@ -260,6 +264,8 @@ def targets(results: dict) -> list[str]:
         lines.append(mcp_line(mcp))
     if load := results.get("load"):
         lines.append(load_line(load))
+    if feedback := results.get("feedback_flood"):
+        lines.append(feedback_line(feedback))
     if embedded := results.get("embedded"):
         lines.append(embedded_target_line(embedded))
     if tutorials := results.get("tutorial_programs"):

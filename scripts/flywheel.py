@@ -91,8 +91,10 @@ def main() -> int:
                 right = re.search(rf"\b{re.escape(expected.lower())}\b", answer.lower()) is not None
                 verdict = {"value": True} if right else {"value": False, "expected": {"answer": expected},
                                                          "rationale": f"the answer is {expected}"}
-                client.post("/v1/feedback", json={"trace_id": reply.headers["x-mlflow-trace-id"],
-                                                  "source": "make-flywheel", **verdict}).raise_for_status()
+                # The answer's token lets this caller (and no other) rate it; the source is the caller's key name.
+                client.post("/v1/feedback", json={"trace_id": reply.headers["x-mlflow-trace-id"], **verdict},
+                            headers={"x-mlflow-feedback-token": reply.headers["x-mlflow-feedback-token"]}
+                            ).raise_for_status()
                 print(f"   {question!r} -> {answer!r}: {'rated up' if right else 'rated down, with ' + expected}",
                       flush=True)
 

@@ -29,6 +29,7 @@ from tests.support.processes import VENV_BIN, child_env, free_port, gateway_proc
 QA = ["--program", "qa", "--lm", "openai/stub-echo"]
 STORED = 0.99  # the share of traces that must reach the store
 EXPERIMENT = "mlflow-dspy"
+FEEDBACK_TOKENS: dict[str, str] = {}  # trace id -> the answer's x-mlflow-feedback-token (answered_traces)
 
 pytestmark = pytest.mark.slow
 
@@ -105,6 +106,7 @@ async def answered_traces(url: str, clients: int, seconds: float | None = None, 
                     await reply.read()
                     if reply.status == 200 and "x-mlflow-trace-id" in reply.headers:
                         ids.append(reply.headers["x-mlflow-trace-id"])
+                        FEEDBACK_TOKENS[ids[-1]] = reply.headers.get("x-mlflow-feedback-token", "")
                     else:
                         failures.append(reply.status)
 
@@ -137,7 +139,8 @@ def test_traces_are_written_again_once_the_http_store_is_back_without_a_restart(
         assert set(during) <= stored
         assert writer_said(served, r"the tracking store took a batch again")
         # Feedback on an answer given after the outage finds its trace.
-        given = httpx.post(f"{served.url}/v1/feedback", json={"trace_id": after[-1], "value": True}, timeout=60)
+        given = httpx.post(f"{served.url}/v1/feedback", json={"trace_id": after[-1], "value": True},
+                           headers={"x-mlflow-feedback-token": FEEDBACK_TOKENS[after[-1]]}, timeout=60)
         assert given.status_code == 200, given.text
         assert trace_counts(served.url)["written"] == len(stored)
 

@@ -76,29 +76,39 @@ def test_answers_name_their_traces_and_a_graceful_stop_flushes_them(stub, tmp_pa
             assert question in json.dumps(mlflow.get_trace(trace_id).data.spans[0].inputs)
 
 
+def rating(reply) -> dict[str, str]:
+    """The header that lets the caller who got `reply` rate it."""
+    return {"x-mlflow-feedback-token": reply.headers["x-mlflow-feedback-token"]}
+
+
 def test_feedback_is_recorded_as_assessments_on_the_answers_trace_and_bad_feedback_is_refused(stub, tmp_path):
     async def scenario():
-        app = traced_app(stub, api_keys=("sk-k",))
+        app = traced_app(stub, api_keys=("alice:sk-k",))
         async with asgi_client(app, lifespan=True, Authorization="Bearer sk-k") as client, \
                 asgi_client(app) as keyless:
             reply = await client.post("/v1/chat/completions",
                                       json={"messages": [{"role": "user", "content": "Capital?"}]})
-            trace_id = reply.headers["x-mlflow-trace-id"]
+            trace_id, token = reply.headers["x-mlflow-trace-id"], rating(reply)
             # At once: the trace may still be queued for the writer; feedback waits for it.
-            given = await client.post("/v1/feedback", json={
-                "trace_id": trace_id, "value": False, "rationale": "wrong city", "expected": {"answer": "Paris"},
-                "source": "alice"})
+            given = await client.post("/v1/feedback", headers=token, json={
+                "trace_id": trace_id, "value": False, "rationale": "wrong city", "expected": {"answer": "Paris"}})
             assert given.status_code == 200, given.text
+            assert given.json()["source"] == "alice"
+
+            async def post(body: dict):
+                return await client.post("/v1/feedback", headers=token, json={"trace_id": trace_id, **body})
+
             refusals = {
-                "value": await client.post("/v1/feedback", json={"trace_id": trace_id, "value": "yes"}),
-                "colour": await client.post("/v1/feedback", json={"trace_id": trace_id, "value": 1, "colour": "red"}),
-                "expected.city": await client.post("/v1/feedback", json={"trace_id": trace_id, "value": True,
-                                                                         "expected": {"city": "Paris"}}),
+                "value": await post({"value": "yes"}),
+                "colour": await post({"value": 1, "colour": "red"}),
+                "expected.city": await post({"value": True, "expected": {"city": "Paris"}}),
+                "source": await post({"value": True, "source": "bob"}),
             }
-            surrogate = await client.post("/v1/feedback", headers={"content-type": "application/json"},
+            surrogate = await client.post("/v1/feedback", headers={"content-type": "application/json", **token},
                                           content=b'{"trace_id": "x", "value": true, "expected": {"\\ud800": "x"}}')
-            unknown = await client.post("/v1/feedback", json={"trace_id": "tr-" + "0" * 32, "value": True})
-            without_key = await keyless.post("/v1/feedback", json={"trace_id": trace_id, "value": True})
+            unknown = await client.post("/v1/feedback", headers=token,
+                                        json={"trace_id": "tr-" + "0" * 32, "value": True})
+            without_key = await keyless.post("/v1/feedback", headers=token, json={"trace_id": trace_id, "value": True})
             return trace_id, refusals, surrogate, unknown, without_key
 
     env = store_env(tmp_path)
@@ -107,13 +117,16 @@ def test_feedback_is_recorded_as_assessments_on_the_answers_trace_and_bad_feedba
     for field, refused in refusals.items():
         assert refused.status_code == 400 and refused.json()["error"]["param"] == field, refused.text
     assert "not an output of this program" in refusals["expected.city"].json()["error"]["message"]
-    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "trace_not_found"
+    assert "caller's API key name" in refusals["source"].json()["error"]["message"]
+    # The token names its trace: on another trace id it is not a token at all.
+    assert unknown.status_code == 403 and unknown.json()["error"]["code"] == "feedback_token_invalid"
     assert surrogate.status_code == 400 and "lone surrogate" in surrogate.json()["error"]["message"]
     assert without_key.status_code == 401
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     assessments = {a.name: a for a in mlflow.get_trace(trace_id).info.assessments}
     feedback, expectation = assessments["user_feedback"], assessments["expected_outputs"]
     assert feedback.value is False and feedback.rationale == "wrong city" and feedback.source.source_id == "alice"
+    assert expectation.source.source_id == "alice"
     assert expectation.value == {"answer": "Paris"}
 
 
@@ -135,7 +148,7 @@ def test_the_export_holds_exactly_the_rated_examples_in_the_data_format(stub, tm
                 reply = await client.post("/v1/chat/completions",
                                           json={"messages": [{"role": "user", "content": question}]})
                 if verdict is not None:
-                    given = await client.post("/v1/feedback", json={
+                    given = await client.post("/v1/feedback", headers=rating(reply), json={
                         "trace_id": reply.headers["x-mlflow-trace-id"], **verdict})
                     assert given.status_code == 200, given.text
 
@@ -179,8 +192,9 @@ def test_improve_promotes_a_candidate_that_wins_and_keeps_the_champion_otherwise
         for i in range(8):
             reply = client.post("/v1/chat/completions",
                                 json={"messages": [{"role": "user", "content": f"What is {i} + {i}?"}]})
-            assert client.post("/v1/feedback", json={"trace_id": reply.headers["x-mlflow-trace-id"],
-                                                     "value": True}).status_code == 200
+            rated = client.post("/v1/feedback", headers=rating(reply),
+                                json={"trace_id": reply.headers["x-mlflow-trace-id"], "value": True})
+            assert rated.status_code == 200, rated.text
         registry_client = MlflowClient(env["MLFLOW_TRACKING_URI"])
         mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
         runs_before = len(mlflow.search_runs(search_all_experiments=True, output_format="list"))
@@ -297,5 +311,6 @@ def test_feedback_on_the_first_answer_waits_for_a_writer_still_starting(stub, tm
     env = store_env(tmp_path, DSPY_LM_API_BASE=stub, PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}")
     with gateway_process(QA, tmp_path, **env) as served, httpx.Client(base_url=served.url, timeout=120) as client:
         answer = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "First?"}]})
-        rated = client.post("/v1/feedback", json={"trace_id": answer.headers["x-mlflow-trace-id"], "value": True})
+        rated = client.post("/v1/feedback", json={"trace_id": answer.headers["x-mlflow-trace-id"], "value": True},
+                            headers={"x-mlflow-feedback-token": answer.headers["x-mlflow-feedback-token"]})
     assert rated.status_code == 200, rated.text

@@ -10,6 +10,7 @@ The road of a request is drawn in app.py. The rooms:
   adapter prompts recognised; `openai_wire`: what the OpenAI-shaped routes share;
 - `served_models` and `router`: the programs served and the registry's names, aliases and splits;
 - `tracing`: which requests are traced, and the process that stores their traces;
-  `feedback`: verdicts on answers; `metrics`: /metrics; `openapi`: /openapi.json beyond the signatures;
+  `feedback`: verdicts on answers, `feedback_tokens`: the right to give one, bound to the caller;
+  `metrics`: /metrics; `openapi`: /openapi.json beyond the signatures;
 - `config`: every setting, declared once; `server`: uvicorn, with one worker or several.
 """

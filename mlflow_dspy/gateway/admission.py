@@ -12,23 +12,25 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from mlflow_dspy.gateway.config import Limits
+from mlflow_dspy.gateway.config import ANONYMOUS, ApiKey, Limits
 from mlflow_dspy.gateway.errors import GatewayError, invalid_request
 from mlflow_dspy.gateway.metrics import GatewayMetrics
 from mlflow_dspy.gateway.openai_wire import shown
 
 # Routes that run a program: these count against the in-flight cap.
 PROGRAM_ROUTES = ("/v1/chat/completions", "/v1/responses", "/invocations", "/predict", "/predict/stream")
-# Routes whose JSON bodies are checked here (valid UTF-8, no lone surrogate) before any route reads them.
+# Routes whose JSON bodies are checked here (declared as JSON, uncompressed, valid UTF-8, no lone surrogate)
+# before any route reads them.
 BODY_ROUTES = (*PROGRAM_ROUTES, "/v1/feedback")
 # A UTF-8 byte order mark before a JSON body: ignored on every route that reads JSON, as RFC 8259 section 8.1
 # allows a parser to (pydantic read one, Python's json refused it: the routes disagreed).
 BOM = b"\xef\xbb\xbf"
 
 
-def check_headers(scope: dict[str, Any], headers: dict[bytes, bytes], limits: Limits) -> None:
-    """Host and Authorization once each, the key when keys are set, a JSON body for a program route, a
-    declared length within the limit."""
+def check_headers(scope: dict[str, Any], headers: dict[bytes, bytes], limits: Limits) -> str:
+    """Host and Authorization once each, the key when keys are set, a JSON body for a route that reads one, a
+    declared length within the limit. The caller's identity: its key's name (`anonymous` without keys, or on
+    an open route)."""
     raw, path, method = scope.get("headers") or [], scope.get("path", ""), scope.get("method")
     for name, rule in ((b"authorization", "at most one"), (b"host", "exactly one")):
         count = sum(1 for key, _ in raw if key == name)
@@ -37,11 +39,13 @@ def check_headers(scope: dict[str, Any], headers: dict[bytes, bytes], limits: Li
             raise invalid_request(f"a request carries {rule} {name.decode().title()} header (it has {count})",
                                   code="invalid_header")
     # A CORS preflight (OPTIONS) never carries the key; it runs no program either.
-    if limits.api_keys and path not in limits.open_routes and method != "OPTIONS" \
-            and not authorized(headers.get(b"authorization"), limits.api_keys):
-        raise GatewayError(401, "missing or invalid API key", "authentication_error", code="invalid_api_key",
-                           headers={"WWW-Authenticate": "Bearer"})
-    if method == "POST" and path in PROGRAM_ROUTES:
+    caller = ANONYMOUS
+    if limits.keys and path not in limits.open_routes and method != "OPTIONS":
+        caller = key_name(headers.get(b"authorization"), limits.keys)
+        if caller is None:
+            raise GatewayError(401, "missing or invalid API key", "authentication_error", code="invalid_api_key",
+                               headers={"WWW-Authenticate": "Bearer"})
+    if method == "POST" and path in BODY_ROUTES:
         media = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
         if media != b"application/json":
             raise GatewayError(415, "send the body as JSON, with Content-Type: application/json",
@@ -57,19 +61,22 @@ def check_headers(scope: dict[str, Any], headers: dict[bytes, bytes], limits: Li
             raise invalid_request("invalid Content-Length header", code="invalid_header") from None
         if too_large:
             raise _too_large(limits.max_body_bytes)
+    return caller
 
 
-def authorized(header: bytes | None, keys: tuple[str, ...]) -> bool:
-    """`Bearer <key>` with one of `keys`; the scheme's name is case-insensitive (RFC 7235 section 2.1)."""
+def key_name(header: bytes | None, keys: tuple[ApiKey, ...]) -> str | None:
+    """The name of the key in `Bearer <key>`, if it is one of `keys` (None otherwise); the scheme's name is
+    case-insensitive (RFC 7235 section 2.1)."""
     scheme, _, offered = (header or b"").strip().partition(b" ")
     offered = offered.strip()
     if scheme.lower() != b"bearer" or not offered:
-        return False
+        return None
     # Compare against every key, in constant time each, and decide at the end:
     # neither the timing nor an early exit tells which key came close.
-    matched = False
+    matched = None
     for key in keys:
-        matched |= hmac.compare_digest(offered, key.encode())
+        if hmac.compare_digest(offered, key.key):
+            matched = key.name
     return matched
 
 

@@ -50,7 +50,7 @@ from mlflow_dspy.gateway.chat.wire import ChatCompletion, ChatCompletionRequest
 from mlflow_dspy.gateway.config import OPEN_ROUTES, GatewayConfig
 from mlflow_dspy.gateway.context import RequestContext
 from mlflow_dspy.gateway.errors import GatewayError, install_handlers, invalid_body, invalid_request, response_for
-from mlflow_dspy.gateway.feedback import FeedbackRequest, FeedbackService
+from mlflow_dspy.gateway.feedback import FEEDBACK_BODY, FEEDBACK_RESPONSES, FeedbackRequest, FeedbackService
 from mlflow_dspy.gateway.invocations.service import InvocationsService
 from mlflow_dspy.gateway.mcp import MCP_HEADERS, MCP_PATH, McpTools
 from mlflow_dspy.gateway.metrics import GatewayMetrics, worker_exited
@@ -106,7 +106,7 @@ class Gateway:
         self.responses = ResponsesService(conversation_limits)
         self.predict = PredictService(conversation_limits)
         self.invocations = InvocationsService(conversation_limits)
-        self.feedback = FeedbackService()
+        self.feedback = FeedbackService(config)
         self.mcp = McpTools(self)  # the programs as MCP tools, at /mcp (and over stdio: `mlflow-dspy mcp`)
         self.running: set[RequestContext] = set()  # the requests in flight
         self.stop_at: float | None = None  # once a graceful stop has begun: the loop time its runs must end by
@@ -125,9 +125,9 @@ class Gateway:
             self._entry = CORSMiddleware(self.serve, allow_origins=list(config.cors_origins),
                                          allow_methods=["GET", "POST"],
                                          allow_headers=["Authorization", "Content-Type", "X-Session-Id",
-                                                        *MCP_HEADERS],
+                                                        "X-Mlflow-Feedback-Token", *MCP_HEADERS],
                                          expose_headers=["X-Request-Id", "X-Mlflow-Trace-Id",
-                                                         "X-Mlflow-Dspy-Model-Version"])
+                                                         "X-Mlflow-Feedback-Token", "X-Mlflow-Dspy-Model-Version"])
 
     async def __call__(self, scope, receive, send) -> None:
         await self._entry(scope, receive, send)
@@ -143,7 +143,8 @@ class Gateway:
         if self.stop_at is not None:
             ctx.stop_by(self.stop_at)
         try:
-            admission.check_headers(scope, ctx.headers, self.limits)
+            ctx.caller = admission.check_headers(scope, ctx.headers, self.limits)
+            ctx.tokens = self.feedback.tokens
             # The body first, under a deadline: a slow upload must not sit on a slot meant for running programs.
             body = await admission.read_body(scope, receive, self.limits)
             if ctx.path in PROGRAM_ROUTES:
@@ -297,10 +298,12 @@ class Gateway:
         self._program_route("/predict/stream", predict_stream, None, openapi_extra=openapi.PREDICT_BODY,
                             responses=openapi.STREAMED)
 
-        @app.post("/v1/feedback")
-        async def give_feedback(body: FeedbackRequest) -> Response:
-            """A verdict on an answer (its x-mlflow-trace-id), recorded as MLflow assessments on its trace."""
-            return await self.feedback.create(body, self.models.of_version)
+        @app.post("/v1/feedback", openapi_extra=FEEDBACK_BODY, responses=FEEDBACK_RESPONSES)
+        async def give_feedback(raw: RawBody, ctx: Context) -> Response:
+            """A verdict on an answer (its x-mlflow-trace-id), from the caller that got it (its
+            x-mlflow-feedback-token, sent back as that header), recorded as MLflow assessments on its trace."""
+            self.feedback.admit(ctx.caller)  # the caller's rate, before its body is read
+            return await self.feedback.create(ctx, parse_body(FeedbackRequest, raw), self.models.of_version)
 
         @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
         async def prometheus_metrics() -> Response:
@@ -352,7 +355,7 @@ class Gateway:
                 await loaded  # uvicorn accepts connections only after the lifespan's start-up
         # On a thread: a tracking store that is slow to answer must not keep /health from answering.
         await asyncio.to_thread(self.tracing.start)
-        self.feedback.tracing = self.tracing.on
+        await asyncio.to_thread(self.feedback.start, self.tracing.on)
         self.feedback.writer_started = self.tracing.writer_started
         counting = asyncio.create_task(self._refresh_counts())
         following = asyncio.create_task(self.models.follow_aliases()) if self.models.follows_aliases else None
@@ -363,6 +366,7 @@ class Gateway:
             following.cancel()
         counting.cancel()
         await asyncio.to_thread(self.tracing.close)  # the queued traces, within --trace-flush-timeout
+        self.feedback.close()
         await close_connections()  # the LM connections of this worker's loop
         worker_exited(os.getpid())  # its live gauges leave /metrics with it
 

@@ -20,6 +20,7 @@ name, its type (the annotation) and its default. From that one table:
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -212,6 +213,16 @@ class GatewayConfig:
     trace_queue: int = setting(
         2000, "--trace-queue", metavar="N", least=1,
         help="traces waiting for the tracking store, per worker; past it they are dropped (and counted)")
+    # Feedback (POST /v1/feedback), per worker: a flood of it must not reach the tracking store, or the requests.
+    feedback_rate: float = setting(
+        10.0, "--feedback-rate", metavar="PER_SECOND", least=0.01,
+        help="feedback posts a second each API key (or, without keys, all callers together) may send to one "
+             "worker, in bursts of up to --feedback-burst; more get 429 with Retry-After")
+    feedback_burst: int = setting(20, "--feedback-burst", metavar="N", least=1,
+                                  help="feedback posts a key may send at once before --feedback-rate applies")
+    feedback_in_flight: int = setting(
+        4, "--feedback-in-flight", metavar="N", least=1,
+        help="feedback posts being written to the tracking store at once, per worker; more get 429")
     # The embedded model, when a served program uses it (None: lm_engine/embedded_settings' default).
     embedded_parallel: int | None = setting(
         None, "--embedded-parallel", env=embedded.PARALLEL_ENV, metavar="N",
@@ -238,7 +249,8 @@ class GatewayConfig:
     api_keys: tuple[str, ...] = setting(
         (), env=API_KEYS_ENV,
         help="keys a request must bear (Authorization: Bearer KEY) on every route but /health and /ready; "
-             "comma-separated; only ever from the environment")
+             "comma-separated, each KEY or NAME:KEY (the name is the caller's identity, e.g. feedback's source; "
+             "an unnamed key is named key-<the first 8 hex digits of its SHA-256>); only ever from the environment")
     # Several workers share one listening socket: each must load before it accepts, or a client
     # that saw /ready from one worker gets 503 from the next. One worker loads in the background
     # instead, so /health answers at once. Not a setting: it follows from `workers` (see resolve).
@@ -283,6 +295,7 @@ class GatewayConfig:
                 f"${BY_NAME['model_uris'].env}, ${BY_NAME['splits'].env}, ${BY_NAME['program'].env})")
         if self.served_name and len(self.model_uris) > 1:
             raise SettingProblem("--name names one model; with several, each is served under its registry name")
+        named_keys(self.api_keys)  # two keys of one name: refused at start-up, not by each worker
 
     def environment(self) -> dict[str, str]:
         """Every setting as its variable, for the worker processes (`from_env` reads them back); not the
@@ -328,6 +341,35 @@ BY_NAME = {item.name: item for item in SETTINGS}
 DEFAULTS = GatewayConfig()
 
 
+@dataclass(frozen=True)
+class ApiKey:
+    """One of GATEWAY_API_KEYS: the key, and the name of whoever bears it (the caller's identity)."""
+
+    name: str
+    key: bytes = field(repr=False)
+
+
+# The caller's identity when the gateway has no keys: anyone.
+ANONYMOUS = "anonymous"
+KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+
+
+def named_keys(entries: tuple[str, ...]) -> tuple[ApiKey, ...]:
+    """GATEWAY_API_KEYS's entries as named keys: `NAME:KEY` names its key; a bare `KEY` (or one whose part
+    before a colon is not a name) is named `key-` and the first 8 hex digits of its SHA-256, which says
+    which key it was without saying the key. Two keys of one name, or a key named `anonymous`, are refused."""
+    keys: list[ApiKey] = []
+    for entry in entries:
+        name, colon, key = entry.partition(":")
+        if not colon or not key or not KEY_NAME.fullmatch(name):
+            name, key = f"key-{hashlib.sha256(entry.encode()).hexdigest()[:8]}", entry
+        if name == ANONYMOUS or name in [k.name for k in keys]:
+            raise SettingProblem(f"{API_KEYS_ENV}: two keys are named {name!r}, or a key is named anonymous "
+                                 "(the name of callers without a key): give each key a name of its own")
+        keys.append(ApiKey(name, key.encode()))
+    return tuple(keys)
+
+
 @dataclass
 class Limits:
     """What admission.py enforces before a request reaches a route."""
@@ -338,3 +380,7 @@ class Limits:
     body_timeout_seconds: float = 30.0
     api_keys: tuple[str, ...] = field(default_factory=tuple)
     open_routes: tuple[str, ...] = OPEN_ROUTES
+    keys: tuple[ApiKey, ...] = field(init=False, repr=False)  # api_keys, named (`named_keys`)
+
+    def __post_init__(self) -> None:
+        self.keys = named_keys(self.api_keys)

@@ -17,12 +17,15 @@ from typing import Any
 
 from fastapi import Request
 
+from mlflow_dspy.gateway.config import ANONYMOUS
+from mlflow_dspy.gateway.feedback_tokens import HEADER, FeedbackTokens
 from mlflow_dspy.program.chat import Conversation
 from mlflow_dspy.runtime.host import ProgramHost
 from mlflow_dspy.runtime.run import Run
 from mlflow_dspy.runtime.trace_record import TraceRecord
 
 CONTEXT_KEY = "mlflow_dspy"
+FEEDBACK_TOKEN_HEADER = HEADER.encode()
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -34,6 +37,8 @@ class RequestContext:
     headers: dict[bytes, bytes]
     timeout: float  # seconds a run may take (the gateway's --request-timeout)
     session: str | None = None  # the client's x-session-id header: a split's sticky key, the trace's session
+    caller: str = ANONYMOUS  # who asks: its API key's name (admission.check_headers)
+    tokens: FeedbackTokens | None = None  # with traces on: the answer's feedback token is signed with these
     request_id: str = field(default_factory=lambda: f"req-{uuid.uuid4().hex[:16]}")
     started: float = field(default_factory=time.perf_counter)
     status: int = 500  # the answer's, once it starts
@@ -96,7 +101,7 @@ class RequestContext:
     def stamped(self, send: Send) -> Send:
         """`send`, with the answer's status noted and the headers that name it added: the request id, the
         version that answered, and the trace that holds it (an answer, or a failure the program got as far
-        as recording)."""
+        as recording) with the token that lets this caller rate it (gateway/feedback_tokens.py)."""
         async def stamping(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 self.status, self.responded = message["status"], True
@@ -105,6 +110,9 @@ class RequestContext:
                     extra.append((b"x-mlflow-dspy-model-version", self.fingerprint.encode()))
                 if self.trace is not None and (self.status < 400 or self.trace.spans):
                     extra.append((b"x-mlflow-trace-id", self.trace.request_id.encode()))
+                    if self.tokens is not None and self.model is not None:  # only this caller may rate it
+                        token = self.tokens.sign(self.trace.request_id, self.caller, self.model, self.fingerprint)
+                        extra.append((FEEDBACK_TOKEN_HEADER, token.encode()))
                 message["headers"] = [*message.get("headers", ()), *extra]
             await send(message)
 

@@ -15,6 +15,7 @@ import tempfile
 import uvicorn
 
 from mlflow_dspy.gateway.config import GatewayConfig
+from mlflow_dspy.gateway.feedback_tokens import SECRET_ENV, new_secret
 from mlflow_dspy.gateway.metrics import MULTIPROC_ENV
 
 # Seconds between the end of --graceful-timeout and uvicorn cancelling whatever still runs (then answered
@@ -35,6 +36,12 @@ def run_gateway(config: GatewayConfig) -> int:
             print(f"mlflow-dspy gateway: tracing is off: the tracking store failed ({type(exc).__name__})",
                   file=sys.stderr, flush=True)
             config.traces = False
+    if config.traces and not os.environ.get(SECRET_ENV, "").strip():
+        # Every worker must sign and check the answers' feedback tokens with the same secret: one made here.
+        os.environ[SECRET_ENV] = new_secret()
+        print(f"mlflow-dspy gateway: {SECRET_ENV} is not set: feedback tokens are signed with a secret made for "
+              "this run; they stop working at a restart, and another replica refuses them (set it, the same on "
+              "every replica, to keep them)", file=sys.stderr, flush=True)
     # Workers are separate processes: each rebuilds this configuration from these variables
     # (GatewayConfig.from_env), and the embedded model, the header limits and the speed-ups' switch read
     # theirs where they are used. API keys stay in GATEWAY_API_KEYS, read by each worker.

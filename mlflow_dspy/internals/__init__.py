@@ -24,6 +24,9 @@ each has a test that fails loudly, naming what changed, when it does:
 * `mlflow_sqlite_traces`: a batch of recorded traces written into a SQLite store's tables as the very
   rows MLflow's `log_spans` writes, in one transaction (tests/test_internals_mlflow_traces.py compares
   every row of every table);
+* `mlflow_assessments`: an assessment written to an HTTP tracking store in one request within a deadline
+  (`http_request` without MLflow's retries, to the endpoint `RestStore.create_assessment` posts to)
+  (tests/test_internals_mlflow_assessments.py);
 * `httpx_proxy`: whether httpx would send a request through a proxy (the gateway's
   LM calls take httpx only then) (tests/test_internals_httpx_proxy.py).
 
