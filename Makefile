@@ -40,8 +40,10 @@ RUN_ID ?= $(shell $(PYTHON) -c "import json;print(json.load(open('.last_run.json
 
 install: $(VENV)/.installed
 
-# Three steps, every byte checked: the llama-cpp-python wheel built here, against
-# the SHA-256 recorded when it was built; then the lock, hash-checked
+# Every byte checked: first the lock's pip, by its hash (the pip a venv starts with,
+# 23.2, refuses a hashed lock in which a package asks for another's extras); then
+# the llama-cpp-python wheel built here, against the SHA-256 recorded when it was
+# built; then the lock, hash-checked
 # (--require-hashes: every file pip fetches must match a hash of the lock, and
 # every package must be in it); then this checkout itself, editable, without
 # dependencies and without build isolation (its build backend, setuptools, came
@@ -50,6 +52,8 @@ install: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt mlflow_dspy/requirements.txt requirements-dev.txt requirements.in pyproject.toml \
 		$(LLAMA_RECORD)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PYTHON) scripts/lock.py --entry pip > $(VENV)/pip.lock
+	$(PY) -m pip install --require-hashes -r $(VENV)/pip.lock
 	cd $(WHEELHOUSE) && sha256sum --check --strict --quiet $(LLAMA_RECORD)
 	$(PY) -m pip install --no-deps --no-index $(LLAMA_WHEEL)
 	$(PY) -m pip install --require-hashes -r requirements-dev.txt

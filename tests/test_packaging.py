@@ -57,7 +57,7 @@ def test_gateway_image_installs_this_project_and_runs_its_command(tmp_path):
             shutil.copy(source, dest)
     assert 'CMAKE_ARGS="-DGGML_NATIVE=OFF"' in dockerfile
     # The lock hash-checked, then the project without dependencies and without fetching a build backend.
-    assert dockerfile.index("RUN pip install --require-hashes -r requirements.txt") < dockerfile.index(
+    assert dockerfile.index("pip install --require-hashes -r requirements.txt") < dockerfile.index(
         "RUN pip install --no-deps --no-build-isolation .")
     [entrypoint] = re.findall(r"^ENTRYPOINT (.+)$", dockerfile, flags=re.M)
     assert json.loads(entrypoint)[:2] == ["mlflow-dspy", "gateway"]
@@ -109,7 +109,7 @@ def test_make_docker_writes_a_dockerfile_that_installs_the_pins_and_serves(embed
     model = out / "model_dir" / "model"
     assert (model / "requirements.txt").read_text().splitlines() == locked_requirements()  # with the lock's hashes
     # The model's pins hash-checked in a step of their own before MLflow's, and no unchecked mlflow install.
-    assert dockerfile.index("RUN pip install --require-hashes -r /opt/ml/model/requirements.txt") < install
+    assert dockerfile.index("pip install --require-hashes -r /opt/ml/model/requirements.txt") < install
     assert "RUN pip install mlflow==" not in dockerfile
     assert (model / "code" / "mlflow_dspy" / "program" / "chat.py").is_file()
 
@@ -135,7 +135,9 @@ def test_the_model_image_installs_the_hashed_pins_in_their_own_step_before_mlflo
     hashed = patch_dockerfile(GENERATED, ["pip==23.2.1", "setuptools==84.2.1", "wheel"], hashed=True)
     lines = hashed.splitlines()
     deps = next(i for i, line in enumerate(lines) if "_install_pyfunc_deps" in line)
-    pins = lines.index("RUN pip install --require-hashes -r /opt/ml/model/requirements.txt")
+    [pins] = [i for i, line in enumerate(lines) if line.endswith("pip install --require-hashes -r /opt/ml/model/"
+                                                                   "requirements.txt")]
+    assert lines[pins].startswith("RUN grep '^pip==' /opt/ml/model/requirements.txt")  # the lock's pip first
     tools = lines.index("RUN pip install pip==23.2.1 setuptools==84.2.1 wheel")
     assert lines.index('ENV CMAKE_ARGS="-DGGML_NATIVE=OFF"') < pins < tools < deps
     assert "mlflow==3.17.2" not in hashed and "# Install MLflow" not in hashed

@@ -44,7 +44,9 @@ def test_a_logged_models_requirements_are_the_lock_with_its_hashes():
 
 def test_make_install_puts_the_lock_in_with_require_hashes_and_the_local_llama_wheel_after_its_record():
     recipe = (ROOT / "Makefile").read_text().split("$(VENV)/.installed:", 1)[1].split("\n\n", 1)[0]
+    pip = recipe.index("pip install --require-hashes -r $(VENV)/pip.lock")
     check = recipe.index("sha256sum --check --strict")
+    assert "--entry pip" in recipe and pip < check
     llama = recipe.index("pip install --no-deps --no-index $(LLAMA_WHEEL)")
     lock = recipe.index("pip install --require-hashes -r requirements-dev.txt")
     checkout = recipe.index("pip install --no-deps --no-build-isolation -e .")

@@ -52,7 +52,13 @@ def patch_dockerfile(text: str, build_tools: list[str] | None = None, hashed: bo
         steps += ("# The model's pins (mlflow among them)"
                   + (", every file checked against its SHA-256 in requirements.txt" if hashed else "")
                   + ", then MLflow's build tools for it (python_env.yaml)\n")
-        steps += f"RUN pip install {'--require-hashes ' if hashed else ''}-r {model_dir.group(1)}/requirements.txt\n"
+        requirements = f"{model_dir.group(1)}/requirements.txt"
+        if hashed:  # the image's pip (23.2) refuses a hashed lock with extras in it: the lock's pip first
+            steps += (f"RUN grep '^pip==' {requirements} > /tmp/pip.lock"
+                      " && pip install --require-hashes -r /tmp/pip.lock"
+                      f" && pip install --require-hashes -r {requirements}\n")
+        else:
+            steps += f"RUN pip install -r {requirements}\n"
         if build_tools:
             steps += f"RUN pip install {' '.join(build_tools)}\n"
     patched = "".join(lines[:index]) + steps + "".join(lines[index:])

@@ -27,7 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mlflow_dspy.packaging.requirements import pinned_requirements
+from mlflow_dspy.packaging.requirements import locked_requirements, pinned_requirements
 from tests.support.processes import ROOT
 
 LOCK = ROOT / "mlflow_dspy" / "requirements.txt"
@@ -112,6 +112,9 @@ def create_venv(venv: Path, wheel: Path) -> Path:
     llama = llama_wheel()
     _run([sys.executable, "-m", "venv", str(venv)], cwd=venv.parent, env=clean_env())
     python = str(bin_path(venv, "python"))
+    pip_lock = venv.parent / "pip.lock"  # the lock's pip first, by its hash (README, Install)
+    pip_lock.write_text(next(line for line in locked_requirements(LOCK) if line.startswith("pip==")) + "\n")
+    _run([python, "-m", "pip", "install", "--require-hashes", "-r", str(pip_lock)], cwd=venv.parent, env=pip_env())
     _run([python, "-m", "pip", "install", "--no-deps", "--no-index", str(llama)], cwd=venv.parent, env=pip_env())
     _run([python, "-m", "pip", "install", "--require-hashes", "-r", str(LOCK)], cwd=venv.parent, env=pip_env())
     _run([python, "-m", "pip", "install", "--no-deps", str(wheel)], cwd=venv.parent, env=pip_env())
