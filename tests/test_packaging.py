@@ -13,7 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from mlflow_dspy.packaging.requirements import pinned_requirements
+from mlflow_dspy.packaging.requirements import locked_requirements
 from tests.support.cli import cli_in_process, store_env
 from tests.support.processes import ROOT
 
@@ -56,7 +56,9 @@ def test_gateway_image_installs_this_project_and_runs_its_command(tmp_path):
         else:
             shutil.copy(source, dest)
     assert 'CMAKE_ARGS="-DGGML_NATIVE=OFF"' in dockerfile
-    assert dockerfile.index("pip install -r mlflow_dspy/requirements.txt") < dockerfile.index("pip install --no-deps .")
+    # The lock hash-checked, then the project without dependencies and without fetching a build backend.
+    assert dockerfile.index("pip install --require-hashes -r requirements.txt") < dockerfile.index(
+        "RUN pip install --no-deps --no-build-isolation .")
     [entrypoint] = re.findall(r"^ENTRYPOINT (.+)$", dockerfile, flags=re.M)
     assert json.loads(entrypoint)[:2] == ["mlflow-dspy", "gateway"]
     # Only what the image copies, nothing from this checkout: it builds the project (the venv's
@@ -105,5 +107,40 @@ def test_make_docker_writes_a_dockerfile_that_installs_the_pins_and_serves(embed
     assert "COPY model_dir/model /opt/ml/model" in dockerfile
     assert "C._serve(" in dockerfile.splitlines()[-1]
     model = out / "model_dir" / "model"
-    assert (model / "requirements.txt").read_text().split() == pinned_requirements()  # mlflow_dspy/requirements.txt
+    assert (model / "requirements.txt").read_text().splitlines() == locked_requirements()  # with the lock's hashes
+    # The model's pins hash-checked in a step of their own before MLflow's, and no unchecked mlflow install.
+    assert dockerfile.index("pip install --require-hashes -r /opt/ml/model/requirements.txt") < install
+    assert "RUN pip install mlflow==" not in dockerfile
     assert (model / "code" / "mlflow_dspy" / "program" / "chat.py").is_file()
+
+
+GENERATED = """FROM python:3.11.7-slim
+WORKDIR /opt/mlflow
+
+# Install MLflow
+RUN pip install mlflow==3.17.2
+
+# Copy model to image and install dependencies
+COPY model_dir/model /opt/ml/model
+RUN python -c "from mlflow.models import container as C; C._install_pyfunc_deps('/opt/ml/model', """ \
+    """install_mlflow=False, env_manager='local');"
+"""
+
+
+def test_the_model_image_installs_the_hashed_pins_in_their_own_step_before_mlflows_and_no_unchecked_mlflow():
+    """MLflow's step puts its build tools on the hashed pins' command line, where pip refuses any it must fetch
+    (tests/test_hash_locked_install.py shows pip's rules): the pins and the tools go in first, apart."""
+    from mlflow_dspy.packaging.docker import patch_dockerfile
+
+    hashed = patch_dockerfile(GENERATED, ["pip==23.2.1", "setuptools==84.2.1", "wheel"], hashed=True)
+    lines = hashed.splitlines()
+    deps = next(i for i, line in enumerate(lines) if "_install_pyfunc_deps" in line)
+    [pins] = [i for i, line in enumerate(lines) if line.endswith("pip install --require-hashes -r /opt/ml/model/"
+                                                                   "requirements.txt")]
+    assert lines[pins].startswith("RUN grep '^pip==' /opt/ml/model/requirements.txt")  # the lock's pip first
+    tools = lines.index("RUN pip install pip==23.2.1 setuptools==84.2.1 wheel")
+    assert lines.index('ENV CMAKE_ARGS="-DGGML_NATIVE=OFF"') < pins < tools < deps
+    assert "mlflow==3.17.2" not in hashed and "# Install MLflow" not in hashed
+    # A model whose requirements are pins alone (a user's line without a hash): the same steps, unchecked.
+    plain = patch_dockerfile(GENERATED, ["pip==23.2.1"], hashed=False)
+    assert "RUN pip install -r /opt/ml/model/requirements.txt" in plain and "--require-hashes" not in plain

@@ -1,15 +1,59 @@
-"""mlflow_dspy/requirements.txt (the lock), conda.yaml and requirements.in agree, and every pin is exact."""
+"""requirements.txt (the lock), its copy in the package, conda.yaml and requirements.in agree; every pin is
+exact and carries its hashes."""
 
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
 from mlflow_dspy.packaging.paths import REQUIREMENTS_FILE
-from mlflow_dspy.packaging.requirements import pinned_requirements
+from mlflow_dspy.packaging.requirements import hashes_of, locked_requirements, pinned_requirements
 
 ROOT = Path(__file__).resolve().parents[1]
-LOCK = ROOT / "mlflow_dspy" / "requirements.txt"
+LOCK = ROOT / "requirements.txt"
+PACKAGE_LOCK = ROOT / "mlflow_dspy" / "requirements.txt"
+SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def test_the_lock_is_at_the_top_of_the_checkout_and_the_packages_copy_is_the_same_file():
+    """The design card's requirements.txt; `make mlflow_dspy/requirements.txt` (and `make lock`) copy it."""
+    assert LOCK.is_file()
+    assert PACKAGE_LOCK.read_bytes() == LOCK.read_bytes(), "run `make mlflow_dspy/requirements.txt`"
+
+
+@pytest.mark.parametrize("name", ["requirements.txt", "requirements-dev.txt"])
+def test_every_package_of_the_locks_carries_its_sha256_hashes(name):
+    entries = locked_requirements(ROOT / name)
+    assert len(entries) > 30
+    for entry in entries:
+        pin, hashes = entry.split(" ", 1)[0], hashes_of(entry)
+        assert re.fullmatch(r"[a-z0-9][a-z0-9._-]*==[^=\s]+", pin), entry[:120]
+        assert hashes and all(SHA256.fullmatch(value) for value in hashes), f"{pin} has no sha256 hash"
+    # No line pip would read as something else: entries, their hashes, comments, and the dev lock's -r.
+    options = [line for line in (ROOT / name).read_text().splitlines() if line.startswith("-")]
+    assert options == ([] if name == "requirements.txt" else ["-r requirements.txt"])
+
+
+def test_a_logged_models_requirements_are_the_lock_with_its_hashes():
+    from mlflow_dspy.packaging.requirements import model_requirements
+
+    assert model_requirements() == locked_requirements(LOCK)
+    assert all("\n" not in line and hashes_of(line) for line in model_requirements())  # one line each, for MLflow
+
+
+def test_make_install_puts_the_lock_in_with_require_hashes_and_the_local_llama_wheel_after_its_record():
+    recipe = (ROOT / "Makefile").read_text().split("$(VENV)/.installed:", 1)[1].split("\n\n", 1)[0]
+    pip = recipe.index("pip install --require-hashes -r $(VENV)/pip.lock")
+    check = recipe.index("sha256sum --check --strict")
+    assert "--entry pip" in recipe and pip < check
+    llama = recipe.index("pip install --no-deps --no-index $(LLAMA_WHEEL)")
+    lock = recipe.index("pip install --require-hashes -r requirements-dev.txt")
+    checkout = recipe.index("pip install --no-deps --no-build-isolation -e .")
+    assert check < llama < lock < checkout
+    assert "PIP_FIND_LINKS" not in recipe  # no wheelhouse offered to the hash-checked install
+    wheels = (ROOT / "Makefile").read_text().split("$(LLAMA_STAMP):", 1)[1].split("\n\n", 1)[0]
+    assert "--require-hashes" in wheels and "--entry llama-cpp-python" in wheels  # built from the checked sdist
 
 
 def test_conda_yaml_carries_exactly_the_requirements_pins():
@@ -41,13 +85,15 @@ def test_installed_packages_match_the_lock():
 
 def test_the_package_reads_the_lock_it_ships():
     """The lock a logged model gets is the file inside the package, and the default."""
-    assert LOCK.resolve() == REQUIREMENTS_FILE
-    assert pinned_requirements() == pinned_requirements(LOCK)
+    assert PACKAGE_LOCK.resolve() == REQUIREMENTS_FILE
+    assert locked_requirements() == locked_requirements(LOCK)
 
 
 def test_dev_requirements_build_on_the_runtime_lock():
     lines = (ROOT / "requirements-dev.txt").read_text().splitlines()
-    assert "-r mlflow_dspy/requirements.txt" in lines
+    assert "-r requirements.txt" in lines
+    runtime = {pin.split("==")[0] for pin in pinned_requirements(LOCK)}
+    assert not runtime & {pin.split("==")[0] for pin in pinned_requirements(ROOT / "requirements-dev.txt")}
 
 
 def test_extras_pin_what_the_dev_install_pins():
@@ -84,3 +130,20 @@ def test_a_users_requirements_join_the_runtime_pins_and_a_conflict_names_both(tm
     mine.write_text("not a requirement !!\n")
     with pytest.raises(RequirementsProblem, match="line 1"):
         model_requirements(mine)
+
+
+def test_a_users_hashed_pins_keep_the_model_hash_checked_and_one_unhashed_line_is_named(tmp_path, capsys):
+    from mlflow_dspy.packaging.requirements import model_requirements
+
+    mine = tmp_path / "requirements.txt"
+    digest = "sha256:" + "ab" * 32
+    mine.write_text(f"rapidfuzz==3.14.3 \\\n    --hash={digest}\n# a comment\njiter==0.19.0\n")
+    joined = model_requirements(mine)
+    assert joined[:-1] == locked_requirements() and joined[-1] == f"rapidfuzz==3.14.3 --hash={digest}"
+    assert capsys.readouterr().err == ""
+    # pip checks every line or none: one line without a hash, and the model's requirements are the pins alone.
+    mine.write_text(f"rapidfuzz==3.14.3 --hash={digest}\nregex-extra==1.0\n")
+    joined = model_requirements(mine)
+    assert joined == [*pinned_requirements(), "rapidfuzz==3.14.3", "regex-extra==1.0"]
+    note = capsys.readouterr().err
+    assert "line 2 (regex-extra==1.0)" in note and "not hash-checked" in note

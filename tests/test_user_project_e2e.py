@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from tests.support.processes import ROOT, free_port, running
-from tests.support.venv import bin_path, clean_env, wheelhouse
+from tests.support.venv import bin_path, clean_env
 
 pytestmark = [pytest.mark.embedded, pytest.mark.timeout(1800)]  # conftest's `installed` takes minutes
 PROJECT = ROOT / "tests" / "support" / "e2e_project"
@@ -112,10 +112,11 @@ def test_mlflow_models_serve_answers_from_a_folder_where_the_code_is_not_importa
 def test_it_serves_from_an_isolated_virtualenv_where_neither_tool_nor_code_is_installed(venv, workspace, logged):
     env = env_for(workspace, venv)
     # How llama-cpp-python's build flags reach the environment MLflow builds:
-    # pip runs inside it with this environment, so CMAKE_ARGS applies to a source
-    # build, and the project's wheelhouse (built with those flags) spares the build.
+    # pip runs inside it with this environment, so CMAKE_ARGS applies to the source
+    # build. The artifact's requirements carry the lock's hashes, so that pip checks
+    # every file: it builds llama-cpp-python from PyPI's sdist (whose hash is locked),
+    # never from the project's wheelhouse (a local build no lock can name).
     env["CMAKE_ARGS"] = "-DGGML_NATIVE=OFF"
-    env["PIP_FIND_LINKS"] = " ".join(filter(None, [str(wheelhouse()), env.get("PIP_FIND_LINKS")]))
     env["MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"] = "300"
     port = free_port()
     args = [str(bin_path(venv, "mlflow")), "models", "serve", "-m", logged["model_uri"], "-p", str(port),

@@ -2,8 +2,9 @@
 
 `installed_venv(tmp_path_factory)` builds the wheel (from a copy of the
 checkout, so no build/ or egg-info lands here), creates a venv in a temporary
-directory outside the checkout and pip-installs the wheel with the runtime
-lock as constraints: exactly the pins a logged model asks for. It is slow
+directory outside the checkout and installs it as README, Install says: the
+runtime lock hash-checked (`pip install --require-hashes -r requirements.txt`),
+then the wheel without dependencies: exactly the pins a logged model asks for. It is slow
 (minutes: ~160 packages, from pip's cache when warm) and cached per test
 session, so wrap it in a session fixture:
 
@@ -11,20 +12,22 @@ session, so wrap it in a session fixture:
     def installed(tmp_path_factory):
         return installed_venv(tmp_path_factory)
 
-llama-cpp-python comes from the wheelhouse `make wheels` fills ($WHEELHOUSE,
-default ~/.cache/mlflow-dspy/wheelhouse), built without native CPU flags; pip
-is told never to build it here (`--only-binary`), so a missing wheel is an
-error, not a 4-minute native build into pip's cache.
+llama-cpp-python comes first, from the wheelhouse `make wheels` fills ($WHEELHOUSE,
+default ~/.cache/mlflow-dspy/wheelhouse), built without native CPU flags and
+checked against the SHA-256 recorded beside it; the hash-checked install then
+finds it in place. A missing wheel is an error, not a 4-minute native build.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from mlflow_dspy.packaging.requirements import locked_requirements, pinned_requirements
 from tests.support.processes import ROOT
 
 LOCK = ROOT / "mlflow_dspy" / "requirements.txt"
@@ -43,8 +46,22 @@ def wheelhouse() -> Path:
 
 
 def llama_pin() -> str:
-    return next(line.split("#")[0].strip() for line in LOCK.read_text().splitlines()
-                if line.startswith("llama-cpp-python=="))
+    return next(pin for pin in pinned_requirements(LOCK) if pin.startswith("llama-cpp-python=="))
+
+
+def llama_wheel() -> Path:
+    """The wheelhouse's llama-cpp-python wheel, checked against the SHA-256 `make wheels` recorded for it."""
+    name, version = llama_pin().split("==")
+    found = sorted(wheelhouse().glob(f"{name.replace('-', '_')}-{version}-*.whl"))
+    record = wheelhouse() / f"{name.replace('-', '_')}-{version}.sha256"
+    if not found or not record.is_file():
+        raise RuntimeError(f"no {llama_pin()} wheel and record in {wheelhouse()}: run `make wheels` first "
+                           "(or set WHEELHOUSE)")
+    recorded = dict(reversed(line.split(maxsplit=1)) for line in record.read_text().splitlines() if line.strip())
+    wheel = found[-1]
+    if recorded.get(wheel.name) != hashlib.sha256(wheel.read_bytes()).hexdigest():
+        raise RuntimeError(f"{wheel} does not match the SHA-256 recorded in {record}")
+    return wheel
 
 
 def pip_env(**extra: str) -> dict[str, str]:
@@ -91,13 +108,16 @@ def build_wheel(out: Path) -> Path:
 
 
 def create_venv(venv: Path, wheel: Path) -> Path:
-    """A new venv at `venv` with `wheel` installed on the runtime lock's pins."""
-    if not any(wheelhouse().glob(f"{llama_pin().replace('-', '_').replace('==', '-')}-*.whl")):
-        raise RuntimeError(f"no {llama_pin()} wheel in {wheelhouse()}: run `make wheels` first (or set WHEELHOUSE)")
+    """A new venv at `venv` with `wheel` installed on the runtime lock's pins, hash-checked."""
+    llama = llama_wheel()
     _run([sys.executable, "-m", "venv", str(venv)], cwd=venv.parent, env=clean_env())
     python = str(bin_path(venv, "python"))
-    _run([python, "-m", "pip", "install", "--only-binary", "llama-cpp-python", "-c", str(LOCK), str(wheel)],
-         cwd=venv.parent, env=pip_env())
+    pip_lock = venv.parent / "pip.lock"  # the lock's pip first, by its hash (README, Install)
+    pip_lock.write_text(next(line for line in locked_requirements(LOCK) if line.startswith("pip==")) + "\n")
+    _run([python, "-m", "pip", "install", "--require-hashes", "-r", str(pip_lock)], cwd=venv.parent, env=pip_env())
+    _run([python, "-m", "pip", "install", "--no-deps", "--no-index", str(llama)], cwd=venv.parent, env=pip_env())
+    _run([python, "-m", "pip", "install", "--require-hashes", "-r", str(LOCK)], cwd=venv.parent, env=pip_env())
+    _run([python, "-m", "pip", "install", "--no-deps", str(wheel)], cwd=venv.parent, env=pip_env())
     return venv
 
 
