@@ -35,11 +35,31 @@ def test_every_package_of_the_locks_carries_its_sha256_hashes(name):
     assert options == ([] if name == "requirements.txt" else ["-r requirements.txt"])
 
 
-def test_a_logged_models_requirements_are_the_lock_with_its_hashes():
+def test_a_logged_models_requirements_are_the_lock_with_its_hashes(tmp_path, monkeypatch):
     from mlflow_dspy.packaging.requirements import model_requirements
 
+    monkeypatch.setenv("WHEELHOUSE", str(tmp_path))  # an empty wheelhouse: nothing built on this machine
     assert model_requirements() == locked_requirements(LOCK)
     assert all("\n" not in line and hashes_of(line) for line in model_requirements())  # one line each, for MLflow
+
+
+def test_a_wheel_built_here_is_one_more_hash_its_pin_accepts(tmp_path, monkeypatch):
+    """llama-cpp-python is built on the machine (PyPI has only its source): the record `make wheels` writes beside
+    the wheel adds its hash to the model's line, so the model's own environment here installs that wheel rather
+    than building the source again; PyPI's hashes stay, for anywhere else."""
+    from mlflow_dspy.packaging.requirements import model_requirements
+
+    [locked] = [line for line in locked_requirements(LOCK) if line.startswith("llama-cpp-python==")]
+    version = locked.split(" ", 1)[0].split("==")[1]
+    built = "ab" * 32
+    (tmp_path / f"llama_cpp_python-{version}.sha256").write_text(
+        f"{built}  llama_cpp_python-{version}-py3-none-linux_x86_64.whl\n")
+    (tmp_path / "other-1.0.sha256").write_text(f"{'cd' * 32}  other-1.0-py3-none-any.whl\n")  # not in the lock
+    monkeypatch.setenv("WHEELHOUSE", str(tmp_path))
+    [line] = [line for line in model_requirements() if line.startswith("llama-cpp-python==")]
+    assert hashes_of(line) == [*hashes_of(locked), f"sha256:{built}"]
+    others = [line for line in model_requirements() if not line.startswith("llama-cpp-python==")]
+    assert others == [line for line in locked_requirements(LOCK) if not line.startswith("llama-cpp-python==")]
 
 
 def test_make_install_puts_the_lock_in_with_require_hashes_and_the_local_llama_wheel_after_its_record():
@@ -132,8 +152,11 @@ def test_a_users_requirements_join_the_runtime_pins_and_a_conflict_names_both(tm
         model_requirements(mine)
 
 
-def test_a_users_hashed_pins_keep_the_model_hash_checked_and_one_unhashed_line_is_named(tmp_path, capsys):
+def test_a_users_hashed_pins_keep_the_model_hash_checked_and_one_unhashed_line_is_named(tmp_path, capsys,
+                                                                                          monkeypatch):
     from mlflow_dspy.packaging.requirements import model_requirements
+
+    monkeypatch.setenv("WHEELHOUSE", str(tmp_path))  # nothing built on this machine
 
     mine = tmp_path / "requirements.txt"
     digest = "sha256:" + "ab" * 32

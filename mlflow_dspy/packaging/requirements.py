@@ -11,6 +11,7 @@ installs only files whose hash is in the lock.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -98,6 +99,37 @@ def user_requirements(path: Path) -> list[Requirement]:
     return [requirement for _, requirement, _ in user_entries(path)]
 
 
+WHEELHOUSE = Path.home() / ".cache" / "mlflow-dspy" / "wheelhouse"  # the Makefile's, unless $WHEELHOUSE
+
+
+def local_build_hashes(wheelhouse: Path | None = None) -> dict[str, list[str]]:
+    """`name==version` -> the SHA-256 of wheels built on this machine (llama-cpp-python, which PyPI has only as
+    source), from the records `make wheels` writes beside them (`<hash>  <wheel file>` lines)."""
+    folder = wheelhouse or Path(os.environ.get("WHEELHOUSE") or WHEELHOUSE)
+    found: dict[str, list[str]] = {}
+    for record in sorted(folder.glob("*.sha256")) if folder.is_dir() else []:
+        for line in record.read_text().splitlines():
+            parts = line.split()
+            if len(parts) == 2 and re.fullmatch(r"[0-9a-f]{64}", parts[0]) and parts[1].endswith(".whl"):
+                name, version = parts[1].split("-")[:2]
+                found.setdefault(f"{_canonical(name)}=={version}", []).append(f"sha256:{parts[0]}")
+    return found
+
+
+def _with_local_builds(entries: list[str]) -> list[str]:
+    """A wheel built here is one more hash its pin accepts: the model's own environment on this machine takes
+    it from the wheelhouse (pip prefers a wheel) instead of building the sdist again (minutes); anywhere else
+    pip finds only PyPI's files, checked against PyPI's hashes as before."""
+    local = local_build_hashes()
+    out = []
+    for entry in entries:
+        pin = entry.split(" ", 1)[0]
+        name, _, version = pin.partition("==")
+        extra = [h for h in local.get(f"{_canonical(name)}=={version}", []) if h not in hashes_of(entry)]
+        out.append(" ".join([entry, *(f"--hash={value}" for value in extra)]))
+    return out
+
+
 def model_requirements(user_file: Path | None = None) -> list[str]:
     """The runtime's exact pins with their hashes, plus the user's own; a user pin that the runtime's
     pinned version does not satisfy is a conflict, named with both pins.
@@ -106,7 +138,7 @@ def model_requirements(user_file: Path | None = None) -> list[str]:
     line need one. So a user's line for another package keeps the hashes it
     carries, and if one has none, the model's requirements are the pins alone
     (no hashes anywhere) and a note on stderr names the line."""
-    entries = locked_requirements()
+    entries = _with_local_builds(locked_requirements())
     if user_file is None:
         return entries
     runtime = {_canonical(line.split("==")[0]): line.split(" ", 1)[0] for line in entries}
