@@ -43,9 +43,19 @@ def _worktree(ref: str, into: Path) -> Path:
     return into
 
 
-def _command(tree: Path, script: str, *extra: str) -> list[str]:
+# The one program every side serves, the same file: the road is what is compared, not the program (the bundled
+# qa took a dspy.History since the baseline, which makes its prompts longer and its adapter work more).
+PROGRAM = '''import dspy
+
+
+def build():
+    return dspy.ChainOfThought("question -> answer")
+'''
+
+
+def _command(tree: Path, script: str, program: str, *extra: str) -> list[str]:
     return [sys.executable, str(tree / script), *(["gateway"] if script == "mlflow_dspy.py" else []),
-            "--program", "qa", "--lm", "openai/stub", "--max-in-flight", "1024", "--port", "{port}", *extra]
+            "--program", program, "--lm", "openai/stub", "--max-in-flight", "1024", "--port", "{port}", *extra]
 
 
 def road_ab_figures(env: dict[str, str], tmp: Path, seconds: float, baseline: str = BASELINE,
@@ -55,10 +65,13 @@ def road_ab_figures(env: dict[str, str], tmp: Path, seconds: float, baseline: st
                      "levels": {}}
     with tempfile.TemporaryDirectory(dir=tmp) as scratch:
         before_tree = _worktree(baseline, Path(scratch) / "before")
+        program = Path(scratch) / "road_qa.py"
+        program.write_text(PROGRAM)
+        reference = f"{program}:build"
         try:
-            commands = {"before": (_command(before_tree, "mlflow_dspy.py"), before_tree),
-                        "after": (_command(ROOT, "mlflow_dspy.py"), ROOT),
-                        "fastapi": (_command(ROOT, "bench/fastapi_routing.py"), ROOT)}
+            commands = {"before": (_command(before_tree, "mlflow_dspy.py", reference), before_tree),
+                        "after": (_command(ROOT, "mlflow_dspy.py", reference), ROOT),
+                        "fastapi": (_command(ROOT, "bench/fastapi_routing.py", reference), ROOT)}
             started = {}
             for side, (command, tree) in commands.items():
                 side_env = {**env, "PYTHONPATH": str(tree),
