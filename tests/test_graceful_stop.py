@@ -31,6 +31,7 @@ from mlflow_dspy.program.chat import ChatProgram
 from mlflow_dspy.runtime.host import ProgramHost
 from tests.conftest import STUB_KEY
 from tests.support.processes import ROOT, Served, gateway_process, stub_lm
+from tests.support.sockets import read_until_closed
 
 QA = ["--program", "qa", "--lm", "openai/stub-echo", "--no-traces"]
 # Each protocol's stream, and the body that asks for it.
@@ -147,15 +148,8 @@ def idle_connection(url: str) -> socket.socket:
 def http_answer(sock: socket.socket, path: str = "/health") -> bytes:
     """Send one request on `sock` and read its whole answer (until the server closes)."""
     sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
-    chunks = []
-    try:
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    except OSError:
-        pass
-    finally:
-        sock.close()
-    return b"".join(chunks)
+    with sock:
+        return read_until_closed(sock)
 
 
 def assert_refused_or_503(answer: bytes | None) -> None:

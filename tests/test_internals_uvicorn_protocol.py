@@ -18,6 +18,7 @@ from uvicorn.supervisors.multiprocess import Multiprocess
 
 from mlflow_dspy.internals import uvicorn_protocol as http_protocol
 from mlflow_dspy.internals import uvicorn_server
+from tests.support.sockets import read_until_closed
 
 # uvicorn 0.54.0's own data_received, which GuardedHttpToolsProtocol.data_received replaces (with the
 # header counting added). If uvicorn changes it, re-read it and carry the change over, then update this.
@@ -82,13 +83,7 @@ def _exchange(url: str, data: bytes, wait: float = 5.0) -> bytes:
     with socket.create_connection(("127.0.0.1", _port(url)), timeout=wait) as sock:
         with contextlib.suppress(OSError):  # the server may close before it has read it all
             sock.sendall(data)
-        chunks = []
-        try:
-            while chunk := sock.recv(65536):
-                chunks.append(chunk)
-        except OSError:
-            pass
-    return b"".join(chunks)
+        return read_until_closed(sock)
 
 
 def test_a_header_line_over_the_cap_gets_431_and_the_connection_closes(served):
