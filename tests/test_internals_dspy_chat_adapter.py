@@ -62,3 +62,17 @@ def test_plain_text_inputs_are_formatted_without_building_a_pydantic_type_adapte
     assert built == []
     assert ours == dspy.ChatAdapter().format_user_message_content(signature, inputs, main_request=True)
     assert built, "DSPy's own path builds one per field: the check above is not vacuous"
+
+
+def test_a_signature_with_a_history_is_split_from_it_once_not_per_call(monkeypatch):
+    """DSPy builds the signature without its history field (a new class) on every call; ours once."""
+    calls = []
+    real = dspy.Signature.delete.__func__
+    monkeypatch.setattr(dspy.Signature, "delete", classmethod(lambda cls, name: calls.append(name) or real(cls, name)))
+    signature = dspy.Signature("question, history: dspy.History -> answer")
+    history = dspy.History(messages=[{"question": "Who am I?", "answer": "Ada"}])
+    ours, dspys = ServingChatAdapter(), dspy.ChatAdapter()
+    for _ in range(3):
+        assert ours.format(signature, [], {"question": "And you?", "history": history}) == \
+            dspys.format(signature, [], {"question": "And you?", "history": history})
+    assert calls.count("history") == 3 + 1  # DSPy's three calls, and ours once
