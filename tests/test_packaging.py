@@ -13,7 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from mlflow_dspy.packaging.requirements import locked_requirements
+from mlflow_dspy.packaging.requirements import model_requirements
 from tests.support.cli import cli_in_process, store_env
 from tests.support.processes import ROOT
 
@@ -107,7 +107,7 @@ def test_make_docker_writes_a_dockerfile_that_installs_the_pins_and_serves(embed
     assert "COPY model_dir/model /opt/ml/model" in dockerfile
     assert "C._serve(" in dockerfile.splitlines()[-1]
     model = out / "model_dir" / "model"
-    assert (model / "requirements.txt").read_text().splitlines() == locked_requirements()  # with the lock's hashes
+    assert (model / "requirements.txt").read_text().splitlines() == model_requirements()  # the lock's hashes
     # The model's pins hash-checked in a step of their own before MLflow's, and no unchecked mlflow install.
     assert dockerfile.index("pip install --require-hashes -r /opt/ml/model/requirements.txt") < install
     assert "RUN pip install mlflow==" not in dockerfile

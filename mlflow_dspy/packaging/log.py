@@ -342,6 +342,8 @@ def _log_run(target: Target, plan: _Plan, extra_metrics: dict[str, float] | None
             # The manifest of every file the flavor wrote (and its signature), beside them in the logged
             # model; checked before anything of it is loaded (packaging/integrity.py).
             local = mlflow.artifacts.download_artifacts(info.model_uri, dst_path=tmp)
+            # What a models:/ download adds (the registered name, plain YAML): not one of the model's files.
+            Path(local, "registered_model_meta").unlink(missing_ok=True)
             for written in write_manifest(local, plan.signing_key):
                 MlflowClient().log_model_artifact(info.model_id, str(written))
             # MLflow 3 keeps a logged model apart from its run; a copy under the
