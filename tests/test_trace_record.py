@@ -108,7 +108,7 @@ def test_the_writer_process_writes_every_queued_trace_by_the_stop(host, tmp_path
     assert {t.info.trace_id for t in traces} == {r.request_id for r in records}
     one = mlflow.get_trace(records[7].request_id)
     assert one.info.tags["mlflow_dspy.request_id"] == "req-7"
-    assert one.data.spans[0].inputs == {"question": "Question 7?"}
+    assert one.data.spans[0].inputs == {"question": "Question 7?", "history": {"messages": []}}
     assert mlflow.search_traces(locations=[experiment], return_type="list",
                                 filter_string="tags.`mlflow_dspy.request_id` = 'req-9'")[0].info.trace_id \
         == records[9].request_id
