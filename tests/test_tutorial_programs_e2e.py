@@ -94,7 +94,8 @@ def test_typed_outputs_come_back_typed(project, served):
         order = client.post(f"{served['gateway']}/v1/chat/completions", json={
             **chat("orders", project), "response_format": {"type": "json_object"}})
         data = json.loads(order.json()["choices"][0]["message"]["content"])
-        assert isinstance(data["order"]["quantity"], int) and isinstance(data["order"]["item"], str)
+        # One answer field that already is an object (a pydantic Order): json_object answers it as it is.
+        assert isinstance(data["quantity"], int) and isinstance(data["item"], str)
         label = client.post(f"{served['gateway']}/v1/chat/completions", json=chat("sentiment", project))
         assert label.json()["choices"][0]["message"]["content"] in ("positive", "negative", "neutral")
         entities = client.post(f"{served['gateway']}/v1/chat/completions", json={
