@@ -27,9 +27,8 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.launch import CHAT, start
+from bench.launch import CHAT, start, stub_lm_env
 from bench.loadgen import LoadResult, closed_loop, percentile
-from bench.processes import child_env, free_port, running
 from bench.steal import measured
 
 FLOOD_CLIENTS = 8
@@ -201,15 +200,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="load on each side (no flood, flood)")
     parser.add_argument("--latency", type=float, default=0.2, help="the stub LM's latency, seconds")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp_path = Path(tmp)
-        port = free_port()
-        stub = f"http://127.0.0.1:{port}"
-        stub_args = [sys.executable, "-m", "bench.stub_lm", "--port", str(port), "--latency", str(args.latency)]
-        with running(stub_args, f"{stub}/_stats", child_env(), tmp_path / "stub.log"):
-            env = child_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", DSPY_LM="openai/stub",
-                            DSPY_LM_API_BASE=f"{stub}/v1", OPENAI_API_KEY="sk-bench")
-            figures = feedback_figures(env, tmp_path, args.seconds)
+    with tempfile.TemporaryDirectory() as tmp, stub_lm_env(Path(tmp), args.latency) as (_, env):
+        figures = feedback_figures(env, Path(tmp), args.seconds)
     print(figures)
     print(feedback_line(figures))
 

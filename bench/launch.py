@@ -6,13 +6,14 @@ import json
 import subprocess
 import sys
 import time
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.processes import ROOT, free_port, running
+from bench.processes import ROOT, child_env, free_port, running
 
 QUESTION = "What is the capital of France?"
 CHAT = {"messages": [{"role": "user", "content": QUESTION}]}
@@ -54,3 +55,15 @@ def scrape(base: str) -> list:
     """Every sample a server's `/metrics` shows now (prometheus_client's `Sample`: name, labels, value)."""
     text = httpx.get(f"{base}/metrics", timeout=30).text
     return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+
+
+@contextmanager
+def stub_lm_env(tmp_path: Path, latency: float) -> Iterator[tuple[str, dict[str, str]]]:
+    """The stub LM on a free port (its log in `tmp_path`), and what a server on it needs in its environment (a
+    SQLite store in `tmp_path`): yields (the stub's base URL, that environment)."""
+    port = free_port()
+    stub = f"http://127.0.0.1:{port}"
+    with running([sys.executable, "-m", "bench.stub_lm", "--port", str(port), "--latency", str(latency)],
+                 f"{stub}/_stats", child_env(), tmp_path / "stub.log"):
+        yield stub, child_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", DSPY_LM="openai/stub",
+                              DSPY_LM_API_BASE=f"{stub}/v1", OPENAI_API_KEY="sk-bench")

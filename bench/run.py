@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,13 +36,13 @@ import httpx
 from bench.embedded import embedded_figures, embedded_target_line
 from bench.feedback_flood import feedback_figures, feedback_line
 from bench.hot_reload import hot_reload_figures
-from bench.launch import CHAT, QUESTION, gateway_args, log_model, start
+from bench.launch import CHAT, QUESTION, gateway_args, log_model, start, stub_lm_env
 from bench.lm_transport import lm_transport_figures, transport_line
 from bench.load_time import load_figures, load_line
 from bench.loadgen import closed_loop
 from bench.mcp_vs_predict import mcp_line, mcp_vs_predict_figures
 from bench.multi_model import multi_model_figures
-from bench.processes import ROOT, VENV_BIN, child_env, free_port, running
+from bench.processes import ROOT, VENV_BIN
 from bench.road_ab import BASELINE, road_ab_figures, road_ab_line
 from bench.steal import measured
 from bench.stream_ttft import stream_ttft_figures
@@ -140,12 +139,7 @@ def main() -> None:
                      "seconds_per_level": args.seconds, "servers": {}}
     with tempfile.TemporaryDirectory() as tmp, measured() as steal:
         tmp_path = Path(tmp)
-        stub_port = free_port()
-        stub = f"http://127.0.0.1:{stub_port}"
-        stub_args = [sys.executable, "-m", "bench.stub_lm", "--port", str(stub_port), "--latency", str(args.latency)]
-        with running(stub_args, f"{stub}/_stats", child_env(), tmp_path / "stub.log"):
-            base_env = child_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", DSPY_LM="openai/stub",
-                                 DSPY_LM_API_BASE=f"{stub}/v1", OPENAI_API_KEY="sk-bench")
+        with stub_lm_env(tmp_path, args.latency) as (stub, base_env):
             model_uri, log_seconds = log_model(base_env)
             results["log_wall_s"] = round(log_seconds, 1)
             for server in servers(model_uri):
