@@ -36,7 +36,7 @@ LLAMA_RECORD := $(WHEELHOUSE)/llama_cpp_python-$(LLAMA_VERSION).sha256
 
 RUN_ID ?= $(shell $(PYTHON) -c "import json;print(json.load(open('.last_run.json'))['run_id'])" 2>/dev/null)
 
-.PHONY: install wheels browser lock audit dist log model-uri serve gateway docker ui curl demo flywheel test test-fast lint bench soak clean
+.PHONY: install wheels browser lock audit dist log model-uri serve gateway docker ui curl demo flywheel test test-fast lint bench soak clean stack stack-down stack-status stack-deps
 
 install: $(VENV)/.installed
 
@@ -80,6 +80,30 @@ $(LLAMA_STAMP):
 $(LLAMA_RECORD): $(LLAMA_STAMP)
 	test -s $@ || { echo "recording the SHA-256 of the llama-cpp-python wheel built earlier in $(WHEELHOUSE)"; \
 		cd $(WHEELHOUSE) && sha256sum llama_cpp_python-$(LLAMA_VERSION)-*.whl > $@; }
+
+# The team stack's parts from Debian (README, Past one machine): HAProxy, and Prometheus if it installs
+# cleanly (the stack runs without it and leaves its scrape configuration). PostgreSQL 15 is Debian's
+# postgresql-15, installed with it too when missing. Nothing is started: scripts/stack.py runs them itself.
+stack-deps:
+	@missing=""; command -v haproxy >/dev/null || missing="$$missing haproxy"; \
+	test -x /usr/lib/postgresql/15/bin/pg_ctl || missing="$$missing postgresql-15"; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" != 0 ]; then echo "make stack-deps: missing$$missing; as root: apt-get install -y$$missing"; exit 1; fi; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@command -v prometheus >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1; } || \
+		echo "make stack-deps: Prometheus not installed; the stack writes its scrape configuration only"
+
+# PostgreSQL, mlflow server, two gateway replicas behind HAProxy, Prometheus, in .stack/ (kept by stack-down).
+stack: install stack-deps
+	$(PY) scripts/stack.py up
+
+stack-down:
+	$(PY) scripts/stack.py down
+
+stack-status:
+	$(PY) scripts/stack.py status
 
 # Headless Chromium for the UI test: Debian's package (root, as on these machines and CI).
 browser:
@@ -141,7 +165,7 @@ demo: log
 flywheel: install
 	$(PY) scripts/flywheel.py
 
-test: install browser
+test: install browser stack-deps
 	$(PY) -m pytest
 
 # The unit tests only: no process, no embedded model (README, Tests).
