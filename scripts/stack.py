@@ -160,6 +160,20 @@ class Stack:
         env.update(extra)
         return env
 
+    @property
+    def feedback_secret(self) -> str:
+        """The replicas' shared MLFLOW_DSPY_FEEDBACK_SECRET (made at the first `up`, kept in the folder): an
+        answer's feedback token must be accepted by whichever replica the load balancer sends the feedback to."""
+        path = self.folder / "secrets" / "feedback-secret"
+        if not path.exists():
+            import secrets
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.chmod(0o700)
+            path.touch(0o600)
+            path.write_text(secrets.token_urlsafe(32))
+        return path.read_text().strip()
+
     # -- processes ------------------------------------------------------------------------------------------------
     def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> int:
         self.logfile(name).parent.mkdir(parents=True, exist_ok=True)
@@ -279,7 +293,10 @@ class Stack:
             self._pg(str(PG_BIN / "pg_ctl"), "-D", str(self.pg_data), "-m", "fast", "-w", "stop", check=False)
 
     def restart_postgres(self) -> None:
-        self._pg(str(PG_BIN / "pg_ctl"), "-D", str(self.pg_data), "-m", "fast", "-w", "-t", "120", "restart")
+        """pg_ctl stop -m fast, then start again (not `pg_ctl restart`, whose server would write to pg_ctl's
+        output instead of the log file: a pipe nobody reads once pg_ctl is gone)."""
+        self.stop_postgres()
+        self.start_postgres()
 
     def sql(self, query: str, *params) -> list[tuple]:
         """A query on MLflow's database (psycopg2)."""
@@ -344,7 +361,8 @@ class Stack:
         name = self.replica_names[index]
         if self.pid(name) is None:
             self.log(f"gateway replica {name} on {self.replica_url(index)}")
-            self._spawn(name, self.gateway_args(index))
+            self._spawn(name, self.gateway_args(index),
+                        self.client_env(MLFLOW_DSPY_FEEDBACK_SECRET=self.feedback_secret))
         if wait:
             self._wait_ready(name, f"{self.replica_url(index)}/ready")
 
