@@ -82,11 +82,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--entry", metavar="NAME",
                         help="print the lock's entry for NAME (its pin and hashes, a requirements file of one) "
                              "and lock nothing: make wheels builds llama-cpp-python from it")
+    parser.add_argument("--lock", default=RUNTIME_LOCK, metavar="FILE",
+                        help=f"with --entry: the lock to read it from (default: {RUNTIME_LOCK}; "
+                             "deploy/Dockerfile.tracking takes psycopg2-binary from requirements-dev.txt)")
     args = parser.parse_args(argv)
     if args.entry:
-        entry = blocks((ROOT / RUNTIME_LOCK).read_text()).get(args.entry.lower().replace("_", "-"))
+        entry = blocks((ROOT / args.lock).read_text()).get(args.entry.lower().replace("_", "-"))
         if entry is None:
-            raise SystemExit(f"{args.entry} is not in {RUNTIME_LOCK}")
+            raise SystemExit(f"{args.entry} is not in {args.lock}")
         print("".join(line for line in entry.splitlines(keepends=True) if not line.strip().startswith("#")), end="")
         return
     upgrade = args.upgrade_package

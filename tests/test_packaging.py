@@ -24,13 +24,24 @@ def manifests() -> list[dict]:
     return [doc for path in sorted(K8S.glob("*.yaml")) for doc in yaml.safe_load_all(path.read_text()) if doc]
 
 
+def manifest(kind: str, name: str) -> dict:
+    [doc] = [d for d in manifests() if d["kind"] == kind and d["metadata"]["name"] == name]
+    return doc
+
+
+def gateway_manifests() -> dict[str, dict]:
+    """The gateway's documents by kind (the tracking server's are named mlflow / mlflow-tracking)."""
+    return {kind: manifest(kind, "dspy-gateway") for kind in ("Deployment", "ConfigMap", "Service",
+                                                                "HorizontalPodAutoscaler")}
+
+
 @pytest.mark.parametrize("document", manifests(), ids=lambda d: f"{d['kind']}/{d['metadata']['name']}")
 def test_manifest_is_valid_against_the_kubernetes_schema(document):
     kubernetes_validate.validate(document, "1.37.0", strict=True)
 
 
 def test_deployment_probes_resources_secret_and_config():
-    by_kind = {doc["kind"]: doc for doc in manifests()}
+    by_kind = gateway_manifests()
     [container] = by_kind["Deployment"]["spec"]["template"]["spec"]["containers"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/health"
@@ -89,7 +100,7 @@ def test_gateway_image_installs_this_project_and_runs_its_command(tmp_path):
 
 
 def test_kubernetes_runs_the_installed_command():
-    by_kind = {doc["kind"]: doc for doc in manifests()}
+    by_kind = gateway_manifests()
     [container] = by_kind["Deployment"]["spec"]["template"]["spec"]["containers"]
     assert container["command"] == ["mlflow-dspy", "gateway"]
 
@@ -144,3 +155,95 @@ def test_the_model_image_installs_the_hashed_pins_in_their_own_step_before_mlflo
     # A model whose requirements are pins alone (a user's line without a hash): the same steps, unchecked.
     plain = patch_dockerfile(GENERATED, ["pip==23.2.1"], hashed=False)
     assert "RUN pip install -r /opt/ml/model/requirements.txt" in plain and "--require-hashes" not in plain
+
+
+# -- the team stack's topology: the manifests, the CLI and scripts/stack.py agree (issue 24) -----------------------
+def _expand(args: list[str], container: dict) -> list[str]:
+    """A container's args with each $(VAR) replaced by a sample of what the variable holds."""
+    samples = {"MODEL_URI": "models:/dspy-qa@champion", "MLFLOW_BACKEND_STORE_URI": "postgresql+psycopg2://u@db/mlflow",
+               "MLFLOW_ARTIFACTS_DESTINATION": "s3://bucket/path"}
+    named = {item["name"] for item in container.get("env", [])} | {
+        key for ref in container.get("envFrom", []) for key in manifest(
+            "ConfigMap", ref["configMapRef"]["name"])["data"]}
+
+    def one(match: re.Match) -> str:
+        assert match[1] in named, f"$({match[1]}) is not in the container's environment"
+        return samples[match[1]]
+
+    return [re.sub(r"\$\((\w+)\)", one, arg) for arg in args]
+
+
+def _flags(args: list[str]) -> set[str]:
+    return {arg.split("=", 1)[0] for arg in args if arg.startswith("-")}
+
+
+def test_the_gateway_deployment_runs_flags_and_variables_the_cli_knows():
+    from mlflow_dspy.cli import build_parser
+    from mlflow_dspy.gateway.config import SETTINGS, env_name
+
+    [container] = manifest("Deployment", "dspy-gateway")["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["mlflow-dspy", "gateway"]
+    args = _expand(container["args"], container)
+    parsed = build_parser().parse_args(["gateway", *args])  # an unknown flag or a bad value exits here
+    assert parsed.model_uris == ["models:/dspy-qa@champion"] and parsed.reload_interval > 0
+    known = {env_name(flag) for setting in SETTINGS for flag in setting.flags[-1:]} | {"GATEWAY_API_KEYS",
+                                                                                       "MLFLOW_DSPY_FEEDBACK_SECRET"}
+    ours = {item["name"] for item in container["env"] if item["name"].startswith(("MLFLOW_DSPY_", "GATEWAY_"))}
+    assert ours <= known, ours - known
+    env = {item["name"]: item.get("valueFrom", {}) for item in container["env"]}
+    # Replicas take each other's feedback: one secret, from the Secret, never optional.
+    secret = env["MLFLOW_DSPY_FEEDBACK_SECRET"]["secretKeyRef"]
+    assert secret["name"] == "dspy-gateway" and not secret.get("optional")
+    # The tracking server it reads models from and writes traces to is the Service of tracking-server.yaml.
+    service = manifest("Service", "mlflow")
+    [port] = service["spec"]["ports"]
+    uri = manifest("ConfigMap", "dspy-gateway")["data"]["MLFLOW_TRACKING_URI"]
+    assert uri == f"http://{service['metadata']['name']}.{service['metadata']['namespace']}.svc.cluster.local:" \
+                  f"{port['port']}"
+
+
+def test_the_tracking_server_is_mlflow_server_on_postgresql_serving_the_artifacts():
+    from mlflow.cli import server
+
+    deployment = manifest("Deployment", "mlflow")
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["mlflow", "server"]
+    args = _expand(container["args"], container)
+    server.make_context("server", list(args))  # click refuses an unknown option or a bad value
+    known = {opt for param in server.params for opt in param.opts + param.secondary_opts}
+    assert _flags(args) <= known, _flags(args) - known
+    assert {"--backend-store-uri", "--serve-artifacts", "--artifacts-destination"} <= _flags(args)
+    # The database URL (with its password) from a Secret, never in the manifest.
+    store = args[args.index("--backend-store-uri") + 1]
+    assert store.startswith("postgresql")
+    env = {item["name"]: item.get("valueFrom", {}) for item in container["env"]}
+    assert env["MLFLOW_BACKEND_STORE_URI"]["secretKeyRef"]["name"] == "mlflow-tracking"
+    config = manifest("ConfigMap", "mlflow-tracking")["data"]
+    assert config["MLFLOW_DISABLE_TELEMETRY"] == "true" and config["LITELLM_LOCAL_MODEL_COST_MAP"] == "true"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+    service = manifest("Service", "mlflow")
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    [port] = container["ports"]
+    assert args[args.index("--port") + 1] == str(port["containerPort"])
+
+
+def test_the_one_machine_stack_runs_the_manifests_commands(tmp_path):
+    """scripts/stack.py (`make stack`) and deploy/k8s: the same commands, the same flags that make the topology."""
+    from scripts.stack import Stack
+
+    stack = Stack(tmp_path)
+    [gateway] = manifest("Deployment", "dspy-gateway")["spec"]["template"]["spec"]["containers"]
+    [tracking] = manifest("Deployment", "mlflow")["spec"]["template"]["spec"]["containers"]
+    local_server = stack.server_args()
+    assert Path(local_server[0]).name == "mlflow" and local_server[1] == "server"
+    topology = {"--backend-store-uri", "--serve-artifacts", "--artifacts-destination", "--host", "--port",
+                "--workers"}
+    assert _flags(local_server) & topology == _flags(tracking["args"]) & topology == topology
+    local_gateway = stack.gateway_args(0)
+    assert local_gateway[1:3] == [str(ROOT / "mlflow_dspy.py"), "gateway"]  # what `mlflow-dspy gateway` runs
+    assert _flags(local_gateway) <= _flags(gateway["args"]) | {"--reload-interval"}
+    assert "--reload-interval" in _flags(gateway["args"])
+    # Both follow the champion alias, and both put a replica in rotation on /ready.
+    assert local_gateway[local_gateway.index("-m") + 1] == manifest("ConfigMap", "dspy-gateway")["data"]["MODEL_URI"]
+    assert "option httpchk GET /ready" in stack.haproxy_config()
+    assert gateway["readinessProbe"]["httpGet"]["path"] == "/ready"

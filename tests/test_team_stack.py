@@ -362,6 +362,8 @@ def test_the_tracking_server_down_20s_then_postgresql_restarted_under_load(stack
 
 
 def test_down_keeps_the_database_and_the_artifacts(stack):
+    last = chat(stack.lb_url, "The last question?").headers["x-mlflow-trace-id"]
+    assert until(lambda: stored_trace_ids(stack, [last]), 60)
     versions = stack.sql("SELECT name, version FROM model_versions ORDER BY name, version")
     traces = stack.sql("SELECT count(*) FROM trace_info")[0][0]
     files = sorted(str(p.relative_to(stack.artifacts)) for p in stack.artifacts.rglob("*") if p.is_file())
