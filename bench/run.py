@@ -12,7 +12,9 @@ one (bench/multi_model.py), the champion alias moving under load
 (bench/stream_ttft.py). MCP's `tools/call` against `/predict` for the same program, at
 one client (`--only mcp`, bench/mcp_vs_predict.py). What verifying a model before loading it costs
 (`--only verify`, bench/verify_cost.py). Loading a model from its code and JSON state against from its
-pickle: cold start and a hot reload's load, side by side (`--only load`, bench/load_time.py). Writes
+pickle: cold start and a hot reload's load, side by side (`--only load`, bench/load_time.py). The team stack
+(PostgreSQL, mlflow server, replicas behind HAProxy) at 64 and 256 clients with one and two replicas, and the
+CPU of each part (`--only stack`, bench/stack_scale.py). Writes
 bench/results/latest.json and latest.png.
 
 `--only multi,reload,stream` runs just those three (a few minutes); a run with
@@ -44,6 +46,7 @@ from bench.mcp_vs_predict import mcp_line, mcp_vs_predict_figures
 from bench.multi_model import multi_model_figures
 from bench.processes import ROOT, VENV_BIN
 from bench.road_ab import BASELINE, road_ab_figures, road_ab_line
+from bench.stack_scale import stack_scale_figures, stack_scale_line
 from bench.steal import measured
 from bench.stream_ttft import stream_ttft_figures
 from bench.trace_cost import trace_cost_figures
@@ -56,7 +59,7 @@ NOISY_STEAL = 10  # percent of CPU time taken by the hypervisor: above it, a fig
 SERVER_KEYS = ("a", "b", "c1", "c1i", "c2")
 SECTION_KEYS = (
     "traces", "tracewriter", "transport", "road", "multi", "reload", "stream", "mcp", "embedded", "tutorials",
-    "verify", "load", "feedback",
+    "verify", "load", "feedback", "stack",
 )
 
 
@@ -189,6 +192,10 @@ def main() -> None:
             if wanted("feedback"):  # chat with and without 8 clients flooding /v1/feedback; a post's cost
                 results["feedback_flood"] = feedback_figures(base_env, tmp_path, args.seconds)
                 print(f"feedback flood: {results['feedback_flood']}", flush=True)
+            if wanted("stack"):  # the team stack (scripts/stack.py): 1 and 2 replicas behind HAProxy, traces on
+                lm_env = {name: base_env[name] for name in ("DSPY_LM", "DSPY_LM_API_BASE", "OPENAI_API_KEY")}
+                results["stack"] = stack_scale_figures(lm_env, args.seconds)
+                print(f"team stack: {results['stack']}", flush=True)
             if wanted("embedded") and not args.no_embedded:
                 results["embedded"] = embedded_figures(base_env, tmp_path)
                 print(f"embedded model: {results['embedded']}", flush=True)
@@ -266,6 +273,8 @@ def targets(results: dict) -> list[str]:
         lines.append(tutorial_programs_line(tutorials))
     if verified := results.get("verify"):
         lines.append(verify_line(verified))
+    if stack := results.get("stack"):
+        lines.append(stack_scale_line(stack))
     return lines
 
 

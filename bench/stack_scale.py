@@ -1,0 +1,134 @@
+"""`make bench --only stack`: the team stack (scripts/stack.py) under load through HAProxy, with one and with two
+gateway replicas, traces on (written through `mlflow server` to PostgreSQL), on the stub LM.
+
+At 64 and 256 closed-loop clients: throughput, p50/p99, errors; and the CPU each part of the stack used
+(replicas with their trace writers, mlflow server, PostgreSQL, HAProxy, the load generator itself), from
+/proc, as milliseconds of CPU per answered request. The machine's ceiling for the whole stack is its cores'
+time over that per-request cost; one replica per node is the node's cores over the replicas' own cost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+from bench.loadgen import closed_loop
+from bench.steal import measured
+from scripts.stack import Ports, Stack
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _processes() -> dict[int, tuple[int, float]]:
+    """{pid: (parent pid, CPU seconds)} of every process now."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        found[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / TICK)
+    return found
+
+
+def _tree_cpu(root: int, table: dict[int, tuple[int, float]]) -> float:
+    """CPU seconds of `root` and its descendants (alive now)."""
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _) in table.items():
+        children.setdefault(parent, []).append(pid)
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        if pid in table:
+            total += table[pid][1]
+        todo.extend(children.get(pid, []))
+    return total
+
+
+def _postgres_cpu(stack: Stack, table: dict[int, tuple[int, float]]) -> float:
+    try:
+        postmaster = int((stack.pg_data / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError):
+        return 0.0
+    return _tree_cpu(postmaster, table)
+
+
+def _parts_cpu(stack: Stack) -> dict[str, float]:
+    table = _processes()
+    parts = {name: _tree_cpu(pid, table) for name in ("mlflow", "haproxy", *stack.replica_names)
+             if (pid := stack.pid(name))}
+    parts["postgres"] = _postgres_cpu(stack, table)
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    parts["load generator"] = own.ru_utime + own.ru_stime
+    return parts
+
+
+def _level(stack: Stack, clients: int, seconds: float, body: dict) -> dict:
+    before, began = _parts_cpu(stack), time.perf_counter()
+    with measured() as steal:
+        result = asyncio.run(closed_loop(f"{stack.lb_url}/v1/chat/completions", body, clients, seconds))
+    wall = time.perf_counter() - began
+    after = _parts_cpu(stack)
+    used = {name: round(after[name] - before.get(name, 0.0), 2) for name in after}
+    replicas = sum(v for k, v in used.items() if k.startswith("gw"))
+    answered = max(result.requests, 1)
+    return {"clients": clients, "throughput": round(result.throughput, 1), "p50_ms": round(result.p50_ms, 1),
+            "p99_ms": round(result.p99_ms, 1), "errors": result.errors, "wall_s": round(wall, 1),
+            "cpu_s": used, "cores_busy": round(sum(used.values()) / wall, 2),
+            "replicas_cores_busy": round(replicas / wall, 2),
+            "replica_cpu_ms_per_request": round(1000 * replicas / answered, 2),
+            "stack_cpu_ms_per_request": round(1000 * sum(used.values()) / answered, 2),
+            "cpu_steal_percent": steal["percent"]}
+
+
+def stack_scale_figures(lm_env: dict[str, str], seconds: float, levels: tuple[int, ...] = (64, 256)) -> dict:
+    """Both replica counts at each level, through HAProxy; traces on. `lm_env`: DSPY_LM and its server."""
+    cores = os.cpu_count() or 1
+    body = {"model": "dspy-qa", "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+    with tempfile.TemporaryDirectory(prefix="mlflow-dspy-bench-stack-") as folder:
+        Path(folder).chmod(0o755)
+        stack = Stack(Path(folder) / "stack", Ports.free(), lm_env=lm_env, reload_interval=30,
+                      gateway_options=("--max-in-flight", "1024"), prometheus=False)
+        rows: dict[str, list[dict]] = {}
+        try:
+            stack.up()
+            asyncio.run(closed_loop(f"{stack.lb_url}/v1/chat/completions", body, 16, 3))  # warm both
+            rows["2"] = [_level(stack, clients, seconds, body) for clients in levels]
+            stack.stop("gw2")
+            deadline = time.monotonic() + 30
+            while stack.replicas_up() != {"gw1"} and time.monotonic() < deadline:
+                time.sleep(0.2)
+            rows["1"] = [_level(stack, clients, seconds, body) for clients in levels]
+            traces = stack.sql("SELECT count(*) FROM trace_info")[0][0]
+        finally:
+            stack.down()
+    figures: dict = {"cores": cores, "levels": list(levels), "seconds": seconds, "replicas": rows,
+                     "traces_stored": traces}
+    for clients in levels:
+        one = next(r for r in rows["1"] if r["clients"] == clients)
+        two = next(r for r in rows["2"] if r["clients"] == clients)
+        figures[f"two_over_one_at_{clients}"] = round(two["throughput"] / max(one["throughput"], 0.1), 2)
+        # The ceiling of this machine for the whole stack on it, and a 2-core node running one replica only
+        # (HAProxy, the tracking server, PostgreSQL and the clients elsewhere).
+        figures[f"machine_ceiling_rps_at_{clients}"] = round(1000 * cores / two["stack_cpu_ms_per_request"], 1)
+        figures[f"one_replica_per_node_rps_at_{clients}"] = round(
+            1000 * cores / min(one["replica_cpu_ms_per_request"], two["replica_cpu_ms_per_request"]), 1)
+    return figures
+
+
+def stack_scale_line(figures: dict) -> str:
+    parts = []
+    for count in ("1", "2"):
+        for row in figures["replicas"][count]:
+            parts.append(f"{count} replica(s) at {row['clients']} clients: {row['throughput']} rps, "
+                         f"p99 {row['p99_ms']} ms, {row['errors']} errors, {row['cores_busy']} of "
+                         f"{figures['cores']} cores busy ({row['replicas_cores_busy']} in replicas), "
+                         f"{row['replica_cpu_ms_per_request']} ms replica CPU/request")
+    ratios = ", ".join(f"{c} clients {figures[f'two_over_one_at_{c}']}x" for c in figures["levels"])
+    return "; ".join(parts) + f"; two replicas over one: {ratios}"
