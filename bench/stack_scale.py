@@ -69,17 +69,28 @@ def _parts_cpu(stack: Stack) -> dict[str, float]:
     return parts
 
 
+def _machine_busy() -> tuple[int, int]:
+    """(busy, total) ticks of the whole machine (/proc/stat's cpu line): what everyone used, not only us."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
 def _level(stack: Stack, clients: int, seconds: float, body: dict) -> dict:
-    before, began = _parts_cpu(stack), time.perf_counter()
+    before, began, machine = _parts_cpu(stack), time.perf_counter(), _machine_busy()
     with measured() as steal:
         result = asyncio.run(closed_loop(f"{stack.lb_url}/v1/chat/completions", body, clients, seconds))
     wall = time.perf_counter() - began
     after = _parts_cpu(stack)
+    busy, total = (now - then for now, then in zip(_machine_busy(), machine, strict=True))
     used = {name: round(after[name] - before.get(name, 0.0), 2) for name in after}
     replicas = sum(v for k, v in used.items() if k.startswith("gw"))
     answered = max(result.requests, 1)
     return {"clients": clients, "throughput": round(result.throughput, 1), "p50_ms": round(result.p50_ms, 1),
-            "p99_ms": round(result.p99_ms, 1), "errors": result.errors, "wall_s": round(wall, 1),
+            "p99_ms": round(result.p99_ms, 1), "errors": result.errors, "statuses": result.statuses,
+            "wall_s": round(wall, 1),
+            # every process of the machine (the stack, the load generator, and anything else running then)
+            "machine_cores_busy": round((os.cpu_count() or 1) * busy / max(total, 1), 2),
             "cpu_s": used, "cores_busy": round(sum(used.values()) / wall, 2),
             "replicas_cores_busy": round(replicas / wall, 2),
             "replica_cpu_ms_per_request": round(1000 * replicas / answered, 2),

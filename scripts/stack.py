@@ -393,9 +393,12 @@ frontend gateway
 backend replicas
     balance roundrobin
     # A replica is in rotation while it answers /ready (its model loaded); checked every 500 ms, out after 2
-    # failures, back after 2 successes.
+    # failures, back after 2 successes. A dead replica refuses the check's connection at once; a busy one may
+    # take seconds to answer it (its event loop shared with hundreds of requests): 5 s before a check fails, or
+    # HAProxy would take every busy replica out and answer 503 for all.
     option httpchk GET /ready
     http-check expect status 200
+    timeout check 5s
     default-server inter 500ms fastinter 250ms downinter 1s fall 2 rise 2
     # A request whose replica refused the connection or closed it without a byte of answer (killed) is sent
     # again, to another replica (redispatch), up to 3 times; the body is buffered so that it can be.
@@ -455,7 +458,8 @@ scrape_configs:
         config.write_text(self.prometheus_config())
         binary = shutil.which("prometheus")
         if not self.prometheus or binary is None:
-            self.log(f"Prometheus not installed: its scrape configuration is in {config}")
+            why = "not installed" if binary is None else "off"
+            self.log(f"Prometheus {why}: its scrape configuration is in {config}")
             return
         if self.pid("prometheus") is None:
             self.log(f"Prometheus on http://127.0.0.1:{self.ports.prometheus}")

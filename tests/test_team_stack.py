@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def stack() -> Iterator[Stack]:
         stack = Stack(folder / "stack", Ports.free(), reload_interval=RELOAD_S,
                       lm_env={"DSPY_LM": "openai/stub-echo", "DSPY_LM_API_BASE": lm, "OPENAI_API_KEY": "sk-stack"},
                       models=(f"models:/{QA}@champion", f"models:/{EMBEDDED}@champion"),
-                      log=lambda line: print(f"[stack] {line}", flush=True))
+                      log=lambda line: print(f"[stack {time.strftime('%H:%M:%S')}] {line}", flush=True))
         try:
             yield stack.up(bootstrap=bootstrap)
         finally:
@@ -235,9 +236,10 @@ def test_the_embedded_model_answers_a_chat_and_a_stream_through_the_load_balance
 def test_promote_under_load_fails_no_request_and_both_replicas_answer_from_the_new_version(stack):
     with Load(stack.lb_url, tag="promote") as load:
         assert until(lambda: {a.replica for a in load.answers} == {"gw1", "gw2"}, 60)
+        at = time.monotonic()
         promoted = stack.cli("promote", "--name", QA, "--version", "2", "--alias", "champion")
         assert promoted.returncode == 0, promoted.stderr[-3000:]
-        at = time.monotonic()
+        took = time.monotonic() - at
 
         def both_switched() -> bool:
             return {a.replica for a in load.since(at) if a.version == f"{QA}/2"} == {"gw1", "gw2"}
@@ -251,8 +253,8 @@ def test_promote_under_load_fails_no_request_and_both_replicas_answer_from_the_n
         first_new = min(a.done for a in mine if a.version == f"{QA}/2")
         # Once a replica answers from version 2, it does not go back to 1.
         assert all(a.version == f"{QA}/2" for a in mine if a.sent > first_new), replica
-        print(f"{replica}: first answer from version 2 {first_new - at:.2f} s after promote returned "
-              f"(reload interval {RELOAD_S} s)")
+        print(f"{replica}: first answer from version 2 {first_new - at:.2f} s after promote began (the command "
+              f"took {took:.2f} s; reload interval {RELOAD_S} s)")
     # Both replicas' traces are in PostgreSQL.
     by_replica = {r: [a.trace_id for a in load.answers if a.replica == r] for r in ("gw1", "gw2")}
     assert until(lambda: all(stored_trace_ids(stack, ids) for ids in by_replica.values()), 60)
@@ -260,26 +262,31 @@ def test_promote_under_load_fails_no_request_and_both_replicas_answer_from_the_n
 
 
 def test_feedback_through_the_load_balancer_whichever_replica_answered(stack):
-    crossed = 0
-    rated: list[str] = []
     with httpx.Client(base_url=stack.lb_url, timeout=60, trust_env=False) as client:
-        for i in range(10):
-            reply = client.post("/v1/chat/completions",
-                                json={"model": QA, "messages": [{"role": "user", "content": f"Rate me {i}?"}]})
-            assert reply.status_code == 200, reply.text
-            trace_id = reply.headers["x-mlflow-trace-id"]
-            given = client.post("/v1/feedback", json={"trace_id": trace_id, "value": True},
-                                headers={"x-mlflow-feedback-token": reply.headers["x-mlflow-feedback-token"]})
-            assert given.status_code == 200, given.text
-            crossed += given.headers["x-stack-replica"] != reply.headers["x-stack-replica"]
-            rated.append(trace_id)
+        answers = [client.post("/v1/chat/completions",
+                               json={"model": QA, "messages": [{"role": "user", "content": f"Rate me {i}?"}]})
+                   for i in range(10)]
+        assert all(reply.status_code == 200 for reply in answers), [r.text for r in answers]
+
+        def rate(reply: httpx.Response) -> httpx.Response:
+            return client.post("/v1/feedback", json={"trace_id": reply.headers["x-mlflow-trace-id"], "value": True},
+                               headers={"x-mlflow-feedback-token": reply.headers["x-mlflow-feedback-token"]})
+
+        # Four at once: a replica takes --feedback-in-flight (4) posts at a time.
+        with ThreadPoolExecutor(4) as pool:
+            given = list(pool.map(rate, answers))
+    assert all(g.status_code == 200 for g in given), [g.text for g in given]
+    crossed = sum(g.headers["x-stack-replica"] != a.headers["x-stack-replica"] for a, g in zip(answers, given,
+                                                                                                strict=True))
     assert crossed, "no feedback went to the other replica"
+    rated = [a.headers["x-mlflow-trace-id"] for a in answers]
     client = MlflowClient(stack.tracking_uri)
 
     def rated_in_store() -> bool:
         return all(any(a.name and a.feedback for a in client.get_trace(t).info.assessments) for t in rated)
 
     assert until(rated_in_store, 60)
+    print(f"feedback: {crossed} of 10 posts taken by the other replica than the one that answered")
 
 
 def test_traces_export_and_improve_against_the_server(stack, tmp_path):
