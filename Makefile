@@ -172,7 +172,7 @@ test: install browser stack-deps
 test-fast: install
 	$(PY) -m pytest -m unit
 
-bench: install
+bench: install stack-deps
 	$(PY) -m bench.run
 
 # Ten minutes of mixed load (good, bad, LM faults) on one gateway: bench/results/soak.json

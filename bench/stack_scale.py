@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.launch import scrape
 from bench.loadgen import closed_loop
 from bench.steal import measured
 from scripts.stack import Ports, Stack
@@ -87,7 +88,8 @@ def _level(stack: Stack, clients: int, seconds: float, body: dict) -> dict:
     replicas = sum(v for k, v in used.items() if k.startswith("gw"))
     answered = max(result.requests, 1)
     return {"clients": clients, "throughput": round(result.throughput, 1), "p50_ms": round(result.p50_ms, 1),
-            "p99_ms": round(result.p99_ms, 1), "errors": result.errors, "statuses": result.statuses,
+            "p99_ms": round(result.p99_ms, 1), "answered": result.requests, "errors": result.errors,
+            "statuses": result.statuses,
             "wall_s": round(wall, 1),
             # every process of the machine (the stack, the load generator, and anything else running then)
             "machine_cores_busy": round((os.cpu_count() or 1) * busy / max(total, 1), 2),
@@ -96,6 +98,33 @@ def _level(stack: Stack, clients: int, seconds: float, body: dict) -> dict:
             "replica_cpu_ms_per_request": round(1000 * replicas / answered, 2),
             "stack_cpu_ms_per_request": round(1000 * sum(used.values()) / answered, 2),
             "cpu_steal_percent": steal["percent"]}
+
+
+OUTCOMES = ("written", "dropped", "failed")
+
+
+def _trace_counts(stack: Stack, names: list[str]) -> dict[str, int]:
+    """The replicas' trace counters (their /metrics), added up: written, dropped (queue full), failed, ..."""
+    total: dict[str, int] = {}
+    for name in names:
+        for sample in scrape(stack.replica_url(stack.replica_names.index(name))):
+            if sample.name == "mlflow_dspy_traces_total":
+                total[sample.labels["outcome"]] = total.get(sample.labels["outcome"], 0) + int(sample.value)
+    return total
+
+
+def _traces_since(stack: Stack, names: list[str], before: dict[str, int], answered: int,
+                  drain_s: float = 30) -> dict:
+    """What became of the traces of `answered` answers since the counters read `before`, once the writers have
+    caught up (every one written, dropped or failed) or `drain_s` has passed."""
+    deadline = time.monotonic() + drain_s
+    while True:
+        now = _trace_counts(stack, names)
+        done = {k: now.get(k, 0) - before.get(k, 0) for k in OUTCOMES}
+        if sum(done.values()) >= answered or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    return {**done, "answered": answered, "stored_share": round(done["written"] / max(answered, 1), 3)}
 
 
 def stack_scale_figures(lm_env: dict[str, str], seconds: float, levels: tuple[int, ...] = (64, 256)) -> dict:
@@ -107,20 +136,26 @@ def stack_scale_figures(lm_env: dict[str, str], seconds: float, levels: tuple[in
         stack = Stack(Path(folder) / "stack", Ports.free(), lm_env=lm_env, reload_interval=30,
                       gateway_options=("--max-in-flight", "1024"), prometheus=False)
         rows: dict[str, list[dict]] = {}
+        traces: dict[str, dict] = {}
         try:
             stack.up()
             asyncio.run(closed_loop(f"{stack.lb_url}/v1/chat/completions", body, 16, 3))  # warm both
+            time.sleep(3)
+            before = _trace_counts(stack, ["gw1", "gw2"])
             rows["2"] = [_level(stack, clients, seconds, body) for clients in levels]
+            traces["2"] = _traces_since(stack, ["gw1", "gw2"], before, sum(r["answered"] for r in rows["2"]))
             stack.stop("gw2")
             deadline = time.monotonic() + 30
             while stack.replicas_up() != {"gw1"} and time.monotonic() < deadline:
                 time.sleep(0.2)
+            before = _trace_counts(stack, ["gw1"])
             rows["1"] = [_level(stack, clients, seconds, body) for clients in levels]
-            traces = stack.sql("SELECT count(*) FROM trace_info")[0][0]
+            traces["1"] = _traces_since(stack, ["gw1"], before, sum(r["answered"] for r in rows["1"]))
+            traces["rows_in_postgresql"] = stack.sql("SELECT count(*) FROM trace_info")[0][0]
         finally:
             stack.down()
     figures: dict = {"cores": cores, "levels": list(levels), "seconds": seconds, "replicas": rows,
-                     "traces_stored": traces}
+                     "traces": traces}
     for clients in levels:
         one = next(r for r in rows["1"] if r["clients"] == clients)
         two = next(r for r in rows["2"] if r["clients"] == clients)
@@ -142,4 +177,6 @@ def stack_scale_line(figures: dict) -> str:
                          f"{figures['cores']} cores busy ({row['replicas_cores_busy']} in replicas), "
                          f"{row['replica_cpu_ms_per_request']} ms replica CPU/request")
     ratios = ", ".join(f"{c} clients {figures[f'two_over_one_at_{c}']}x" for c in figures["levels"])
-    return "; ".join(parts) + f"; two replicas over one: {ratios}"
+    stored = ", ".join(f"{count} replica(s) {figures['traces'][count]['stored_share']:.0%} "
+                       f"({figures['traces'][count]['dropped']} dropped)" for count in ("1", "2"))
+    return "; ".join(parts) + f"; two replicas over one: {ratios}; traces stored: {stored}"
