@@ -22,7 +22,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -267,14 +266,12 @@ def test_feedback_through_the_load_balancer_whichever_replica_answered(stack):
                                json={"model": QA, "messages": [{"role": "user", "content": f"Rate me {i}?"}]})
                    for i in range(10)]
         assert all(reply.status_code == 200 for reply in answers), [r.text for r in answers]
-
-        def rate(reply: httpx.Response) -> httpx.Response:
-            return client.post("/v1/feedback", json={"trace_id": reply.headers["x-mlflow-trace-id"], "value": True},
-                               headers={"x-mlflow-feedback-token": reply.headers["x-mlflow-feedback-token"]})
-
-        # Four at once: a replica takes --feedback-in-flight (4) posts at a time.
-        with ThreadPoolExecutor(4) as pool:
-            given = list(pool.map(rate, answers))
+        # HAProxy takes turns: one more request, and each feedback post goes to the replica that did not answer.
+        assert client.post("/v1/chat/completions", json={"model": QA, "messages": [
+            {"role": "user", "content": "Not rated?"}]}).status_code == 200
+        given = [client.post("/v1/feedback", json={"trace_id": reply.headers["x-mlflow-trace-id"], "value": True},
+                             headers={"x-mlflow-feedback-token": reply.headers["x-mlflow-feedback-token"]})
+                 for reply in answers]
     assert all(g.status_code == 200 for g in given), [g.text for g in given]
     crossed = sum(g.headers["x-stack-replica"] != a.headers["x-stack-replica"] for a, g in zip(answers, given,
                                                                                                 strict=True))
