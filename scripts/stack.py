@@ -401,7 +401,8 @@ backend replicas
     timeout check 5s
     default-server inter 500ms fastinter 250ms downinter 1s fall 2 rise 2
     # A request whose replica refused the connection or closed it without a byte of answer (killed) is sent
-    # again, to another replica (redispatch), up to 3 times; the body is buffered so that it can be.
+    # again, to another replica (redispatch), up to 3 times; the body is buffered so that it can be. (The dead
+    # replica may have called the LM already: a retried chat can cost two LM calls.)
     option http-buffer-request
     retries 3
     option redispatch 1
