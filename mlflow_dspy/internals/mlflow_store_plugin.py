@@ -2,14 +2,17 @@
 of a batch as rows in one transaction (internals/mlflow_sql_traces.py) instead of MLflow's ORM work per row.
 
     mlflow server --backend-store-uri mlflow-dspy+sqlite:///mlflow.db
-    mlflow server --backend-store-uri mlflow-dspy+postgresql://user:password@host:5432/mlflow
+    mlflow server --backend-store-uri mlflow-dspy+postgresql+psycopg2://user:password@host:5432/mlflow
 
 Through MLflow's public plugin mechanism: the entry points `mlflow-dspy+sqlite` and `mlflow-dspy+postgresql`
-of the groups `mlflow.tracking_store` and `mlflow.model_registry_store` (pyproject.toml), which MLflow loads
-when it is imported. The tracking store is a `SqlAlchemyStore` on the URI without `mlflow-dspy+` (the same
-database, tables and migrations: the plain URI opens it again at any time); the model registry is MLflow's own
-on that URI. The OTLP route (`POST /v1/traces`, where the gateway's writer sends its batches) calls the
-store's `log_spans`; everything else is MLflow's code.
+(also with `+psycopg2` or `+psycopg`, the driver SQLAlchemy is to use: plain `postgresql://` means psycopg 3
+to SQLAlchemy 2.1, and this project locks psycopg2-binary) of the groups `mlflow.tracking_store` and
+`mlflow.model_registry_store` (pyproject.toml), which MLflow loads when it is imported. The tracking store is a
+`SqlAlchemyStore` on the URI without `mlflow-dspy+` (the same database, tables and migrations: the plain URI
+opens it again at any time); the model registry is MLflow's own on that URI. The OTLP route (`POST /v1/traces`,
+where the gateway's writer sends its batches) calls the store's `log_spans`; everything else is MLflow's code.
+MLflow's server jobs (prompt optimization, scheduled scorers) ask for a database URI they know
+(`extract_db_type_from_uri`): with this scheme the server starts without them, with a warning.
 
 What it leans on beyond the plugin mechanism: `SqlAlchemyStore` itself (subclassed; `log_spans`'s signature),
 and what mlflow_sql_traces.py leans on. Anything that path does not write as MLflow would (another shape of
@@ -27,7 +30,8 @@ import functools
 from typing import Any
 
 PREFIX = "mlflow-dspy+"
-SCHEMES = ("mlflow-dspy+sqlite", "mlflow-dspy+postgresql")
+SCHEMES = ("mlflow-dspy+sqlite", "mlflow-dspy+postgresql", "mlflow-dspy+postgresql+psycopg2",
+           "mlflow-dspy+postgresql+psycopg")
 
 
 def database_uri(store_uri: str) -> str:
