@@ -3,7 +3,9 @@
 Real processes: the gateway, the stub LM, and a real `mlflow server` (its own SQLite backend) as the HTTP
 tracking store. (a) The store is down when the first batch is sent and comes back: the traces of the answers
 sent after it is back are written, without a restart, and take feedback. (b) At the gateway's sustained
-throughput for 60 s (one worker, a 50 ms stub LM) the writer stores at least 99% of the traces.
+throughput for 60 s (one worker, a 50 ms stub LM) at least 99% of the traces are stored, into SQLite and into
+an HTTP store: `mlflow server` on this project's store plugin (`mlflow-dspy+sqlite:///`, found through the
+entry points pyproject.toml declares, bench/store_plugin.py), on the same two cores.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ import pytest
 from mlflow import MlflowClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.store_plugin import entry_points_path
 from tests.support.cli import store_env
-from tests.support.processes import VENV_BIN, child_env, free_port, gateway_process, running, stub_lm
+from tests.support.processes import ROOT, VENV_BIN, child_env, free_port, gateway_process, running, stub_lm
 
 QA = ["--program", "qa", "--lm", "openai/stub-echo"]
 STORED = 0.99  # the share of traces that must reach the store
@@ -36,16 +39,20 @@ pytestmark = pytest.mark.slow
 
 # -- shared set-up -----------------------------------------------------------------------------------------------
 @contextmanager
-def tracking_server(tmp_path: Path, port: int) -> Iterator[str]:
+def tracking_server(tmp_path: Path, port: int, plugin: bool = False) -> Iterator[str]:
     """`mlflow server` on `port` with its own SQLite backend under `tmp_path` (kept across restarts on the same
-    port: the store comes back with what it held); yields its URL, stopped (SIGKILL, as a crash) after."""
-    args = [os.path.join(VENV_BIN, "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+    port: the store comes back with what it held), through this project's store plugin with `plugin`; yields its
+    URL, stopped (SIGKILL, as a crash) after."""
+    backend = f"{'mlflow-dspy+' if plugin else ''}sqlite:///{tmp_path / 'server.db'}"
+    args = [os.path.join(VENV_BIN, "mlflow"), "server", "--backend-store-uri", backend,
             "--default-artifact-root", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
             "--workers", "1"]
     # Offline, `mlflow server` hangs at start-up without the first two (FIELD_NOTES). Its job runners (seven processes,
     # some 40 s of CPU at each start) have nothing to do with traces: off, for a shorter test.
     env = child_env(MLFLOW_DISABLE_TELEMETRY="true", LITELLM_LOCAL_MODEL_COST_MAP="true",
                     MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    if plugin:  # the entry points as an install declares them, without reinstalling the checkout
+        env["PYTHONPATH"] = os.pathsep.join([str(entry_points_path(tmp_path / "entry-points")), str(ROOT)])
     url = f"http://127.0.0.1:{port}"
     with running(args, f"{url}/health", env, tmp_path / f"server-{time.monotonic_ns()}.log", timeout=180) as proc:
         try:
@@ -150,9 +157,13 @@ SUSTAINED_S = 60  # the issue's own figure
 CLIENTS = 32  # one worker's sustained throughput on a 50 ms LM (FIELD_NOTES: 519 answers/s on a quiet machine)
 
 
-def test_the_writer_keeps_up_with_one_worker_at_its_sustained_throughput_for_a_minute(tmp_path):
-    with stub_lm(tmp_path, latency=0.05) as lm:
+@pytest.mark.parametrize("store", ["sqlite", "http"])
+def test_the_writer_keeps_up_with_one_worker_at_its_sustained_throughput_for_a_minute(tmp_path, store):
+    with ExitStack() as stack:
+        lm = stack.enter_context(stub_lm(tmp_path, latency=0.05))
         env = store_env(tmp_path, DSPY_LM_API_BASE=lm)
+        if store == "http":  # `mlflow server` on the store plugin, on the same two cores
+            env["MLFLOW_TRACKING_URI"] = stack.enter_context(tracking_server(tmp_path, free_port(), plugin=True))
         with gateway_process(QA, tmp_path, **env) as served:
             began = time.monotonic()
             answered = asyncio.run(answered_traces(served.url, CLIENTS, seconds=SUSTAINED_S))
@@ -161,6 +172,6 @@ def test_the_writer_keeps_up_with_one_worker_at_its_sustained_throughput_for_a_m
             # second or two of traces. It has that long (and the stop's flush) before the count.
             until(lambda: trace_counts(served.url).get("written", 0) >= len(answered), 30)
             dropped = trace_counts(served.url).get("dropped", 0)
-    stored = set(answered) & stored_trace_ids(env["MLFLOW_TRACKING_URI"])
+        stored = set(answered) & stored_trace_ids(env["MLFLOW_TRACKING_URI"])  # the server still up
     assert len(stored) >= STORED * len(answered), \
         f"{len(stored)} of {len(answered)} traces stored at {rate:.0f} answers/s ({dropped:.0f} dropped)"
