@@ -3,12 +3,13 @@ checkout: a checkout installed before the entry points were declared (or not ins
 naming them, and MLflow finds plugins only through installed metadata (`importlib.metadata.entry_points`).
 
 `entry_points_path(folder)` writes a distribution's metadata holding the declared entry points (as setuptools
-writes them at install) into `folder`; with `folder` on a process's `sys.path` (PYTHONPATH), MLflow loads them
-as it would after `pip install`. Nothing is installed or changed in the venv.
+writes them at install) into `folder`; with `folder` on a process's `sys.path` (`plugin_pythonpath` for a child's
+PYTHONPATH), MLflow loads them as it would after `pip install`. Nothing is installed or changed in the venv.
 """
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 
@@ -31,3 +32,8 @@ def entry_points_path(folder: Path) -> Path:
         f"[{group}]\n" + "".join(f"{name} = {value}\n" for name, value in points.items()) + "\n"
         for group, points in declared_entry_points().items()))
     return folder
+
+
+def plugin_pythonpath(folder: Path) -> str:
+    """A PYTHONPATH for a child process (an `mlflow server`) that finds the checkout and the entry points."""
+    return os.pathsep.join([str(entry_points_path(folder)), str(ROOT)])

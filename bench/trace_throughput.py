@@ -37,9 +37,9 @@ from pathlib import Path
 
 from bench.launch import CHAT, scrape
 from bench.loadgen import closed_loop
-from bench.processes import ROOT, VENV_BIN, child_env, free_port, running
+from bench.processes import VENV_BIN, child_env, free_port, running
 from bench.steal import measured
-from bench.store_plugin import entry_points_path
+from bench.store_plugin import plugin_pythonpath
 
 TARGET_STORED = 0.99
 LM_LATENCY_S = 0.05
@@ -98,7 +98,7 @@ def tracking_server(tmp: Path, log: Path, plugin: bool = False):
             "--workers", "1"]
     env = child_env(MLFLOW_DISABLE_TELEMETRY="true", LITELLM_LOCAL_MODEL_COST_MAP="true")
     if plugin:  # the entry points as an install declares them, without reinstalling the checkout
-        env["PYTHONPATH"] = os.pathsep.join([str(entry_points_path(tmp / "entry-points")), str(ROOT)])
+        env["PYTHONPATH"] = plugin_pythonpath(tmp / "entry-points")
     with running(args, f"http://127.0.0.1:{port}/health", env, log, timeout=300) as proc:
         workers = [child for child in children(proc.pid) if b"uvicorn" in Path(f"/proc/{child}/cmdline").read_bytes()]
         settle(proc.pid)
@@ -222,14 +222,23 @@ def otlp_body(records: list) -> bytes:
     return request.SerializeToString()
 
 
+def parsed_spans(body: bytes) -> list:
+    """What MLflow's OTLP route makes of a request body before its store's `log_spans` (server/otel_api.py)."""
+    from mlflow.entities import Span
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    request = ExportTraceServiceRequest()
+    request.ParseFromString(body)
+    return [Span.from_otel_proto(span, resource=rs.resource) for rs in request.resource_spans
+            for scope in rs.scope_spans for span in scope.spans]
+
+
 def server_breakdown(tmp: Path, count: int = 500, rounds: int = 3) -> dict:
     """What `mlflow server` does with the writer's requests, run here on the same code (its OTLP handler's parse,
     `Span.from_otel_proto`, then `SqlAlchemyStore.log_spans` into SQLite), in ms of CPU a trace: for the `qa` trace
     (3 spans, 4 tags), without its tags, and as its root span alone, so that a tag's and a span's share show: the
     least of `rounds` interleaved runs of `count` traces each."""
-    from mlflow.entities import Span
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
     from mlflow_dspy.gateway.tracing import BATCH
     from mlflow_dspy.internals.mlflow_store_plugin import tracking_store
@@ -248,10 +257,7 @@ def server_breakdown(tmp: Path, count: int = 500, rounds: int = 3) -> dict:
         parse = write = 0.0
         for n, body in enumerate(bodies):
             cpu = time.process_time()
-            request = ExportTraceServiceRequest()
-            request.ParseFromString(body)
-            spans = [Span.from_otel_proto(span, resource=rs.resource) for rs in request.resource_spans
-                     for scope in rs.scope_spans for span in scope.spans]
+            spans = parsed_spans(body)
             parsed = time.process_time()
             store.log_spans(experiment, spans)
             if n:  # the first batch pays for caches and connections: not counted

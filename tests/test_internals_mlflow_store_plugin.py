@@ -11,17 +11,16 @@ import importlib.metadata
 import inspect
 
 import pytest
-import sqlalchemy
 from mlflow.entities import Span
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 from mlflow.tracing.client import TracingClient
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from bench.store_plugin import declared_entry_points, entry_points_path
-from bench.trace_throughput import otlp_body, qa_records
+from bench.trace_throughput import otlp_body, parsed_spans, qa_records
 from mlflow_dspy.internals.mlflow_sql_traces import records_writer
 from mlflow_dspy.internals.mlflow_store_plugin import SCHEMES, registry_store, tracking_store
 from mlflow_dspy.internals.mlflow_traces import span_dicts
+from tests.support.mlflow_rows import assert_same_rows, table_rows
 from tests.support.postgres import binaries, new_database, postgres_cluster
 from tests.test_internals_mlflow_traces import TOKEN_USAGE, _varied_records, a_record
 
@@ -30,33 +29,7 @@ GROUPS = {"mlflow.tracking_store": tracking_store, "mlflow.model_registry_store"
 
 def parsed(records) -> list[Span]:
     """The spans MLflow's OTLP route hands its store for the writer's request with these records (its parse)."""
-    request = ExportTraceServiceRequest()
-    request.ParseFromString(otlp_body(records))
-    return [Span.from_otel_proto(span, resource=rs.resource) for rs in request.resource_spans
-            for scope in rs.scope_spans for span in scope.spans]
-
-
-def table_rows(uri: str) -> dict[str, tuple[list[str], list[str]]]:
-    """Every table's columns and rows, but the experiments' (created apart, at other times)."""
-    engine = sqlalchemy.create_engine(uri)
-    try:
-        with engine.connect() as connection:
-            found = {}
-            for table in sqlalchemy.inspect(connection).get_table_names():
-                if table != "experiments":
-                    result = connection.execute(sqlalchemy.text(f'SELECT * FROM "{table}"'))
-                    found[table] = (list(result.keys()), sorted(map(repr, result)))
-            return found
-    finally:
-        engine.dispose()
-
-
-def assert_same_rows(expected_uri: str, written_uri: str) -> None:
-    expected, written = table_rows(expected_uri), table_rows(written_uri)
-    assert set(written) == set(expected)
-    for table, (columns, rows) in expected.items():
-        assert written[table][0] == columns, f"MLflow's table {table} changed its columns: see mlflow_sql_traces"
-        assert written[table][1] == rows, f"log_spans writes other rows into {table} now: see mlflow_sql_traces"
+    return parsed_spans(otlp_body(records))
 
 
 def two_stores(make_uri, tmp_path) -> tuple[tuple[SqlAlchemyStore, str, str], tuple[SqlAlchemyStore, str, str]]:

@@ -33,6 +33,7 @@ from mlflow_dspy.internals.mlflow_traces import (
     trace_store,
 )
 from mlflow_dspy.runtime.trace_record import SpanRecord, TraceRecord
+from tests.support.mlflow_rows import assert_same_rows
 
 
 def a_record() -> TraceRecord:
@@ -176,17 +177,6 @@ def _varied_records() -> list[TraceRecord]:
     return [first, second, third, fourth]
 
 
-def _rows(path) -> dict[str, tuple[list[str], list[str]]]:
-    """Every table's columns (generated ones too) and rows, but the experiments' (created apart, at other times)."""
-    import sqlite3
-
-    with contextlib.closing(sqlite3.connect(path)) as db:
-        tables = [name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-        return {table: ([column[1] for column in db.execute(f"PRAGMA table_xinfo({table})")],
-                        sorted(map(repr, db.execute(f"SELECT * FROM {table}"))))
-                for table in tables if table != "experiments"}
-
-
 def test_the_sqlite_fast_path_writes_the_very_rows_log_spans_writes(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_DSPY_SPEEDUPS", raising=False)
     records = _varied_records()
@@ -202,11 +192,8 @@ def test_the_sqlite_fast_path_writes_the_very_rows_log_spans_writes(tmp_path, mo
             write = records_writer(client.store, span_dicts)
             assert write is not None, "the SQLite fast path no longer finds what it needs in MLflow: see its imports"
             assert write(experiment, copy.deepcopy(records)), "the fast path declined records of the gateway's shape"
-        stores[way] = _rows(tmp_path / f"{way}.db")
-    expected, written = stores["log_spans"], stores["fast"]
-    for table, (columns, rows) in expected.items():
-        assert written[table][0] == columns, f"MLflow's table {table} changed its columns: see mlflow_sql_traces"
-        assert written[table][1] == rows, f"log_spans writes other rows into {table} now: see mlflow_sql_traces"
+        stores[way] = uri
+    assert_same_rows(stores["log_spans"], stores["fast"])
     # And MLflow reads them back as the traces they were.
     trace = mlflow.get_trace(records[1].request_id)
     assert trace.info.trace_metadata.get("mlflow.trace.session") == "usér-42 ✓"

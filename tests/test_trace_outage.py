@@ -25,9 +25,9 @@ import pytest
 from mlflow import MlflowClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.store_plugin import entry_points_path
+from bench.store_plugin import plugin_pythonpath
 from tests.support.cli import store_env
-from tests.support.processes import ROOT, VENV_BIN, child_env, free_port, gateway_process, running, stub_lm
+from tests.support.processes import VENV_BIN, child_env, free_port, gateway_process, running, stub_lm
 
 QA = ["--program", "qa", "--lm", "openai/stub-echo"]
 STORED = 0.99  # the share of traces that must reach the store
@@ -52,7 +52,7 @@ def tracking_server(tmp_path: Path, port: int, plugin: bool = False) -> Iterator
     env = child_env(MLFLOW_DISABLE_TELEMETRY="true", LITELLM_LOCAL_MODEL_COST_MAP="true",
                     MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     if plugin:  # the entry points as an install declares them, without reinstalling the checkout
-        env["PYTHONPATH"] = os.pathsep.join([str(entry_points_path(tmp_path / "entry-points")), str(ROOT)])
+        env["PYTHONPATH"] = plugin_pythonpath(tmp_path / "entry-points")
     url = f"http://127.0.0.1:{port}"
     with running(args, f"{url}/health", env, tmp_path / f"server-{time.monotonic_ns()}.log", timeout=180) as proc:
         try:
