@@ -19,7 +19,11 @@ MLflow's own store (`http`) and this project's store plugin (`http-plugin`, `mlf
 - **A server with a core of its own** (`http-own-core`): the same sustained load with the server's worker on the
   second core and the gateway and the load on the first, as a tracking server on a machine of its own.
 
-Run: python -m bench.trace_throughput [--seconds 60] [--clients 32] [--stores sqlite,http,http-plugin,http-own-core]
+- **PostgreSQL** (`postgresql`): the server's CPU a trace on a throwaway PostgreSQL cluster, MLflow's store and
+  the plugin (`per_core` only).
+
+Run: python -m bench.trace_throughput [--seconds 60] [--clients 32]
+     [--stores sqlite,http,http-plugin,http-own-core,postgresql]
 (`python -m bench.run --only tracewriter` runs it inside the bench).
 """
 
@@ -87,12 +91,14 @@ def trace_writer(gateway_pid: int) -> int | None:
 
 
 @contextmanager
-def tracking_server(tmp: Path, log: Path, plugin: bool = False):
-    """`mlflow server` with its own SQLite backend, as a user starts it (with `plugin`, through this project's store
-    plugin: `mlflow-dspy+sqlite:///`); yields its URL and the pid of its uvicorn worker (which does the database work
-    of a write; its job runners, started beside it, do not)."""
+def tracking_server(tmp: Path, log: Path, plugin: bool = False, database: str | None = None):
+    """`mlflow server` with its own SQLite backend (or on `database`), as a user starts it (with `plugin`, through
+    this project's store plugin: `mlflow-dspy+sqlite:///`); yields its URL and the pid of its uvicorn worker (which
+    does the database work of a write, PostgreSQL's own processes aside; its job runners, started beside it, do
+    not)."""
     port = free_port()
-    backend = f"{'mlflow-dspy+' if plugin else ''}sqlite:///{tmp / 'server.db'}"
+    database = database or f"sqlite:///{tmp / 'server.db'}"
+    backend = f"mlflow-dspy+{database}" if plugin else database
     args = [os.path.join(VENV_BIN, "mlflow"), "server", "--backend-store-uri", backend,
             "--default-artifact-root", str(tmp / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port),
             "--workers", "1"]
@@ -203,6 +209,24 @@ def per_core(tracking_uri: str, count: int, server_pid: int | None = None) -> di
         figure.update(server_cpu_ms_per_trace=round(1000 * server / count, 3),
                       traces_per_core_s_with_server=round(count / (cpu + server)))
     return figure
+
+
+def postgres_per_core(tmp: Path, count: int = 1500) -> dict | None:
+    """`per_core` into `mlflow server` on PostgreSQL (a throwaway cluster; None without PostgreSQL's binaries):
+    MLflow's own store and the store plugin, each on a database of its own. The server's CPU leaves out
+    PostgreSQL's own processes'."""
+    from bench.postgres import binaries, new_database, postgres_cluster
+
+    if binaries() is None:
+        return None
+    figures = {}
+    with postgres_cluster() as server:
+        for name, plugin in (("stock", False), ("plugin", True)):
+            folder = tmp / f"postgres-{name}"
+            folder.mkdir(exist_ok=True)
+            with tracking_server(folder, folder / "server.log", plugin, new_database(server)) as (uri, pid):
+                figures[name] = per_core(uri, count, pid)
+    return figures
 
 
 # -- where an HTTP store's CPU goes: the server's own handling, in this process ---------------------------------
@@ -402,7 +426,8 @@ def sustained(tracking_uri: str, stub: str, tmp: Path, seconds: float, clients: 
 
 # -- the section ---------------------------------------------------------------------------------------------
 def trace_throughput_figures(tmp: Path, seconds: float = 60.0, clients: int = CLIENTS, per_core_traces: int = 2000,
-                             stores: tuple[str, ...] = ("sqlite", "http", "http-plugin", "http-own-core")) -> dict:
+                             stores: tuple[str, ...] = ("sqlite", "http", "http-plugin", "http-own-core",
+                                                        "postgresql")) -> dict:
     results: dict = {"lm_latency_s": LM_LATENCY_S, "target": f"at least {TARGET_STORED:.0%} of traces stored at the "
                      f"gateway's sustained throughput ({clients} clients, one worker, {seconds:g} s)"}
     stub_port = free_port()
@@ -410,6 +435,10 @@ def trace_throughput_figures(tmp: Path, seconds: float = 60.0, clients: int = CL
     stub_args = [sys.executable, "-m", "bench.stub_lm", "--port", str(stub_port), "--latency", str(LM_LATENCY_S)]
     with running(stub_args, f"{stub}/_stats", child_env(), tmp / "trace-stub.log"):
         for store in stores:
+            if store == "postgresql":  # the server's CPU a trace only (no sustained load)
+                results[store] = postgres_per_core(tmp)
+                print(f"trace writer, postgresql: {results[store]}", flush=True)
+                continue
             with ExitStack() as stack:
                 folder = tmp / f"traces-{store}"
                 folder.mkdir(exist_ok=True)
@@ -464,6 +493,10 @@ def trace_throughput_line(results: dict) -> str:
                  f"{load['cpu_steal_percent']}%, load average {load.get('load_average')}{ceiling}): "
                  f"{'met' if results[store]['pass'] else 'MISSED'}")
         parts.append(text)
+    if postgres := results.get("postgresql"):
+        parts.append(f"mlflow server on PostgreSQL: {postgres['stock']['server_cpu_ms_per_trace']} ms of the server's "
+                     f"CPU a trace on MLflow's store, {postgres['plugin']['server_cpu_ms_per_trace']} ms through the "
+                     "plugin (PostgreSQL's own CPU aside)")
     return f"trace writer (target: {results['target']}): " + "; ".join(parts)
 
 
@@ -472,7 +505,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--clients", type=int, default=CLIENTS)
     parser.add_argument("--per-core-traces", type=int, default=2000)
-    parser.add_argument("--stores", default="sqlite,http,http-plugin,http-own-core")
+    parser.add_argument("--stores", default="sqlite,http,http-plugin,http-own-core,postgresql")
     parser.add_argument("--out", type=Path, default=None, help="also write the figures here as JSON")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

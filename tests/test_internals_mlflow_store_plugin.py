@@ -15,13 +15,13 @@ from mlflow.entities import Span
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 from mlflow.tracing.client import TracingClient
 
+from bench.postgres import binaries, new_database, postgres_cluster
 from bench.store_plugin import declared_entry_points, entry_points_path
 from bench.trace_throughput import otlp_body, parsed_spans, qa_records
 from mlflow_dspy.internals.mlflow_sql_traces import records_writer
 from mlflow_dspy.internals.mlflow_store_plugin import SCHEMES, registry_store, tracking_store
 from mlflow_dspy.internals.mlflow_traces import span_dicts
 from tests.support.mlflow_rows import assert_same_rows, table_rows
-from tests.support.postgres import binaries, new_database, postgres_cluster
 from tests.test_internals_mlflow_traces import TOKEN_USAGE, _varied_records, a_record
 
 GROUPS = {"mlflow.tracking_store": tracking_store, "mlflow.model_registry_store": registry_store}

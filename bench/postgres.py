@@ -1,6 +1,7 @@
-"""A throwaway PostgreSQL cluster in a temporary directory, for the tests of what is written to a PostgreSQL
-tracking store: PostgreSQL's own binaries (initdb, pg_ctl), trust authentication on 127.0.0.1 and a free port,
-fsync off, removed after. As root (PostgreSQL refuses to run as root) the cluster runs as the `postgres` user."""
+"""A throwaway PostgreSQL cluster in a temporary directory, for the tests and the bench of what is written to a
+PostgreSQL tracking store: PostgreSQL's own binaries (initdb, pg_ctl), trust authentication on 127.0.0.1 and a
+free port, fsync off, removed after. As root (PostgreSQL refuses to run as root) the cluster runs as the
+`postgres` user."""
 
 from __future__ import annotations
 
