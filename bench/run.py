@@ -164,7 +164,7 @@ def main() -> None:
             if wanted("traces"):
                 results["trace_cost"] = trace_cost_figures(base_env, tmp_path, model_uri, 2 * args.seconds)
                 print(f"what tracing costs: {results['trace_cost']}", flush=True)
-            if wanted("tracewriter"):  # its own 50 ms stub and stores (SQLite, mlflow server): 60 s of load each
+            if wanted("tracewriter"):  # its own 50 ms stub and stores (SQLite, mlflow server, plugin): 60 s each
                 results["trace_writer"] = trace_throughput_figures(tmp_path)
                 print(f"trace writer: {results['trace_writer']}", flush=True)
             if wanted("road"):

@@ -1,5 +1,6 @@
 """Can the trace writer keep up with its gateway? Traces written per second per core, and the share stored at
-the gateway's sustained throughput, for a SQLite store and for an HTTP one (`mlflow server`, its own SQLite).
+the gateway's sustained throughput, for a SQLite store and for an HTTP one (`mlflow server`, its own SQLite):
+MLflow's own store (`http`) and this project's store plugin (`http-plugin`, `mlflow-dspy+sqlite:///`).
 
 - **Per core.** The writer's own code path (`internals/mlflow_traces.trace_store`, what the writer process
   calls) writes batches of BATCH recorded traces shaped like the `qa` program's (3 spans, 4 tags, token
@@ -13,11 +14,16 @@ the gateway's sustained throughput, for a SQLite store and for an HTTP one (`mlf
   stored (`ceiling_rps`).
 - **Where an HTTP store's CPU goes** (`server_breakdown`): the server's own handling of the writer's requests (the
   OTLP parse, `Span.from_otel_proto`, `SqlAlchemyStore.log_spans`) run in this process, for the `qa` trace, without
-  its tags and as its root span alone: a trace's fixed cost, a tag's, a span's.
+  its tags and as its root span alone: a trace's fixed cost, a tag's, a span's; and the plugin's `log_spans`
+  (internals/mlflow_store_plugin.py) on the same spans, side by side.
 - **A server with a core of its own** (`http-own-core`): the same sustained load with the server's worker on the
   second core and the gateway and the load on the first, as a tracking server on a machine of its own.
 
-Run: python -m bench.trace_throughput [--seconds 60] [--clients 32] [--stores sqlite,http,http-own-core]
+- **PostgreSQL** (`postgresql`): the server's CPU a trace on a throwaway PostgreSQL cluster, MLflow's store and
+  the plugin (`per_core` only).
+
+Run: python -m bench.trace_throughput [--seconds 60] [--clients 32]
+     [--stores sqlite,http,http-plugin,http-own-core,postgresql]
 (`python -m bench.run --only tracewriter` runs it inside the bench).
 """
 
@@ -37,6 +43,7 @@ from bench.launch import CHAT, scrape
 from bench.loadgen import closed_loop
 from bench.processes import VENV_BIN, child_env, free_port, running
 from bench.steal import measured
+from bench.store_plugin import plugin_pythonpath
 
 TARGET_STORED = 0.99
 LM_LATENCY_S = 0.05
@@ -84,14 +91,20 @@ def trace_writer(gateway_pid: int) -> int | None:
 
 
 @contextmanager
-def tracking_server(tmp: Path, log: Path):
-    """`mlflow server` with its own SQLite backend, as a user starts it; yields its URL and the pid of its uvicorn
-    worker (which does the database work of a write; its job runners, started beside it, do not)."""
+def tracking_server(tmp: Path, log: Path, plugin: bool = False, database: str | None = None):
+    """`mlflow server` with its own SQLite backend (or on `database`), as a user starts it (with `plugin`, through
+    this project's store plugin: `mlflow-dspy+sqlite:///`); yields its URL and the pid of its uvicorn worker (which
+    does the database work of a write, PostgreSQL's own processes aside; its job runners, started beside it, do
+    not)."""
     port = free_port()
-    args = [os.path.join(VENV_BIN, "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}",
+    database = database or f"sqlite:///{tmp / 'server.db'}"
+    backend = f"mlflow-dspy+{database}" if plugin else database
+    args = [os.path.join(VENV_BIN, "mlflow"), "server", "--backend-store-uri", backend,
             "--default-artifact-root", str(tmp / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port),
             "--workers", "1"]
     env = child_env(MLFLOW_DISABLE_TELEMETRY="true", LITELLM_LOCAL_MODEL_COST_MAP="true")
+    if plugin:  # the entry points as an install declares them, without reinstalling the checkout
+        env["PYTHONPATH"] = plugin_pythonpath(tmp / "entry-points")
     with running(args, f"http://127.0.0.1:{port}/health", env, log, timeout=300) as proc:
         workers = [child for child in children(proc.pid) if b"uvicorn" in Path(f"/proc/{child}/cmdline").read_bytes()]
         settle(proc.pid)
@@ -198,6 +211,24 @@ def per_core(tracking_uri: str, count: int, server_pid: int | None = None) -> di
     return figure
 
 
+def postgres_per_core(tmp: Path, count: int = 1500) -> dict | None:
+    """`per_core` into `mlflow server` on PostgreSQL (a throwaway cluster; None without PostgreSQL's binaries):
+    MLflow's own store and the store plugin, each on a database of its own. The server's CPU leaves out
+    PostgreSQL's own processes'."""
+    from bench.postgres import binaries, new_database, postgres_cluster
+
+    if binaries() is None:
+        return None
+    figures = {}
+    with postgres_cluster() as server:
+        for name, plugin in (("stock", False), ("plugin", True)):
+            folder = tmp / f"postgres-{name}"
+            folder.mkdir(exist_ok=True)
+            with tracking_server(folder, folder / "server.log", plugin, new_database(server)) as (uri, pid):
+                figures[name] = per_core(uri, count, pid)
+    return figures
+
+
 # -- where an HTTP store's CPU goes: the server's own handling, in this process ---------------------------------
 def otlp_body(records: list) -> bytes:
     """The request body MLflow's RestStore.log_spans sends to `/v1/traces` for these records (what the writer sends)."""
@@ -215,21 +246,33 @@ def otlp_body(records: list) -> bytes:
     return request.SerializeToString()
 
 
+def parsed_spans(body: bytes) -> list:
+    """What MLflow's OTLP route makes of a request body before its store's `log_spans` (server/otel_api.py)."""
+    from mlflow.entities import Span
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    request = ExportTraceServiceRequest()
+    request.ParseFromString(body)
+    return [Span.from_otel_proto(span, resource=rs.resource) for rs in request.resource_spans
+            for scope in rs.scope_spans for span in scope.spans]
+
+
 def server_breakdown(tmp: Path, count: int = 500, rounds: int = 3) -> dict:
     """What `mlflow server` does with the writer's requests, run here on the same code (its OTLP handler's parse,
     `Span.from_otel_proto`, then `SqlAlchemyStore.log_spans` into SQLite), in ms of CPU a trace: for the `qa` trace
     (3 spans, 4 tags), without its tags, and as its root span alone, so that a tag's and a span's share show: the
     least of `rounds` interleaved runs of `count` traces each."""
-    from mlflow.entities import Span
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
     from mlflow_dspy.gateway.tracing import BATCH
+    from mlflow_dspy.internals.mlflow_store_plugin import tracking_store
 
     store = SqlAlchemyStore(f"sqlite:///{tmp / 'breakdown.db'}", str(tmp / "breakdown-artifacts"))
     experiment = store.create_experiment(f"breakdown-{time.time_ns()}")
+    plugin = tracking_store(f"mlflow-dspy+sqlite:///{tmp / 'breakdown-plugin.db'}", str(tmp / "breakdown-artifacts"))
+    plugin_experiment = plugin.create_experiment(f"breakdown-{time.time_ns()}")
 
-    def measure(shape) -> tuple[float, float]:
+    def measure(shape, store=store, experiment=experiment) -> tuple[float, float]:
         records = qa_records(count + BATCH)
         for i, record in enumerate(records):
             record.trace_id = f"{time.time_ns():024x}{i:08x}"[-32:]
@@ -238,10 +281,7 @@ def server_breakdown(tmp: Path, count: int = 500, rounds: int = 3) -> dict:
         parse = write = 0.0
         for n, body in enumerate(bodies):
             cpu = time.process_time()
-            request = ExportTraceServiceRequest()
-            request.ParseFromString(body)
-            spans = [Span.from_otel_proto(span, resource=rs.resource) for rs in request.resource_spans
-                     for scope in rs.scope_spans for span in scope.spans]
+            spans = parsed_spans(body)
             parsed = time.process_time()
             store.log_spans(experiment, spans)
             if n:  # the first batch pays for caches and connections: not counted
@@ -254,16 +294,24 @@ def server_breakdown(tmp: Path, count: int = 500, rounds: int = 3) -> dict:
     def root_only(record) -> None:
         record.tags, record.spans = {}, record.spans[:1]
 
-    shapes = {"qa": lambda record: None, "no_tags": untagged, "root": root_only}
+    def qa(record) -> None:
+        pass
+
+    shapes = {"qa": (qa, store, experiment), "no_tags": (untagged, store, experiment),
+              "root": (root_only, store, experiment), "plugin": (qa, plugin, plugin_experiment)}
     best: dict[str, tuple[float, float]] = {}
     for _ in range(rounds):  # interleaved; the least of each shape (CPU time grows when the machine is busy)
-        for name, shape in shapes.items():
-            parse, write = measure(shape)
+        for name, (shape, into, where) in shapes.items():
+            parse, write = measure(shape, into, where)
             best[name] = (min(parse, best[name][0]), min(write, best[name][1])) if name in best else (parse, write)
-    qa, no_tags, root = best["qa"], best["no_tags"], best["root"]
-    return {"traces": count, "rounds": rounds, "parse_ms": round(qa[0], 3), "log_spans_ms": round(qa[1], 3),
+    qa_ms, no_tags, root, fast = best["qa"], best["no_tags"], best["root"], best["plugin"]
+    return {"traces": count, "rounds": rounds, "parse_ms": round(qa_ms[0], 3), "log_spans_ms": round(qa_ms[1], 3),
             "log_spans_no_tags_ms": round(no_tags[1], 3), "log_spans_root_only_ms": round(root[1], 3),
-            "per_tag_ms": round((qa[1] - no_tags[1]) / 4, 3), "per_span_ms": round((no_tags[1] - root[1]) / 2, 3)}
+            "per_tag_ms": round((qa_ms[1] - no_tags[1]) / 4, 3),
+            "per_span_ms": round((no_tags[1] - root[1]) / 2, 3),
+            "plugin_log_spans_ms": round(fast[1], 3),
+            "traces_per_core_s_stock": round(1000 / (qa_ms[0] + qa_ms[1])),
+            "traces_per_core_s_plugin": round(1000 / (fast[0] + fast[1]))}
 
 
 @contextmanager
@@ -378,7 +426,8 @@ def sustained(tracking_uri: str, stub: str, tmp: Path, seconds: float, clients: 
 
 # -- the section ---------------------------------------------------------------------------------------------
 def trace_throughput_figures(tmp: Path, seconds: float = 60.0, clients: int = CLIENTS, per_core_traces: int = 2000,
-                             stores: tuple[str, ...] = ("sqlite", "http", "http-own-core")) -> dict:
+                             stores: tuple[str, ...] = ("sqlite", "http", "http-plugin", "http-own-core",
+                                                        "postgresql")) -> dict:
     results: dict = {"lm_latency_s": LM_LATENCY_S, "target": f"at least {TARGET_STORED:.0%} of traces stored at the "
                      f"gateway's sustained throughput ({clients} clients, one worker, {seconds:g} s)"}
     stub_port = free_port()
@@ -386,12 +435,17 @@ def trace_throughput_figures(tmp: Path, seconds: float = 60.0, clients: int = CL
     stub_args = [sys.executable, "-m", "bench.stub_lm", "--port", str(stub_port), "--latency", str(LM_LATENCY_S)]
     with running(stub_args, f"{stub}/_stats", child_env(), tmp / "trace-stub.log"):
         for store in stores:
+            if store == "postgresql":  # the server's CPU a trace only (no sustained load)
+                results[store] = postgres_per_core(tmp)
+                print(f"trace writer, postgresql: {results[store]}", flush=True)
+                continue
             with ExitStack() as stack:
                 folder = tmp / f"traces-{store}"
                 folder.mkdir(exist_ok=True)
                 server_pid = None
                 if store.startswith("http"):
-                    uri, server_pid = stack.enter_context(tracking_server(folder, folder / "server.log"))
+                    uri, server_pid = stack.enter_context(tracking_server(folder, folder / "server.log",
+                                                                          plugin=store == "http-plugin"))
                 else:
                     uri = f"sqlite:///{folder / 'mlflow.db'}"
                 entry = {}
@@ -413,7 +467,7 @@ def trace_throughput_figures(tmp: Path, seconds: float = 60.0, clients: int = CL
 
 def trace_throughput_line(results: dict) -> str:
     parts = []
-    for store in ("sqlite", "http", "http-own-core"):
+    for store in ("sqlite", "http", "http-plugin", "http-own-core"):
         if store not in results:
             continue
         load = results[store]["sustained"]
@@ -429,7 +483,9 @@ def trace_throughput_line(results: dict) -> str:
         if where := results[store].get("server_breakdown"):
             text += (f"the server's handling: parse {where['parse_ms']} ms + log_spans {where['log_spans_ms']} ms a "
                      f"trace ({where['per_tag_ms']} ms a tag, {where['per_span_ms']} ms a span, "
-                     f"{where['log_spans_root_only_ms']} ms a root span alone); ")
+                     f"{where['log_spans_root_only_ms']} ms a root span alone; "
+                     f"{where['traces_per_core_s_stock']}/s a core), through the store plugin "
+                     f"{where['plugin_log_spans_ms']} ms ({where['traces_per_core_s_plugin']}/s a core); ")
         ceiling = f", at most {load['ceiling_rps']} rps on these cores with every trace stored" if load.get(
             "ceiling_rps") else ""
         text += (f"at {load['throughput']} rps for {load['seconds']} s, {load['stored']} of {load['answered']} stored "
@@ -437,6 +493,10 @@ def trace_throughput_line(results: dict) -> str:
                  f"{load['cpu_steal_percent']}%, load average {load.get('load_average')}{ceiling}): "
                  f"{'met' if results[store]['pass'] else 'MISSED'}")
         parts.append(text)
+    if postgres := results.get("postgresql"):
+        parts.append(f"mlflow server on PostgreSQL: {postgres['stock']['server_cpu_ms_per_trace']} ms of the server's "
+                     f"CPU a trace on MLflow's store, {postgres['plugin']['server_cpu_ms_per_trace']} ms through the "
+                     "plugin (PostgreSQL's own CPU aside)")
     return f"trace writer (target: {results['target']}): " + "; ".join(parts)
 
 
@@ -445,7 +505,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--clients", type=int, default=CLIENTS)
     parser.add_argument("--per-core-traces", type=int, default=2000)
-    parser.add_argument("--stores", default="sqlite,http,http-own-core")
+    parser.add_argument("--stores", default="sqlite,http,http-plugin,http-own-core,postgresql")
     parser.add_argument("--out", type=Path, default=None, help="also write the figures here as JSON")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

@@ -61,6 +61,18 @@ def test_the_install_adds_one_import_name_and_one_command(installed):
     assert scripts == {"mlflow-dspy"}, scripts
 
 
+def test_the_installed_entry_points_give_mlflow_the_store_plugin(installed, elsewhere):
+    """`mlflow server --backend-store-uri mlflow-dspy+sqlite:///...` after a plain install: MLflow's own registry
+    finds the plugin through the wheel's entry points (README, Traces)."""
+    code = ("import sys; from mlflow.tracking._tracking_service.utils import _tracking_store_registry as stores; "
+            "store = stores.get_store(sys.argv[1], sys.argv[2]); print(type(store).__name__, store.db_uri)")
+    database = elsewhere / "mlflow.db"
+    proc = run([bin_path(installed, "python"), "-c", code, f"mlflow-dspy+sqlite:///{database}",
+                elsewhere / "artifacts"], elsewhere)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-2:] == ["FastSpansStore", f"sqlite:///{database}"], proc.stdout[-2000:]
+
+
 def test_every_module_and_example_file_of_the_checkout_is_installed(installed):
     package = site_packages(installed) / "mlflow_dspy"
     expected = {

@@ -3,7 +3,7 @@
 through MLflow's public API as the trace it was: its id, spans, tree, tags, session, usage and model. An HTTP
 store down at the first write is written to once it is back, after `forget_failed_lookups` (MLflow caches the
 failed /version lookup), and what a store's errors say is read as down, failed or refused. The SQLite fast path
-(internals/mlflow_sqlite_traces.py) writes the very rows log_spans writes, every table compared, and leaves to
+(internals/mlflow_sql_traces.py) writes the very rows log_spans writes, every table compared, and leaves to
 log_spans what it does not know."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pytest
 from mlflow.entities import Span
 from mlflow.tracing.client import TracingClient
 
-from mlflow_dspy.internals.mlflow_sqlite_traces import sqlite_writer
+from mlflow_dspy.internals.mlflow_sql_traces import records_writer
 from mlflow_dspy.internals.mlflow_traces import (
     DOWN,
     FAILED,
@@ -33,6 +33,7 @@ from mlflow_dspy.internals.mlflow_traces import (
     trace_store,
 )
 from mlflow_dspy.runtime.trace_record import SpanRecord, TraceRecord
+from tests.support.mlflow_rows import assert_same_rows
 
 
 def a_record() -> TraceRecord:
@@ -176,17 +177,6 @@ def _varied_records() -> list[TraceRecord]:
     return [first, second, third, fourth]
 
 
-def _rows(path) -> dict[str, tuple[list[str], list[str]]]:
-    """Every table's columns (generated ones too) and rows, but the experiments' (created apart, at other times)."""
-    import sqlite3
-
-    with contextlib.closing(sqlite3.connect(path)) as db:
-        tables = [name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-        return {table: ([column[1] for column in db.execute(f"PRAGMA table_xinfo({table})")],
-                        sorted(map(repr, db.execute(f"SELECT * FROM {table}"))))
-                for table in tables if table != "experiments"}
-
-
 def test_the_sqlite_fast_path_writes_the_very_rows_log_spans_writes(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_DSPY_SPEEDUPS", raising=False)
     records = _varied_records()
@@ -199,14 +189,11 @@ def test_the_sqlite_fast_path_writes_the_very_rows_log_spans_writes(tmp_path, mo
         if way == "log_spans":
             client.log_spans(experiment, [Span.from_dict(d) for record in records for d in span_dicts(record)])
         else:
-            write = sqlite_writer(client.store, span_dicts)
+            write = records_writer(client.store, span_dicts)
             assert write is not None, "the SQLite fast path no longer finds what it needs in MLflow: see its imports"
             assert write(experiment, copy.deepcopy(records)), "the fast path declined records of the gateway's shape"
-        stores[way] = _rows(tmp_path / f"{way}.db")
-    expected, written = stores["log_spans"], stores["fast"]
-    for table, (columns, rows) in expected.items():
-        assert written[table][0] == columns, f"MLflow's table {table} changed its columns: see mlflow_sqlite_traces"
-        assert written[table][1] == rows, f"log_spans writes other rows into {table} now: see mlflow_sqlite_traces"
+        stores[way] = uri
+    assert_same_rows(stores["log_spans"], stores["fast"])
     # And MLflow reads them back as the traces they were.
     trace = mlflow.get_trace(records[1].request_id)
     assert trace.info.trace_metadata.get("mlflow.trace.session") == "usér-42 ✓"
@@ -218,7 +205,7 @@ def test_the_sqlite_fast_path_leaves_to_log_spans_what_it_does_not_know(tmp_path
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.create_experiment("traces")
     store = TracingClient(uri).store
-    write = sqlite_writer(store, span_dicts)
+    write = records_writer(store, span_dicts)
     priced = a_record()
     priced.spans[1].attributes[TOKEN_USAGE] = {"input_tokens": 1}  # usage beside a model: MLflow would price it
     named_model = a_record()
@@ -236,6 +223,6 @@ def test_the_sqlite_fast_path_leaves_to_log_spans_what_it_does_not_know(tmp_path
     assert len(mlflow.search_traces(locations=[experiment], return_type="list")) == 1
     # Not a SQLite store, or the speed-ups off: no fast path.
     monkeypatch.setenv("MLFLOW_DSPY_SPEEDUPS", "0")
-    assert sqlite_writer(store, span_dicts) is None
+    assert records_writer(store, span_dicts) is None
     monkeypatch.delenv("MLFLOW_DSPY_SPEEDUPS")
-    assert sqlite_writer(object(), span_dicts) is None
+    assert records_writer(object(), span_dicts) is None

@@ -3,7 +3,10 @@
 Real processes: the gateway, the stub LM, and a real `mlflow server` (its own SQLite backend) as the HTTP
 tracking store. (a) The store is down when the first batch is sent and comes back: the traces of the answers
 sent after it is back are written, without a restart, and take feedback. (b) At the gateway's sustained
-throughput for 60 s (one worker, a 50 ms stub LM) the writer stores at least 99% of the traces.
+throughput for 60 s (one worker, a 50 ms stub LM) at least 99% of the traces are stored, into SQLite and into
+an HTTP store: `mlflow server` on this project's store plugin (`mlflow-dspy+sqlite:///`, found through the
+entry points pyproject.toml declares, bench/store_plugin.py), on the same two cores. (c) The plugin on
+PostgreSQL (a throwaway cluster) stores the writer's batches too.
 """
 
 from __future__ import annotations
@@ -23,6 +26,11 @@ import pytest
 from mlflow import MlflowClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.postgres import binaries, new_database, postgres_cluster
+from bench.store_plugin import plugin_pythonpath
+from bench.trace_throughput import qa_records
+from mlflow_dspy.gateway.tracing import BATCH
+from mlflow_dspy.internals.mlflow_traces import trace_store
 from tests.support.cli import store_env
 from tests.support.processes import VENV_BIN, child_env, free_port, gateway_process, running, stub_lm
 
@@ -36,16 +44,21 @@ pytestmark = pytest.mark.slow
 
 # -- shared set-up -----------------------------------------------------------------------------------------------
 @contextmanager
-def tracking_server(tmp_path: Path, port: int) -> Iterator[str]:
+def tracking_server(tmp_path: Path, port: int, plugin: bool = False, database: str | None = None) -> Iterator[str]:
     """`mlflow server` on `port` with its own SQLite backend under `tmp_path` (kept across restarts on the same
-    port: the store comes back with what it held); yields its URL, stopped (SIGKILL, as a crash) after."""
-    args = [os.path.join(VENV_BIN, "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+    port: the store comes back with what it held) or on `database`, through this project's store plugin with
+    `plugin`; yields its URL, stopped (SIGKILL, as a crash) after."""
+    database = database or f"sqlite:///{tmp_path / 'server.db'}"
+    backend = f"mlflow-dspy+{database}" if plugin else database
+    args = [os.path.join(VENV_BIN, "mlflow"), "server", "--backend-store-uri", backend,
             "--default-artifact-root", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
             "--workers", "1"]
     # Offline, `mlflow server` hangs at start-up without the first two (FIELD_NOTES). Its job runners (seven processes,
     # some 40 s of CPU at each start) have nothing to do with traces: off, for a shorter test.
     env = child_env(MLFLOW_DISABLE_TELEMETRY="true", LITELLM_LOCAL_MODEL_COST_MAP="true",
                     MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    if plugin:  # the entry points as an install declares them, without reinstalling the checkout
+        env["PYTHONPATH"] = plugin_pythonpath(tmp_path / "entry-points")
     url = f"http://127.0.0.1:{port}"
     with running(args, f"{url}/health", env, tmp_path / f"server-{time.monotonic_ns()}.log", timeout=180) as proc:
         try:
@@ -150,9 +163,13 @@ SUSTAINED_S = 60  # the issue's own figure
 CLIENTS = 32  # one worker's sustained throughput on a 50 ms LM (FIELD_NOTES: 519 answers/s on a quiet machine)
 
 
-def test_the_writer_keeps_up_with_one_worker_at_its_sustained_throughput_for_a_minute(tmp_path):
-    with stub_lm(tmp_path, latency=0.05) as lm:
+@pytest.mark.parametrize("store", ["sqlite", "http"])
+def test_the_writer_keeps_up_with_one_worker_at_its_sustained_throughput_for_a_minute(tmp_path, store):
+    with ExitStack() as stack:
+        lm = stack.enter_context(stub_lm(tmp_path, latency=0.05))
         env = store_env(tmp_path, DSPY_LM_API_BASE=lm)
+        if store == "http":  # `mlflow server` on the store plugin, on the same two cores
+            env["MLFLOW_TRACKING_URI"] = stack.enter_context(tracking_server(tmp_path, free_port(), plugin=True))
         with gateway_process(QA, tmp_path, **env) as served:
             began = time.monotonic()
             answered = asyncio.run(answered_traces(served.url, CLIENTS, seconds=SUSTAINED_S))
@@ -161,6 +178,25 @@ def test_the_writer_keeps_up_with_one_worker_at_its_sustained_throughput_for_a_m
             # second or two of traces. It has that long (and the stop's flush) before the count.
             until(lambda: trace_counts(served.url).get("written", 0) >= len(answered), 30)
             dropped = trace_counts(served.url).get("dropped", 0)
-    stored = set(answered) & stored_trace_ids(env["MLFLOW_TRACKING_URI"])
+        stored = set(answered) & stored_trace_ids(env["MLFLOW_TRACKING_URI"])  # the server still up
     assert len(stored) >= STORED * len(answered), \
         f"{len(stored)} of {len(answered)} traces stored at {rate:.0f} answers/s ({dropped:.0f} dropped)"
+
+
+# -- (c) the store plugin on PostgreSQL ---------------------------------------------------------------------------
+def test_mlflow_server_on_postgresql_through_the_plugin_stores_the_writers_batches(tmp_path):
+    if binaries() is None:
+        pytest.skip("no PostgreSQL binaries (/usr/lib/postgresql/*/bin)")
+    with postgres_cluster() as postgres:
+        database = new_database(postgres)
+        with tracking_server(tmp_path, free_port(), plugin=True, database=database) as url:
+            experiment = MlflowClient(url).create_experiment(EXPERIMENT)
+            write = trace_store(url)  # what the gateway's writer process calls
+            records = qa_records(BATCH + 100)
+            write(experiment, records[:BATCH])
+            write(experiment, records[BATCH:])
+            write(experiment, records[:1])  # a trace already stored: MLflow's own log_spans writes it again
+            assert stored_trace_ids(url) == {record.request_id for record in records}
+            trace = MlflowClient(url).get_trace(records[0].request_id)
+            assert trace.info.tags["mlflow_dspy.model"] == "dspy-qa" and len(trace.data.spans) == 3
+            assert trace.info.token_usage == {"input_tokens": 10, "output_tokens": 5, "total_tokens": 15}

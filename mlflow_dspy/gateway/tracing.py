@@ -3,9 +3,10 @@ writer process that stores them (`TraceExporter`), so that tracing costs the req
 
 - **Off the request path.** A request's trace is queued (a bounded queue) when its answer has been
   sent. A separate process writes the queued traces in batches of up to BATCH, one transaction (or one
-  request to an HTTP store) a batch: into a SQLite store as the rows MLflow's `log_spans` would write
-  (internals/mlflow_sqlite_traces.py: about 0.25 ms of CPU a `qa` trace, against 4.2 ms through
-  `log_spans`), otherwise the way MLflow's own exporter writes spans (internals/mlflow_traces.py). It runs
+  request to an HTTP store) a batch: into a SQLite or PostgreSQL store as the rows MLflow's `log_spans` would
+  write (internals/mlflow_sql_traces.py: about 0.25 ms of CPU a `qa` trace, against 4.2 ms through
+  `log_spans`), otherwise the way MLflow's own exporter writes spans (internals/mlflow_traces.py; an `mlflow
+  server` on this project's store plugin, internals/mlflow_store_plugin.py, writes them as rows too). It runs
   at the gateway's own priority, so that it keeps up with a gateway that keeps the CPU busy.
 - **Traces are dropped, never requests.** A full queue drops the trace. A store that is down (or fails)
   does not: the writer keeps the batch and tries it again with a backoff, up to RETRY_MAX seconds apart,

@@ -21,17 +21,21 @@ each has a test that fails loudly, naming what changed, when it does:
   them (`TracingClient.log_spans`, `Span.from_dict`'s format, the attribute keys
   MLflow reads a trace from; an HTTP store's cached `/version` lookup, cleared after a failure)
   (tests/test_internals_mlflow_traces.py);
-* `mlflow_sqlite_traces`: a batch of recorded traces written into a SQLite store's tables as the very
-  rows MLflow's `log_spans` writes, in one transaction (tests/test_internals_mlflow_traces.py compares
-  every row of every table);
+* `mlflow_sql_traces`: a batch of new traces written into a SQLite or PostgreSQL store's tables as the very rows
+  MLflow's `log_spans` writes, in one transaction: the gateway writer's own records, or the spans MLflow's OTLP
+  route parses (tests/test_internals_mlflow_traces.py and tests/test_internals_mlflow_store_plugin.py compare every
+  row of every table, on SQLite and PostgreSQL);
+* `mlflow_store_plugin`: a tracking-store plugin for `mlflow server` (`mlflow-dspy+sqlite:///`,
+  `mlflow-dspy+postgresql+psycopg2://`; entry points in pyproject.toml): MLflow's `SqlAlchemyStore` whose
+  `log_spans` writes those rows (tests/test_internals_mlflow_store_plugin.py);
 * `mlflow_assessments`: an assessment written to an HTTP tracking store in one request within a deadline
   (`http_request` without MLflow's retries, to the endpoint `RestStore.create_assessment` posts to)
   (tests/test_internals_mlflow_assessments.py);
 * `httpx_proxy`: whether httpx would send a request through a proxy (the gateway's
   LM calls take httpx only then) (tests/test_internals_httpx_proxy.py).
 
-The speed-ups (the executor, the callback handlers, the adapter, the coalescing transport and the SQLite
-trace rows) are on
+The speed-ups (the executor, the callback handlers, the adapter, the coalescing transport and the SQL
+trace rows, the store plugin's included) are on
 by default and all turned off by `MLFLOW_DSPY_SPEEDUPS=0` (the gateway's
 `--no-speedups` sets it for its workers): the server then runs DSPy's and
 uvicorn's own code paths (and FastAPI's routing for the program routes,

@@ -21,8 +21,8 @@ a writer process stores it (gateway/tracing.py). Storing leans on:
 tests/test_internals_mlflow_traces.py writes a record through these into a real
 store and reads it back with MLflow's public API; it fails, naming what changed,
 when they change. This is not a speed-up: it stays on with `MLFLOW_DSPY_SPEEDUPS=0`.
-Into a SQLite store, `trace_store` writes the rows `log_spans` would write itself
-(internals/mlflow_sqlite_traces.py, a speed-up), and `log_spans` what those do not cover.
+Into a SQLite or PostgreSQL store, `trace_store` writes the rows `log_spans` would write itself
+(internals/mlflow_sql_traces.py, a speed-up), and `log_spans` what those do not cover.
 """
 
 from __future__ import annotations
@@ -91,10 +91,10 @@ def trace_store(tracking_uri: str) -> Callable[[str, Sequence[TraceLike]], None]
     from mlflow.entities import Span
     from mlflow.tracing.client import TracingClient
 
-    from mlflow_dspy.internals.mlflow_sqlite_traces import sqlite_writer
+    from mlflow_dspy.internals.mlflow_sql_traces import records_writer
 
     client = TracingClient(tracking_uri)
-    rows = sqlite_writer(client.store, span_dicts)  # a SQLite store: its rows, without log_spans's ORM work
+    rows = records_writer(client.store, span_dicts)  # a SQL store: its rows, without log_spans's ORM work
 
     def write(experiment_id: str, records: Sequence[TraceLike]) -> None:
         if rows is not None:
