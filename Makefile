@@ -165,8 +165,11 @@ demo: log
 flywheel: install
 	$(PY) scripts/flywheel.py
 
+# The suite on TEST_WORKERS pytest-xdist workers (README, Tests): most of a test's time is spent waiting
+# on the processes it starts, so more workers than cores pays.
+TEST_WORKERS ?= 4
 test: install browser stack-deps
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The unit tests only: no process, no embedded model (README, Tests).
 test-fast: install

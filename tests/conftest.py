@@ -68,6 +68,11 @@ def _starts_processes(module) -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
+    _mark_kinds(items)
+    _heaviest_modules_first(items)
+
+
+def _mark_kinds(items) -> None:
     for item in items:
         used = set(getattr(item, "fixturenames", ()))
         if used & EMBEDDED_FIXTURES:
@@ -89,6 +94,22 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker("unit")
         if item.get_closest_marker("unit") is None:
             item.add_marker("slow")
+
+
+# What goes first, for `make test`'s workers (pytest-xdist, --dist loadfile: a module's tests run on one worker,
+# in order, sharing its module fixtures): the modules that build environments, then those that run the embedded
+# model, then those that start other processes, then unit tests. Within a rank, collection order.
+RANKS = ("install", "embedded", "e2e")
+
+
+def _heaviest_modules_first(items) -> None:
+    rank: dict[str, int] = {}
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        kinds = [i for i, kind in enumerate(RANKS) if item.get_closest_marker(kind)]
+        rank[module] = min([rank.get(module, len(RANKS)), *kinds])
+    order = {module: position for position, module in enumerate(rank)}
+    items.sort(key=lambda item: (rank[item.nodeid.split("::")[0]], order[item.nodeid.split("::")[0]]))
 
 
 @pytest.fixture(autouse=True)

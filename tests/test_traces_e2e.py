@@ -241,8 +241,11 @@ def test_a_tracking_store_that_goes_down_costs_no_request(stub, tmp_path):
         return client.post("/v1/chat/completions",
                            json={"messages": [{"role": "user", "content": f"Question {i}?"}]}).status_code
 
-    # Offline, litellm's import can hang `mlflow server` at start-up without its bundled price map (Makefile).
-    tracking = running(server, f"{store}/health", child_env(LITELLM_LOCAL_MODEL_COST_MAP="true"),
+    # Offline, litellm's import can hang `mlflow server` at start-up without its bundled price map (Makefile);
+    # its job runners (seven processes) have nothing to do with this test.
+    tracking = running(server, f"{store}/health", child_env(LITELLM_LOCAL_MODEL_COST_MAP="true",
+                                                            MLFLOW_DISABLE_TELEMETRY="true",
+                                                            MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
                        tmp_path / "server.log", timeout=120)
     with tracking as tracking_server:
         env = {**store_env(tmp_path, DSPY_LM_API_BASE=stub), "MLFLOW_TRACKING_URI": store}

@@ -25,7 +25,10 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+
+from filelock import FileLock
 
 from mlflow_dspy.packaging.requirements import locked_requirements, pinned_requirements
 from tests.support.processes import ROOT
@@ -122,12 +125,30 @@ def create_venv(venv: Path, wheel: Path) -> Path:
 
 
 def installed_venv(tmp_path_factory) -> Path:
-    """The session's venv with mlflow-dspy installed from a wheel of this checkout (built once per session)."""
+    """The run's venv with mlflow-dspy installed from a wheel of this checkout: built once per test run, by
+    whichever xdist worker asks first (the others wait for it and share it, read-only)."""
     global _installed
     if _installed is None or not bin_path(_installed, "mlflow-dspy").exists():
-        base = tmp_path_factory.mktemp("installed")
-        _installed = create_venv(base / "venv", build_wheel(base))
+        base = once_per_run(tmp_path_factory, "installed", lambda base: create_venv(base / "venv", build_wheel(base)))
+        _installed = base / "venv"
     return _installed
+
+
+def once_per_run(tmp_path_factory, name: str, build: Callable[[Path], object]) -> Path:
+    """A folder `build` fills once per test run, shared by every xdist worker: the first to ask builds it
+    under a file lock, the others wait and then read it. Without xdist, once per session."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's base folder, above each worker's own
+    folder = root / name
+    with FileLock(f"{folder}.lock"):
+        built = folder / ".built"
+        if not built.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            built.touch()
+    return folder
 
 
 def _run(args: list[str], cwd: Path, env: dict[str, str]) -> None:
