@@ -130,6 +130,12 @@ class Stack:
         return f"postgresql+psycopg2://{PG_USER}@127.0.0.1:{self.ports.postgres}/{DATABASE}"
 
     @property
+    def backend_store_uri(self) -> str:
+        """What `mlflow server` is started on: the database through mlflow-dspy's store plugin (MLflow's own
+        store, with the trace writes of `log_spans` as a few multi-row inserts: README, Traces)."""
+        return f"mlflow-dspy+{self.database_url}"
+
+    @property
     def tracking_uri(self) -> str:
         return f"http://127.0.0.1:{self.ports.mlflow}"
 
@@ -312,7 +318,7 @@ class Stack:
 
     # -- mlflow server --------------------------------------------------------------------------------------------
     def server_args(self) -> list[str]:
-        return [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", self.database_url, "--serve-artifacts",
+        return [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", self.backend_store_uri, "--serve-artifacts",
                 "--artifacts-destination", str(self.artifacts), "--host", "127.0.0.1",
                 "--port", str(self.ports.mlflow), "--workers", str(self.server_workers)]
 

@@ -160,7 +160,7 @@ def test_the_model_image_installs_the_hashed_pins_in_their_own_step_before_mlflo
 # -- the team stack's topology: the manifests, the CLI and scripts/stack.py agree (issue 24) -----------------------
 def _expand(args: list[str], container: dict) -> list[str]:
     """A container's args with each $(VAR) replaced by a sample of what the variable holds."""
-    samples = {"MODEL_URI": "models:/dspy-qa@champion", "MLFLOW_BACKEND_STORE_URI": "postgresql+psycopg2://u@db/mlflow",
+    samples = {"MODEL_URI": "models:/dspy-qa@champion", "MLFLOW_BACKEND_STORE_URI": "mlflow-dspy+postgresql+psycopg2://u@db/mlflow",
                "MLFLOW_ARTIFACTS_DESTINATION": "s3://bucket/path"}
     named = {item["name"] for item in container.get("env", [])} | {
         key for ref in container.get("envFrom", []) for key in manifest(
@@ -215,7 +215,7 @@ def test_the_tracking_server_is_mlflow_server_on_postgresql_serving_the_artifact
     assert {"--backend-store-uri", "--serve-artifacts", "--artifacts-destination"} <= _flags(args)
     # The database URL (with its password) from a Secret, never in the manifest.
     store = args[args.index("--backend-store-uri") + 1]
-    assert store.startswith("postgresql")
+    assert store.startswith("mlflow-dspy+postgresql")  # the trace store plugin, on PostgreSQL
     env = {item["name"]: item.get("valueFrom", {}) for item in container["env"]}
     assert env["MLFLOW_BACKEND_STORE_URI"]["secretKeyRef"]["name"] == "mlflow-tracking"
     config = manifest("ConfigMap", "mlflow-tracking")["data"]

@@ -34,8 +34,6 @@ from mlflow import MlflowClient
 from scripts.stack import Ports, Stack
 from tests.support.processes import stub_lm
 
-pytestmark = [pytest.mark.xdist_group("team_stack")]
-
 QA = "dspy-qa"
 EMBEDDED = "dspy-embedded"  # qa logged with the embedded SmolLM2, served by the same replicas
 RELOAD_S = 1.0  # the replicas' --reload-interval
