@@ -124,10 +124,13 @@ audit: install
 # The distribution: dist/mlflow_dspy-<version>-py3-none-any.whl and the sdist.
 # The wheel is built from the sdist (in a temporary directory), so a broken
 # sdist fails here; a stale egg-info could carry deleted files into the sdist.
-# build/ is left alone: `docker` writes there. See README, Install.
+# build/ is left alone: `docker` writes there. See README, Install. The
+# egg-info the sdist leaves goes too: in the checkout it would hide the
+# installed entry points (the trace store plugin) from a Python started here.
 dist: install
 	rm -rf dist mlflow_dspy.egg-info
 	$(PY) -m build --outdir dist .
+	rm -rf mlflow_dspy.egg-info
 
 log: install
 	$(PY) mlflow_dspy.py log $(PROGRAM) --json | tee .log.out
