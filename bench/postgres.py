@@ -1,56 +1,38 @@
 """A throwaway PostgreSQL cluster in a temporary directory, for the tests and the bench of what is written to a
-PostgreSQL tracking store: PostgreSQL's own binaries (initdb, pg_ctl), trust authentication on 127.0.0.1 and a
-free port, fsync off, removed after. As root (PostgreSQL refuses to run as root) the cluster runs as the
-`postgres` user."""
+PostgreSQL tracking store: the team stack's own PostgreSQL part (scripts/stack.py: Debian's binaries, trust
+authentication on 127.0.0.1, the `postgres` user when the caller is root) on a free port, fsync off, removed
+after."""
 
 from __future__ import annotations
 
-import glob
-import os
 import shutil
-import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from bench.processes import free_port
+from scripts.stack import PG_BIN, Ports, Stack
 
 
 def binaries() -> str | None:
-    """The newest PostgreSQL installation's bin directory, or None."""
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[-3]))
-    return os.path.dirname(found[-1]) if found else None
-
-
-def _as_owner(args: list[str]) -> list[str]:
-    return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else args
+    """The PostgreSQL installation's bin directory the stack uses, or None."""
+    return str(PG_BIN) if (PG_BIN / "initdb").exists() else None
 
 
 @contextmanager
 def postgres_cluster() -> Iterator[str]:
     """Start a cluster; yields its server's SQLAlchemy URI (`postgresql+psycopg2://postgres@127.0.0.1:<port>`,
-    psycopg2 being the driver this project locks), without a database."""
-    bin_dir = binaries()
-    if bin_dir is None:
-        raise RuntimeError("no PostgreSQL binaries under /usr/lib/postgresql/*/bin")
-    home = tempfile.mkdtemp(prefix="mlflow-dspy-pg-")
-    data = os.path.join(home, "data")
-    if os.geteuid() == 0:
-        shutil.chown(home, "postgres", "postgres")
-    port = free_port()
+    psycopg2 being the driver this project locks)."""
+    home = Path(tempfile.mkdtemp(prefix="mlflow-dspy-pg-"))
+    home.chmod(0o755)  # the cluster's owner must reach its folder
+    stack = Stack(home, Ports(postgres=free_port()), postgres_options="-F", log=lambda line: None)
     try:
-        subprocess.run(_as_owner([f"{bin_dir}/initdb", "-D", data, "-A", "trust", "-U", "postgres", "-E", "UTF8"]),
-                       check=True, capture_output=True)
-        options = f"-p {port} -k {home} -c listen_addresses=127.0.0.1 -F -c max_connections=50"
-        subprocess.run(_as_owner([f"{bin_dir}/pg_ctl", "-D", data, "-o", options, "-l", f"{home}/log", "-w",
-                                  "start"]), check=True, capture_output=True)
-        try:
-            yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}"
-        finally:
-            subprocess.run(_as_owner([f"{bin_dir}/pg_ctl", "-D", data, "-m", "immediate", "stop"]),
-                           capture_output=True)
+        stack.start_postgres()
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{stack.ports.postgres}"
     finally:
+        stack.stop_postgres()
         shutil.rmtree(home, ignore_errors=True)
 
 

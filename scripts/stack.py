@@ -102,6 +102,7 @@ class Stack:
     server_workers: int = 2
     gateway_options: tuple[str, ...] = ()
     prometheus: bool = True  # when Debian's prometheus is installed
+    postgres_options: str = ""  # more of the server's options, e.g. "-F" (fsync off) for a throwaway cluster
     log: Callable[[str], None] = field(default=lambda line: print(line, file=sys.stderr, flush=True))
 
     def __post_init__(self) -> None:
@@ -277,7 +278,7 @@ class Stack:
         if not self._pg_ready():
             self.log(f"PostgreSQL on 127.0.0.1:{self.ports.postgres}")
             options = (f"-p {self.ports.postgres} -k {self.pg_socket_dir} -c listen_addresses=127.0.0.1 "
-                       "-c max_connections=200")
+                       f"-c max_connections=200 {self.postgres_options}").strip()
             self._pg(str(PG_BIN / "pg_ctl"), "-D", str(self.pg_data), "-l", str(self.pg_dir / "postgres.log"),
                      "-o", options, "-w", "-t", "120", "start")
         self._create_database()

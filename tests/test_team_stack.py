@@ -32,7 +32,7 @@ import pytest
 from mlflow import MlflowClient
 
 from scripts.stack import Ports, Stack
-from tests.support.processes import stub_lm
+from tests.support.processes import stub_lm, until
 
 QA = "dspy-qa"
 EMBEDDED = "dspy-embedded"  # qa logged with the embedded SmolLM2, served by the same replicas
@@ -40,15 +40,6 @@ RELOAD_S = 1.0  # the replicas' --reload-interval
 STORED = 0.99  # the share of traces that must reach PostgreSQL
 CLIENTS = 8
 PAUSE_S = 0.1  # each load client's pause between requests (a steady load, not a CPU flood on two cores)
-
-
-def until(condition, seconds: float, every: float = 0.5) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(every)
-    return True
 
 
 # -- the stack, once for the run -----------------------------------------------------------------------------------

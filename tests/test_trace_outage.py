@@ -32,7 +32,7 @@ from bench.trace_throughput import qa_records
 from mlflow_dspy.gateway.tracing import BATCH
 from mlflow_dspy.internals.mlflow_traces import trace_store
 from tests.support.cli import store_env
-from tests.support.processes import VENV_BIN, child_env, free_port, gateway_process, running, stub_lm
+from tests.support.processes import VENV_BIN, child_env, free_port, gateway_process, running, stub_lm, until
 
 QA = ["--program", "qa", "--lm", "openai/stub-echo"]
 STORED = 0.99  # the share of traces that must reach the store
@@ -89,16 +89,6 @@ def trace_counts(url: str) -> dict[str, float]:
     text = httpx.get(f"{url}/metrics", timeout=30).text
     return {s.labels["outcome"]: s.value for f in text_string_to_metric_families(text)
             if f.name == "mlflow_dspy_traces" for s in f.samples if s.name.endswith("_total")}
-
-
-def until(condition, seconds: float, every: float = 0.5) -> bool:
-    """Poll `condition` until it holds or `seconds` have passed; whether it held."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(every)
-    return True
 
 
 async def answered_traces(url: str, clients: int, seconds: float | None = None, requests: int | None = None,

@@ -16,7 +16,7 @@ import httpx
 from bench.processes import ROOT, VENV_BIN, child_env, free_port, running
 
 __all__ = ["ROOT", "VENV_BIN", "Served", "child_env", "free_port", "gateway", "mlflow_serve", "running", "stub_lm",
-           "stub_mode", "stub_requests", "stub_stats"]
+           "stub_mode", "stub_requests", "stub_stats", "until"]
 
 
 @contextmanager
@@ -112,3 +112,13 @@ def gateway_process(target: list[str], tmp_path: Path, *options: str, **env: str
     with running(args, f"http://127.0.0.1:{port}/ready", child_env(**env), log, headers=headers) as proc:
         proc.log_path = log
         yield Served(f"http://127.0.0.1:{port}", log, proc.pid, proc)
+
+
+def until(condition, seconds: float, every: float = 0.5) -> bool:
+    """Poll `condition` until it holds or `seconds` have passed; whether it held."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(every)
+    return True
