@@ -38,7 +38,8 @@ DIST_NAME = "mlflow_dspy"  # the wheel's and dist-info's name
 # What a source copy must leave behind: environments, caches, build output, local stores.
 SOURCE_IGNORE = shutil.ignore_patterns(
     ".git", ".venv", "venv", "build", "dist", "*.egg-info", "__pycache__", "*.pyc", ".pytest_cache", ".ruff_cache",
-    "mlruns", "mlartifacts", "*.db", ".last_run.json", ".serve.log", ".serve.pid",
+    "mlruns", "mlartifacts", "*.db", ".last_run.json", ".serve.log", ".serve.pid", ".stack",
+    ".flywheel-gateway.log",
 )
 
 _installed: Path | None = None
