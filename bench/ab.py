@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.launch import scrape
+from bench.launch import trace_outcomes
 from bench.loadgen import LoadResult, closed_loop
 from bench.multi_model import _combined
 from bench.steal import measured
@@ -30,8 +30,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def pending_traces(base: str) -> int:
-    counts = {sample.labels["outcome"]: sample.value for sample in scrape(base)
-              if sample.name == "mlflow_dspy_traces_total"}
+    counts = trace_outcomes(base)
     return int(counts.get("queued", 0) - counts.get("written", 0))
 
 

@@ -57,6 +57,12 @@ def scrape(base: str) -> list:
     return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
 
 
+
+def trace_outcomes(base: str) -> dict[str, float]:
+    """A gateway's trace counters now (`/metrics`, mlflow_dspy_traces_total): queued, written, dropped, ..."""
+    return {sample.labels["outcome"]: sample.value for sample in scrape(base)
+            if sample.name == "mlflow_dspy_traces_total"}
+
 @contextmanager
 def stub_lm_env(tmp_path: Path, latency: float) -> Iterator[tuple[str, dict[str, str]]]:
     """The stub LM on a free port (its log in `tmp_path`), and what a server on it needs in its environment (a

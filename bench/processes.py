@@ -16,6 +16,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = str(Path(sys.executable).parent)
+TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -64,3 +65,35 @@ def running(
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+# -- CPU of process trees (/proc) ----------------------------------------------------------------------------------
+def process_table() -> dict[int, tuple[int, float]]:
+    """{pid: (parent pid, user + system CPU seconds so far)} of every live process, from one walk of /proc."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            found[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / TICKS)
+        except (OSError, IndexError, ValueError):
+            continue  # a process that ended during the walk
+    return found
+
+
+def children(pid: int, table: dict[int, tuple[int, float]] | None = None) -> list[int]:
+    """The live children of `pid`."""
+    table = process_table() if table is None else table
+    return [child for child, (parent, _) in table.items() if parent == pid]
+
+
+def tree_cpu(root: int, table: dict[int, tuple[int, float]] | None = None) -> float:
+    """CPU seconds of `root` and its live descendants (one walk of /proc unless `table` is given)."""
+    table = process_table() if table is None else table
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        total += table.get(pid, (0, 0.0))[1]
+        todo.extend(children(pid, table))
+    return total

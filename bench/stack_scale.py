@@ -16,40 +16,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.launch import scrape
+from bench.launch import trace_outcomes
 from bench.loadgen import closed_loop
+from bench.processes import process_table, tree_cpu
 from bench.steal import measured
 from scripts.stack import Ports, Stack
-
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _processes() -> dict[int, tuple[int, float]]:
-    """{pid: (parent pid, CPU seconds)} of every process now."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        found[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / TICK)
-    return found
-
-
-def _tree_cpu(root: int, table: dict[int, tuple[int, float]]) -> float:
-    """CPU seconds of `root` and its descendants (alive now)."""
-    children: dict[int, list[int]] = {}
-    for pid, (parent, _) in table.items():
-        children.setdefault(parent, []).append(pid)
-    total, todo = 0.0, [root]
-    while todo:
-        pid = todo.pop()
-        if pid in table:
-            total += table[pid][1]
-        todo.extend(children.get(pid, []))
-    return total
 
 
 def _postgres_cpu(stack: Stack, table: dict[int, tuple[int, float]]) -> float:
@@ -57,12 +28,12 @@ def _postgres_cpu(stack: Stack, table: dict[int, tuple[int, float]]) -> float:
         postmaster = int((stack.pg_data / "postmaster.pid").read_text().split()[0])
     except (OSError, ValueError):
         return 0.0
-    return _tree_cpu(postmaster, table)
+    return tree_cpu(postmaster, table)
 
 
 def _parts_cpu(stack: Stack) -> dict[str, float]:
-    table = _processes()
-    parts = {name: _tree_cpu(pid, table) for name in ("mlflow", "haproxy", *stack.replica_names)
+    table = process_table()
+    parts = {name: tree_cpu(pid, table) for name in ("mlflow", "haproxy", *stack.replica_names)
              if (pid := stack.pid(name))}
     parts["postgres"] = _postgres_cpu(stack, table)
     own = resource.getrusage(resource.RUSAGE_SELF)
@@ -107,9 +78,8 @@ def _trace_counts(stack: Stack, names: list[str]) -> dict[str, int]:
     """The replicas' trace counters (their /metrics), added up: written, dropped (queue full), failed, ..."""
     total: dict[str, int] = {}
     for name in names:
-        for sample in scrape(stack.replica_url(stack.replica_names.index(name))):
-            if sample.name == "mlflow_dspy_traces_total":
-                total[sample.labels["outcome"]] = total.get(sample.labels["outcome"], 0) + int(sample.value)
+        for outcome, value in trace_outcomes(stack.replica_url(stack.replica_names.index(name))).items():
+            total[outcome] = total.get(outcome, 0) + int(value)
     return total
 
 

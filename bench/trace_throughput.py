@@ -41,7 +41,7 @@ from pathlib import Path
 
 from bench.launch import CHAT, scrape
 from bench.loadgen import closed_loop
-from bench.processes import VENV_BIN, child_env, free_port, running
+from bench.processes import TICKS, VENV_BIN, child_env, children, free_port, running, tree_cpu
 from bench.steal import measured
 from bench.store_plugin import plugin_pythonpath
 
@@ -49,7 +49,6 @@ TARGET_STORED = 0.99
 LM_LATENCY_S = 0.05
 CLIENTS = 32
 EXPERIMENT = "mlflow-dspy"
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # -- processes and their CPU ----------------------------------------------------------------------------------
@@ -60,18 +59,6 @@ def cpu_seconds(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime (fields 14 and 15 of stat)
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry.name))
-            except (OSError, IndexError, ValueError):
-                continue
-    return found
 
 
 def trace_writer(gateway_pid: int) -> int | None:
@@ -134,15 +121,6 @@ def pin(pid: int, cpus: set[int], tree: bool = True) -> None:
                     os.sched_setaffinity(int(tid), cpus)
         if tree:
             stack.extend(children(current))
-
-
-def tree_cpu(pid: int) -> float:
-    total, stack = 0.0, [pid]
-    while stack:
-        current = stack.pop()
-        total += cpu_seconds(current)
-        stack.extend(children(current))
-    return total
 
 
 # -- per core: the writer's own code path ------------------------------------------------------------------------

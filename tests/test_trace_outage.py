@@ -24,8 +24,8 @@ import aiohttp
 import httpx
 import pytest
 from mlflow import MlflowClient
-from prometheus_client.parser import text_string_to_metric_families
 
+from bench.launch import trace_outcomes
 from bench.postgres import binaries, new_database, postgres_cluster
 from bench.store_plugin import plugin_pythonpath
 from bench.trace_throughput import qa_records
@@ -85,12 +85,6 @@ def stored_trace_ids(tracking_uri: str) -> set[str]:
             return found
 
 
-def trace_counts(url: str) -> dict[str, float]:
-    text = httpx.get(f"{url}/metrics", timeout=30).text
-    return {s.labels["outcome"]: s.value for f in text_string_to_metric_families(text)
-            if f.name == "mlflow_dspy_traces" for s in f.samples if s.name.endswith("_total")}
-
-
 async def answered_traces(url: str, clients: int, seconds: float | None = None, requests: int | None = None,
                           tag: str = "q") -> list[str]:
     """Closed-loop chat completions from `clients` clients, for `seconds` or until `requests` are answered: the
@@ -145,7 +139,7 @@ def test_traces_are_written_again_once_the_http_store_is_back_without_a_restart(
         given = httpx.post(f"{served.url}/v1/feedback", json={"trace_id": after[-1], "value": True},
                            headers={"x-mlflow-feedback-token": FEEDBACK_TOKENS[after[-1]]}, timeout=60)
         assert given.status_code == 200, given.text
-        assert trace_counts(served.url)["written"] == len(stored)
+        assert trace_outcomes(served.url)["written"] == len(stored)
 
 
 # -- (b) the writer keeps up with its gateway ------------------------------------------------------------------
@@ -166,8 +160,8 @@ def test_the_writer_keeps_up_with_one_worker_at_its_sustained_throughput_for_a_m
             rate = len(answered) / (time.monotonic() - began)
             # What the writer has not written yet when the load stops is the backlog of a writer that keeps up: a
             # second or two of traces. It has that long (and the stop's flush) before the count.
-            until(lambda: trace_counts(served.url).get("written", 0) >= len(answered), 30)
-            dropped = trace_counts(served.url).get("dropped", 0)
+            until(lambda: trace_outcomes(served.url).get("written", 0) >= len(answered), 30)
+            dropped = trace_outcomes(served.url).get("dropped", 0)
         stored = set(answered) & stored_trace_ids(env["MLFLOW_TRACKING_URI"])  # the server still up
     assert len(stored) >= STORED * len(answered), \
         f"{len(stored)} of {len(answered)} traces stored at {rate:.0f} answers/s ({dropped:.0f} dropped)"
