@@ -42,6 +42,10 @@ from pathlib import Path
 # at once on few cores, and OpenMP's default of spinning while it waits made three at once on two cores take 3.5x
 # as long as one after another (157 s against 45 s with passive waits; README, Tests). Not a serving default.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# And one llama.cpp thread per embedded model: for SmolLM2-135M a second thread bought 7% of wall time for 40% more
+# CPU alone (the prefix-cache and concurrency tests: 91 s and 137 CPU-s on two threads, 98 s and 98 CPU-s on one),
+# and `make test` keeps both cores busy with other work. Tests that build a context read it from here too.
+os.environ.setdefault("MLFLOW_DSPY_EMBEDDED_THREADS", "1")
 
 import pytest
 

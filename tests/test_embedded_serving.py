@@ -19,6 +19,7 @@ import dspy
 import pytest
 from dspy.lm15 import Config, Message, Request
 
+from mlflow_dspy.lm_engine.embedded_settings import EmbeddedSettings
 from mlflow_dspy.lm_engine.llama_engine import (
     EMBEDDED_MODEL,
     AsyncLlamaCppEngine,
@@ -31,6 +32,8 @@ from mlflow_dspy.lm_engine.llama_scheduler import Outcome, Scheduler
 from mlflow_dspy.lm_engine.prefix_cache import PrefixCache
 from tests.support import embedded_requests
 
+SUITE_THREADS = EmbeddedSettings.from_env().threads  # tests/conftest.py sets one per model for the suite
+
 
 @pytest.fixture(scope="module")
 def program_requests() -> list[Request]:
@@ -40,8 +43,8 @@ def program_requests() -> list[Request]:
 
 
 def _scheduler(cache_bytes: int, sequences: int = 2, queue_limit: int = 16) -> Scheduler:
-    return Scheduler(embedded_model(), ContextShape(sequences=sequences, tokens_per_sequence=2048, threads=2),
-                     cache_bytes, queue_limit)
+    shape = ContextShape(sequences=sequences, tokens_per_sequence=2048, threads=SUITE_THREADS)
+    return Scheduler(embedded_model(), shape, cache_bytes, queue_limit)
 
 
 REPLAY_TOKENS = 32  # a replayed answer's first tokens: where a difference in the prompt's numbers would show
@@ -349,7 +352,7 @@ def test_greedy_answers_are_llama_cpp_pythons_own_for_the_same_prompt_and_gramma
     from mlflow_dspy.lm_engine.messages import chat_messages
 
     requests = [r for r in program_requests if r.config.response_format][::6][:4]
-    raw = Llama(model_path=str(locate_gguf()), n_ctx=2048, n_threads=2, verbose=False)
+    raw = Llama(model_path=str(locate_gguf()), n_ctx=2048, n_threads=SUITE_THREADS, verbose=False)
     scheduler = _scheduler(cache_bytes=64 << 20)
     try:
         expected = []
