@@ -34,6 +34,7 @@ and a guard makes `unit` true:
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -106,19 +107,47 @@ def _mark_kinds(items) -> None:
 
 
 # What goes first, for `make test`'s workers (pytest-xdist, --dist loadfile: a module's tests run on one worker,
-# in order, sharing its module fixtures): the modules that build environments, then those that run the embedded
-# model, then those that start other processes, then unit tests. Within a rank, collection order.
-RANKS = ("install", "embedded", "e2e")
+# in order, sharing its module fixtures): the longest modules first, so that none starts late and runs alone at the
+# end (the 4-worker run of 2026-12-07 19:54 handed the 6-minute tutorial module out at minute 13, and the other
+# workers sat idle for its last 3 minutes). How long each took is in tests/module_seconds.json, written by a run
+# with `--module-seconds`; a module not in it is guessed from its kind. Within equal times, collection order.
+MODULE_SECONDS = Path(__file__).parent / "module_seconds.json"
+GUESSED_SECONDS = {"install": 300.0, "embedded": 150.0, "e2e": 30.0}  # else (unit) 1 s
+RANKS = tuple(GUESSED_SECONDS)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--module-seconds", metavar="PATH", default=None,
+                     help="write how long each test module took (setup, call and teardown) to PATH as JSON, "
+                          "for the order in which `make test` hands modules out (tests/module_seconds.json)")
 
 
 def _heaviest_modules_first(items) -> None:
-    rank: dict[str, int] = {}
+    known = json.loads(MODULE_SECONDS.read_text()) if MODULE_SECONDS.exists() else {}
+    seconds: dict[str, float] = {}
     for item in items:
         module = item.nodeid.split("::")[0]
-        kinds = [i for i, kind in enumerate(RANKS) if item.get_closest_marker(kind)]
-        rank[module] = min([rank.get(module, len(RANKS)), *kinds])
-    order = {module: position for position, module in enumerate(rank)}
-    items.sort(key=lambda item: (rank[item.nodeid.split("::")[0]], order[item.nodeid.split("::")[0]]))
+        kinds = [GUESSED_SECONDS[kind] for kind in RANKS if item.get_closest_marker(kind)]
+        seconds[module] = max([seconds.get(module, 1.0), *kinds])
+    seconds.update({module: float(known[module]) for module in seconds if module in known})
+    order = {module: position for position, module in enumerate(seconds)}
+    items.sort(key=lambda item: (-seconds[item.nodeid.split("::")[0]], order[item.nodeid.split("::")[0]]))
+
+
+_module_seconds: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    """Each phase's duration, summed per module (in the controller, from every worker's reports)."""
+    module = report.nodeid.split("::")[0]
+    _module_seconds[module] = _module_seconds.get(module, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session):
+    path = session.config.getoption("--module-seconds")
+    if path and not os.environ.get("PYTEST_XDIST_WORKER"):
+        ordered = dict(sorted(((m, round(s, 1)) for m, s in _module_seconds.items()), key=lambda kv: -kv[1]))
+        Path(path).write_text(json.dumps(ordered, indent=1) + "\n")
 
 
 @pytest.fixture(autouse=True)
