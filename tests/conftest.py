@@ -113,7 +113,6 @@ def _mark_kinds(items) -> None:
 # with `--module-seconds`; a module not in it is guessed from its kind. Within equal times, collection order.
 MODULE_SECONDS = Path(__file__).parent / "module_seconds.json"
 GUESSED_SECONDS = {"install": 300.0, "embedded": 150.0, "e2e": 30.0}  # else (unit) 1 s
-RANKS = tuple(GUESSED_SECONDS)
 
 
 def pytest_addoption(parser):
@@ -122,16 +121,27 @@ def pytest_addoption(parser):
                           "for the order in which `make test` hands modules out (tests/module_seconds.json)")
 
 
+def _module(nodeid: str) -> str:
+    return nodeid.split("::")[0]
+
+
 def _heaviest_modules_first(items) -> None:
     known = json.loads(MODULE_SECONDS.read_text()) if MODULE_SECONDS.exists() else {}
     seconds: dict[str, float] = {}
     for item in items:
-        module = item.nodeid.split("::")[0]
-        kinds = [GUESSED_SECONDS[kind] for kind in RANKS if item.get_closest_marker(kind)]
-        seconds[module] = max([seconds.get(module, 1.0), *kinds])
-    seconds.update({module: float(known[module]) for module in seconds if module in known})
+        module = _module(item.nodeid)
+        if module in known:
+            seconds[module] = float(known[module])
+        else:
+            guesses = [guess for kind, guess in GUESSED_SECONDS.items() if item.get_closest_marker(kind)]
+            seconds[module] = max([seconds.get(module, 1.0), *guesses])
     order = {module: position for position, module in enumerate(seconds)}
-    items.sort(key=lambda item: (-seconds[item.nodeid.split("::")[0]], order[item.nodeid.split("::")[0]]))
+
+    def longest_first(item) -> tuple[float, int]:
+        module = _module(item.nodeid)
+        return -seconds[module], order[module]
+
+    items.sort(key=longest_first)
 
 
 _module_seconds: dict[str, float] = {}
@@ -139,7 +149,7 @@ _module_seconds: dict[str, float] = {}
 
 def pytest_runtest_logreport(report):
     """Each phase's duration, summed per module (in the controller, from every worker's reports)."""
-    module = report.nodeid.split("::")[0]
+    module = _module(report.nodeid)
     _module_seconds[module] = _module_seconds.get(module, 0.0) + report.duration
 
 

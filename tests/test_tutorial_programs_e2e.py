@@ -55,7 +55,7 @@ def project(tmp_path_factory) -> dict:
     return {"folder": folder, "env": env, "logged": logged, "base": base}
 
 
-@pytest.mark.embedded  # logged, served and answered on the embedded model (in its children)
+@pytest.mark.embedded  # so is every test of `project`: logged, served and answered on the embedded model
 def test_every_tutorial_program_logs_with_its_dev_set_and_a_score(project):
     for name, logged in project["logged"].items():
         assert logged["version"] == "1" and logged["dev_score"] is not None, (name, logged)
@@ -80,7 +80,7 @@ def chat(name: str, project: dict) -> dict:
             "messages": [{"role": "user", "content": ASK[name]}]}
 
 
-@pytest.mark.embedded  # logged, served and answered on the embedded model (in its children)
+@pytest.mark.embedded
 def test_both_servers_answer_every_program_and_the_answers_parse(project, served):
     with httpx.Client(timeout=600) as client:
         for name in PROGRAMS:
@@ -91,7 +91,7 @@ def test_both_servers_answer_every_program_and_the_answers_parse(project, served
             assert ours.json()["choices"][0]["message"]["content"], name
 
 
-@pytest.mark.embedded  # logged, served and answered on the embedded model (in its children)
+@pytest.mark.embedded
 def test_typed_outputs_come_back_typed(project, served):
     with httpx.Client(timeout=600) as client:
         order = client.post(f"{served['gateway']}/v1/chat/completions", json={
@@ -106,7 +106,7 @@ def test_typed_outputs_come_back_typed(project, served):
         assert isinstance(json.loads(entities.json()["choices"][0]["message"]["content"])["entities"], list)
 
 
-@pytest.mark.embedded  # logged, served and answered on the embedded model (in its children)
+@pytest.mark.embedded
 @pytest.mark.parametrize("name", ["history", "best-of", "agent"])
 def test_a_real_stream_ends_with_the_answer(project, served, name):
     """A module with only a forward, BestOfN and ReAct stream on the embedded model: the role, text, a finish
@@ -124,7 +124,7 @@ def test_a_real_stream_ends_with_the_answer(project, served, name):
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
 
 
-@pytest.mark.embedded  # logged, served and answered on the embedded model (in its children)
+@pytest.mark.embedded
 def test_eval_scores_a_logged_program_on_the_embedded_model(project):
     logged = project["logged"]["sentiment"]
     result = cli("eval", "-m", f"models:/{logged['registered_model']}/1", "--dev", "data/reviews.jsonl",
@@ -132,7 +132,7 @@ def test_eval_scores_a_logged_program_on_the_embedded_model(project):
     assert result["examples"] == 2 and 0 <= result["dev_score"] <= 100
 
 
-@pytest.mark.embedded  # logged, served and answered on the embedded model (in its children)
+@pytest.mark.embedded
 def test_optimize_compiles_a_logged_program_on_the_embedded_model(project):
     """BootstrapFewShot on two rows of the classifier's data, on the embedded model: a new version, both scores."""
     name = project["logged"]["sentiment"]["registered_model"]
@@ -168,7 +168,7 @@ def test_every_tutorial_program_optimizes_through_an_openai_lm(name, stub_projec
     assert "Traceback" not in ran.err
 
 
-@pytest.mark.embedded  # logged, served and answered on the embedded model (in its children)
+@pytest.mark.embedded
 def test_the_agents_tool_calls_are_tool_spans_of_its_trace(project, served):
     import time
 
@@ -192,7 +192,7 @@ def test_the_agents_tool_calls_are_tool_spans_of_its_trace(project, served):
     assert tools and all(span.name.startswith("Tool.") for span in tools)
 
 
-@pytest.mark.embedded  # logged, served and answered on the embedded model (in its children)
+@pytest.mark.embedded
 def test_an_agent_whose_steps_were_cut_by_max_tokens_says_length(project, served):
     """ReAct makes several LM calls; with max_tokens 40 the embedded engine cuts (and closes) its steps, and the
     answer, parsed all the same, finishes "length" as OpenAI reports a cut answer."""
