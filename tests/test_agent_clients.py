@@ -18,7 +18,7 @@ import dspy
 import pytest
 
 from tests.support.processes import gateway
-from tests.support.venv import bin_path, clean_env
+from tests.support.venv import UV, bin_path, clean_env
 
 pytestmark = pytest.mark.slow
 
@@ -27,12 +27,9 @@ PROGRAMS = "tests/support/client_programs.py"
 TRIAGE = {"category": "billing", "priority": 2}
 
 
-UV = Path(sys.executable).parent / "uv"  # from the hash-locked dev lock
-
-
 def _venv(base: Path, lock: str) -> Path:
-    """A client's virtualenv with exactly its lock's pins, made by uv: these are third-party clients, not this
-    project's install (tests/test_install.py and the user's project install that with pip, as the README does).
+    """A client's virtualenv with exactly its lock's pins, made by uv, as the run's
+    `installed` venv gets the runtime lock (tests/support/venv.py), without hashes: these locks name no hashes.
     uv took 1 s and 1.3 CPU-seconds for the 60 packages of agents.txt where pip took about a minute."""
     venv = base / lock.removesuffix(".txt")
     subprocess.run([str(UV), "venv", "-q", "--python", sys.executable, str(venv)], check=True, env=clean_env())
