@@ -11,8 +11,11 @@ Processes one session shares (each started on first use, stopped at the end):
   configured by their environment alone.
 - `registry`: a tracking store where `qa` was logged three times through the CLI on the stub (versions 1-3,
   champion -> 1, challenger -> 2), read-only: a test that changes a registry takes `registry.copy(tmp_path)`.
-  It is checked unchanged at the end of the session. Its models call `stub` (a logged LM keeps its api_base).
-- `embedded_store`, `embedded_qa`: `qa` logged through the CLI with the embedded model.
+  It is checked unchanged at the end of the session. Built once per run (the first worker to ask logs it, the
+  others wait and read it), so no test may depend on which worker's stub it was logged against: serving reads
+  DSPY_LM_API_BASE from its own environment.
+- `embedded_store`, `embedded_qa`: `qa` logged through the CLI with the embedded model, once per run
+  (`embedded_logged`); each worker works on its own copy of the store.
 - `installed`: a fresh virtualenv with the wheel of this checkout installed.
 
 In process: tests.support.inprocess (the gateway app over ASGI, on the stub or any host).
@@ -61,9 +64,9 @@ __all__ = ["run_log_cli", "store_env"]  # still importable from here
 STUB_KEY = "sk-stub-test-key-91ac"
 LOG_KEY = "sk-planted-at-log-time-7f3a9c"  # the registry's log-time key: it must reach no file of the store
 
+EMBEDDED_FIXTURES = {"embedded_logged", "embedded_store", "embedded_qa"}
 PROCESS_FIXTURES = {"stub", "stub_env", "shared_gateway", "keyed_gateway", "workers_gateway",
-                    "registry", "embedded_qa", "installed"}
-EMBEDDED_FIXTURES = {"embedded_qa"}
+                    "registry", "installed", *EMBEDDED_FIXTURES}
 INSTALL_FIXTURES = {"installed"}
 # A module holding one of these starts processes: its tests are e2e unless marked unit.
 PROCESS_HELPERS = (subprocess, processes.stub_lm, processes.gateway, processes.gateway_process,
@@ -251,31 +254,55 @@ def workers_gateway(stub_env, tmp_path_factory) -> Served:
 @pytest.fixture(scope="session")
 def registry(stub, tmp_path_factory) -> Registry:
     """qa logged three times through the CLI on the stub (LOG_KEY planted in the log's environment), version 1
-    the champion and 2 the challenger. Read it; change a copy."""
-    shared = Registry(tmp_path_factory.mktemp("registry"))
-    env = shared.env(DSPY_LM="openai/stub-echo", DSPY_LM_API_BASE=stub, OPENAI_API_KEY=LOG_KEY)
-    for _ in range(3):
-        logged = run_cli("log", "qa", "--json", env=env, timeout=600)
-        shared.logged.append(cli_support.last_json(logged))
-        shared.log_output.append(logged.stdout + logged.stderr)
-    for version, alias in ((1, "champion"), (2, "challenger")):
-        promoted = cli_support.cli_in_process("promote", "--name", "dspy-qa", "--version", str(version),
-                                              "--alias", alias, env=env)
-        assert promoted.code == 0, promoted.err[-2000:]
+    the champion and 2 the challenger: built once per run by the first worker to ask, then shared. Read it;
+    change a copy."""
+    from tests.support.venv import once_per_run
+
+    shared = Registry.read(once_per_run(tmp_path_factory, "registry", lambda folder: _build_registry(folder, stub)))
     before = shared.fingerprint()
     yield shared
     assert shared.fingerprint() == before, "a test changed the shared registry: it must work on registry.copy()"
 
 
-@pytest.fixture(scope="session")
-def embedded_store(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("embedded_store")
+def _build_registry(folder: Path, stub: str) -> None:
+    built = Registry(folder)
+    env = built.env(DSPY_LM="openai/stub-echo", DSPY_LM_API_BASE=stub, OPENAI_API_KEY=LOG_KEY)
+    for _ in range(3):
+        logged = run_cli("log", "qa", "--json", env=env, timeout=600)
+        built.logged.append(cli_support.last_json(logged))
+        built.log_output.append(logged.stdout + logged.stderr)
+    for version, alias in ((1, "champion"), (2, "challenger")):
+        promoted = cli_support.cli_in_process("promote", "--name", "dspy-qa", "--version", str(version),
+                                              "--alias", alias, env=env)
+        assert promoted.code == 0, promoted.err[-2000:]
+    built.write()
 
 
 @pytest.fixture(scope="session")
-def embedded_qa(embedded_store) -> dict:
-    """The qa program logged with the embedded model, through the CLI."""
-    return run_log_cli("--program", "qa", env=store_env(embedded_store))
+def embedded_logged(tmp_path_factory) -> Registry:
+    """A store where qa was logged with the embedded model through the CLI: once per run, by the first worker to
+    ask (the others wait and read it). Tests take their worker's copy, `embedded_store`."""
+    from tests.support.venv import once_per_run
+
+    return Registry.read(once_per_run(tmp_path_factory, "embedded_qa", _log_embedded_qa))
+
+
+def _log_embedded_qa(folder: Path) -> None:
+    built = Registry(folder)
+    built.logged.append(run_log_cli("--program", "qa", env=built.env()))
+    built.write()
+
+
+@pytest.fixture(scope="session")
+def embedded_store(embedded_logged, tmp_path_factory) -> Path:
+    """This worker's copy of that store (promotes and traces land in it)."""
+    return embedded_logged.copy(tmp_path_factory.mktemp("embedded") / "store").root
+
+
+@pytest.fixture(scope="session")
+def embedded_qa(embedded_logged, embedded_store) -> dict:
+    """What `log --json` answered for qa logged with the embedded model, in `embedded_store`."""
+    return embedded_logged.logged[0]
 
 
 @pytest.fixture(scope="session")

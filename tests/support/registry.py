@@ -1,4 +1,4 @@
-"""A tracking store with `qa` logged and registered: made once a session through the CLI, then read by many
+"""A tracking store with `qa` logged and registered: made once a run through the CLI, then read by many
 tests; a test that changes a registry works on a copy.
 
 A copy is the store's folder (mlflow.db and mlartifacts/) copied, with the absolute artifact locations MLflow
@@ -10,6 +10,7 @@ loads from the locations in the database, and the files must keep the SHA-256 re
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import sqlite3
 from dataclasses import dataclass, field
@@ -28,6 +29,16 @@ class Registry:
     root: Path
     logged: list[dict] = field(default_factory=list)  # each `log --json` answer, in version order
     log_output: list[str] = field(default_factory=list)  # what each `log` printed (stdout and stderr)
+
+    RECORD = "registry.json"  # what `log` answered and printed, for the workers that did not log it
+
+    def write(self) -> None:
+        (self.root / self.RECORD).write_text(json.dumps({"logged": self.logged, "log_output": self.log_output}))
+
+    @classmethod
+    def read(cls, root: Path) -> Registry:
+        record = json.loads((root / cls.RECORD).read_text())
+        return cls(root, record["logged"], record["log_output"])
 
     @property
     def uri(self) -> str:
