@@ -72,3 +72,45 @@ def sync_client(app: Gateway) -> Iterator[httpx.Client]:
 
     with TestClient(app, base_url=BASE, raise_server_exceptions=True) as client:
         yield client
+
+
+@contextlib.contextmanager
+def mlflow_scoring_client(model_uri: str, env: dict[str, str]) -> Iterator[httpx.Client]:
+    """What `mlflow models serve -m MODEL_URI` serves, in this process: the model loaded by
+    `mlflow.pyfunc.load_model` and MLflow's own scoring app (`mlflow.pyfunc.scoring_server.init`, the app its
+    uvicorn runs) over starlette's TestClient, in `env`'s store and LM settings. For tests whose subject is a
+    model's answers through MLflow rather than MLflow's server process: such a test keeps one real
+    `mlflow models serve` beside it.
+
+    Afterwards the process imports as before: the modules the model's code added (imported from its private copy,
+    which is left on disk until exit while they are), its sys.path entry and the loader's note of where they came
+    from (`recipe._imported_from`, which would have the next load of a same-named package replace the user's own)
+    go, so that tests after it import a user's package of the same name from their folder."""
+    import sys
+    import tempfile
+
+    import mlflow.pyfunc
+    from mlflow.environment_variables import _MLFLOW_IS_IN_SERVING_ENVIRONMENT
+    from mlflow.pyfunc import scoring_server
+    from starlette.testclient import TestClient
+
+    from mlflow_dspy.artifact import recipe
+    from tests.support.cli import environment
+
+    # init() marks the process as serving; environment() puts the variable back as it was afterwards.
+    modules, path, imported_from = set(sys.modules), list(sys.path), dict(recipe._imported_from)
+    try:
+        with environment({**env, _MLFLOW_IS_IN_SERVING_ENVIRONMENT.name: "true"}):
+            app = scoring_server.init(mlflow.pyfunc.load_model(model_uri))
+            with TestClient(app, base_url="http://mlflow-serve") as client:
+                yield client
+    finally:
+        temporary = tempfile.gettempdir()
+        for name in set(sys.modules) - modules:
+            module = sys.modules[name]
+            places = [getattr(module, "__file__", None) or "", *(getattr(module, "__path__", None) or [])]
+            if any(str(place).startswith(temporary) for place in places):
+                del sys.modules[name]
+        sys.path[:] = path
+        recipe._imported_from.clear()
+        recipe._imported_from.update(imported_from)
