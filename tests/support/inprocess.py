@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import httpx
 
@@ -76,41 +77,60 @@ def sync_client(app: Gateway) -> Iterator[httpx.Client]:
 
 @contextlib.contextmanager
 def mlflow_scoring_client(model_uri: str, env: dict[str, str]) -> Iterator[httpx.Client]:
-    """What `mlflow models serve -m MODEL_URI` serves, in this process: the model loaded by
-    `mlflow.pyfunc.load_model` and MLflow's own scoring app (`mlflow.pyfunc.scoring_server.init`, the app its
-    uvicorn runs) over starlette's TestClient, in `env`'s store and LM settings. For tests whose subject is a
-    model's answers through MLflow rather than MLflow's server process: such a test keeps one real
-    `mlflow models serve` beside it.
+    """What `mlflow models serve -m MODEL_URI` serves, in this process: the model's folder (a local store's own,
+    as MLflow hands it out) loaded by `mlflow.pyfunc.load_model` and MLflow's own scoring app
+    (`mlflow.pyfunc.scoring_server.init`, the app its uvicorn runs) over starlette's TestClient, in `env`'s
+    store and LM settings, with the 300 s request limit the suite gives `mlflow models serve`. For tests whose
+    subject is a model's answers through MLflow rather than MLflow's server process: such a test keeps one
+    real `mlflow models serve` beside it.
 
-    Afterwards the process imports as before: the modules the model's code added (imported from its private copy,
-    which is left on disk until exit while they are), its sys.path entry and the loader's note of where they came
-    from (`recipe._imported_from`, which would have the next load of a same-named package replace the user's own)
-    go, so that tests after it import a user's package of the same name from their folder."""
+    The model answers from its own code: a package of the same name this process imported already is set aside
+    while it is loaded and served. Afterwards the process is as before: the modules imported from the model's
+    folder, its sys.path entry, the loader's note of where they came from (`recipe._imported_from`), MLflow's
+    serving flag and the embedded model's contexts this load made are gone, and the set-aside modules back."""
     import sys
-    import tempfile
 
+    import mlflow.artifacts
     import mlflow.pyfunc
     from mlflow.environment_variables import _MLFLOW_IS_IN_SERVING_ENVIRONMENT
     from mlflow.pyfunc import scoring_server
     from starlette.testclient import TestClient
 
     from mlflow_dspy.artifact import recipe
+    from mlflow_dspy.lm_engine import llama_engine
     from tests.support.cli import environment
 
     # init() marks the process as serving; environment() puts the variable back as it was afterwards.
-    modules, path, imported_from = set(sys.modules), list(sys.path), dict(recipe._imported_from)
+    settings = {**env, _MLFLOW_IS_IN_SERVING_ENVIRONMENT.name: "true", "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT": "300"}
+    path, imported_from = list(sys.path), dict(recipe._imported_from)
+    runtimes, had_model = set(llama_engine._runtimes), bool(llama_engine._models)
+    set_aside: dict[str, object] = {}
+    folder: Path | None = None
     try:
-        with environment({**env, _MLFLOW_IS_IN_SERVING_ENVIRONMENT.name: "true"}):
-            app = scoring_server.init(mlflow.pyfunc.load_model(model_uri))
+        with environment(settings):
+            folder = Path(mlflow.artifacts.download_artifacts(model_uri)).resolve()
+            code = folder / "code"
+            carried = {entry.stem for entry in code.iterdir()} - recipe.SHARED_PACKAGES if code.is_dir() else set()
+            set_aside = {name: sys.modules.pop(name) for name in list(sys.modules)
+                         if name.split(".")[0] in carried}
+            app = scoring_server.init(mlflow.pyfunc.load_model(str(folder)))
+            stray = [name for name in carried if name in sys.modules
+                     and not str(getattr(sys.modules[name], "__file__", None) or
+                                 next(iter(getattr(sys.modules[name], "__path__", [])), "")).startswith(f"{folder}/")]
+            assert not stray, f"{model_uri} was built from code outside its folder: {stray}"
             with TestClient(app, base_url="http://mlflow-serve") as client:
                 yield client
     finally:
-        temporary = tempfile.gettempdir()
-        for name in set(sys.modules) - modules:
+        for name in list(sys.modules):
             module = sys.modules[name]
             places = [getattr(module, "__file__", None) or "", *(getattr(module, "__path__", None) or [])]
-            if any(str(place).startswith(temporary) for place in places):
+            if folder is not None and any(str(place).startswith(f"{folder}/") for place in places):
                 del sys.modules[name]
+        sys.modules.update(set_aside)
         sys.path[:] = path
         recipe._imported_from.clear()
         recipe._imported_from.update(imported_from)
+        for n_ctx in set(llama_engine._runtimes) - runtimes:
+            llama_engine._runtimes.pop(n_ctx).scheduler.close()
+        if not had_model:
+            llama_engine._models.clear()

@@ -124,8 +124,8 @@ def create_venv(venv: Path, wheel: Path) -> Path:
     pip_lock.write_text(next(line for line in locked_requirements(LOCK) if line.startswith("pip==")) + "\n")
     _run([python, "-m", "pip", "install", "--require-hashes", "-r", str(pip_lock)], cwd=venv.parent, env=pip_env())
     _run([python, "-m", "pip", "install", "--no-deps", "--no-index", str(llama)], cwd=venv.parent, env=pip_env())
-    _run([str(UV), "pip", "install", "-q", "--python", python, "--require-hashes", "-r", str(LOCK)],
-         cwd=venv.parent, env=pip_env())
+    _run([str(UV), "pip", "install", "-q", "--python", python, "--require-hashes", "--find-links", str(wheelhouse()),
+          "-r", str(LOCK)], cwd=venv.parent, env=pip_env())  # uv reads no PIP_FIND_LINKS
     _run([python, "-m", "pip", "install", "--no-deps", str(wheel)], cwd=venv.parent, env=pip_env())
     return venv
 
