@@ -58,6 +58,7 @@ from tests.support import processes
 from tests.support.cli import run_cli, run_log_cli, store_env
 from tests.support.processes import Served, gateway_process, stub_lm
 from tests.support.registry import Registry
+from tests.support.venv import installed_venv, once_per_run
 
 __all__ = ["run_log_cli", "store_env"]  # still importable from here
 
@@ -256,8 +257,6 @@ def registry(stub, tmp_path_factory) -> Registry:
     """qa logged three times through the CLI on the stub (LOG_KEY planted in the log's environment), version 1
     the champion and 2 the challenger: built once per run by the first worker to ask, then shared. Read it;
     change a copy."""
-    from tests.support.venv import once_per_run
-
     shared = Registry.read(once_per_run(tmp_path_factory, "registry", lambda folder: _build_registry(folder, stub)))
     before = shared.fingerprint()
     yield shared
@@ -282,8 +281,6 @@ def _build_registry(folder: Path, stub: str) -> None:
 def embedded_logged(tmp_path_factory) -> Registry:
     """A store where qa was logged with the embedded model through the CLI: once per run, by the first worker to
     ask (the others wait and read it). Tests take their worker's copy, `embedded_store`."""
-    from tests.support.venv import once_per_run
-
     return Registry.read(once_per_run(tmp_path_factory, "embedded_qa", _log_embedded_qa))
 
 
@@ -308,6 +305,4 @@ def embedded_qa(embedded_logged, embedded_store) -> dict:
 @pytest.fixture(scope="session")
 def installed(tmp_path_factory) -> Path:
     """A fresh virtualenv with mlflow-dspy installed from a wheel of this checkout (minutes)."""
-    from tests.support.venv import installed_venv
-
     return installed_venv(tmp_path_factory)

@@ -114,18 +114,13 @@ def mlflow_scoring_client(model_uri: str, env: dict[str, str]) -> Iterator[httpx
             set_aside = {name: sys.modules.pop(name) for name in list(sys.modules)
                          if name.split(".")[0] in carried}
             app = scoring_server.init(mlflow.pyfunc.load_model(str(folder)))
-            stray = [name for name in carried if name in sys.modules
-                     and not str(getattr(sys.modules[name], "__file__", None) or
-                                 next(iter(getattr(sys.modules[name], "__path__", [])), "")).startswith(f"{folder}/")]
+            stray = [name for name in carried if name in sys.modules and not _inside(sys.modules[name], folder)]
             assert not stray, f"{model_uri} was built from code outside its folder: {stray}"
             with TestClient(app, base_url="http://mlflow-serve") as client:
                 yield client
     finally:
-        for name in list(sys.modules):
-            module = sys.modules[name]
-            places = [getattr(module, "__file__", None) or "", *(getattr(module, "__path__", None) or [])]
-            if folder is not None and any(str(place).startswith(f"{folder}/") for place in places):
-                del sys.modules[name]
+        for name in [name for name, module in sys.modules.items() if folder and _inside(module, folder)]:
+            del sys.modules[name]
         sys.modules.update(set_aside)
         sys.path[:] = path
         recipe._imported_from.clear()
@@ -134,3 +129,9 @@ def mlflow_scoring_client(model_uri: str, env: dict[str, str]) -> Iterator[httpx
             llama_engine._runtimes.pop(n_ctx).scheduler.close()
         if not had_model:
             llama_engine._models.clear()
+
+
+def _inside(module: object, folder: Path) -> bool:
+    """Whether a module (its file, or a package's folders) was imported from under `folder`."""
+    places = [getattr(module, "__file__", None) or "", *(getattr(module, "__path__", None) or [])]
+    return any(str(place).startswith(f"{folder}/") for place in places)
